@@ -1,0 +1,141 @@
+//! Decoding packets from bytes as they arrive.
+//!
+//! Two entry points share one header check ([`crate::packet::Header`]):
+//! - [`Decoder`] for a stream (the broker link, an HTTP body read chunk by chunk): feed bytes,
+//!   take whole packets out; a partial packet waits for more bytes.
+//! - [`decode_all`] for a body already held whole as `Bytes`: every payload is a slice of it.
+//!
+//! The size field is checked against the configured maximum as soon as the header is in, so a
+//! hostile size never makes us reserve memory for it.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::error::DecodeError;
+use crate::packet::{Header, Packet, DEFAULT_MAX_PACKET_SIZE, HEADER_LEN};
+
+/// Streaming packet decoder with a bounded buffer.
+#[derive(Debug)]
+pub struct Decoder {
+    buf: BytesMut,
+    max_packet_size: usize,
+    /// Set after the first error: the stream has lost its framing for good.
+    failed: Option<DecodeError>,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder::new(DEFAULT_MAX_PACKET_SIZE)
+    }
+}
+
+impl Decoder {
+    /// A decoder that rejects packets larger than `max_packet_size` bytes (header included).
+    pub fn new(max_packet_size: usize) -> Decoder {
+        Decoder {
+            buf: BytesMut::new(),
+            max_packet_size: max_packet_size.max(HEADER_LEN),
+            failed: None,
+        }
+    }
+
+    /// Appends received bytes. The buffer never holds more than one packet's worth of
+    /// undecoded bytes plus what the caller feeds between calls to [`Decoder::next_packet`].
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Direct access to the buffer, for reading from a socket straight into it
+    /// (`AsyncReadExt::read_buf`).
+    pub fn buffer_mut(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// Bytes received but not yet returned as packets.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// How many more bytes are needed before the next packet can be returned (at least 1
+    /// when a packet is incomplete, 0 when one is ready or nothing is buffered).
+    pub fn wanted(&self) -> usize {
+        if self.buf.len() < HEADER_LEN {
+            return if self.buf.is_empty() {
+                0
+            } else {
+                HEADER_LEN - self.buf.len()
+            };
+        }
+        match Header::parse(&self.buf, self.max_packet_size) {
+            Ok(h) => h.size.saturating_sub(self.buf.len()),
+            Err(_) => 0,
+        }
+    }
+
+    /// The next whole packet, `Ok(None)` if more bytes are needed, or the error that ended the
+    /// stream (returned again on every later call).
+    pub fn next_packet(&mut self) -> Result<Option<Packet>, DecodeError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let result = Header::parse(&self.buf, self.max_packet_size).and_then(|header| {
+            if self.buf.len() < header.size {
+                // Reserve for the rest of this packet only; bounded by max_packet_size.
+                self.buf.reserve(header.size - self.buf.len());
+                return Ok(None);
+            }
+            let bytes = self.buf.split_to(header.size).freeze();
+            header.finish(bytes).map(Some)
+        });
+        if let Err(err) = &result {
+            self.failed = Some(err.clone());
+            self.buf = BytesMut::new();
+        }
+        result
+    }
+
+    /// Call at the end of the stream: an error if a packet was cut off.
+    pub fn finish(&self) -> Result<(), DecodeError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        match self.buf.len() {
+            0 => Ok(()),
+            n => Err(DecodeError::Truncated {
+                missing: self.wanted().max(1).max(HEADER_LEN.saturating_sub(n)),
+            }),
+        }
+    }
+}
+
+/// Decodes a complete body of back-to-back packets. Payloads are slices of `body`.
+pub fn decode_all(mut body: Bytes, max_packet_size: usize) -> Result<Vec<Packet>, DecodeError> {
+    let mut packets = Vec::new();
+    while !body.is_empty() {
+        if body.len() < HEADER_LEN {
+            return Err(DecodeError::Truncated {
+                missing: HEADER_LEN - body.len(),
+            });
+        }
+        let header = Header::parse(&body, max_packet_size)?;
+        if body.len() < header.size {
+            return Err(DecodeError::Truncated {
+                missing: header.size - body.len(),
+            });
+        }
+        let bytes = body.split_to(header.size);
+        packets.push(header.finish(bytes)?);
+    }
+    Ok(packets)
+}
+
+/// Encodes packets back to back into one body.
+pub fn encode_all<'a>(packets: impl IntoIterator<Item = &'a Packet>) -> Bytes {
+    let mut out = BytesMut::new();
+    for p in packets {
+        p.encode(&mut out);
+    }
+    out.freeze()
+}

@@ -1,0 +1,236 @@
+//! The packet: a 24-byte header and a payload (PROTOCOL.md §1).
+//!
+//! ```text
+//! offset size  field
+//! 0      2     version    1
+//! 2      2     type
+//! 4      4     size       whole packet, header included
+//! 8      4     conn_id
+//! 12     4     seq        sequence number, or acknowledged number on ACK
+//! 16     2     window     the sender's receive window, in packets
+//! 18     2     flags      0 in version 1, ignored on receipt
+//! 20     4     checksum   CRC-32 of the header (this field zeroed) and the payload
+//! ```
+//!
+//! Encoding writes into a `BytesMut`; decoding (see [`crate::codec`]) hands out payloads as
+//! `Bytes` slices of the received buffer, so payload bytes are never copied.
+
+use byteorder::{BigEndian, ByteOrder};
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::error::DecodeError;
+
+/// The only protocol version this crate speaks.
+pub const VERSION: u16 = 1;
+/// Length of the fixed header.
+pub const HEADER_LEN: usize = 24;
+/// Default largest DATA payload (64 KiB).
+pub const DEFAULT_MAX_DATA_PAYLOAD: usize = 64 * 1024;
+/// Default largest whole packet a decoder accepts: header + 1 MiB.
+pub const DEFAULT_MAX_PACKET_SIZE: usize = HEADER_LEN + 1024 * 1024;
+
+const CHECKSUM_OFFSET: usize = 20;
+
+/// The packet types of version 1 and their wire codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum PacketType {
+    ConnInit = 1,
+    ConnInitAck = 2,
+    ConnRejected = 3,
+    Data = 4,
+    ConnClose = 5,
+    Ack = 6,
+    ConnShutdown = 7,
+    LinkInit = 8,
+    ConnAbort = 9,
+    ConnOption = 10,
+    ListenState = 11,
+    NoOp = 12,
+    LinkInitAck = 13,
+}
+
+impl PacketType {
+    /// Every type, in code order.
+    pub const ALL: [PacketType; 13] = [
+        PacketType::ConnInit,
+        PacketType::ConnInitAck,
+        PacketType::ConnRejected,
+        PacketType::Data,
+        PacketType::ConnClose,
+        PacketType::Ack,
+        PacketType::ConnShutdown,
+        PacketType::LinkInit,
+        PacketType::ConnAbort,
+        PacketType::ConnOption,
+        PacketType::ListenState,
+        PacketType::NoOp,
+        PacketType::LinkInitAck,
+    ];
+
+    pub fn from_code(code: u16) -> Option<PacketType> {
+        match code {
+            1..=13 => Some(Self::ALL[usize::from(code) - 1]),
+            _ => None,
+        }
+    }
+
+    pub fn code(self) -> u16 {
+        self as u16
+    }
+
+    /// Whether packets of this type carry a sequence number and are delivered reliably
+    /// (DATA, CONN_CLOSE, CONN_OPTION).
+    pub fn is_sequenced(self) -> bool {
+        matches!(
+            self,
+            PacketType::Data | PacketType::ConnClose | PacketType::ConnOption
+        )
+    }
+}
+
+/// One decoded or to-be-encoded packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    pub kind: PacketType,
+    pub conn_id: u32,
+    /// Sequence number (sequenced types) or cumulative ack (ACK); 0 otherwise.
+    pub seq: u32,
+    /// The sender's current receive window, in packets.
+    pub window: u16,
+    /// Zero in version 1; ignored on receipt.
+    pub flags: u16,
+    pub payload: Bytes,
+}
+
+impl Packet {
+    /// A packet with zero seq, window and flags.
+    pub fn new(kind: PacketType, conn_id: u32, payload: Bytes) -> Packet {
+        Packet {
+            kind,
+            conn_id,
+            seq: 0,
+            window: 0,
+            flags: 0,
+            payload,
+        }
+    }
+
+    pub fn with_seq(mut self, seq: u32) -> Packet {
+        self.seq = seq;
+        self
+    }
+
+    pub fn with_window(mut self, window: u16) -> Packet {
+        self.window = window;
+        self
+    }
+
+    /// Size on the wire, header included.
+    pub fn wire_len(&self) -> usize {
+        HEADER_LEN + self.payload.len()
+    }
+
+    /// Appends the encoded packet to `out`.
+    ///
+    /// Panics only if the payload exceeds `u32::MAX - 24` bytes, which no caller in this
+    /// project can produce (payloads are bounded far below that).
+    pub fn encode(&self, out: &mut BytesMut) {
+        let size = u32::try_from(self.wire_len()).expect("packet larger than 4 GiB");
+        let start = out.len();
+        out.reserve(self.wire_len());
+        out.put_u16(VERSION);
+        out.put_u16(self.kind.code());
+        out.put_u32(size);
+        out.put_u32(self.conn_id);
+        out.put_u32(self.seq);
+        out.put_u16(self.window);
+        out.put_u16(self.flags);
+        out.put_u32(0);
+        out.put_slice(&self.payload);
+        let sum = checksum(&out[start..start + HEADER_LEN], &self.payload);
+        BigEndian::write_u32(&mut out[start + CHECKSUM_OFFSET..start + HEADER_LEN], sum);
+    }
+
+    /// The encoded packet as one buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.wire_len());
+        self.encode(&mut out);
+        out.freeze()
+    }
+}
+
+/// CRC-32 of a header whose checksum field is zero (or is zeroed here) followed by the payload.
+fn checksum(header: &[u8], payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&header[..CHECKSUM_OFFSET]);
+    hasher.update(&[0u8; 4]);
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// A header parsed and checked for everything that can be checked before the payload has
+/// arrived: version, size bounds and type.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Header {
+    pub kind: PacketType,
+    pub size: usize,
+    pub conn_id: u32,
+    pub seq: u32,
+    pub window: u16,
+    pub flags: u16,
+    pub checksum: u32,
+}
+
+impl Header {
+    /// Parses the first [`HEADER_LEN`] bytes of `buf`, which must hold at least that many.
+    pub(crate) fn parse(buf: &[u8], max_size: usize) -> Result<Header, DecodeError> {
+        debug_assert!(buf.len() >= HEADER_LEN);
+        let version = BigEndian::read_u16(&buf[0..2]);
+        if version != VERSION {
+            return Err(DecodeError::BadVersion(version));
+        }
+        let size = BigEndian::read_u32(&buf[4..8]);
+        if (size as usize) < HEADER_LEN {
+            return Err(DecodeError::SizeTooSmall(size));
+        }
+        if size as usize > max_size {
+            return Err(DecodeError::SizeTooLarge {
+                size,
+                max: max_size,
+            });
+        }
+        let code = BigEndian::read_u16(&buf[2..4]);
+        let kind = PacketType::from_code(code).ok_or(DecodeError::UnknownType(code))?;
+        Ok(Header {
+            kind,
+            size: size as usize,
+            conn_id: BigEndian::read_u32(&buf[8..12]),
+            seq: BigEndian::read_u32(&buf[12..16]),
+            window: BigEndian::read_u16(&buf[16..18]),
+            flags: BigEndian::read_u16(&buf[18..20]),
+            checksum: BigEndian::read_u32(&buf[20..24]),
+        })
+    }
+
+    /// Checks the checksum over the whole packet `bytes` (header + payload, `self.size` long)
+    /// and builds the packet, whose payload is a slice of `bytes`.
+    pub(crate) fn finish(self, bytes: Bytes) -> Result<Packet, DecodeError> {
+        debug_assert_eq!(bytes.len(), self.size);
+        let actual = checksum(&bytes[..HEADER_LEN], &bytes[HEADER_LEN..]);
+        if actual != self.checksum {
+            return Err(DecodeError::BadChecksum {
+                carried: self.checksum,
+                computed: actual,
+            });
+        }
+        Ok(Packet {
+            kind: self.kind,
+            conn_id: self.conn_id,
+            seq: self.seq,
+            window: self.window,
+            flags: self.flags,
+            payload: bytes.slice(HEADER_LEN..),
+        })
+    }
+}

@@ -1,0 +1,370 @@
+//! Typed payloads: what CONN_INIT, LINK_INIT, LISTEN_STATE, CONN_OPTION, ACK and the reason
+//! carrying packets hold (PROTOCOL.md §3–§6). Each has an `encode` to `Bytes` and a `decode`
+//! from the payload that rejects truncated, oversized or trailing input with a
+//! [`PayloadError`].
+
+use std::fmt;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::error::PayloadError;
+
+/// Length of a connection token.
+pub const TOKEN_LEN: usize = 16;
+/// Longest server name a broker may register.
+pub const MAX_SERVER_NAME_LEN: usize = 255;
+/// Longest link secret accepted in LINK_INIT.
+pub const MAX_LINK_SECRET_LEN: usize = 1024;
+/// Longest client address string carried to the broker.
+pub const MAX_CLIENT_ADDR_LEN: usize = 256;
+
+/// The 128-bit per-connection secret. Its `Debug` output never shows the value, so tokens
+/// do not end up in logs by accident.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Token(pub [u8; TOKEN_LEN]);
+
+impl Token {
+    /// The 32 lowercase hex digits carried in the `Tunnel-Token` header.
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(TOKEN_LEN * 2);
+        for b in self.0 {
+            s.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+            s.push(char::from_digit(u32::from(b & 0xf), 16).unwrap_or('0'));
+        }
+        s
+    }
+
+    /// Parses exactly 32 hex digits (either case).
+    pub fn from_hex(s: &str) -> Option<Token> {
+        let s = s.as_bytes();
+        if s.len() != TOKEN_LEN * 2 {
+            return None;
+        }
+        let mut out = [0u8; TOKEN_LEN];
+        for (i, pair) in s.chunks_exact(2).enumerate() {
+            let hi = (pair[0] as char).to_digit(16)?;
+            let lo = (pair[1] as char).to_digit(16)?;
+            out[i] = (hi * 16 + lo) as u8;
+        }
+        Some(Token(out))
+    }
+
+    /// Compares without an early exit, so the time taken does not reveal how many leading
+    /// bytes matched.
+    pub fn ct_eq(&self, other: &Token) -> bool {
+        let mut diff = 0u8;
+        for (a, b) in self.0.iter().zip(other.0.iter()) {
+            diff |= a ^ b;
+        }
+        diff == 0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// A cursor over a payload that turns running out of bytes into [`PayloadError::Truncated`].
+struct Reader {
+    what: &'static str,
+    buf: Bytes,
+}
+
+impl Reader {
+    fn new(what: &'static str, buf: Bytes) -> Reader {
+        Reader { what, buf }
+    }
+
+    fn need(&self, n: usize) -> Result<(), PayloadError> {
+        if self.buf.len() < n {
+            Err(PayloadError::Truncated {
+                what: self.what,
+                needed: n - self.buf.len(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn u8(&mut self) -> Result<u8, PayloadError> {
+        self.need(1)?;
+        Ok(self.buf.get_u8())
+    }
+
+    fn u16(&mut self) -> Result<u16, PayloadError> {
+        self.need(2)?;
+        Ok(self.buf.get_u16())
+    }
+
+    fn u32(&mut self) -> Result<u32, PayloadError> {
+        self.need(4)?;
+        Ok(self.buf.get_u32())
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<Bytes, PayloadError> {
+        self.need(n)?;
+        Ok(self.buf.split_to(n))
+    }
+
+    fn token(&mut self) -> Result<Token, PayloadError> {
+        let b = self.bytes(TOKEN_LEN)?;
+        let mut t = [0u8; TOKEN_LEN];
+        t.copy_from_slice(&b);
+        Ok(Token(t))
+    }
+
+    /// A u16 length followed by that many bytes, the length within `min..=max`.
+    fn prefixed(&mut self, min: usize, max: usize) -> Result<Bytes, PayloadError> {
+        let len = usize::from(self.u16()?);
+        if len < min || len > max {
+            return Err(PayloadError::BadLength {
+                what: self.what,
+                len,
+                min,
+                max,
+            });
+        }
+        self.bytes(len)
+    }
+
+    fn prefixed_str(&mut self, min: usize, max: usize) -> Result<String, PayloadError> {
+        let b = self.prefixed(min, max)?;
+        String::from_utf8(b.to_vec()).map_err(|_| PayloadError::BadUtf8 { what: self.what })
+    }
+
+    fn end(self) -> Result<(), PayloadError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(PayloadError::TrailingBytes {
+                what: self.what,
+                extra: self.buf.len(),
+            })
+        }
+    }
+}
+
+fn put_prefixed(out: &mut BytesMut, b: &[u8]) {
+    out.put_u16(b.len() as u16);
+    out.put_slice(b);
+}
+
+/// Payload of the CONN_INIT the relay sends back to the client: the token.
+pub fn encode_token(token: &Token) -> Bytes {
+    Bytes::copy_from_slice(&token.0)
+}
+
+pub fn decode_token(payload: Bytes) -> Result<Token, PayloadError> {
+    let mut r = Reader::new("CONN_INIT token", payload);
+    let t = r.token()?;
+    r.end()?;
+    Ok(t)
+}
+
+/// Payload of the CONN_INIT the relay forwards to the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerConnInit {
+    pub token: Token,
+    /// The client's address as the relay saw it.
+    pub client_addr: String,
+}
+
+impl BrokerConnInit {
+    pub fn encode(&self) -> Bytes {
+        let addr = truncate_utf8(&self.client_addr, MAX_CLIENT_ADDR_LEN);
+        let mut out = BytesMut::with_capacity(TOKEN_LEN + 2 + addr.len());
+        out.put_slice(&self.token.0);
+        put_prefixed(&mut out, addr.as_bytes());
+        out.freeze()
+    }
+
+    pub fn decode(payload: Bytes) -> Result<BrokerConnInit, PayloadError> {
+        let mut r = Reader::new("CONN_INIT to broker", payload);
+        let token = r.token()?;
+        let client_addr = r.prefixed_str(0, MAX_CLIENT_ADDR_LEN)?;
+        r.end()?;
+        Ok(BrokerConnInit { token, client_addr })
+    }
+}
+
+/// One connection a broker still holds, announced in LINK_INIT so the relay can re-install it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnnouncedConn {
+    pub conn_id: u32,
+    pub token: Token,
+    pub pull_period_ms: u32,
+    pub client_window: u16,
+}
+
+const ANNOUNCED_CONN_LEN: usize = 4 + TOKEN_LEN + 4 + 2;
+
+/// Payload of LINK_INIT (broker → relay).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInit {
+    pub server_name: String,
+    pub secret: Bytes,
+    pub connections: Vec<AnnouncedConn>,
+}
+
+impl LinkInit {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(
+            8 + self.server_name.len()
+                + self.secret.len()
+                + self.connections.len() * ANNOUNCED_CONN_LEN,
+        );
+        put_prefixed(&mut out, self.server_name.as_bytes());
+        put_prefixed(&mut out, &self.secret);
+        out.put_u32(self.connections.len() as u32);
+        for c in &self.connections {
+            out.put_u32(c.conn_id);
+            out.put_slice(&c.token.0);
+            out.put_u32(c.pull_period_ms);
+            out.put_u16(c.client_window);
+        }
+        out.freeze()
+    }
+
+    pub fn decode(payload: Bytes) -> Result<LinkInit, PayloadError> {
+        let mut r = Reader::new("LINK_INIT", payload);
+        let server_name = r.prefixed_str(1, MAX_SERVER_NAME_LEN)?;
+        let secret = r.prefixed(0, MAX_LINK_SECRET_LEN)?;
+        let count = r.u32()? as usize;
+        // Check the count against the bytes present before allocating for it.
+        r.need(count.saturating_mul(ANNOUNCED_CONN_LEN))?;
+        let mut connections = Vec::with_capacity(count);
+        for _ in 0..count {
+            connections.push(AnnouncedConn {
+                conn_id: r.u32()?,
+                token: r.token()?,
+                pull_period_ms: r.u32()?,
+                client_window: r.u16()?,
+            });
+        }
+        r.end()?;
+        Ok(LinkInit {
+            server_name,
+            secret,
+            connections,
+        })
+    }
+}
+
+/// Payload of LISTEN_STATE: whether the broker accepts new connections.
+pub fn encode_listen_state(accepting: bool) -> Bytes {
+    Bytes::from_static(if accepting { &[1] } else { &[0] })
+}
+
+pub fn decode_listen_state(payload: Bytes) -> Result<bool, PayloadError> {
+    let mut r = Reader::new("LISTEN_STATE", payload);
+    let v = r.u8()?;
+    r.end()?;
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(PayloadError::BadValue {
+            what: "LISTEN_STATE",
+            value: u32::from(other),
+        }),
+    }
+}
+
+/// A connection option (CONN_OPTION, §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnOption {
+    /// 0: continuous long-poll; otherwise the client sleeps that long after an empty pull.
+    PullPeriodMs(u32),
+    /// The relay aborts a connection whose client made no request for that long.
+    InactivityTimeoutMs(u32),
+    /// An option this version does not know; kept so it can be ignored, not rejected.
+    Unknown { option: u32, value: u32 },
+}
+
+impl ConnOption {
+    pub fn encode(&self) -> Bytes {
+        let (o, v) = match *self {
+            ConnOption::PullPeriodMs(v) => (1, v),
+            ConnOption::InactivityTimeoutMs(v) => (2, v),
+            ConnOption::Unknown { option, value } => (option, value),
+        };
+        let mut out = BytesMut::with_capacity(8);
+        out.put_u32(o);
+        out.put_u32(v);
+        out.freeze()
+    }
+
+    pub fn decode(payload: Bytes) -> Result<ConnOption, PayloadError> {
+        let mut r = Reader::new("CONN_OPTION", payload);
+        let option = r.u32()?;
+        let value = r.u32()?;
+        r.end()?;
+        Ok(match option {
+            1 => ConnOption::PullPeriodMs(value),
+            2 => ConnOption::InactivityTimeoutMs(value),
+            option => ConnOption::Unknown { option, value },
+        })
+    }
+}
+
+/// A selective-ack block: numbers `first..=last` are held beyond the cumulative ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SackBlock {
+    pub first: u32,
+    pub last: u32,
+}
+
+/// Most blocks an ACK carries; more would say little and cost a lot to process.
+pub const MAX_SACK_BLOCKS: usize = 16;
+
+pub fn encode_sack(blocks: &[SackBlock]) -> Bytes {
+    let mut out = BytesMut::with_capacity(blocks.len() * 8);
+    for b in blocks.iter().take(MAX_SACK_BLOCKS) {
+        out.put_u32(b.first);
+        out.put_u32(b.last);
+    }
+    out.freeze()
+}
+
+/// Decodes selective-ack blocks; at most [`MAX_SACK_BLOCKS`] are kept, extra ones ignored.
+pub fn decode_sack(payload: Bytes) -> Result<Vec<SackBlock>, PayloadError> {
+    if payload.len() % 8 != 0 {
+        return Err(PayloadError::TrailingBytes {
+            what: "ACK selective blocks",
+            extra: payload.len() % 8,
+        });
+    }
+    let mut r = Reader::new("ACK selective blocks", payload);
+    let n = (r.buf.len() / 8).min(MAX_SACK_BLOCKS);
+    let mut blocks = Vec::with_capacity(n);
+    for _ in 0..n {
+        blocks.push(SackBlock {
+            first: r.u32()?,
+            last: r.u32()?,
+        });
+    }
+    Ok(blocks)
+}
+
+/// Payload of CONN_REJECTED or CONN_ABORT: a UTF-8 reason (lossy on receipt: a reason is for
+/// logs, so invalid bytes are replaced, not rejected).
+pub fn encode_reason(reason: &str) -> Bytes {
+    Bytes::copy_from_slice(truncate_utf8(reason, 1024).as_bytes())
+}
+
+pub fn decode_reason(payload: &[u8]) -> String {
+    String::from_utf8_lossy(&payload[..payload.len().min(1024)]).into_owned()
+}
+
+/// The longest prefix of `s` that is at most `max` bytes and ends on a char boundary.
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
