@@ -1,18 +1,34 @@
-//! The reliable connection: one end of a virtual connection as a sans-IO state machine.
+//! The reliable connection: one end of a virtual connection as a sans-IO state machine
+//! (PROTOCOL.md §4 and §6).
 //!
-//! SKELETON: the public API is fixed; bodies are being written.
+//! The driver (client or broker) feeds it three things — bytes the application writes, packets
+//! from the peer, and the current time — and takes out packets to send, bytes to deliver,
+//! events and the next deadline. It never reads a clock or touches a socket, so the simulator
+//! in `tests/simulator.rs` can run it through a lossy network deterministically.
+//!
+//! Reading order of this file: configuration and public types; the state; the application
+//! side (write, close, abort, read); the peer side (`handle_packet`: sequenced packets into
+//! the reorder buffer, ACKs into the retransmission state); the output side (`poll_transmit`);
+//! timers (`poll_timeout`, `handle_timeout`) with the RTT estimator.
+//!
+//! Flow control in a sentence: the receiver advertises `ack + window` (the highest number it
+//! can take); that right edge only ever moves forward, so the sender keeps the largest one it
+//! has seen and a stale, reordered ACK can never shrink it.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
-use crate::packet::{Packet, DEFAULT_MAX_DATA_PAYLOAD};
-use crate::payload::ConnOption;
+use crate::packet::{Packet, PacketType, DEFAULT_MAX_DATA_PAYLOAD};
+use crate::payload::{self, ConnOption, SackBlock, MAX_SACK_BLOCKS};
+use crate::seq;
 
 /// Tunables of one connection end. Every bound and deadline of the state machine is here.
 #[derive(Debug, Clone)]
 pub struct ConnectionConfig {
-    /// Receive window advertised to the peer, in packets (each up to `max_data_payload`).
+    /// Receive window advertised to the peer, in packets (each up to the peer's max data
+    /// payload). Bounds the bytes buffered for the application plus the reorder buffer.
     pub recv_window: u16,
     /// Largest DATA payload this end sends.
     pub max_data_payload: usize,
@@ -27,7 +43,7 @@ pub struct ConnectionConfig {
     pub rto_max: Duration,
     /// Send an ACK as keepalive when nothing was sent for this long.
     pub keepalive_interval: Duration,
-    /// Abort the connection when nothing was received from the peer for this long.
+    /// Fail the connection when nothing was received from the peer for this long.
     pub idle_timeout: Duration,
 }
 
@@ -39,7 +55,7 @@ impl Default for ConnectionConfig {
             send_buffer: 4 * 1024 * 1024,
             rto_initial: Duration::from_secs(1),
             rto_min: Duration::from_millis(200),
-            rto_max: Duration::from_secs(30),
+            rto_max: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(60),
         }
@@ -79,7 +95,9 @@ pub enum Event {
 /// Counters for logs and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Application bytes accepted by `write`.
     pub bytes_sent: u64,
+    /// Application bytes delivered in order.
     pub bytes_received: u64,
     pub packets_sent: u64,
     pub packets_received: u64,
@@ -87,133 +105,765 @@ pub struct Stats {
     pub duplicates_received: u64,
 }
 
+/// Fast retransmit after this many duplicate ACKs, or this many selectively acked packets
+/// above a hole (RFC 5681 / RFC 6675 use 3).
+const DUP_THRESHOLD: usize = 3;
+/// RFC 6298 clock granularity term.
+const RTO_GRANULARITY: Duration = Duration::from_millis(1);
+
+/// What the application has written, in order, not yet cut into packets.
+#[derive(Debug)]
+enum Outgoing {
+    Data(BytesMut),
+    Option(ConnOption),
+    Close,
+}
+
+/// A sequenced packet sent and not yet cumulatively acknowledged.
+#[derive(Debug)]
+struct InFlight {
+    seq: u32,
+    kind: PacketType,
+    payload: Bytes,
+    sent_at: Instant,
+    transmissions: u32,
+    /// The receiver holds it (selective ack): never retransmit.
+    sacked: bool,
+    /// Deemed lost: to be sent again by the next `poll_transmit`.
+    lost: bool,
+    /// Already fast-retransmitted since the last timeout: don't do it again on more
+    /// duplicate acks (only the timer may).
+    fast_retransmitted: bool,
+}
+
+/// How the connection ended, if it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ending {
+    Open,
+    Failed(StreamError),
+    Finished,
+}
+
 /// One end of a virtual connection.
 #[derive(Debug)]
 pub struct Connection {
-    _private: (),
+    conn_id: u32,
+    config: ConnectionConfig,
+    ending: Ending,
+    events: VecDeque<Event>,
+    stats: Stats,
+
+    // ---- sending ----
+    /// Written by the application, not yet packetized.
+    outgoing: VecDeque<Outgoing>,
+    outgoing_bytes: usize,
+    /// `close` was called (CONN_CLOSE is queued or sent).
+    close_requested: bool,
+    /// Our CONN_CLOSE has been acknowledged.
+    close_acked: bool,
+    /// Number the next new sequenced packet gets.
+    next_seq: u32,
+    /// Sent, not cumulatively acked, in sequence order; numbers are contiguous from
+    /// `peer_ack + 1` to `next_seq - 1`.
+    in_flight: VecDeque<InFlight>,
+    in_flight_bytes: usize,
+    /// Highest number the peer has acknowledged cumulatively (u32::MAX before anything).
+    peer_ack: u32,
+    /// Highest number the peer can take (`ack + window`), the largest ever advertised.
+    peer_right_edge: u32,
+    /// Consecutive ACKs that acknowledged nothing new and opened no window.
+    dup_acks: usize,
+    /// A CONN_ABORT to send once; nothing else is sent after it.
+    abort_to_send: Option<String>,
+    /// The window is closed with data waiting: at this time one packet may go past it.
+    probe_at: Option<Instant>,
+    /// A zero-window probe may be sent now.
+    probe_allowed: bool,
+
+    // ---- timers and RTT ----
+    rto: Duration,
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    /// Retransmission timer, running while anything is in flight.
+    rto_deadline: Option<Instant>,
+    last_sent: Instant,
+    last_received: Instant,
+
+    // ---- receiving ----
+    /// Next number expected in order.
+    recv_next: u32,
+    /// Received beyond `recv_next`, held until the gap fills. Within the window, so bounded.
+    reorder: BTreeMap<u32, Packet>,
+    /// In-order data waiting for the application to read.
+    readable: VecDeque<Bytes>,
+    /// The peer's CONN_CLOSE was delivered in order.
+    peer_closed: bool,
+    /// An ACK must go out (new data, duplicate, window opened, or keepalive).
+    ack_due: bool,
+    /// The right edge we last advertised, to decide when a window update is worth sending.
+    advertised_right_edge: u32,
 }
 
 impl Connection {
     /// A new, open connection. `peer_window` is the window the peer announced (in CONN_INIT
     /// or CONN_INIT_ACK); use 0 if not known yet, and `set_peer_window` later.
     pub fn new(conn_id: u32, peer_window: u16, config: ConnectionConfig, now: Instant) -> Self {
-        let _ = (conn_id, peer_window, config, now);
-        todo!()
+        let rto = config.rto_initial.clamp(config.rto_min, config.rto_max);
+        let recv_window = config.recv_window;
+        Connection {
+            conn_id,
+            config,
+            ending: Ending::Open,
+            events: VecDeque::new(),
+            stats: Stats::default(),
+            outgoing: VecDeque::new(),
+            outgoing_bytes: 0,
+            close_requested: false,
+            close_acked: false,
+            next_seq: 0,
+            in_flight: VecDeque::new(),
+            in_flight_bytes: 0,
+            peer_ack: u32::MAX,
+            peer_right_edge: u32::MAX.wrapping_add(u32::from(peer_window)),
+            dup_acks: 0,
+            abort_to_send: None,
+            probe_at: None,
+            probe_allowed: false,
+            rto,
+            srtt: None,
+            rttvar: Duration::ZERO,
+            rto_deadline: None,
+            last_sent: now,
+            last_received: now,
+            recv_next: 0,
+            reorder: BTreeMap::new(),
+            readable: VecDeque::new(),
+            peer_closed: false,
+            ack_due: false,
+            advertised_right_edge: u32::MAX.wrapping_add(u32::from(recv_window)),
+        }
     }
 
     pub fn conn_id(&self) -> u32 {
-        todo!()
+        self.conn_id
     }
 
     pub fn set_conn_id(&mut self, conn_id: u32) {
-        let _ = conn_id;
-        todo!()
+        self.conn_id = conn_id;
     }
 
-    /// Sets the peer's window from a handshake packet.
+    /// Sets the peer's window from a handshake packet (it can only open the window).
     pub fn set_peer_window(&mut self, window: u16) {
-        let _ = window;
-        todo!()
+        self.advance_peer_right_edge(self.peer_ack.wrapping_add(u32::from(window)));
     }
 
-    /// The receive window this end advertises now.
+    /// The receive window this end advertises now: packets it can take past its ack.
     pub fn recv_window(&self) -> u16 {
-        todo!()
+        let held = self
+            .readable
+            .len()
+            .min(usize::from(self.config.recv_window));
+        self.config.recv_window - held as u16
     }
 
-    // ---- application side ----
+    // ------------------------------------------------------------------------------------
+    // Application side
+    // ------------------------------------------------------------------------------------
 
     /// Bytes `write` would accept now.
     pub fn send_capacity(&self) -> usize {
-        todo!()
+        if self.ending != Ending::Open || self.close_requested {
+            return 0;
+        }
+        self.config
+            .send_buffer
+            .saturating_sub(self.outgoing_bytes + self.in_flight_bytes)
     }
 
     /// Queues up to `send_capacity()` bytes; `Ok(0)` means full (wait for writability).
+    /// Small writes are appended to the last queued chunk, so they leave as few packets.
     pub fn write(&mut self, data: &[u8]) -> Result<usize, StreamError> {
-        let _ = data;
-        todo!()
+        self.check_open()?;
+        if self.close_requested {
+            return Err(StreamError::WriteAfterClose);
+        }
+        let n = data.len().min(self.send_capacity());
+        if n == 0 {
+            return Ok(0);
+        }
+        match self.outgoing.back_mut() {
+            Some(Outgoing::Data(buf)) => buf.extend_from_slice(&data[..n]),
+            _ => self
+                .outgoing
+                .push_back(Outgoing::Data(BytesMut::from(&data[..n]))),
+        }
+        self.outgoing_bytes += n;
+        self.stats.bytes_sent += n as u64;
+        Ok(n)
     }
 
     /// Half-close: CONN_CLOSE is queued after all data written so far. Idempotent.
     pub fn close(&mut self) -> Result<(), StreamError> {
-        todo!()
+        self.check_open()?;
+        if !self.close_requested {
+            self.close_requested = true;
+            self.outgoing.push_back(Outgoing::Close);
+        }
+        Ok(())
     }
 
     /// Ends the connection at once: CONN_ABORT(reason) is sent, reads and writes fail.
+    /// Does nothing if the connection has already ended.
     pub fn abort(&mut self, reason: &str) {
-        let _ = reason;
-        todo!()
+        if self.ending != Ending::Open {
+            return;
+        }
+        self.abort_to_send = Some(reason.to_owned());
+        self.fail(StreamError::AbortedLocally(reason.to_owned()));
     }
 
     /// Sends a connection option, sequenced like data.
     pub fn send_option(&mut self, option: ConnOption) -> Result<(), StreamError> {
-        let _ = option;
-        todo!()
+        self.check_open()?;
+        if self.close_requested {
+            return Err(StreamError::WriteAfterClose);
+        }
+        self.outgoing.push_back(Outgoing::Option(option));
+        Ok(())
     }
 
     /// Copies in-order received bytes into `buf`: `Ok(Some(n))` with n > 0, `Ok(Some(0))` at
     /// end of stream (peer closed), `Ok(None)` when nothing is available yet.
     pub fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, StreamError> {
-        let _ = buf;
-        todo!()
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self.read_chunk(buf.len() - filled)? {
+                Some(chunk) if !chunk.is_empty() => {
+                    buf[filled..filled + chunk.len()].copy_from_slice(&chunk);
+                    filled += chunk.len();
+                }
+                Some(_) if filled == 0 => return Ok(Some(0)),
+                _ => break,
+            }
+        }
+        Ok(if filled == 0 && !buf.is_empty() {
+            None
+        } else {
+            Some(filled)
+        })
     }
 
-    /// Takes the next whole in-order chunk of received bytes without copying (same outcomes
-    /// as `read`, with `Some(empty)` at end of stream).
+    /// Takes the next in-order chunk of received bytes, at most `max` long, without copying
+    /// (same outcomes as `read`, with `Some(empty)` at end of stream).
     pub fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, StreamError> {
-        let _ = max;
-        todo!()
+        if let Ending::Failed(err) = &self.ending {
+            return Err(err.clone());
+        }
+        let Some(front) = self.readable.front_mut() else {
+            return Ok(self.peer_closed.then(Bytes::new));
+        };
+        if max == 0 {
+            return Ok(Some(Bytes::new()));
+        }
+        let chunk = if front.len() > max {
+            front.split_to(max)
+        } else {
+            let whole = self.readable.pop_front().unwrap_or_default();
+            self.on_packet_consumed();
+            whole
+        };
+        Ok(Some(chunk))
+    }
+
+    /// The application has freed one packet of receive buffer: send a window update once a
+    /// quarter of the window has been freed since the last one we advertised, so the sender
+    /// is not left waiting on a probe.
+    fn on_packet_consumed(&mut self) {
+        let right_edge = self.our_right_edge();
+        let freed = seq::distance(self.advertised_right_edge, right_edge);
+        let threshold = u32::from((self.config.recv_window / 4).max(1));
+        if seq::lt(self.advertised_right_edge, right_edge) && freed >= threshold {
+            self.ack_due = true;
+        }
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
-        todo!()
+        self.events.pop_front()
     }
 
-    // ---- peer side ----
+    // ------------------------------------------------------------------------------------
+    // Peer side
+    // ------------------------------------------------------------------------------------
 
     /// Takes a packet addressed to this connection. Packets of types that are not part of
     /// the connection (link-level, handshake) are ignored; a malformed payload is logged and
     /// dropped; CONN_ABORT ends the connection.
     pub fn handle_packet(&mut self, packet: Packet, now: Instant) {
-        let _ = (packet, now);
-        todo!()
+        if let Ending::Failed(_) = self.ending {
+            return;
+        }
+        self.last_received = now;
+        self.stats.packets_received += 1;
+        match packet.kind {
+            PacketType::Data | PacketType::ConnClose | PacketType::ConnOption => {
+                self.on_sequenced(packet)
+            }
+            PacketType::Ack => self.on_ack(packet, now),
+            PacketType::ConnAbort => {
+                let reason = payload::decode_reason(&packet.payload);
+                self.fail(StreamError::AbortedByPeer(reason));
+            }
+            // Keepalive filler, or handshake and link packets the driver handles itself.
+            _ => {}
+        }
     }
 
-    /// The next packet to send, if any: retransmissions first, then acks and window updates,
-    /// then new data within the peer's window.
-    pub fn poll_transmit(&mut self, now: Instant) -> Option<Packet> {
-        let _ = now;
-        todo!()
+    /// DATA, CONN_CLOSE or CONN_OPTION from the peer: place it in the reorder buffer if it
+    /// fits the window, then deliver everything that is now in order.
+    fn on_sequenced(&mut self, packet: Packet) {
+        // Whatever happens, the peer learns where we are: this also answers zero-window
+        // probes and retransmissions of packets whose ACK was lost.
+        self.ack_due = true;
+        if packet.kind == PacketType::Data && packet.payload.is_empty() {
+            tracing::debug!(conn_id = self.conn_id, "dropping empty DATA packet");
+            return;
+        }
+        if seq::lt(packet.seq, self.recv_next) || self.reorder.contains_key(&packet.seq) {
+            self.stats.duplicates_received += 1;
+            return;
+        }
+        let offset = seq::distance(self.recv_next, packet.seq);
+        if offset >= u32::from(self.recv_window()) {
+            // Past the window (a probe, or a misbehaving peer): dropped, the ACK says why.
+            return;
+        }
+        self.reorder.insert(packet.seq, packet);
+        while let Some(p) = self.reorder.remove(&self.recv_next) {
+            self.recv_next = self.recv_next.wrapping_add(1);
+            self.deliver_in_order(p);
+        }
     }
+
+    fn deliver_in_order(&mut self, packet: Packet) {
+        match packet.kind {
+            PacketType::Data => {
+                if self.peer_closed {
+                    tracing::debug!(conn_id = self.conn_id, "dropping DATA after CONN_CLOSE");
+                    return;
+                }
+                self.stats.bytes_received += packet.payload.len() as u64;
+                self.readable.push_back(packet.payload);
+            }
+            PacketType::ConnClose if !self.peer_closed => {
+                self.peer_closed = true;
+                self.events.push_back(Event::PeerClosed);
+                self.check_finished();
+            }
+            PacketType::ConnOption => match ConnOption::decode(packet.payload) {
+                Ok(option) => self.events.push_back(Event::Option(option)),
+                Err(err) => {
+                    tracing::warn!(conn_id = self.conn_id, %err, "ignoring malformed CONN_OPTION")
+                }
+            },
+            _ => {}
+        }
+    }
+
+    /// An ACK: advance the cumulative ack (freeing send buffer, sampling RTT), take the
+    /// window, mark selectively acked packets, and detect losses.
+    fn on_ack(&mut self, packet: Packet, now: Instant) {
+        let ack = packet.seq;
+        let last_sent = self.next_seq.wrapping_sub(1);
+        // An ack must lie in [peer_ack, last sent]; anything else is stale or bogus.
+        if seq::lt(ack, self.peer_ack) || seq::lt(last_sent, ack) && ack != self.peer_ack {
+            return;
+        }
+        let edge_before = self.peer_right_edge;
+        self.advance_peer_right_edge(ack.wrapping_add(u32::from(packet.window)));
+        let window_opened = edge_before != self.peer_right_edge;
+
+        if ack != self.peer_ack {
+            self.on_cumulative_ack(ack, now);
+        } else if !self.in_flight.is_empty() && !window_opened {
+            self.dup_acks += 1;
+        }
+
+        match payload::decode_sack(packet.payload) {
+            Ok(blocks) => self.apply_sack(&blocks),
+            Err(err) => tracing::debug!(conn_id = self.conn_id, %err, "ignoring bad SACK blocks"),
+        }
+        self.detect_losses();
+        self.update_probe(now);
+    }
+
+    fn on_cumulative_ack(&mut self, ack: u32, now: Instant) {
+        let mut rtt_sample = None;
+        while let Some(front) = self.in_flight.front() {
+            if !seq::le(front.seq, ack) {
+                break;
+            }
+            let Some(done) = self.in_flight.pop_front() else {
+                break;
+            };
+            // Karn's rule: only packets sent once give an unambiguous sample.
+            if done.transmissions == 1 {
+                rtt_sample = Some(now.saturating_duration_since(done.sent_at));
+            }
+            self.in_flight_bytes -= done.payload.len();
+            if done.kind == PacketType::ConnClose {
+                self.close_acked = true;
+            }
+        }
+        self.peer_ack = ack;
+        self.dup_acks = 0;
+        // Karn: an ack of retransmitted packets only keeps the backed-off timeout; the next
+        // packet sent once gives a sample and a fresh estimate.
+        if let Some(sample) = rtt_sample {
+            self.on_rtt_sample(sample);
+        }
+        self.rto_deadline = (!self.in_flight.is_empty()).then(|| now + self.rto);
+        self.check_finished();
+    }
+
+    fn apply_sack(&mut self, blocks: &[SackBlock]) {
+        for block in blocks {
+            for p in self.in_flight.iter_mut() {
+                if seq::le(block.first, p.seq) && seq::le(p.seq, block.last) {
+                    p.sacked = true;
+                    p.lost = false;
+                }
+            }
+        }
+    }
+
+    /// Marks packets lost without waiting for the timer: a hole with `DUP_THRESHOLD` selectively
+    /// acked packets above it, or `DUP_THRESHOLD` duplicate acks for the first one.
+    fn detect_losses(&mut self) {
+        let mut sacked_above = 0;
+        for p in self.in_flight.iter_mut().rev() {
+            if p.sacked {
+                sacked_above += 1;
+            } else if sacked_above >= DUP_THRESHOLD && !p.fast_retransmitted {
+                p.lost = true;
+                p.fast_retransmitted = true;
+            }
+        }
+        if self.dup_acks >= DUP_THRESHOLD {
+            if let Some(first) = self.in_flight.front_mut() {
+                if !first.sacked && !first.fast_retransmitted {
+                    first.lost = true;
+                    first.fast_retransmitted = true;
+                }
+            }
+            self.dup_acks = 0;
+        }
+    }
+
+    fn advance_peer_right_edge(&mut self, edge: u32) {
+        if seq::lt(self.peer_right_edge, edge) {
+            self.peer_right_edge = edge;
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Output
+    // ------------------------------------------------------------------------------------
+
+    /// The next packet to send, if any: an abort; else an ACK if one is due; else
+    /// retransmissions; else new packets within the peer's window.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Packet> {
+        if let Some(reason) = self.abort_to_send.take() {
+            let packet = Packet::new(
+                PacketType::ConnAbort,
+                self.conn_id,
+                payload::encode_reason(&reason),
+            );
+            return Some(self.sent(packet, now));
+        }
+        if self.ending != Ending::Open && self.ending != Ending::Finished {
+            return None;
+        }
+        if self.ack_due {
+            self.ack_due = false;
+            let ack = self.make_ack();
+            return Some(self.sent(ack, now));
+        }
+        if self.ending == Ending::Finished {
+            return None;
+        }
+        if let Some(packet) = self.next_retransmission(now) {
+            return Some(self.sent(packet, now));
+        }
+        let packet = self.next_new_packet(now)?;
+        Some(self.sent(packet, now))
+    }
+
+    /// Stamps an outgoing packet with our window and records that we sent something.
+    fn sent(&mut self, mut packet: Packet, now: Instant) -> Packet {
+        packet.window = self.recv_window();
+        self.last_sent = now;
+        self.stats.packets_sent += 1;
+        packet
+    }
+
+    fn make_ack(&mut self) -> Packet {
+        let ack = self.recv_next.wrapping_sub(1);
+        let window = self.recv_window();
+        self.advertised_right_edge = ack.wrapping_add(u32::from(window));
+        Packet::new(
+            PacketType::Ack,
+            self.conn_id,
+            payload::encode_sack(&self.sack_blocks()),
+        )
+        .with_seq(ack)
+    }
+
+    /// Runs of held out-of-order numbers, nearest first.
+    fn sack_blocks(&self) -> Vec<SackBlock> {
+        let mut held: Vec<u32> = self.reorder.keys().copied().collect();
+        held.sort_by_key(|&s| seq::distance(self.recv_next, s));
+        let mut blocks: Vec<SackBlock> = Vec::new();
+        for s in held {
+            if let Some(b) = blocks.last_mut().filter(|b| b.last.wrapping_add(1) == s) {
+                b.last = s;
+            } else if blocks.len() == MAX_SACK_BLOCKS {
+                break;
+            } else {
+                blocks.push(SackBlock { first: s, last: s });
+            }
+        }
+        blocks
+    }
+
+    fn next_retransmission(&mut self, now: Instant) -> Option<Packet> {
+        let conn_id = self.conn_id;
+        let p = self.in_flight.iter_mut().find(|p| p.lost)?;
+        p.lost = false;
+        p.transmissions += 1;
+        p.sent_at = now;
+        self.stats.retransmits += 1;
+        let packet = Packet::new(p.kind, conn_id, p.payload.clone()).with_seq(p.seq);
+        self.rto_deadline.get_or_insert(now + self.rto);
+        Some(packet)
+    }
+
+    /// Cuts the next packet from the queued output, if the peer's window allows (or a
+    /// zero-window probe is due).
+    fn next_new_packet(&mut self, now: Instant) -> Option<Packet> {
+        if self.outgoing.is_empty() {
+            return None;
+        }
+        let in_window = seq::le(self.next_seq, self.peer_right_edge);
+        if !in_window && !self.probe_allowed {
+            self.update_probe(now);
+            return None;
+        }
+        self.probe_allowed = false;
+        let (kind, payload) = match self.outgoing.pop_front()? {
+            Outgoing::Data(mut buf) => {
+                let n = buf.len().min(self.config.max_data_payload);
+                let chunk = buf.split_to(n).freeze();
+                if !buf.is_empty() {
+                    self.outgoing.push_front(Outgoing::Data(buf));
+                }
+                self.outgoing_bytes -= chunk.len();
+                (PacketType::Data, chunk)
+            }
+            Outgoing::Option(option) => (PacketType::ConnOption, option.encode()),
+            Outgoing::Close => (PacketType::ConnClose, Bytes::new()),
+        };
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.in_flight_bytes += payload.len();
+        self.in_flight.push_back(InFlight {
+            seq,
+            kind,
+            payload: payload.clone(),
+            sent_at: now,
+            transmissions: 1,
+            sacked: false,
+            lost: false,
+            fast_retransmitted: false,
+        });
+        self.rto_deadline.get_or_insert(now + self.rto);
+        self.update_probe(now);
+        Some(Packet::new(kind, self.conn_id, payload).with_seq(seq))
+    }
+
+    /// Arms the zero-window probe when the window is closed, output is waiting and nothing
+    /// is in flight (so no ACK will come by itself to reopen it); disarms it otherwise.
+    fn update_probe(&mut self, now: Instant) {
+        let blocked = !self.outgoing.is_empty()
+            && self.in_flight.is_empty()
+            && !seq::le(self.next_seq, self.peer_right_edge);
+        if !blocked {
+            self.probe_at = None;
+            self.probe_allowed = false;
+        } else if self.probe_at.is_none() && !self.probe_allowed {
+            self.probe_at = Some(now + self.rto);
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Timers
+    // ------------------------------------------------------------------------------------
 
     /// When `handle_timeout` must next be called (retransmission, probe, keepalive, idle).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        todo!()
+        if self.ending != Ending::Open {
+            return None;
+        }
+        [
+            self.rto_deadline,
+            self.probe_at,
+            Some(self.last_sent + self.config.keepalive_interval),
+            Some(self.last_received + self.config.idle_timeout),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let _ = now;
-        todo!()
+        if self.ending != Ending::Open {
+            return;
+        }
+        if now >= self.last_received + self.config.idle_timeout {
+            let idle = self.config.idle_timeout;
+            self.abort_to_send = Some(format!("idle for {idle:?}"));
+            self.fail(StreamError::TimedOut(idle));
+            return;
+        }
+        if self.rto_deadline.is_some_and(|d| now >= d) {
+            self.on_retransmission_timeout(now);
+        }
+        if self.probe_at.is_some_and(|d| now >= d) {
+            // The probe is one packet past the window; the receiver drops it and answers with
+            // its window. If that answer is lost, the retransmission timer probes again,
+            // backing off.
+            self.probe_at = None;
+            self.probe_allowed = true;
+        }
+        if now >= self.last_sent + self.config.keepalive_interval {
+            self.ack_due = true;
+        }
     }
 
-    // ---- state ----
+    /// RFC 6298 §5.4–5.6: back off and resend. Every packet not selectively acked is resent:
+    /// on this transport a whole HTTP request of packets is lost at once, and resending one
+    /// per timeout would take a timeout per packet.
+    fn on_retransmission_timeout(&mut self, now: Instant) {
+        self.rto = (self.rto * 2).min(self.config.rto_max);
+        for p in self.in_flight.iter_mut().filter(|p| !p.sacked) {
+            p.lost = true;
+            p.fast_retransmitted = false;
+        }
+        self.dup_acks = 0;
+        self.rto_deadline = (!self.in_flight.is_empty()).then(|| now + self.rto);
+    }
+
+    /// RFC 6298 §2: smoothed RTT and variance.
+    fn on_rtt_sample(&mut self, sample: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(sample);
+                self.rttvar = sample / 2;
+            }
+            Some(srtt) => {
+                let delta = srtt.abs_diff(sample);
+                self.rttvar = (self.rttvar * 3 + delta) / 4;
+                self.srtt = Some((srtt * 7 + sample) / 8);
+            }
+        }
+        self.rto = self.computed_rto();
+    }
+
+    fn computed_rto(&self) -> Duration {
+        match self.srtt {
+            None => self.config.rto_initial,
+            Some(srtt) => srtt + (self.rttvar * 4).max(RTO_GRANULARITY),
+        }
+        .clamp(self.config.rto_min, self.config.rto_max)
+    }
+
+    // ------------------------------------------------------------------------------------
+    // State
+    // ------------------------------------------------------------------------------------
 
     /// True when `read` would return something other than `Ok(None)`.
     pub fn is_readable(&self) -> bool {
-        todo!()
+        matches!(self.ending, Ending::Failed(_)) || !self.readable.is_empty() || self.peer_closed
     }
 
     /// True when `write` would accept at least one byte or would fail.
     pub fn is_writable(&self) -> bool {
-        todo!()
+        self.ending != Ending::Open || self.close_requested || self.send_capacity() > 0
     }
 
     /// Both directions closed and acknowledged, or failed, and nothing left to send.
     pub fn is_finished(&self) -> bool {
-        todo!()
+        match self.ending {
+            Ending::Open => false,
+            Ending::Failed(_) => self.abort_to_send.is_none(),
+            Ending::Finished => !self.ack_due,
+        }
+    }
+
+    /// The connection failed (abort either way, or idle timeout).
+    pub fn error(&self) -> Option<&StreamError> {
+        match &self.ending {
+            Ending::Failed(err) => Some(err),
+            _ => None,
+        }
     }
 
     pub fn stats(&self) -> Stats {
-        todo!()
+        self.stats
+    }
+
+    /// The peer's window right edge as we last knew it (for tests and diagnostics).
+    pub fn peer_right_edge(&self) -> u32 {
+        self.peer_right_edge
+    }
+
+    fn our_right_edge(&self) -> u32 {
+        self.recv_next
+            .wrapping_sub(1)
+            .wrapping_add(u32::from(self.recv_window()))
+    }
+
+    fn check_open(&self) -> Result<(), StreamError> {
+        match &self.ending {
+            Ending::Failed(err) => Err(err.clone()),
+            _ => Ok(()),
+        }
+    }
+
+    fn fail(&mut self, err: StreamError) {
+        if self.ending != Ending::Open {
+            return;
+        }
+        tracing::debug!(conn_id = self.conn_id, %err, "connection failed");
+        self.ending = Ending::Failed(err.clone());
+        self.events.push_back(Event::Failed(err));
+        self.outgoing.clear();
+        self.in_flight.clear();
+        self.reorder.clear();
+        self.readable.clear();
+        self.rto_deadline = None;
+        self.probe_at = None;
+    }
+
+    fn check_finished(&mut self) {
+        if self.ending == Ending::Open && self.close_acked && self.peer_closed {
+            self.ending = Ending::Finished;
+            self.events.push_back(Event::Finished);
+            self.rto_deadline = None;
+            self.probe_at = None;
+        }
     }
 }
+
+#[cfg(test)]
+#[path = "connection_tests.rs"]
+mod tests;

@@ -329,10 +329,10 @@ pub fn encode_sack(blocks: &[SackBlock]) -> Bytes {
 
 /// Decodes selective-ack blocks; at most [`MAX_SACK_BLOCKS`] are kept, extra ones ignored.
 pub fn decode_sack(payload: Bytes) -> Result<Vec<SackBlock>, PayloadError> {
-    if payload.len() % 8 != 0 {
+    if !payload.len().is_multiple_of(8) {
         return Err(PayloadError::TrailingBytes {
             what: "ACK selective blocks",
-            extra: payload.len() % 8,
+            extra: payload.len() % 8, // whole blocks are 8 bytes
         });
     }
     let mut r = Reader::new("ACK selective blocks", payload);

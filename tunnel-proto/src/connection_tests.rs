@@ -1,0 +1,275 @@
+//! Focused tests of single mechanisms of the connection. The seeded lossy-network simulator
+//! lives in `tests/simulator.rs`.
+
+use super::*;
+
+fn cfg() -> ConnectionConfig {
+    ConnectionConfig {
+        recv_window: 8,
+        max_data_payload: 1000,
+        send_buffer: 64 * 1024,
+        ..ConnectionConfig::default()
+    }
+}
+
+fn pair(now: Instant) -> (Connection, Connection) {
+    let c = cfg();
+    (
+        Connection::new(7, c.recv_window, c.clone(), now),
+        Connection::new(7, c.recv_window, c, now),
+    )
+}
+
+fn drain(c: &mut Connection, now: Instant) -> Vec<Packet> {
+    std::iter::from_fn(|| c.poll_transmit(now)).collect()
+}
+
+fn read_all(c: &mut Connection) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(Some(n)) = c.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    out
+}
+
+/// Moves packets both ways until nothing more is sent, optionally reading on the receiver.
+fn exchange(a: &mut Connection, b: &mut Connection, now: Instant) {
+    for _ in 0..1000 {
+        let from_a = drain(a, now);
+        let from_b = drain(b, now);
+        if from_a.is_empty() && from_b.is_empty() {
+            return;
+        }
+        for p in from_a {
+            b.handle_packet(p, now);
+        }
+        for p in from_b {
+            a.handle_packet(p, now);
+        }
+    }
+    panic!("exchange did not settle");
+}
+
+#[test]
+fn small_writes_are_coalesced_into_one_packet() {
+    let now = Instant::now();
+    let (mut a, _) = pair(now);
+    for _ in 0..100 {
+        assert_eq!(a.write(b"x").unwrap(), 1);
+    }
+    let sent = drain(&mut a, now);
+    let data: Vec<_> = sent.iter().filter(|p| p.kind == PacketType::Data).collect();
+    assert_eq!(data.len(), 1);
+    assert_eq!(data[0].payload.len(), 100);
+}
+
+#[test]
+fn sender_stops_at_the_window_and_resumes_on_update() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    let data = vec![5u8; 20_000];
+    assert_eq!(a.write(&data).unwrap(), 20_000);
+    let first = drain(&mut a, now);
+    assert_eq!(first.len(), 8, "window of 8 packets");
+    for p in first {
+        b.handle_packet(p, now);
+    }
+    // b's application has read nothing: its ACK closes the window.
+    let acks = drain(&mut b, now);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0].window, 0);
+    for p in acks {
+        a.handle_packet(p, now);
+    }
+    assert!(drain(&mut a, now).is_empty(), "window is closed");
+    // Reading a quarter of the window sends an update without being asked.
+    let mut buf = [0u8; 2000];
+    assert_eq!(b.read(&mut buf).unwrap(), Some(2000));
+    let update = drain(&mut b, now);
+    assert_eq!(update.len(), 1);
+    assert_eq!(update[0].window, 2);
+    for p in update {
+        a.handle_packet(p, now);
+    }
+    assert_eq!(drain(&mut a, now).len(), 2);
+}
+
+#[test]
+fn stale_ack_never_shrinks_the_window() {
+    let now = Instant::now();
+    let (mut a, _) = pair(now);
+    let newer = Packet::new(PacketType::Ack, 7, Bytes::new())
+        .with_seq(u32::MAX)
+        .with_window(8);
+    a.handle_packet(newer, now);
+    let edge = a.peer_right_edge();
+    let stale = Packet::new(PacketType::Ack, 7, Bytes::new())
+        .with_seq(u32::MAX)
+        .with_window(0);
+    a.handle_packet(stale, now);
+    assert_eq!(a.peer_right_edge(), edge);
+}
+
+#[test]
+fn whole_lost_batch_is_resent_after_the_timeout() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    a.write(&[1u8; 5000]).unwrap();
+    let lost = drain(&mut a, now);
+    assert_eq!(lost.len(), 5);
+    let deadline = a.poll_timeout().unwrap();
+    assert_eq!(deadline, now + Duration::from_secs(1), "initial RTO");
+    a.handle_timeout(deadline);
+    let resent = drain(&mut a, deadline);
+    assert_eq!(resent.len(), 5, "every packet of the lost batch is resent");
+    assert_eq!(a.stats().retransmits, 5);
+    for p in resent {
+        b.handle_packet(p, deadline);
+    }
+    exchange(&mut a, &mut b, deadline);
+    assert_eq!(read_all(&mut b), vec![1u8; 5000]);
+    // Back-off doubled the timeout; the next one uses it.
+    a.write(&[2u8; 10]).unwrap();
+    drain(&mut a, deadline);
+    assert_eq!(a.rto_deadline, Some(deadline + Duration::from_secs(2)));
+}
+
+#[test]
+fn selective_acks_trigger_fast_retransmit_of_the_hole() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    a.write(&[3u8; 6000]).unwrap();
+    let mut sent = drain(&mut a, now);
+    assert_eq!(sent.len(), 6);
+    sent.remove(1); // lose packet 1
+    for p in sent {
+        b.handle_packet(p, now);
+    }
+    for p in drain(&mut b, now) {
+        a.handle_packet(p, now);
+    }
+    let resent = drain(&mut a, now);
+    assert_eq!(
+        resent.len(),
+        1,
+        "only the hole is resent, before any timeout"
+    );
+    assert_eq!(resent[0].seq, 1);
+    b.handle_packet(resent[0].clone(), now);
+    exchange(&mut a, &mut b, now);
+    assert_eq!(read_all(&mut b), vec![3u8; 6000]);
+}
+
+#[test]
+fn half_close_then_finish_both_ways() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    a.write(b"request").unwrap();
+    a.close().unwrap();
+    assert_eq!(a.write(b"more"), Err(StreamError::WriteAfterClose));
+    exchange(&mut a, &mut b, now);
+    assert_eq!(read_all(&mut b), b"request");
+    let mut buf = [0u8; 8];
+    assert_eq!(b.read(&mut buf).unwrap(), Some(0), "end of stream");
+    // b can still answer after a's half-close.
+    b.write(b"reply").unwrap();
+    b.close().unwrap();
+    exchange(&mut a, &mut b, now);
+    assert_eq!(read_all(&mut a), b"reply");
+    assert!(a.is_finished() && b.is_finished());
+    let events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
+    assert_eq!(events, vec![Event::PeerClosed, Event::Finished]);
+    assert_eq!(a.poll_timeout(), None);
+}
+
+#[test]
+fn abort_reaches_the_peer_with_its_reason() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    a.write(b"partial").unwrap();
+    a.abort("application gave up");
+    let sent = drain(&mut a, now);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].kind, PacketType::ConnAbort);
+    assert!(a.is_finished());
+    b.handle_packet(sent[0].clone(), now);
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        b.read(&mut buf),
+        Err(StreamError::AbortedByPeer("application gave up".into()))
+    );
+    assert_eq!(
+        b.poll_event(),
+        Some(Event::Failed(StreamError::AbortedByPeer(
+            "application gave up".into()
+        )))
+    );
+}
+
+#[test]
+fn idle_peer_times_out_and_keepalives_are_sent() {
+    let now = Instant::now();
+    let (mut a, _) = pair(now);
+    let keepalive = now + a.config.keepalive_interval;
+    assert_eq!(a.poll_timeout(), Some(keepalive));
+    a.handle_timeout(keepalive);
+    let sent = drain(&mut a, keepalive);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].kind, PacketType::Ack);
+    let idle = now + a.config.idle_timeout;
+    a.handle_timeout(idle);
+    assert!(matches!(a.error(), Some(StreamError::TimedOut(_))));
+    assert_eq!(drain(&mut a, idle)[0].kind, PacketType::ConnAbort);
+}
+
+#[test]
+fn zero_window_probe_recovers_a_lost_window_update() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    a.write(&[9u8; 9000]).unwrap();
+    for p in drain(&mut a, now) {
+        b.handle_packet(p, now);
+    }
+    for p in drain(&mut b, now) {
+        a.handle_packet(p, now);
+    }
+    // b reads everything, but its window update is lost.
+    assert_eq!(read_all(&mut b).len(), 8000);
+    let lost_update = drain(&mut b, now);
+    assert_eq!(lost_update.len(), 1);
+    // a probes after a retransmission timeout with the next packet.
+    let probe_at = a.poll_timeout().unwrap();
+    a.handle_timeout(probe_at);
+    let probe = drain(&mut a, probe_at);
+    assert_eq!(probe.len(), 1);
+    assert_eq!(probe[0].seq, 8);
+    for p in probe {
+        b.handle_packet(p, probe_at);
+    }
+    exchange(&mut a, &mut b, probe_at);
+    assert_eq!(read_all(&mut b).len(), 1000);
+}
+
+#[test]
+fn sequence_numbers_wrap() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    a.next_seq = u32::MAX - 2;
+    a.peer_ack = u32::MAX - 3;
+    a.peer_right_edge = a.peer_ack.wrapping_add(8);
+    b.recv_next = u32::MAX - 2;
+    b.advertised_right_edge = b.recv_next.wrapping_add(7);
+    let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+    a.write(&data).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        exchange(&mut a, &mut b, now);
+        got.extend(read_all(&mut b));
+    }
+    assert_eq!(got, data);
+    assert!(seq::lt(u32::MAX - 2, a.next_seq));
+}
