@@ -1,0 +1,153 @@
+//! Configuration of a [`crate::TunnelListener`]: where the relay is, who we are, and every
+//! bound and deadline of the link.
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tunnel_proto::ConnectionConfig;
+
+use crate::tls::LinkTls;
+
+/// Everything a [`crate::TunnelListener`] needs. Build it with [`BrokerConfig::new`] and
+/// adjust fields; every field has a documented default.
+#[derive(Clone)]
+pub struct BrokerConfig {
+    /// The relay's link port, `HOST:PORT` (resolved at every dial, so a relay that moves to
+    /// another address is found again). Default: `127.0.0.1:8081`.
+    pub relay_addr: String,
+    /// The name clients use to reach this broker (`ServerName=`), 1..=255 bytes of UTF-8.
+    /// Default: `echo`.
+    pub server_name: String,
+    /// The shared secret the relay checks in LINK_INIT. Default: empty.
+    pub link_secret: Bytes,
+    /// TLS for the link; `None` (the default) is plain TCP.
+    pub tls: Option<LinkTls>,
+    /// First delay before redialing a lost or refused link. Default: 200 ms.
+    pub redial_initial: Duration,
+    /// Ceiling of the redial delay, which doubles after each failed attempt. Default: 10 s.
+    /// Each delay is drawn at random between half of it and all of it (jitter), so many
+    /// brokers cut off together do not redial in lock step.
+    pub redial_max: Duration,
+    /// Limit for one dial: TCP connect, TLS handshake, LINK_INIT and its answer. `bind`
+    /// keeps trying for this long before it reports the relay unreachable. Default: 10 s.
+    pub handshake_timeout: Duration,
+    /// A NO_OP is sent when nothing was written to the link for this long, and a link from
+    /// which nothing was read for three of these is taken as dead and redialed. Default: 10 s.
+    pub keepalive_interval: Duration,
+    /// Longest time one write to the link may take before the link is taken as stalled and
+    /// redialed. Default: 30 s.
+    pub link_write_timeout: Duration,
+    /// Packets waiting for the link writer, across all connections; a full queue makes
+    /// connections wait (backpressure). Default: 1024.
+    pub link_write_queue: usize,
+    /// Most bytes the link writer encodes into one write. Default: 256 KiB.
+    pub link_write_batch_bytes: usize,
+    /// Largest packet accepted from the relay, header included. Default: 24 + 1 MiB.
+    pub max_packet_size: usize,
+    /// Connections opened by clients but not yet taken by `accept`; when full, new ones are
+    /// answered CONN_REJECTED "backlog full". Default: 1024.
+    pub accept_backlog: usize,
+    /// Tunables of each accepted connection (windows, buffers, retransmission, idle timeout).
+    /// Default: [`ConnectionConfig::default`].
+    pub connection: ConnectionConfig,
+}
+
+impl BrokerConfig {
+    /// A configuration with all defaults but the relay address, name and secret.
+    pub fn new(
+        relay_addr: impl Into<String>,
+        server_name: impl Into<String>,
+        link_secret: impl Into<Bytes>,
+    ) -> BrokerConfig {
+        BrokerConfig {
+            relay_addr: relay_addr.into(),
+            server_name: server_name.into(),
+            link_secret: link_secret.into(),
+            ..BrokerConfig::default()
+        }
+    }
+
+    /// Checks what can be checked before dialing, so a typo fails `bind` at once.
+    pub(crate) fn validate(&self) -> std::io::Result<()> {
+        let invalid = |msg: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg);
+        let name_len = self.server_name.len();
+        if name_len == 0 || name_len > tunnel_proto::payload::MAX_SERVER_NAME_LEN {
+            return Err(invalid(format!(
+                "server name must be 1..={} bytes, got {name_len}",
+                tunnel_proto::payload::MAX_SERVER_NAME_LEN
+            )));
+        }
+        if self.link_secret.len() > tunnel_proto::payload::MAX_LINK_SECRET_LEN {
+            return Err(invalid(format!(
+                "link secret must be at most {} bytes",
+                tunnel_proto::payload::MAX_LINK_SECRET_LEN
+            )));
+        }
+        if self.relay_addr.is_empty() {
+            return Err(invalid("relay address is empty".into()));
+        }
+        if self.keepalive_interval.is_zero() || self.handshake_timeout.is_zero() {
+            return Err(invalid(
+                "keepalive interval and handshake timeout must be non-zero".into(),
+            ));
+        }
+        if self.link_write_queue == 0 || self.accept_backlog == 0 {
+            return Err(invalid(
+                "link write queue and accept backlog must be non-zero".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long the link may be silent before it is taken as dead.
+    pub(crate) fn link_dead_after(&self) -> Duration {
+        self.keepalive_interval.saturating_mul(3)
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            relay_addr: "127.0.0.1:8081".into(),
+            server_name: "echo".into(),
+            link_secret: Bytes::new(),
+            tls: None,
+            redial_initial: Duration::from_millis(200),
+            redial_max: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(10),
+            link_write_timeout: Duration::from_secs(30),
+            link_write_queue: 1024,
+            link_write_batch_bytes: 256 * 1024,
+            max_packet_size: tunnel_proto::packet::DEFAULT_MAX_PACKET_SIZE,
+            accept_backlog: 1024,
+            connection: ConnectionConfig::default(),
+        }
+    }
+}
+
+// Written by hand so the link secret never reaches a log.
+impl fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("relay_addr", &self.relay_addr)
+            .field("server_name", &self.server_name)
+            .field(
+                "link_secret",
+                &format_args!("<{} bytes>", self.link_secret.len()),
+            )
+            .field("tls", &self.tls)
+            .field("redial_initial", &self.redial_initial)
+            .field("redial_max", &self.redial_max)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("link_write_timeout", &self.link_write_timeout)
+            .field("link_write_queue", &self.link_write_queue)
+            .field("link_write_batch_bytes", &self.link_write_batch_bytes)
+            .field("max_packet_size", &self.max_packet_size)
+            .field("accept_backlog", &self.accept_backlog)
+            .field("connection", &self.connection)
+            .finish()
+    }
+}

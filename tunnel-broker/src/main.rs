@@ -1,0 +1,292 @@
+//! `tunnel-broker`: exposes a local TCP service (or a built-in echo) to tunnel clients.
+//! Each tunnel connection accepted from the relay is joined to a new TCP connection to
+//! `--forward`.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tracing_subscriber::EnvFilter;
+use tunnel_broker::splice::{splice, COPY_BUFFER};
+use tunnel_broker::{BrokerConfig, ClientInfo, LinkTls, TunnelListener, TunnelStream};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tunnel-broker",
+    version,
+    about = "Exposes a local TCP service to HTTP tunnel clients through a tunnel relay"
+)]
+struct Args {
+    /// The relay's broker link address, HOST:PORT.
+    #[arg(long, env = "TUNNEL_RELAY", default_value = "127.0.0.1:8081")]
+    relay: String,
+
+    /// Server name clients connect to (ServerName=...).
+    #[arg(long, env = "TUNNEL_SERVER_NAME", default_value = "echo")]
+    name: String,
+
+    /// File holding the link secret the relay expects (a trailing newline is ignored).
+    #[arg(long, env = "TUNNEL_LINK_SECRET_FILE", conflicts_with = "link_secret")]
+    link_secret_file: Option<PathBuf>,
+
+    /// The link secret itself; prefer the file or the environment variable, since command
+    /// lines are visible to other local users.
+    #[arg(long, env = "TUNNEL_LINK_SECRET", hide_env_values = true)]
+    link_secret: Option<String>,
+
+    /// TCP service each tunnel connection is forwarded to, HOST:PORT.
+    #[arg(
+        long,
+        env = "TUNNEL_FORWARD",
+        required_unless_present = "echo",
+        conflicts_with = "echo"
+    )]
+    forward: Option<String>,
+
+    /// Serve a built-in echo instead of forwarding (for demos and tests).
+    #[arg(long, env = "TUNNEL_ECHO")]
+    echo: bool,
+
+    /// Time allowed to connect to the --forward target, in milliseconds.
+    #[arg(
+        long,
+        env = "TUNNEL_FORWARD_CONNECT_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    forward_connect_timeout_ms: u64,
+
+    /// Most tunnel connections served at once; beyond it new ones wait in the accept
+    /// backlog, and the relay is told "backlog full" when that is full too.
+    #[arg(long, env = "TUNNEL_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+
+    /// Connections opened by clients and not yet served.
+    #[arg(long, env = "TUNNEL_ACCEPT_BACKLOG", default_value_t = 1024)]
+    accept_backlog: usize,
+
+    /// Link keepalive interval in seconds (a link silent for three is redialed).
+    #[arg(long, env = "TUNNEL_LINK_KEEPALIVE_SECS", default_value_t = 10)]
+    keepalive_secs: u64,
+
+    /// On Ctrl-C, time given to live connections to finish before they are aborted, in
+    /// seconds (a second Ctrl-C aborts at once).
+    #[arg(long, env = "TUNNEL_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    drain_timeout_secs: u64,
+
+    /// Use TLS for the link.
+    #[arg(long, env = "TUNNEL_RELAY_TLS")]
+    tls: bool,
+
+    /// PEM file of the CA(s) that sign the relay's certificate (default: system roots).
+    #[arg(long, env = "TUNNEL_RELAY_TLS_CA", requires = "tls")]
+    tls_ca: Option<PathBuf>,
+
+    /// Name to verify in the relay's certificate and send as SNI (default: the host of
+    /// --relay).
+    #[arg(long, env = "TUNNEL_RELAY_TLS_SERVER_NAME", requires = "tls")]
+    tls_server_name: Option<String>,
+
+    /// PEM client certificate chain, for relays that require mutual TLS.
+    #[arg(long, env = "TUNNEL_RELAY_TLS_CERT", requires_all = ["tls", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TUNNEL_RELAY_TLS_KEY", requires_all = ["tls", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+}
+
+/// What each accepted connection is joined to.
+#[derive(Debug, Clone)]
+enum Service {
+    Forward {
+        target: String,
+        connect_timeout: Duration,
+    },
+    Echo,
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    if let Err(e) = run(args).await {
+        tracing::error!("{e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> io::Result<()> {
+    let config = broker_config(&args)?;
+    let service = match &args.forward {
+        Some(target) => Service::Forward {
+            target: target.clone(),
+            connect_timeout: Duration::from_millis(args.forward_connect_timeout_ms),
+        },
+        None => Service::Echo,
+    };
+    let listener = Arc::new(TunnelListener::bind(config).await?);
+    tracing::info!(relay = %listener.relay_addr(), name = %listener.local_name(), ?service, "accepting tunnel connections");
+
+    let slots = Arc::new(Semaphore::new(args.max_connections.max(1)));
+    let accept_loop = {
+        let listener = Arc::clone(&listener);
+        async move {
+            loop {
+                // Wait for a free slot before taking a connection, so overload shows up as
+                // a full backlog at the relay instead of unbounded tasks here.
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                match listener.accept().await {
+                    Ok((stream, client)) => {
+                        let service = service.clone();
+                        tokio::spawn(async move {
+                            serve(stream, client, service).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(e) => {
+                        tracing::info!("accept loop ends: {e}");
+                        return;
+                    }
+                }
+            }
+        }
+    };
+
+    // The accept loop keeps running through a drain, so connections already in the backlog
+    // are still served; it ends when `shutdown` closes the listener.
+    let mut accept_task = tokio::spawn(accept_loop);
+    tokio::select! {
+        _ = &mut accept_task => {}
+        _ = tokio::signal::ctrl_c() => {
+            let drain = Duration::from_secs(args.drain_timeout_secs);
+            tracing::info!(live = listener.live_connections(), "Ctrl-C: no longer accepting; waiting up to {drain:?} for live connections (Ctrl-C again to abort them)");
+            listener.set_accepting(false);
+            tokio::select! {
+                all_closed = listener.wait_connections_closed(drain) => {
+                    if !all_closed {
+                        tracing::warn!(live = listener.live_connections(), "drain timeout; aborting the remaining connections");
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => tracing::warn!("second Ctrl-C; aborting live connections"),
+            }
+        }
+    }
+    listener.shutdown().await;
+    accept_task.abort();
+    Ok(())
+}
+
+fn broker_config(args: &Args) -> io::Result<BrokerConfig> {
+    let secret = match (&args.link_secret_file, &args.link_secret) {
+        (Some(path), _) => {
+            let raw = std::fs::read(path).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("link secret file {}: {e}", path.display()),
+                )
+            })?;
+            // Files written with `echo` end in a newline that is not part of the secret.
+            let end = raw
+                .iter()
+                .rposition(|b| !matches!(b, b'\n' | b'\r'))
+                .map_or(0, |i| i + 1);
+            Bytes::from(raw[..end].to_vec())
+        }
+        (None, Some(secret)) => Bytes::from(secret.clone().into_bytes()),
+        (None, None) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no link secret: give --link-secret-file FILE or set TUNNEL_LINK_SECRET",
+            ))
+        }
+    };
+    let mut config = BrokerConfig::new(args.relay.clone(), args.name.clone(), secret);
+    config.accept_backlog = args.accept_backlog;
+    config.keepalive_interval = Duration::from_secs(args.keepalive_secs.max(1));
+    if args.tls {
+        let server_name = match &args.tls_server_name {
+            Some(name) => name.clone(),
+            None => relay_host(&args.relay).to_owned(),
+        };
+        let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
+        config.tls = Some(LinkTls::from_files(
+            &server_name,
+            args.tls_ca.as_deref(),
+            identity,
+        )?);
+    }
+    Ok(config)
+}
+
+/// The host part of HOST:PORT, without the brackets of an IPv6 literal.
+fn relay_host(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Serves one tunnel connection and logs its end with byte counts.
+async fn serve(stream: TunnelStream, client: ClientInfo, service: Service) {
+    let started = Instant::now();
+    tracing::info!(conn_id = client.conn_id, client = %client.client_addr, "connection opened");
+    let (from_client, to_client, result) = match service {
+        Service::Echo => echo(stream).await,
+        Service::Forward {
+            target,
+            connect_timeout,
+        } => {
+            let connect = tokio::time::timeout(connect_timeout, TcpStream::connect(&target)).await;
+            let tcp = match connect {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(e)) => {
+                    // Dropping the stream unclosed aborts the tunnel connection.
+                    tracing::warn!(conn_id = client.conn_id, client = %client.client_addr, %target, error = %e, "forward target refused; tunnel connection aborted");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(conn_id = client.conn_id, client = %client.client_addr, %target, "forward target did not answer within {connect_timeout:?}; tunnel connection aborted");
+                    return;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let outcome = splice(stream, tcp).await;
+            (outcome.a_to_b, outcome.b_to_a, outcome.result)
+        }
+    };
+    let elapsed = started.elapsed();
+    match result {
+        Ok(()) => {
+            tracing::info!(conn_id = client.conn_id, client = %client.client_addr, from_client, to_client, ?elapsed, "connection closed")
+        }
+        Err(e) => {
+            tracing::info!(conn_id = client.conn_id, client = %client.client_addr, from_client, to_client, ?elapsed, error = %e, "connection ended with an error")
+        }
+    }
+}
+
+/// Sends back whatever arrives; half-closes after the client does.
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> (u64, u64, io::Result<()>) {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut total = 0u64;
+    let result = async {
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return stream.shutdown().await;
+            }
+            stream.write_all(&buf[..n]).await?;
+            total += n as u64;
+        }
+    }
+    .await;
+    (total, total, result)
+}

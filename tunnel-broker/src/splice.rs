@@ -1,0 +1,97 @@
+//! Joining two byte streams both ways with TCP's half-close semantics: when one side's
+//! reads end, the other side's write half is shut down and the opposite direction goes on.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Size of the copy buffer of each direction.
+pub const COPY_BUFFER: usize = 64 * 1024;
+
+/// What a splice moved, and how it ended.
+#[derive(Debug)]
+pub struct SpliceOutcome {
+    /// Bytes read from `a` and written to `b`.
+    pub a_to_b: u64,
+    /// Bytes read from `b` and written to `a`.
+    pub b_to_a: u64,
+    /// `Ok` when both directions reached end of stream and were shut down; the first error
+    /// otherwise (which also ends the other direction).
+    pub result: io::Result<()>,
+}
+
+/// Copies `a` → `b` and `b` → `a` until both directions have ended or one fails.
+pub async fn splice<A, B>(a: A, b: B) -> SpliceOutcome
+where
+    A: AsyncRead + AsyncWrite,
+    B: AsyncRead + AsyncWrite,
+{
+    let (mut a_read, mut a_write) = tokio::io::split(a);
+    let (mut b_read, mut b_write) = tokio::io::split(b);
+    let mut a_to_b = 0u64;
+    let mut b_to_a = 0u64;
+    let result = tokio::try_join!(
+        pump(&mut a_read, &mut b_write, &mut a_to_b),
+        pump(&mut b_read, &mut a_write, &mut b_to_a),
+    )
+    .map(|_| ());
+    SpliceOutcome {
+        a_to_b,
+        b_to_a,
+        result,
+    }
+}
+
+/// One direction: copy until end of stream, then shut the writer down (half-close).
+async fn pump<R, W>(reader: &mut R, writer: &mut W, count: &mut u64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            writer.shutdown().await?;
+            return Ok(());
+        }
+        writer.write_all(&buf[..n]).await?;
+        *count += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn half_close_of_one_side_lets_the_other_direction_finish() {
+        let (a_near, mut a_far) = tokio::io::duplex(1024);
+        let (b_near, mut b_far) = tokio::io::duplex(1024);
+        let task = tokio::spawn(splice(a_near, b_near));
+
+        // A sends and closes its writing side.
+        a_far.write_all(b"request").await.unwrap();
+        a_far.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), b_far.read_to_end(&mut got));
+        read.await.expect("b sees end of stream").unwrap();
+        assert_eq!(got, b"request");
+
+        // B still answers after A's half-close.
+        b_far.write_all(b"response").await.unwrap();
+        b_far.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), a_far.read_to_end(&mut got));
+        read.await.expect("a sees end of stream").unwrap();
+        assert_eq!(got, b"response");
+
+        let outcome = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("splice ends")
+            .unwrap();
+        outcome.result.unwrap();
+        assert_eq!((outcome.a_to_b, outcome.b_to_a), (7, 8));
+    }
+}
