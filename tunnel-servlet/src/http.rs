@@ -1,0 +1,418 @@
+//! The HTTP interface (PROTOCOL.md §2): routing, and the connect, push and pull handlers.
+//!
+//! Handlers lock the table only for map operations and never across an await. A push body is
+//! validated whole before any of it is forwarded, then forwarded as is (it is already the
+//! packets back to back). Responses always complete: a pull is held at most `pull_wait`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::sync::oneshot;
+use tunnel_proto::payload::{encode_token, BrokerConnInit, ConnOption};
+use tunnel_proto::{decode_all, Packet, PacketType, Token};
+
+use crate::metrics::RejectReason;
+use crate::query::{self, Kind};
+use crate::sender::SendError;
+use crate::state::Shared;
+use crate::table::{Waiter, Wake};
+
+pub(crate) type Body = Full<Bytes>;
+
+/// A short text/plain error. Never include a token in `msg`.
+fn error(status: StatusCode, msg: &str) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(format!("{msg}\n"))));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// A 200 whose body is packets.
+fn packets(body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body));
+    let headers = resp.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn no_op() -> Response<Body> {
+    packets(Packet::new(PacketType::NoOp, 0, Bytes::new()).to_bytes())
+}
+
+/// Entry point of every HTTP request.
+pub(crate) async fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path();
+    let resp = if path == shared.config.base_path {
+        tunnel(req, peer, &shared).await
+    } else if path == "/healthz" && req.method() == Method::GET {
+        let mut resp = error(StatusCode::OK, "ok");
+        resp.headers_mut()
+            .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp
+    } else if path == "/metrics" && req.method() == Method::GET {
+        let mut resp = Response::new(Full::new(Bytes::from(shared.snapshot().render())));
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        resp
+    } else {
+        error(StatusCode::NOT_FOUND, "no such path")
+    };
+    Ok(resp)
+}
+
+async fn tunnel(req: Request<Incoming>, peer: SocketAddr, shared: &Shared) -> Response<Body> {
+    let params = query::parse(req.uri().query());
+    let Some(kind) = params.kind else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "Type must be connect, push or pull",
+        );
+    };
+    let Some(server) = params.server else {
+        if kind == Kind::Connect {
+            shared.metrics.rejected(RejectReason::BadRequest);
+        }
+        return error(StatusCode::BAD_REQUEST, "ServerName is missing or invalid");
+    };
+    let method = req.method().clone();
+    if kind == Kind::Connect {
+        if method != Method::POST {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "connect must be a POST");
+        }
+        return connect(req, peer, shared, &server).await;
+    }
+    let Some(conn_id) = params.conn_id else {
+        return error(StatusCode::BAD_REQUEST, "ConnId is missing or invalid");
+    };
+    let Some(token) = query::token(req.headers()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "Tunnel-Token header missing or not 32 hex digits",
+        );
+    };
+    match kind {
+        Kind::Push if method == Method::POST => push(req, shared, &server, conn_id, token).await,
+        Kind::Push => error(StatusCode::METHOD_NOT_ALLOWED, "push must be a POST"),
+        Kind::Pull if method == Method::GET || method == Method::POST => {
+            pull(shared, &server, conn_id, token).await
+        }
+        Kind::Pull => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "pull must be a GET or a POST",
+        ),
+        Kind::Connect => unreachable!("handled above"),
+    }
+}
+
+/// Reads the whole body, at most `limit` bytes, within the body deadline.
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    shared: &Shared,
+) -> Result<Bytes, Response<Body>> {
+    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, "request body over the limit");
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let body = Limited::new(req.into_body(), limit);
+    match tokio::time::timeout(shared.config.body_read_timeout, body.collect()).await {
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time",
+        )),
+        Ok(Err(err)) if err.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Ok(Err(err)) => {
+            tracing::debug!(error = %err, "request body read failed");
+            Err(error(
+                StatusCode::BAD_REQUEST,
+                "request body could not be read",
+            ))
+        }
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// The client's address: the first X-Forwarded-For entry if present, else the peer.
+fn client_addr(req: &Request<Incoming>, peer: SocketAddr) -> String {
+    req.headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+        .unwrap_or_else(|| peer.to_string())
+}
+
+async fn connect(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: &Shared,
+    server: &str,
+) -> Response<Body> {
+    let config = &shared.config;
+    let client = client_addr(&req, peer);
+    let body = match read_body(
+        req,
+        config.max_body_size.min(config.max_packet_size),
+        shared,
+    )
+    .await
+    {
+        Ok(body) => body,
+        Err(resp) => {
+            shared.metrics.rejected(RejectReason::BadRequest);
+            return resp;
+        }
+    };
+    let init = match decode_all(body, config.max_packet_size) {
+        Ok(mut list)
+            if list.len() == 1 && list[0].kind == PacketType::ConnInit && list[0].conn_id == 0 =>
+        {
+            list.remove(0)
+        }
+        Ok(_) => {
+            shared.metrics.rejected(RejectReason::BadRequest);
+            return error(
+                StatusCode::BAD_REQUEST,
+                "connect body must be one CONN_INIT with conn_id 0",
+            );
+        }
+        Err(err) => {
+            tracing::debug!(%client, error = %err, "malformed connect body");
+            shared.metrics.rejected(RejectReason::BadRequest);
+            return error(
+                StatusCode::BAD_REQUEST,
+                "connect body is not a valid packet",
+            );
+        }
+    };
+    let (link, conn_id, token) = {
+        let mut table = shared.table();
+        let Some(link) = table.listening_link(server).cloned() else {
+            drop(table);
+            shared.metrics.rejected(RejectReason::NoServer);
+            return error(StatusCode::NOT_FOUND, "no broker of that name is listening");
+        };
+        if table.connection_count() >= config.max_connections {
+            drop(table);
+            shared.metrics.rejected(RejectReason::Limit);
+            tracing::warn!(%client, server, "connection limit reached; connect refused");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "relay at its connection limit",
+            );
+        }
+        let (conn_id, token) = table.open(
+            server,
+            &client,
+            Instant::now(),
+            config.client_inactivity_timeout,
+        );
+        (link, conn_id, token)
+    };
+    let to_broker = Packet::new(
+        PacketType::ConnInit,
+        conn_id,
+        BrokerConnInit {
+            token,
+            client_addr: client.clone(),
+        }
+        .encode(),
+    )
+    .with_window(init.window);
+    if let Err(err) = link
+        .sender
+        .send(to_broker.to_bytes(), config.link_send_timeout)
+        .await
+    {
+        shared
+            .table()
+            .remove(conn_id, "broker link could not take CONN_INIT");
+        shared.metrics.rejected(RejectReason::LinkBusy);
+        return error(StatusCode::SERVICE_UNAVAILABLE, link_error_text(err));
+    }
+    shared.metrics.connect();
+    tracing::info!(conn_id, server, client = %client, window = init.window, "connection opened");
+    packets(Packet::new(PacketType::ConnInit, conn_id, encode_token(&token)).to_bytes())
+}
+
+fn link_error_text(err: SendError) -> &'static str {
+    match err {
+        SendError::Full => "broker link busy",
+        SendError::Closed => "broker link closed",
+    }
+}
+
+/// Packet types a client may push. The others are link-level or broker-only, and a client
+/// sending them is malformed.
+fn client_may_send(kind: PacketType) -> bool {
+    matches!(
+        kind,
+        PacketType::Data
+            | PacketType::ConnClose
+            | PacketType::Ack
+            | PacketType::ConnOption
+            | PacketType::ConnAbort
+            | PacketType::NoOp
+    )
+}
+
+async fn push(
+    req: Request<Incoming>,
+    shared: &Shared,
+    server: &str,
+    conn_id: u32,
+    token: Token,
+) -> Response<Body> {
+    let config = &shared.config;
+    let body = match read_body(req, config.max_body_size, shared).await {
+        Ok(body) => body,
+        Err(resp) => return resp,
+    };
+    let list = match decode_all(body.clone(), config.max_packet_size) {
+        Ok(list) => list,
+        Err(err) => {
+            tracing::debug!(conn_id, error = %err, "malformed push body");
+            return error(StatusCode::BAD_REQUEST, "push body is not valid packets");
+        }
+    };
+    if let Some(bad) = list
+        .iter()
+        .find(|p| p.conn_id != conn_id || !client_may_send(p.kind))
+    {
+        tracing::debug!(conn_id, kind = ?bad.kind, packet_conn = bad.conn_id, "push with a foreign packet");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "push holds a packet of another connection or type",
+        );
+    }
+    let client_aborts = list.iter().any(|p| p.kind == PacketType::ConnAbort);
+    let sender = {
+        let mut table = shared.table();
+        // Checked before the connection: after a relay restart the broker's announcement
+        // may not have arrived yet, and the client must retry rather than give up.
+        let Some(link) = table.link(server).cloned() else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no link to that broker right now",
+            );
+        };
+        let Some(entry) = table.authorize(conn_id, server, &token) else {
+            return error(StatusCode::NOT_FOUND, "unknown connection");
+        };
+        entry.last_activity = Instant::now();
+        entry.count_up(body.len());
+        for packet in list.iter().filter(|p| p.kind == PacketType::ConnOption) {
+            if let Ok(ConnOption::InactivityTimeoutMs(ms)) =
+                ConnOption::decode(packet.payload.clone())
+            {
+                entry.inactivity_timeout = config.inactivity_timeout_for(ms);
+            }
+        }
+        link.sender
+    };
+    shared.metrics.push(body.len());
+    if !body.is_empty() {
+        if let Err(err) = sender.send(body, config.link_send_timeout).await {
+            return error(StatusCode::SERVICE_UNAVAILABLE, link_error_text(err));
+        }
+    }
+    let mut table = shared.table();
+    if client_aborts {
+        table.remove(conn_id, "aborted by client");
+        return packets(Bytes::new());
+    }
+    let out = table.drain(conn_id, config.response_limit);
+    drop(table);
+    shared.metrics.sent_down(out.len());
+    packets(out)
+}
+
+async fn pull(shared: &Shared, server: &str, conn_id: u32, token: Token) -> Response<Body> {
+    let config = &shared.config;
+    shared.metrics.pull();
+    let deadline = tokio::time::Instant::now() + config.pull_wait;
+    loop {
+        let (pull_id, woken): (u64, oneshot::Receiver<Wake>) = {
+            let mut table = shared.table();
+            let has_link = table.link(server).is_some();
+            let pull_id = table.next_id();
+            let Some(entry) = table.authorize(conn_id, server, &token) else {
+                // Without a link the relay cannot tell "unknown" from "not re-announced yet".
+                return if has_link {
+                    error(StatusCode::NOT_FOUND, "unknown connection")
+                } else {
+                    error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no link to that broker right now",
+                    )
+                };
+            };
+            entry.last_activity = Instant::now();
+            if entry.has_queued() {
+                let out = table.drain(conn_id, config.response_limit);
+                drop(table);
+                shared.metrics.sent_down(out.len());
+                return packets(out);
+            }
+            if shared.is_stopping() {
+                return no_op();
+            }
+            entry.wake(Wake::Superseded);
+            let (tx, rx) = oneshot::channel();
+            entry.waiter = Some(Waiter { id: pull_id, tx });
+            (pull_id, rx)
+        };
+        match tokio::time::timeout_at(deadline, woken).await {
+            Ok(Ok(Wake::Superseded)) => return no_op(),
+            // Data: drain it at the top. Closed or dropped: the top finds out why (gone: 404;
+            // stopping: NO_OP).
+            Ok(_) => continue,
+            Err(_) => {
+                let mut table = shared.table();
+                if let Some(entry) = table.get_mut(conn_id) {
+                    if entry.waiter.as_ref().is_some_and(|w| w.id == pull_id) {
+                        entry.waiter = None;
+                    }
+                    // The wait itself was client activity.
+                    entry.last_activity = Instant::now();
+                    if entry.has_queued() {
+                        let out = table.drain(conn_id, config.response_limit);
+                        drop(table);
+                        shared.metrics.sent_down(out.len());
+                        return packets(out);
+                    }
+                }
+                return no_op();
+            }
+        }
+    }
+}

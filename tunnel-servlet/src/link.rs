@@ -1,0 +1,348 @@
+//! The broker link listener: accepts TCP (optionally TLS) links, authenticates LINK_INIT in
+//! constant time, installs the link and the connections it announces, then reads the link
+//! continuously and sorts its packets into the connections' downstream queues.
+//!
+//! Reading never waits on a connection: queues are bounded in bytes and overflow is dropped
+//! (the broker retransmits). A link silent for three keepalive intervals is dead; its
+//! connections then wait out the broker grace period in the table.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tunnel_proto::payload::{
+    decode_listen_state, decode_reason, encode_reason, ConnOption, LinkInit,
+};
+use tunnel_proto::{Decoder, Packet, PacketType};
+
+use crate::sender::{self, LinkSender};
+use crate::state::{stopped, Shared};
+use crate::table::{LinkHandle, Table};
+
+/// Room kept free in the read buffer so each read can take a good share of a burst.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Accepts links until the relay stops.
+pub(crate) async fn run_listener(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+) {
+    let pending = Arc::new(Semaphore::new(shared.config.max_pending_links));
+    let mut stopping = shared.stopping.clone();
+    loop {
+        let accepted = tokio::select! {
+            _ = stopped(&mut stopping) => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // Typically out of file descriptors: back off instead of spinning.
+                tracing::warn!(error = %err, "link accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many links in handshake; closing this one");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + shared.config.link_handshake_timeout;
+            match tls {
+                None => serve_link(tcp, peer, deadline, permit, shared).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_link(stream, peer, deadline, permit, shared).await,
+                        Ok(Err(err)) => {
+                            tracing::warn!(%peer, error = %err, "link TLS handshake failed")
+                        }
+                        Err(_) => tracing::warn!(%peer, "link TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Reads until `decoder` yields a packet.
+async fn read_packet<R: AsyncRead + Unpin>(
+    io: &mut R,
+    decoder: &mut Decoder,
+) -> io::Result<Packet> {
+    loop {
+        match decoder.next_packet() {
+            Ok(Some(packet)) => return Ok(packet),
+            Ok(None) => {}
+            Err(err) => return Err(io::Error::new(io::ErrorKind::InvalidData, err)),
+        }
+        decoder.buffer_mut().reserve(READ_CHUNK);
+        if io.read_buf(decoder.buffer_mut()).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Sends CONN_REJECTED(reason) and closes, within `deadline`.
+async fn reject<S: AsyncWrite + Unpin>(io: &mut S, reason: &str, deadline: tokio::time::Instant) {
+    let packet = Packet::new(PacketType::ConnRejected, 0, encode_reason(reason)).to_bytes();
+    let _ = tokio::time::timeout_at(deadline, async {
+        io.write_all(&packet).await?;
+        io.shutdown().await
+    })
+    .await;
+}
+
+async fn serve_link<S>(
+    mut io: S,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let config = &shared.config;
+    let mut decoder = Decoder::new(config.max_packet_size);
+    let first = match tokio::time::timeout_at(deadline, read_packet(&mut io, &mut decoder)).await {
+        Ok(Ok(packet)) => packet,
+        Ok(Err(err)) => {
+            tracing::warn!(%peer, error = %err, "link closed before LINK_INIT");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "no LINK_INIT within the handshake timeout");
+            reject(
+                &mut io,
+                "no LINK_INIT in time",
+                deadline + Duration::from_secs(1),
+            )
+            .await;
+            return;
+        }
+    };
+    let init = match first.kind {
+        PacketType::LinkInit => LinkInit::decode(first.payload),
+        other => {
+            tracing::warn!(%peer, kind = ?other, "link did not start with LINK_INIT");
+            reject(&mut io, "expected LINK_INIT", deadline).await;
+            return;
+        }
+    };
+    let init = match init {
+        Ok(init) => init,
+        Err(err) => {
+            tracing::warn!(%peer, error = %err, "malformed LINK_INIT");
+            reject(&mut io, "malformed LINK_INIT", deadline).await;
+            return;
+        }
+    };
+    // `ct_eq` on slices of different lengths is false, without comparing contents.
+    let secret_ok: bool = init
+        .secret
+        .as_ref()
+        .ct_eq(config.link_secret.as_slice())
+        .into();
+    if !secret_ok {
+        shared.metrics.auth_failure();
+        tracing::warn!(%peer, server = %init.server_name, "link authentication failed");
+        reject(&mut io, "authentication failed", deadline).await;
+        return;
+    }
+    drop(handshake_permit);
+
+    let name = init.server_name;
+    let (reader, writer) = tokio::io::split(io);
+    let (sender, receiver) = sender::channel(config.link_write_buffer);
+    let ack = Packet::new(PacketType::LinkInitAck, 0, Bytes::new()).to_bytes();
+    // The queue is empty and not yet shared, so the ACK is first on the wire.
+    let _ = sender.try_send(ack);
+    let closed = Arc::new(watch::channel(false).0);
+    let link_id = {
+        let mut table = shared.table();
+        let link_id = table.next_id();
+        let handle = LinkHandle {
+            id: link_id,
+            sender: sender.clone(),
+            closed: closed.clone(),
+        };
+        let (old, refused) = table.link_up(
+            &name,
+            handle,
+            &init.connections,
+            Instant::now(),
+            config.client_inactivity_timeout,
+            config.max_connections,
+        );
+        if let Some(old) = old {
+            tracing::info!(server = %name, "link replaced by a newer one");
+            old.close();
+        }
+        for conn_id in refused {
+            tracing::warn!(server = %name, conn_id, "announced connection refused");
+            let abort = Packet::new(
+                PacketType::ConnAbort,
+                conn_id,
+                encode_reason("connection refused by relay"),
+            );
+            let _ = sender.try_send_packet(&abort);
+        }
+        link_id
+    };
+    shared.metrics.link_accepted();
+    tracing::info!(server = %name, %peer, announced = init.connections.len(), "link up");
+
+    tokio::spawn(sender::run_writer(
+        writer,
+        receiver,
+        config.link_keepalive,
+        closed.clone(),
+    ));
+    let why = read_link(reader, decoder, &name, link_id, &sender, &closed, &shared).await;
+    closed.send_replace(true);
+    drop(sender);
+    if shared.table().link_down(&name, link_id, Instant::now()) {
+        tracing::info!(server = %name, %peer, reason = why, "link down; grace period started");
+    } else {
+        tracing::info!(server = %name, %peer, reason = why, "old link closed");
+    }
+}
+
+/// Reads packets until the link ends; returns why it ended.
+async fn read_link<R: AsyncRead + Unpin>(
+    mut io: R,
+    mut decoder: Decoder,
+    name: &str,
+    link_id: u64,
+    sender: &LinkSender,
+    closed: &watch::Sender<bool>,
+    shared: &Shared,
+) -> &'static str {
+    let dead_after = shared.config.link_keepalive * 3;
+    let mut closed_rx = closed.subscribe();
+    let mut batch = Vec::new();
+    loop {
+        loop {
+            match decoder.next_packet() {
+                Ok(Some(packet)) => batch.push(packet),
+                Ok(None) => break,
+                Err(err) => {
+                    tracing::warn!(server = name, error = %err, "undecodable packet on link");
+                    return "protocol error";
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let mut table = shared.table();
+            for packet in batch.drain(..) {
+                route(&mut table, shared, name, link_id, sender, packet);
+            }
+        }
+        if decoder.buffer_mut().capacity() - decoder.buffered() < READ_CHUNK / 4 {
+            decoder.buffer_mut().reserve(READ_CHUNK);
+        }
+        let read = tokio::select! {
+            _ = stopped(&mut closed_rx) => return "closed by relay",
+            read = tokio::time::timeout(dead_after, io.read_buf(decoder.buffer_mut())) => read,
+        };
+        match read {
+            Err(_) => return "silent for three keepalive intervals",
+            Ok(Ok(0)) => return "closed by broker",
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::debug!(server = name, error = %err, "link read failed");
+                return "read error";
+            }
+        }
+    }
+}
+
+/// Sorts one packet from the broker `name` into the table.
+fn route(
+    table: &mut Table,
+    shared: &Shared,
+    name: &str,
+    link_id: u64,
+    sender: &LinkSender,
+    packet: Packet,
+) {
+    let config = &shared.config;
+    let id = packet.conn_id;
+    match packet.kind {
+        PacketType::NoOp if id == 0 => return,
+        PacketType::ListenState => {
+            match decode_listen_state(packet.payload) {
+                Ok(listening) => {
+                    tracing::info!(server = name, listening, "listen state");
+                    table.set_listening(name, link_id, listening);
+                }
+                Err(err) => tracing::warn!(server = name, error = %err, "bad LISTEN_STATE ignored"),
+            }
+            return;
+        }
+        PacketType::ConnInit | PacketType::LinkInit | PacketType::LinkInitAck => {
+            tracing::warn!(server = name, kind = ?packet.kind, conn_id = id, "unexpected packet from broker ignored");
+            return;
+        }
+        _ => {}
+    }
+    if !table.belongs_to(id, name) {
+        // Tell the broker to drop a connection the relay does not know, unless the packet
+        // is itself an ending.
+        let is_ending = matches!(
+            packet.kind,
+            PacketType::ConnAbort | PacketType::ConnShutdown | PacketType::ConnRejected
+        );
+        if !is_ending {
+            tracing::debug!(server = name, conn_id = id, "packet for unknown connection");
+            let abort = Packet::new(
+                PacketType::ConnAbort,
+                id,
+                encode_reason("unknown connection"),
+            );
+            let _ = sender.try_send_packet(&abort);
+        }
+        return;
+    }
+    let forget_at = Instant::now() + config.ending_linger;
+    match packet.kind {
+        PacketType::ConnShutdown => table.end_after_delivery(id, "shutdown by broker", forget_at),
+        PacketType::ConnRejected | PacketType::ConnAbort => {
+            let reason = format!(
+                "{} by broker: {}",
+                if packet.kind == PacketType::ConnAbort {
+                    "aborted"
+                } else {
+                    "rejected"
+                },
+                decode_reason(&packet.payload)
+            );
+            table.enqueue(id, packet, shared.queue_limits(), false);
+            table.end_after_delivery(id, &reason, forget_at);
+        }
+        PacketType::ConnOption => {
+            if let Ok(ConnOption::InactivityTimeoutMs(ms)) =
+                ConnOption::decode(packet.payload.clone())
+            {
+                if let Some(entry) = table.get_mut(id) {
+                    entry.inactivity_timeout = config.inactivity_timeout_for(ms);
+                }
+            }
+            table.enqueue(id, packet, shared.queue_limits(), false);
+        }
+        _ => {
+            table.enqueue(id, packet, shared.queue_limits(), false);
+        }
+    }
+}

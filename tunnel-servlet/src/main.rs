@@ -1,0 +1,185 @@
+//! The `tunnel-servlet` binary: the relay with its configuration from flags or environment
+//! variables, logging through `tracing` (RUST_LOG, default info), and a graceful stop on
+//! Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tunnel_servlet::{Relay, RelayConfig, TlsFiles};
+
+/// Parses a duration given as whole milliseconds.
+fn millis(s: &str) -> Result<Duration, String> {
+    s.parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|e| format!("expected milliseconds: {e}"))
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tunnel-servlet",
+    version,
+    about = "HTTP tunnel relay: serves tunnel clients over HTTP and brokers over TCP links"
+)]
+struct Args {
+    /// Address of the HTTP interface.
+    #[arg(long, env = "TUNNEL_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Address brokers dial to link in.
+    #[arg(long, env = "TUNNEL_LINK_LISTEN", default_value = "127.0.0.1:8081")]
+    link_listen: SocketAddr,
+    /// File holding the secret brokers must present (trailing newline ignored).
+    #[arg(long, env = "TUNNEL_LINK_SECRET_FILE")]
+    link_secret_file: PathBuf,
+    /// Path of the tunnel requests.
+    #[arg(long, env = "TUNNEL_BASE_PATH", default_value = "/tunnel")]
+    base_path: String,
+    /// How long a pull is held while nothing is queued, in ms.
+    #[arg(long, env = "TUNNEL_PULL_WAIT_MS", default_value = "20000", value_parser = millis)]
+    pull_wait_ms: Duration,
+    /// Most bytes of packets in one response.
+    #[arg(long, env = "TUNNEL_RESPONSE_LIMIT", default_value_t = 1024 * 1024)]
+    response_limit: usize,
+    /// Largest request body; larger get 413.
+    #[arg(long, env = "TUNNEL_MAX_BODY", default_value_t = 4 * 1024 * 1024)]
+    max_body: usize,
+    /// Largest packet, header included.
+    #[arg(long, env = "TUNNEL_MAX_PACKET", default_value_t = tunnel_proto::packet::DEFAULT_MAX_PACKET_SIZE)]
+    max_packet: usize,
+    /// Most virtual connections; connects beyond get 503.
+    #[arg(long, env = "TUNNEL_MAX_CONNECTIONS", default_value_t = 20_000)]
+    max_connections: usize,
+    /// Bytes a connection's downstream queue holds before packets are dropped.
+    #[arg(long, env = "TUNNEL_QUEUE_LIMIT", default_value_t = 1024 * 1024)]
+    queue_limit: usize,
+    /// Default client inactivity timeout, in ms (CONN_OPTION 2 overrides it per connection).
+    #[arg(long, env = "TUNNEL_INACTIVITY_MS", default_value = "60000", value_parser = millis)]
+    inactivity_ms: Duration,
+    /// How long a broker's connections wait for it to link again, in ms.
+    #[arg(long, env = "TUNNEL_BROKER_GRACE_MS", default_value = "30000", value_parser = millis)]
+    broker_grace_ms: Duration,
+    /// Link keepalive interval in ms; a link silent for three is dead.
+    #[arg(long, env = "TUNNEL_LINK_KEEPALIVE_MS", default_value = "10000", value_parser = millis)]
+    link_keepalive_ms: Duration,
+    /// Time a new link has to send LINK_INIT, in ms.
+    #[arg(long, env = "TUNNEL_LINK_HANDSHAKE_MS", default_value = "10000", value_parser = millis)]
+    link_handshake_ms: Duration,
+    /// Time a client has to send its request headers, in ms.
+    #[arg(long, env = "TUNNEL_HEADER_TIMEOUT_MS", default_value = "10000", value_parser = millis)]
+    header_timeout_ms: Duration,
+    /// TLS certificate chain (PEM) for the HTTP interface; needs --tls-key.
+    #[arg(long, env = "TUNNEL_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the HTTP interface; needs --tls-cert.
+    #[arg(long, env = "TUNNEL_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// TLS certificate chain (PEM) for the link listener; needs --link-tls-key.
+    #[arg(long, env = "TUNNEL_LINK_TLS_CERT", requires = "link_tls_key")]
+    link_tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the link listener; needs --link-tls-cert.
+    #[arg(long, env = "TUNNEL_LINK_TLS_KEY", requires = "link_tls_cert")]
+    link_tls_key: Option<PathBuf>,
+}
+
+fn tls_pair(cert: Option<PathBuf>, key: Option<PathBuf>) -> Option<TlsFiles> {
+    Some(TlsFiles {
+        cert: cert?,
+        key: key?,
+    })
+}
+
+impl Args {
+    fn into_config(self) -> Result<RelayConfig, String> {
+        let mut secret = std::fs::read(&self.link_secret_file)
+            .map_err(|e| format!("reading {}: {e}", self.link_secret_file.display()))?;
+        while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            secret.pop();
+        }
+        Ok(RelayConfig {
+            http_listen: self.listen,
+            link_listen: self.link_listen,
+            base_path: self.base_path,
+            link_secret: secret,
+            pull_wait: self.pull_wait_ms,
+            response_limit: self.response_limit,
+            max_body_size: self.max_body,
+            max_packet_size: self.max_packet,
+            max_connections: self.max_connections,
+            queue_limit: self.queue_limit,
+            client_inactivity_timeout: self.inactivity_ms,
+            broker_grace: self.broker_grace_ms,
+            link_keepalive: self.link_keepalive_ms,
+            link_handshake_timeout: self.link_handshake_ms,
+            header_read_timeout: self.header_timeout_ms,
+            http_tls: tls_pair(self.tls_cert, self.tls_key),
+            link_tls: tls_pair(self.link_tls_cert, self.link_tls_key),
+            ..RelayConfig::default()
+        })
+    }
+}
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = match Args::parse().into_config() {
+        Ok(config) => config,
+        Err(msg) => {
+            tracing::error!("{msg}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let relay = match Relay::bind(config).await {
+        Ok(relay) => relay,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the relay");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(http = %relay.http_addr(), link = %relay.link_addr(), "relay listening");
+    let shutdown = relay.shutdown_handle();
+    tokio::spawn(async move {
+        stop_signal().await;
+        tracing::info!("stop requested; draining");
+        shutdown.shutdown();
+    });
+    match relay.run().await {
+        Ok(()) => {
+            tracing::info!("relay stopped");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "relay failed");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Parsing the tunnel request's query string (`Type`, `ServerName`, `ConnId`) and its
+//! `Tunnel-Token` header.
+
+use hyper::HeaderMap;
+use tunnel_proto::Token;
+
+/// Name of the header carrying the per-connection token as 32 hex digits.
+pub const TOKEN_HEADER: &str = "tunnel-token";
+
+/// The three request kinds of the tunnel interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Connect,
+    Push,
+    Pull,
+}
+
+/// The tunnel parameters of one request.
+#[derive(Debug, Default)]
+pub(crate) struct Params {
+    pub(crate) kind: Option<Kind>,
+    pub(crate) server: Option<String>,
+    pub(crate) conn_id: Option<u32>,
+}
+
+/// Parses the query; unknown keys are ignored, bad values leave the field `None`.
+pub(crate) fn parse(query: Option<&str>) -> Params {
+    let mut params = Params::default();
+    for pair in query.unwrap_or("").split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(value) = percent_decode(value) else {
+            continue;
+        };
+        match key {
+            "Type" => {
+                params.kind = match value.as_str() {
+                    "connect" => Some(Kind::Connect),
+                    "push" => Some(Kind::Push),
+                    "pull" => Some(Kind::Pull),
+                    _ => None,
+                }
+            }
+            "ServerName" if !value.is_empty() && value.len() <= 255 => params.server = Some(value),
+            "ConnId" => params.conn_id = value.parse().ok().filter(|id| *id != 0),
+            _ => {}
+        }
+    }
+    params
+}
+
+/// Decodes `%XX` escapes and `+` (space); `None` for a bad escape or non-UTF-8 result.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hi = (hex[0] as char).to_digit(16)?;
+                let lo = (hex[1] as char).to_digit(16)?;
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The token of the request, if the header is present and well formed.
+pub(crate) fn token(headers: &HeaderMap) -> Option<Token> {
+    let value = headers.get(TOKEN_HEADER)?.to_str().ok()?;
+    Token::from_hex(value.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_all_fields() {
+        let p = parse(Some("Type=push&ServerName=my%20broker&ConnId=42&x=y"));
+        assert_eq!(p.kind, Some(Kind::Push));
+        assert_eq!(p.server.as_deref(), Some("my broker"));
+        assert_eq!(p.conn_id, Some(42));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let p = parse(Some("Type=nope&ServerName=&ConnId=0"));
+        assert!(p.kind.is_none() && p.server.is_none() && p.conn_id.is_none());
+        let p = parse(Some("ServerName=%zz&ConnId=-1"));
+        assert!(p.server.is_none() && p.conn_id.is_none());
+        let p = parse(None);
+        assert!(p.kind.is_none());
+    }
+}

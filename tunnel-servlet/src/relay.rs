@@ -1,0 +1,291 @@
+//! The relay as a whole: binds both listeners, runs the HTTP accept loop, the link listener
+//! and the sweeper, and stops them gracefully on request.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use tunnel_servlet::{Relay, RelayConfig};
+//! let mut config = RelayConfig::default();
+//! config.link_secret = b"secret".to_vec();
+//! let relay = Relay::bind(config).await?.spawn();
+//! println!("HTTP on {}, links on {}", relay.http_addr(), relay.link_addr());
+//! relay.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::RelayConfig;
+use crate::metrics::MetricsSnapshot;
+use crate::state::{run_sweeper, stopped, Shared};
+use crate::{http, link, tls};
+
+/// Asks a relay to stop. Cloneable; stopping twice is harmless.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl ShutdownHandle {
+    /// Starts the graceful stop: listeners close, held pulls are answered, open HTTP
+    /// exchanges get `shutdown_drain` to finish.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// A relay whose listeners are bound but not yet serving.
+pub struct Relay {
+    shared: Arc<Shared>,
+    stop: Arc<watch::Sender<bool>>,
+    http: TcpListener,
+    link: TcpListener,
+    http_tls: Option<TlsAcceptor>,
+    link_tls: Option<TlsAcceptor>,
+}
+
+impl Relay {
+    /// Validates `config`, loads TLS material and binds both listeners (port 0 picks a free
+    /// port; see [`Relay::http_addr`]).
+    pub async fn bind(config: RelayConfig) -> io::Result<Relay> {
+        config
+            .validate()
+            .map_err(|msg| io::Error::new(io::ErrorKind::InvalidInput, msg))?;
+        let http_tls = match &config.http_tls {
+            Some(files) => Some(tls::acceptor(files, &[b"h2", b"http/1.1"])?),
+            None => None,
+        };
+        let link_tls = match &config.link_tls {
+            Some(files) => Some(tls::acceptor(files, &[])?),
+            None => None,
+        };
+        let http = TcpListener::bind(config.http_listen).await?;
+        let link = TcpListener::bind(config.link_listen).await?;
+        let (stop, stopping) = watch::channel(false);
+        Ok(Relay {
+            shared: Arc::new(Shared::new(config, stopping)),
+            stop: Arc::new(stop),
+            http,
+            link,
+            http_tls,
+            link_tls,
+        })
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// The bound link address.
+    pub fn link_addr(&self) -> SocketAddr {
+        self.link
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            stop: self.stop.clone(),
+        }
+    }
+
+    /// Current counters and gauges.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.shared.snapshot()
+    }
+
+    /// Serves until a [`ShutdownHandle`] asks to stop, then stops gracefully.
+    pub async fn run(self) -> io::Result<()> {
+        let shared = self.shared;
+        let sweeper = tokio::spawn(run_sweeper(shared.clone()));
+        let links = tokio::spawn(link::run_listener(self.link, self.link_tls, shared.clone()));
+        serve_http(self.http, self.http_tls, shared.clone()).await;
+        // Stopping: answer every held pull now instead of at the end of its wait.
+        shared.table().wake_all();
+        let _ = links.await;
+        let _ = sweeper.await;
+        Ok(())
+    }
+
+    /// Runs the relay on a task and returns a handle to it.
+    pub fn spawn(self) -> RunningRelay {
+        let http_addr = self.http_addr();
+        let link_addr = self.link_addr();
+        let shared = self.shared.clone();
+        let shutdown = self.shutdown_handle();
+        let task = tokio::spawn(self.run());
+        RunningRelay {
+            http_addr,
+            link_addr,
+            shared,
+            shutdown,
+            task,
+        }
+    }
+}
+
+/// A relay running on its own task.
+pub struct RunningRelay {
+    http_addr: SocketAddr,
+    link_addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: ShutdownHandle,
+    task: JoinHandle<io::Result<()>>,
+}
+
+impl RunningRelay {
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn link_addr(&self) -> SocketAddr {
+        self.link_addr
+    }
+
+    /// `http://{http_addr}{base_path}`: the URL clients are given.
+    pub fn tunnel_url(&self) -> String {
+        format!("http://{}{}", self.http_addr, self.shared.config.base_path)
+    }
+
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.shared.snapshot()
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// Stops the relay gracefully and waits (at most the drain time plus a second) for it.
+    pub async fn shutdown(self) {
+        self.shutdown.shutdown();
+        let wait = self.shared.config.shutdown_drain + Duration::from_secs(1);
+        let mut task = self.task;
+        if tokio::time::timeout(wait, &mut task).await.is_err() {
+            task.abort();
+        }
+    }
+
+    /// Stops at once, without draining (simulates a crash in tests): every task ends, every
+    /// socket closes.
+    pub fn abort(self) {
+        self.shutdown.shutdown();
+        self.task.abort();
+    }
+}
+
+/// Accepts HTTP connections until stopped; returns once the open ones have drained.
+async fn serve_http(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
+    let config = &shared.config;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(config.header_read_timeout))
+        .keep_alive_timeout(config.header_read_timeout)
+        .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+    let slots = Arc::new(Semaphore::new(config.max_http_connections));
+    let mut stopping = shared.stopping.clone();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let slot = tokio::select! {
+            _ = stopped(&mut stopping) => break,
+            slot = slots.clone().acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else {
+            break;
+        };
+        let accepted = tokio::select! {
+            _ = stopped(&mut stopping) => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                tracing::warn!(error = %err, "HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (shared, builder, tls) = (shared.clone(), builder.clone(), tls.clone());
+        tasks.spawn(async move {
+            let _slot = slot;
+            match tls {
+                None => serve_connection(tcp, peer, &builder, shared).await,
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(tcp);
+                    match tokio::time::timeout(shared.config.header_read_timeout, handshake).await {
+                        Ok(Ok(stream)) => serve_connection(stream, peer, &builder, shared).await,
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+        // Reap finished connection tasks so the set does not grow.
+        while tasks.try_join_next().is_some() {}
+    }
+    drop(listener);
+    shared.table().wake_all();
+    let drain = tokio::time::timeout(config.shutdown_drain, async {
+        while tasks.join_next().await.is_some() {}
+    });
+    if drain.await.is_err() {
+        tracing::info!(
+            open = tasks.len(),
+            "drain time over; closing remaining HTTP connections"
+        );
+        tasks.abort_all();
+    }
+}
+
+/// Serves one HTTP connection (HTTP/1.1 or HTTP/2, detected from its first bytes).
+async fn serve_connection<S>(
+    io: S,
+    peer: SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut stopping = shared.stopping.clone();
+    let service = {
+        let shared = shared.clone();
+        service_fn(move |req| http::handle(req, peer, shared.clone()))
+    };
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(err) = result {
+                tracing::debug!(%peer, error = %err, "HTTP connection ended with an error");
+            }
+        }
+        _ = stopped(&mut stopping) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

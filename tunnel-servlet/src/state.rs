@@ -1,0 +1,94 @@
+//! State shared by every task of one relay: configuration, counters, the connection table,
+//! the stop signal, and the sweeper task that applies the table's deadlines.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use crate::config::RelayConfig;
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::table::{QueueLimits, SweepRules, Table};
+
+/// Everything the HTTP handlers, the link tasks and the sweeper share.
+pub(crate) struct Shared {
+    pub(crate) config: RelayConfig,
+    pub(crate) metrics: Arc<Metrics>,
+    table: Mutex<Table>,
+    /// Becomes true when the relay is asked to stop.
+    pub(crate) stopping: watch::Receiver<bool>,
+}
+
+impl Shared {
+    pub(crate) fn new(config: RelayConfig, stopping: watch::Receiver<bool>) -> Shared {
+        let metrics = Arc::new(Metrics::default());
+        Shared {
+            config,
+            table: Mutex::new(Table::new(metrics.clone())),
+            metrics,
+            stopping,
+        }
+    }
+
+    /// Locks the table. A panic while it was held (a bug) must not take the relay down, so
+    /// a poisoned lock is used as is: the table's methods keep it consistent step by step.
+    pub(crate) fn table(&self) -> MutexGuard<'_, Table> {
+        self.table
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn queue_limits(&self) -> QueueLimits {
+        QueueLimits {
+            limit: self.config.queue_limit,
+            control_slack: self.config.queue_control_slack,
+        }
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    pub(crate) fn snapshot(&self) -> MetricsSnapshot {
+        let (open, links) = {
+            let table = self.table();
+            (table.connection_count(), table.links_up())
+        };
+        self.metrics.snapshot(open as u64, links as u64)
+    }
+}
+
+/// Resolves once `stopping` becomes true (or its sender is gone). Takes the receiver by
+/// reference and drops the watch guard inside, so callers' futures stay `Send`.
+pub(crate) async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await;
+}
+
+/// Applies inactivity, grace and linger deadlines every `sweep_interval` until the relay
+/// stops. One task for all connections: no per-connection timers.
+pub(crate) async fn run_sweeper(shared: Arc<Shared>) {
+    let rules = SweepRules {
+        broker_grace: shared.config.broker_grace,
+        ending_linger: shared.config.ending_linger,
+    };
+    let mut stopping = shared.stopping.clone();
+    let mut tick = tokio::time::interval(shared.config.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stopping) => break,
+            _ = tick.tick() => {}
+        }
+        let aborts = shared.table().sweep(Instant::now(), &rules);
+        for (link, packet) in aborts {
+            // Never wait here: a broker that cannot take a CONN_ABORT now learns of the
+            // end from its own timeouts.
+            if link.try_send_packet(&packet).is_err() {
+                tracing::debug!(
+                    conn_id = packet.conn_id,
+                    "link full; CONN_ABORT to broker not sent"
+                );
+            }
+        }
+    }
+}

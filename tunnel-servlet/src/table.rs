@@ -1,0 +1,493 @@
+//! The connection table: every virtual connection the relay holds and every broker it knows.
+//!
+//! One `Table` sits behind one mutex ([`crate::state::Shared`]); its methods never block and
+//! never await, so the lock is only held for map operations. A connection entry is small (no
+//! task, no channel; an empty `VecDeque` does not allocate) so ten thousand idle connections
+//! cost little. A held pull is a `oneshot` sender in its entry, woken when packets arrive, when
+//! a newer pull supersedes it, or when the entry goes away.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{oneshot, watch};
+use tunnel_proto::payload::{encode_reason, AnnouncedConn};
+use tunnel_proto::{Packet, PacketType, Token};
+
+use crate::metrics::Metrics;
+use crate::sender::LinkSender;
+
+/// Why a held pull was woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// Packets were queued.
+    Data,
+    /// A newer pull for the same connection arrived; answer NO_OP now.
+    Superseded,
+    /// The relay is stopping or the entry went away.
+    Closed,
+}
+
+/// A held pull: its id (to tell it from a newer one) and the way to wake it.
+pub(crate) struct Waiter {
+    pub(crate) id: u64,
+    pub(crate) tx: oneshot::Sender<Wake>,
+}
+
+/// A connection that is over but still has packets for its client.
+struct Ending {
+    reason: Box<str>,
+    forget_at: Instant,
+}
+
+/// One virtual connection.
+pub(crate) struct ConnEntry {
+    pub(crate) server: Arc<str>,
+    pub(crate) token: Token,
+    client_addr: Box<str>,
+    queue: VecDeque<Packet>,
+    queued_bytes: usize,
+    pub(crate) last_activity: Instant,
+    pub(crate) inactivity_timeout: Duration,
+    pub(crate) waiter: Option<Waiter>,
+    bytes_up: u64,
+    bytes_down: u64,
+    ending: Option<Ending>,
+}
+
+impl ConnEntry {
+    fn new(
+        server: Arc<str>,
+        token: Token,
+        client_addr: &str,
+        now: Instant,
+        timeout: Duration,
+    ) -> Self {
+        ConnEntry {
+            server,
+            token,
+            client_addr: client_addr.into(),
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            last_activity: now,
+            inactivity_timeout: timeout,
+            waiter: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            ending: None,
+        }
+    }
+
+    pub(crate) fn wake(&mut self, why: Wake) {
+        if let Some(waiter) = self.waiter.take() {
+            let _ = waiter.tx.send(why);
+        }
+    }
+
+    pub(crate) fn has_queued(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    pub(crate) fn count_up(&mut self, bytes: usize) {
+        self.bytes_up += bytes as u64;
+    }
+}
+
+/// The live link of a broker, as the table holds it.
+#[derive(Clone)]
+pub(crate) struct LinkHandle {
+    pub(crate) id: u64,
+    pub(crate) sender: LinkSender,
+    /// Set to true to make the link's reader and writer stop.
+    pub(crate) closed: Arc<watch::Sender<bool>>,
+}
+
+impl LinkHandle {
+    pub(crate) fn close(&self) {
+        self.closed.send_replace(true);
+    }
+}
+
+/// A broker name the relay knows: linked, or within its grace period after losing its link.
+struct BrokerEntry {
+    link: Option<LinkHandle>,
+    listening: bool,
+    lost_at: Option<Instant>,
+}
+
+/// Byte bounds of a downstream queue.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueLimits {
+    pub(crate) limit: usize,
+    pub(crate) control_slack: usize,
+}
+
+/// What became of a packet offered to a connection's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit {
+    Queued,
+    Dropped,
+    UnknownConn,
+}
+
+/// Deadlines and bounds the sweeper applies.
+pub(crate) struct SweepRules {
+    pub(crate) broker_grace: Duration,
+    pub(crate) ending_linger: Duration,
+}
+
+/// Whether a packet type must not be dropped on overflow: losing it would stall or confuse
+/// the connection, and it is small and rare. DATA, ACK and NO_OP may be dropped (DATA is
+/// retransmitted, a later ACK supersedes an earlier one).
+fn is_control(kind: PacketType) -> bool {
+    !matches!(kind, PacketType::Data | PacketType::Ack | PacketType::NoOp)
+}
+
+/// The connections and the brokers.
+pub(crate) struct Table {
+    conns: HashMap<u32, ConnEntry>,
+    brokers: HashMap<Arc<str>, BrokerEntry>,
+    next_id: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Table {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Table {
+        Table {
+            conns: HashMap::new(),
+            brokers: HashMap::new(),
+            next_id: 1,
+            metrics,
+        }
+    }
+
+    /// A fresh id for a link or a held pull.
+    pub(crate) fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub(crate) fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub(crate) fn links_up(&self) -> usize {
+        self.brokers.values().filter(|b| b.link.is_some()).count()
+    }
+
+    /// The live link of `server`, if any.
+    pub(crate) fn link(&self, server: &str) -> Option<&LinkHandle> {
+        self.brokers.get(server).and_then(|b| b.link.as_ref())
+    }
+
+    /// The live link of `server` if its broker also accepts new connections.
+    pub(crate) fn listening_link(&self, server: &str) -> Option<&LinkHandle> {
+        self.brokers
+            .get(server)
+            .filter(|b| b.listening)
+            .and_then(|b| b.link.as_ref())
+    }
+
+    /// The entry `id` if it belongs to `server` and `token` matches; `None` for an unknown id
+    /// and a wrong token alike (callers answer 404 to both).
+    pub(crate) fn authorize(
+        &mut self,
+        id: u32,
+        server: &str,
+        token: &Token,
+    ) -> Option<&mut ConnEntry> {
+        let entry = self.conns.get_mut(&id)?;
+        let token_ok = entry.token.ct_eq(token);
+        if token_ok && &*entry.server == server {
+            Some(entry)
+        } else {
+            None
+        }
+    }
+
+    pub(crate) fn get_mut(&mut self, id: u32) -> Option<&mut ConnEntry> {
+        self.conns.get_mut(&id)
+    }
+
+    /// Creates a connection with a random unused non-zero id and a random token.
+    pub(crate) fn open(
+        &mut self,
+        server: &str,
+        client_addr: &str,
+        now: Instant,
+        timeout: Duration,
+    ) -> (u32, Token) {
+        use rand::Rng;
+        // ThreadRng is a CSPRNG (ChaCha, reseeded from the OS), fit for tokens.
+        let mut rng = rand::rng();
+        let token = Token(rng.random());
+        let id = loop {
+            let id: u32 = rng.random();
+            if id != 0 && !self.conns.contains_key(&id) {
+                break id;
+            }
+        };
+        let server = self.server_name(server);
+        self.conns
+            .insert(id, ConnEntry::new(server, token, client_addr, now, timeout));
+        (id, token)
+    }
+
+    /// The shared copy of a broker name, so entries do not each allocate it.
+    fn server_name(&self, server: &str) -> Arc<str> {
+        match self.brokers.get_key_value(server) {
+            Some((name, _)) => name.clone(),
+            None => server.into(),
+        }
+    }
+
+    /// Offers a packet from the broker to connection `id`'s queue and wakes its held pull.
+    /// With `force`, the bound is ignored (used for the relay's own CONN_ABORT).
+    pub(crate) fn enqueue(
+        &mut self,
+        id: u32,
+        packet: Packet,
+        limits: QueueLimits,
+        force: bool,
+    ) -> Admit {
+        let Some(entry) = self.conns.get_mut(&id) else {
+            return Admit::UnknownConn;
+        };
+        let len = packet.wire_len();
+        let bound = if is_control(packet.kind) {
+            limits.limit + limits.control_slack
+        } else {
+            limits.limit
+        };
+        if !force && entry.queued_bytes + len > bound {
+            self.metrics.dropped();
+            return Admit::Dropped;
+        }
+        entry.queued_bytes += len;
+        entry.queue.push_back(packet);
+        entry.wake(Wake::Data);
+        Admit::Queued
+    }
+
+    /// Takes queued packets for `id`, encoded back to back, up to `limit` bytes (at least one
+    /// packet if any is queued). An ended connection whose queue is now empty is forgotten.
+    pub(crate) fn drain(&mut self, id: u32, limit: usize) -> Bytes {
+        let Some(entry) = self.conns.get_mut(&id) else {
+            return Bytes::new();
+        };
+        let mut out = BytesMut::new();
+        while let Some(front) = entry.queue.front() {
+            let len = front.wire_len();
+            if !out.is_empty() && out.len() + len > limit {
+                break;
+            }
+            if let Some(packet) = entry.queue.pop_front() {
+                packet.encode(&mut out);
+                entry.queued_bytes -= len;
+            }
+        }
+        if entry.queue.is_empty() {
+            // Give back the memory of a burst; an idle entry should stay small.
+            entry.queue = VecDeque::new();
+        }
+        entry.bytes_down += out.len() as u64;
+        if entry.queue.is_empty() {
+            if let Some(ending) = entry.ending.take() {
+                self.remove(id, &ending.reason);
+            }
+        }
+        out.freeze()
+    }
+
+    /// Forgets connection `id`, logging its close line and waking its held pull.
+    pub(crate) fn remove(&mut self, id: u32, reason: &str) -> bool {
+        let Some(mut entry) = self.conns.remove(&id) else {
+            return false;
+        };
+        entry.wake(Wake::Closed);
+        self.metrics.closed();
+        tracing::info!(
+            conn_id = id,
+            server = %entry.server,
+            client = %entry.client_addr,
+            bytes_up = entry.bytes_up,
+            bytes_down = entry.bytes_down,
+            reason,
+            "connection closed"
+        );
+        true
+    }
+
+    /// Ends connection `id` once its client has fetched its queue, or at `forget_at`.
+    pub(crate) fn end_after_delivery(&mut self, id: u32, reason: &str, forget_at: Instant) {
+        let Some(entry) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if entry.queue.is_empty() {
+            self.remove(id, reason);
+        } else if entry.ending.is_none() {
+            entry.ending = Some(Ending {
+                reason: reason.into(),
+                forget_at,
+            });
+        }
+    }
+
+    /// Installs an authenticated link for `name`, replacing (and returning) the previous one,
+    /// and (re)installs the connections the broker announced. Returns the announced ids the
+    /// relay refused (owned by another broker, id 0, or over the connection limit).
+    pub(crate) fn link_up(
+        &mut self,
+        name: &str,
+        handle: LinkHandle,
+        announced: &[AnnouncedConn],
+        now: Instant,
+        timeout: Duration,
+        max_connections: usize,
+    ) -> (Option<LinkHandle>, Vec<u32>) {
+        let key = self.server_name(name);
+        let broker = self.brokers.entry(key.clone()).or_insert(BrokerEntry {
+            link: None,
+            listening: false,
+            lost_at: None,
+        });
+        let old = broker.link.replace(handle);
+        broker.listening = false;
+        broker.lost_at = None;
+        let mut refused = Vec::new();
+        for conn in announced {
+            let full = self.conns.len() >= max_connections;
+            match self.conns.get_mut(&conn.conn_id) {
+                Some(entry) if entry.server == key => {
+                    // Link replaced: keep the queue. The relay's token is the one it gave out;
+                    // a broker announcing another is confused, and the relay's wins.
+                    if !entry.token.ct_eq(&conn.token) {
+                        tracing::warn!(
+                            conn_id = conn.conn_id,
+                            server = name,
+                            "announced token differs; keeping the relay's"
+                        );
+                    }
+                    entry.last_activity = now;
+                }
+                Some(_) => refused.push(conn.conn_id),
+                None if conn.conn_id == 0 || full => refused.push(conn.conn_id),
+                None => {
+                    let entry =
+                        ConnEntry::new(key.clone(), conn.token, "(re-announced)", now, timeout);
+                    self.conns.insert(conn.conn_id, entry);
+                }
+            }
+        }
+        (old, refused)
+    }
+
+    /// Records LISTEN_STATE from the link `link_id` of `name`.
+    pub(crate) fn set_listening(&mut self, name: &str, link_id: u64, listening: bool) {
+        if let Some(broker) = self.brokers.get_mut(name) {
+            if broker.link.as_ref().is_some_and(|l| l.id == link_id) {
+                broker.listening = listening;
+            }
+        }
+    }
+
+    /// The link `link_id` of `name` is gone: start the grace period, unless a newer link has
+    /// replaced it already. Returns whether it was the current link.
+    pub(crate) fn link_down(&mut self, name: &str, link_id: u64, now: Instant) -> bool {
+        let Some(broker) = self.brokers.get_mut(name) else {
+            return false;
+        };
+        let current = broker.link.as_ref().is_some_and(|l| l.id == link_id);
+        if !current {
+            return false;
+        }
+        broker.link = None;
+        broker.listening = false;
+        broker.lost_at = Some(now);
+        true
+    }
+
+    /// Whether connection `id` belongs to `server`.
+    pub(crate) fn belongs_to(&self, id: u32, server: &str) -> bool {
+        self.conns.get(&id).is_some_and(|e| &*e.server == server)
+    }
+
+    /// Applies every deadline: grace periods of lost links, lingering ended connections,
+    /// client inactivity. Returns what to tell brokers: (link, CONN_ABORT packet).
+    pub(crate) fn sweep(&mut self, now: Instant, rules: &SweepRules) -> Vec<(LinkSender, Packet)> {
+        let expired_brokers: Vec<Arc<str>> = self
+            .brokers
+            .iter()
+            .filter(|(_, b)| {
+                b.link.is_none() && b.lost_at.is_some_and(|t| now >= t + rules.broker_grace)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &expired_brokers {
+            self.brokers.remove(name);
+            tracing::info!(server = %name, "broker grace period over; aborting its connections");
+            let ids: Vec<u32> = self
+                .conns
+                .iter()
+                .filter(|(_, e)| e.server == *name)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                let abort =
+                    Packet::new(PacketType::ConnAbort, id, encode_reason("broker link lost"));
+                let limits = QueueLimits {
+                    limit: 0,
+                    control_slack: 0,
+                };
+                self.enqueue(id, abort, limits, true);
+                self.end_after_delivery(id, "broker link lost", now + rules.ending_linger);
+            }
+        }
+
+        let mut lingered = Vec::new();
+        let mut inactive = Vec::new();
+        for (id, entry) in &self.conns {
+            match &entry.ending {
+                Some(ending) if now >= ending.forget_at => lingered.push(*id),
+                Some(_) => {}
+                // A held pull counts as activity; one whose client went away does not.
+                None if !matches!(&entry.waiter, Some(w) if !w.tx.is_closed())
+                    && now.saturating_duration_since(entry.last_activity)
+                        >= entry.inactivity_timeout =>
+                {
+                    inactive.push(*id)
+                }
+                None => {}
+            }
+        }
+        for id in lingered {
+            let reason = self
+                .conns
+                .get_mut(&id)
+                .and_then(|e| e.ending.take())
+                .map(|e| e.reason)
+                .unwrap_or_else(|| "ended".into());
+            self.remove(id, &format!("{reason} (queue not fetched)"));
+        }
+        let mut to_brokers = Vec::new();
+        for id in inactive {
+            if let Some(server) = self.conns.get(&id).map(|e| e.server.clone()) {
+                if let Some(link) = self.link(&server) {
+                    let abort =
+                        Packet::new(PacketType::ConnAbort, id, encode_reason("client inactive"));
+                    to_brokers.push((link.sender.clone(), abort));
+                }
+                self.remove(id, "client inactive");
+            }
+        }
+        to_brokers
+    }
+
+    /// Wakes every held pull (graceful stop).
+    pub(crate) fn wake_all(&mut self) {
+        for entry in self.conns.values_mut() {
+            entry.wake(Wake::Closed);
+        }
+    }
+}
