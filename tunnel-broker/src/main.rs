@@ -248,12 +248,15 @@ async fn serve(stream: TunnelStream, client: ClientInfo, service: Service) {
             let tcp = match connect {
                 Ok(Ok(tcp)) => tcp,
                 Ok(Err(e)) => {
-                    // Dropping the stream unclosed aborts the tunnel connection.
                     tracing::warn!(conn_id = client.conn_id, client = %client.client_addr, %target, error = %e, "forward target refused; tunnel connection aborted");
+                    stream
+                        .handle()
+                        .abort("forward target refused the connection");
                     return;
                 }
                 Err(_) => {
                     tracing::warn!(conn_id = client.conn_id, client = %client.client_addr, %target, "forward target did not answer within {connect_timeout:?}; tunnel connection aborted");
+                    stream.handle().abort("forward target did not answer");
                     return;
                 }
             };
