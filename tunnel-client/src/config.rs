@@ -1,0 +1,133 @@
+//! Configuration of a tunnel client connection. Every bound and deadline the HTTP transport
+//! uses is a field here, with its default documented.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tunnel_proto::packet::DEFAULT_MAX_PACKET_SIZE;
+use tunnel_proto::ConnectionConfig;
+
+use crate::stream::StreamConfig;
+
+/// Which HTTP versions to speak to the relay (or the proxy).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HttpVersion {
+    /// HTTP/1.1 for `http://`, HTTP/2 when TLS ALPN offers it for `https://`.
+    #[default]
+    Auto,
+    /// Only HTTP/1.1 (some proxies mangle HTTP/2).
+    Http1Only,
+    /// HTTP/2 without upgrade negotiation (h2c for `http://`); the relay must speak it.
+    Http2PriorKnowledge,
+}
+
+/// An explicit HTTP proxy.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// `http://host:port` (or `https://`), used for both `http://` and `https://` relays.
+    pub url: String,
+    /// Basic authentication toward the proxy.
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for ProxyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The password never goes to logs.
+        f.debug_struct("ProxyConfig")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Everything `TunnelStream::connect` needs.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The relay's tunnel endpoint, base path included. Default: `http://127.0.0.1:8080/tunnel`.
+    pub relay_url: String,
+    /// The broker to reach (its registered server name). Default: `echo`.
+    pub server_name: String,
+    /// Explicit proxy. `None` (default): the standard environment variables apply
+    /// (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`).
+    pub proxy: Option<ProxyConfig>,
+    /// Extra PEM file of CA certificates trusted in addition to the system roots.
+    /// Default: none.
+    pub ca_file: Option<PathBuf>,
+    /// Default: [`HttpVersion::Auto`].
+    pub http_version: HttpVersion,
+    /// The whole connect (connect request with its retries, then waiting for the broker's
+    /// CONN_INIT_ACK) must succeed within this. Default: 30 s.
+    pub connect_timeout: Duration,
+    /// Deadline for establishing one TCP (+TLS) connection to the relay or proxy.
+    /// Default: 10 s.
+    pub tcp_connect_timeout: Duration,
+    /// Deadline of one pull request. The relay holds a pull up to its pull wait (default
+    /// 20 s), so this must be longer. Default: 30 s.
+    pub pull_timeout: Duration,
+    /// Deadline of one connect or push request. Default: 30 s.
+    pub request_timeout: Duration,
+    /// Push requests in flight at once; the driver waits for a free slot (back-pressure).
+    /// Default: 4.
+    pub max_pushes_in_flight: usize,
+    /// Largest push body in bytes; the relay answers 413 above its limit (default 1 MiB).
+    /// A single packet larger than this still goes alone. Default: 1 MiB.
+    pub max_push_body: usize,
+    /// Attempts of one push body before it is dropped (the connection retransmits what was
+    /// in it). Default: 3.
+    pub push_attempts: u32,
+    /// Largest response body read from the relay (pull answers and piggybacked push
+    /// answers); the relay's own limit is 1 MiB plus one packet. Default: 4 MiB.
+    pub max_response_body: usize,
+    /// Largest packet accepted from the relay. Default: 24 + 1 MiB.
+    pub max_packet_size: usize,
+    /// First delay after a failed request; doubled on each further failure. Default: 100 ms.
+    pub retry_initial: Duration,
+    /// Ceiling of the retry delay. Default: 5 s.
+    pub retry_max: Duration,
+    /// Give up on an established connection after this long of continuous transient
+    /// failures (5xx, time-outs, network errors). Default: 60 s.
+    pub transient_failure_timeout: Duration,
+    /// The reliable connection's tunables.
+    pub connection: ConnectionConfig,
+    /// The stream driver's tunables (its batch size is capped at `max_push_body`).
+    pub stream: StreamConfig,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            relay_url: "http://127.0.0.1:8080/tunnel".to_string(),
+            server_name: "echo".to_string(),
+            proxy: None,
+            ca_file: None,
+            http_version: HttpVersion::Auto,
+            connect_timeout: Duration::from_secs(30),
+            tcp_connect_timeout: Duration::from_secs(10),
+            pull_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+            max_pushes_in_flight: 4,
+            max_push_body: 1024 * 1024,
+            push_attempts: 3,
+            max_response_body: 4 * 1024 * 1024,
+            max_packet_size: DEFAULT_MAX_PACKET_SIZE,
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+            transient_failure_timeout: Duration::from_secs(60),
+            connection: ConnectionConfig::default(),
+            stream: StreamConfig::default(),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Defaults with the given relay URL and server name.
+    pub fn new(relay_url: impl Into<String>, server_name: impl Into<String>) -> ClientConfig {
+        ClientConfig {
+            relay_url: relay_url.into(),
+            server_name: server_name.into(),
+            ..ClientConfig::default()
+        }
+    }
+}

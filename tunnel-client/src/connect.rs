@@ -1,0 +1,278 @@
+//! Opening a connection through the relay (PROTOCOL.md §3): the connect request with its
+//! retries, the handshake pulls until the broker's CONN_INIT_ACK, then the driver, the push
+//! sink and the pull loop.
+
+use std::sync::{Arc, OnceLock};
+
+use tokio::time::Instant;
+use tunnel_proto::payload::{decode_reason, decode_token, encode_reason};
+use tunnel_proto::{Connection, Packet, PacketType, Token};
+
+use crate::backoff::Backoff;
+use crate::config::ClientConfig;
+use crate::error::ConnectError;
+use crate::http::{status_hint, Failure, Relay, RequestError};
+use crate::push::HttpSink;
+use crate::session::Session;
+use crate::stream::{self, ConnHandle, TunnelStream};
+
+impl TunnelStream {
+    /// Opens a connection to `config.server_name` through the relay at `config.relay_url`.
+    ///
+    /// Resolves once the broker accepted the connection (CONN_INIT_ACK), or fails with a typed
+    /// error: unknown server (404), refused request, rejection by the broker, or no success
+    /// within `config.connect_timeout` (503s and network errors are retried until then).
+    pub async fn connect(config: ClientConfig) -> Result<TunnelStream, ConnectError> {
+        connect(config).await
+    }
+}
+
+async fn connect(config: ClientConfig) -> Result<TunnelStream, ConnectError> {
+    let relay = Relay::new(&config)?;
+    let deadline = Instant::now() + config.connect_timeout;
+    let mut last_error = String::from("no answer yet");
+
+    let opened = tokio::time::timeout_at(deadline, open(&relay, &config, &mut last_error)).await;
+    let (conn_id, token) = match opened {
+        Ok(result) => result?,
+        Err(_) => {
+            tracing::warn!(relay = %relay.display_url(), server = %config.server_name,
+                "connect timed out after {:?}: {last_error}", config.connect_timeout);
+            return Err(ConnectError::TimedOut {
+                after: config.connect_timeout,
+                last_error,
+            });
+        }
+    };
+    let session = Arc::new(Session::new(relay, config, conn_id, token));
+
+    let handshake = tokio::time::timeout_at(deadline, handshake(&session, &mut last_error)).await;
+    let (peer_window, early) = match handshake {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(e)) => {
+            if !matches!(e, ConnectError::Rejected(_) | ConnectError::Aborted(_)) {
+                abort_at_relay(&session, "client gave up during the handshake");
+            }
+            return Err(e);
+        }
+        Err(_) => {
+            tracing::warn!(conn_id, server = %session.config.server_name,
+                "no answer from the server within {:?}: {last_error}", session.config.connect_timeout);
+            abort_at_relay(&session, "client connect timed out");
+            return Err(ConnectError::TimedOut {
+                after: session.config.connect_timeout,
+                last_error,
+            });
+        }
+    };
+
+    let conn = Connection::new(
+        conn_id,
+        peer_window,
+        session.config.connection.clone(),
+        stream::now(),
+    );
+    let mut stream_config = session.config.stream.clone();
+    stream_config.max_batch_bytes = stream_config
+        .max_batch_bytes
+        .min(session.config.max_push_body);
+    let handle_cell = Arc::new(OnceLock::new());
+    let sink = Arc::new(HttpSink::new(session.clone(), handle_cell.clone()));
+    let (stream, handle) = stream::spawn_with_config(conn, sink, stream_config);
+    let _ = handle_cell.set(handle.clone());
+    if !early.is_empty() {
+        handle.deliver_all(early);
+    }
+    tracing::info!(conn_id, relay = %session.relay.display_url(),
+        server = %session.config.server_name, "tunnel connection established");
+    tokio::spawn(crate::pull::run(session.clone(), handle.clone()));
+    tokio::spawn(log_close(handle));
+    Ok(stream)
+}
+
+/// POSTs CONN_INIT until the relay assigns a connection id and token.
+async fn open(
+    relay: &Relay,
+    config: &ClientConfig,
+    last_error: &mut String,
+) -> Result<(u32, Token), ConnectError> {
+    let init = Packet::new(PacketType::ConnInit, 0, Default::default())
+        .with_window(config.connection.recv_window);
+    let mut backoff = Backoff::new(config.retry_initial, config.retry_max);
+    loop {
+        let error = match relay.connect(&init).await {
+            Ok(packets) => return parse_connect_answer(packets),
+            Err(e) => e,
+        };
+        match (error.failure(), &error) {
+            (Failure::Gone, _) => {
+                tracing::warn!(server = %config.server_name, relay = %relay.display_url(),
+                    "connect: HTTP 404: the relay knows no such server");
+                return Err(ConnectError::NoSuchServer {
+                    server: config.server_name.clone(),
+                });
+            }
+            (_, RequestError::BadBody(msg)) => {
+                return Err(ConnectError::BadResponse(format!(
+                    "connect answer: {msg} (is {} a tunnel relay?)",
+                    relay.display_url()
+                )));
+            }
+            (Failure::Permanent, _) => {
+                let status = error.status().map_or(0, |s| s.as_u16());
+                let hint = error
+                    .status()
+                    .and_then(status_hint)
+                    .unwrap_or("unexpected status")
+                    .to_string();
+                tracing::warn!(server = %config.server_name, relay = %relay.display_url(),
+                    "connect refused: HTTP {status}: {hint}");
+                return Err(ConnectError::Refused { status, hint });
+            }
+            (Failure::Transient, _) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(server = %config.server_name, relay = %relay.display_url(),
+                    "connect failed: {error}; retrying in {delay:?}");
+                *last_error = error.to_string();
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+fn parse_connect_answer(packets: Vec<Packet>) -> Result<(u32, Token), ConnectError> {
+    let Some(init) = packets.into_iter().find(|p| p.kind != PacketType::NoOp) else {
+        return Err(ConnectError::BadResponse(
+            "connect answer holds no CONN_INIT".into(),
+        ));
+    };
+    match init.kind {
+        PacketType::ConnInit if init.conn_id != 0 => {
+            let token = decode_token(init.payload)
+                .map_err(|e| ConnectError::BadResponse(format!("connect answer: {e}")))?;
+            Ok((init.conn_id, token))
+        }
+        PacketType::ConnInit => Err(ConnectError::BadResponse(
+            "connect answer assigns connection id 0".into(),
+        )),
+        PacketType::ConnRejected => Err(ConnectError::Rejected(decode_reason(&init.payload))),
+        other => Err(ConnectError::BadResponse(format!(
+            "connect answer is {other:?}, expected CONN_INIT"
+        ))),
+    }
+}
+
+/// Pulls until the broker's answer arrives: its receive window, and the packets that came
+/// after CONN_INIT_ACK in the same body (they belong to the connection).
+async fn handshake(
+    session: &Session,
+    last_error: &mut String,
+) -> Result<(u16, Vec<Packet>), ConnectError> {
+    let config = &session.config;
+    let mut backoff = Backoff::new(config.retry_initial, config.retry_max);
+    loop {
+        let error = match session.relay.pull(session.conn_id, &session.token).await {
+            Ok(packets) => {
+                backoff.reset();
+                let mut packets = packets.into_iter();
+                while let Some(p) = packets.next() {
+                    match p.kind {
+                        PacketType::ConnInitAck => {
+                            let rest = packets.filter(|p| p.kind != PacketType::NoOp).collect();
+                            return Ok((p.window, rest));
+                        }
+                        PacketType::ConnRejected => {
+                            let reason = decode_reason(&p.payload);
+                            tracing::warn!(conn_id = session.conn_id, server = %config.server_name,
+                                "connection rejected by the server: {reason}");
+                            return Err(ConnectError::Rejected(reason));
+                        }
+                        PacketType::ConnAbort => {
+                            let reason = decode_reason(&p.payload);
+                            tracing::warn!(
+                                conn_id = session.conn_id,
+                                "connection aborted during the handshake: {reason}"
+                            );
+                            return Err(ConnectError::Aborted(reason));
+                        }
+                        PacketType::NoOp => {}
+                        other => tracing::debug!(
+                            conn_id = session.conn_id,
+                            "ignoring {other:?} before CONN_INIT_ACK"
+                        ),
+                    }
+                }
+                *last_error = "the server has not answered the connection yet".into();
+                continue;
+            }
+            Err(e) => e,
+        };
+        match error.failure() {
+            Failure::Gone => {
+                return Err(ConnectError::Aborted(
+                    "the relay no longer knows the connection".into(),
+                ))
+            }
+            Failure::Permanent => {
+                let status = error.status().map_or(0, |s| s.as_u16());
+                let hint = error
+                    .status()
+                    .and_then(status_hint)
+                    .unwrap_or("unexpected status")
+                    .to_string();
+                return Err(ConnectError::Refused { status, hint });
+            }
+            Failure::Transient => {
+                let delay = backoff.next_delay();
+                tracing::warn!(
+                    conn_id = session.conn_id,
+                    "handshake pull failed: {error}; retrying in {delay:?}"
+                );
+                *last_error = error.to_string();
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Best effort: tells the relay (and through it the broker) that this client is gone, so the
+/// connection does not wait for an inactivity timeout.
+fn abort_at_relay(session: &Arc<Session>, reason: &str) {
+    let packet = Packet::new(
+        PacketType::ConnAbort,
+        session.conn_id,
+        encode_reason(reason),
+    );
+    let session = session.clone();
+    tokio::spawn(async move {
+        let body = packet.to_bytes();
+        if let Err(e) = session
+            .relay
+            .push(session.conn_id, &session.token, body)
+            .await
+        {
+            tracing::debug!(conn_id = session.conn_id, "could not send CONN_ABORT: {e}");
+        }
+    });
+}
+
+async fn log_close(handle: ConnHandle) {
+    handle.closed().await;
+    let stats = handle.stats();
+    match handle.error() {
+        None => tracing::info!(
+            conn_id = handle.conn_id(),
+            bytes_sent = stats.bytes_sent,
+            bytes_received = stats.bytes_received,
+            retransmits = stats.retransmits,
+            "tunnel connection closed"
+        ),
+        Some(e) => tracing::warn!(
+            conn_id = handle.conn_id(),
+            bytes_sent = stats.bytes_sent,
+            bytes_received = stats.bytes_received,
+            retransmits = stats.retransmits,
+            "tunnel connection failed: {e}"
+        ),
+    }
+}

@@ -1,0 +1,211 @@
+//! `tunnel-client`: forwards a local TCP port through the HTTP tunnel to a server behind a
+//! relay. Every accepted local connection becomes one tunnel connection.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tunnel_client::forward::forward;
+use tunnel_client::{ClientConfig, HttpVersion, ProxyConfig, TunnelStream};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tunnel-client",
+    version,
+    about = "Forward a local TCP port through an HTTP tunnel relay"
+)]
+struct Args {
+    /// The relay's tunnel URL, base path included (http:// or https://).
+    #[arg(
+        long,
+        env = "TUNNEL_RELAY",
+        default_value = "http://127.0.0.1:8080/tunnel"
+    )]
+    relay: String,
+
+    /// Name of the server (broker) to reach through the relay.
+    #[arg(long, env = "TUNNEL_SERVER", default_value = "echo")]
+    server: String,
+
+    /// Local address to accept connections on.
+    #[arg(long, env = "TUNNEL_LISTEN", default_value = "127.0.0.1:7000")]
+    listen: SocketAddr,
+
+    /// HTTP proxy URL. Without it, HTTP_PROXY / HTTPS_PROXY / NO_PROXY from the environment apply.
+    #[arg(long, env = "TUNNEL_PROXY")]
+    proxy: Option<String>,
+
+    /// User name for the proxy's basic authentication.
+    #[arg(long, env = "TUNNEL_PROXY_USER", requires = "proxy")]
+    proxy_user: Option<String>,
+
+    /// Password for the proxy (prefer --proxy-password-env: command lines are visible to others).
+    #[arg(
+        long,
+        env = "TUNNEL_PROXY_PASSWORD",
+        hide_env_values = true,
+        requires = "proxy_user"
+    )]
+    proxy_password: Option<String>,
+
+    /// Name of an environment variable holding the proxy password.
+    #[arg(
+        long,
+        env = "TUNNEL_PROXY_PASSWORD_ENV",
+        requires = "proxy_user",
+        conflicts_with = "proxy_password"
+    )]
+    proxy_password_env: Option<String>,
+
+    /// PEM file of extra CA certificates to trust (in addition to the system's).
+    #[arg(long, env = "TUNNEL_CA_FILE")]
+    ca_file: Option<PathBuf>,
+
+    /// Speak HTTP/2 with prior knowledge (h2c on http://); the relay must support it.
+    #[arg(long, env = "TUNNEL_HTTP2", conflicts_with = "http1")]
+    http2: bool,
+
+    /// Speak HTTP/1.1 only, even where HTTP/2 could be negotiated.
+    #[arg(long, env = "TUNNEL_HTTP1")]
+    http1: bool,
+
+    /// Seconds to wait for the relay and the server to accept a new connection.
+    #[arg(long, env = "TUNNEL_CONNECT_TIMEOUT", default_value_t = 30)]
+    connect_timeout: u64,
+
+    /// Seconds after Ctrl-C during which open connections may finish before they are aborted.
+    #[arg(long, env = "TUNNEL_SHUTDOWN_GRACE", default_value_t = 10)]
+    shutdown_grace: u64,
+}
+
+fn config_from(args: &Args) -> Result<ClientConfig, String> {
+    let password = match (&args.proxy_password, &args.proxy_password_env) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(var)) => {
+            Some(std::env::var(var).map_err(|e| format!("--proxy-password-env {var}: {e}"))?)
+        }
+        (None, None) => None,
+    };
+    let proxy = args.proxy.as_ref().map(|url| ProxyConfig {
+        url: url.clone(),
+        username: args.proxy_user.clone(),
+        password,
+    });
+    Ok(ClientConfig {
+        proxy,
+        ca_file: args.ca_file.clone(),
+        http_version: if args.http2 {
+            HttpVersion::Http2PriorKnowledge
+        } else if args.http1 {
+            HttpVersion::Http1Only
+        } else {
+            HttpVersion::Auto
+        },
+        connect_timeout: Duration::from_secs(args.connect_timeout),
+        ..ClientConfig::new(args.relay.clone(), args.server.clone())
+    })
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let config = config_from(&args)?;
+    // Fail at start, not on the first connection, when the configuration cannot work.
+    tunnel_client::http::Relay::new(&config).map_err(|e| e.to_string())?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    tracing::info!(listen = %args.listen, relay = %args.relay, server = %args.server,
+        "forwarding local connections through the tunnel");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((socket, peer)) => {
+                    connections.spawn(handle(socket, peer, config.clone(), stop_rx.clone()));
+                }
+                Err(e) => {
+                    // Typically out of file descriptors: wait a little instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = &mut ctrl_c => break,
+        }
+    }
+
+    drop(listener);
+    tracing::info!(
+        open = connections.len(),
+        "shutting down: closing open connections"
+    );
+    let _ = stop_tx.send(true);
+    let grace = tokio::time::sleep(Duration::from_secs(args.shutdown_grace));
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            next = connections.join_next() => if next.is_none() { break },
+            _ = &mut grace => {
+                tracing::warn!(open = connections.len(), "grace period over: aborting the remaining connections");
+                connections.abort_all();
+                // Give the drivers a moment to send their CONN_ABORTs.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn handle(
+    socket: TcpStream,
+    peer: SocketAddr,
+    config: ClientConfig,
+    stop: watch::Receiver<bool>,
+) {
+    let _ = socket.set_nodelay(true);
+    let tunnel = match TunnelStream::connect(config).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(%peer, "could not open a tunnel connection: {e}");
+            return;
+        }
+    };
+    let conn_id = tunnel.conn_id();
+    let handle = tunnel.handle();
+    tracing::info!(%peer, conn_id, "local connection opened");
+    let (copied, result) = forward(socket, tunnel, stop).await;
+    match result {
+        Ok(()) => tracing::info!(%peer, conn_id, bytes_up = copied.up, bytes_down = copied.down,
+            "local connection closed"),
+        Err(e) => tracing::warn!(%peer, conn_id, bytes_up = copied.up, bytes_down = copied.down,
+            "local connection ended with an error: {e}"),
+    }
+    // Let the tunnel finish its close (acks) before the task ends, within the stream's linger.
+    let _ = tokio::time::timeout(Duration::from_secs(5), handle.closed()).await;
+}
