@@ -22,11 +22,24 @@ pub(crate) enum LinkEnd {
     Lost(String),
 }
 
-/// Runs the link until it is lost or the broker stops.
-pub(crate) async fn run(shared: &Arc<Shared>, link: Link) -> LinkEnd {
-    let config = &shared.config;
-    let (tx, rx) = mpsc::channel(config.link_write_queue);
+/// The writer queue of a link, created when the link is up and before it runs, so the
+/// listener reports the link up as soon as the handshake is done.
+pub(crate) struct LinkQueue {
+    tx: mpsc::Sender<Packet>,
+    rx: mpsc::Receiver<Packet>,
+}
+
+/// Creates the queue of a newly authenticated link and makes it the current one.
+pub(crate) fn install(shared: &Shared) -> LinkQueue {
+    let (tx, rx) = mpsc::channel(shared.config.link_write_queue);
     shared.install_link(&tx);
+    LinkQueue { tx, rx }
+}
+
+/// Runs the link until it is lost or the broker stops.
+pub(crate) async fn run(shared: &Arc<Shared>, link: Link, queue: LinkQueue) -> LinkEnd {
+    let config = &shared.config;
+    let LinkQueue { tx, rx } = queue;
     let (reader, writer) = tokio::io::split(link.io);
     let end = tokio::select! {
         end = read_loop(shared, reader, link.decoder, &tx) => end,

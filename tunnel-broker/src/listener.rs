@@ -62,7 +62,8 @@ impl TunnelListener {
         tracing::info!(relay = %config.relay_addr, name = %config.server_name, "link up");
         let (accept_tx, accept_rx) = mpsc::channel(config.accept_backlog);
         let shared = Shared::new(config, accept_tx);
-        let supervisor = tokio::spawn(supervise(Arc::clone(&shared), link));
+        let queue = crate::link::install(&shared);
+        let supervisor = tokio::spawn(supervise(Arc::clone(&shared), link, queue));
         Ok(TunnelListener {
             shared,
             accept_rx: tokio::sync::Mutex::new(accept_rx),

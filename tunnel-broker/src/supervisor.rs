@@ -6,19 +6,19 @@ use std::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::dial::{dial, DialError, Link};
-use crate::link::{self, LinkEnd};
+use crate::link::{self, LinkEnd, LinkQueue};
 use crate::shared::Shared;
 
 /// Runs `first` (the link `bind` established), then keeps a link up until stopped.
-pub(crate) async fn supervise(shared: Arc<Shared>, first: Link) {
+pub(crate) async fn supervise(shared: Arc<Shared>, first: Link, queue: LinkQueue) {
     let config = &shared.config;
     let mut backoff = Backoff::new(config.redial_initial, config.redial_max);
     let mut stop = shared.stop_signal();
-    let mut next = Some(first);
+    let mut next = Some((first, queue));
     loop {
-        if let Some(link) = next.take() {
+        if let Some((link, queue)) = next.take() {
             let up_since = Instant::now();
-            match link::run(&shared, link).await {
+            match link::run(&shared, link, queue).await {
                 LinkEnd::Stopped => {
                     tracing::info!(relay = %config.relay_addr, "link closed: broker stopped");
                     return;
@@ -51,7 +51,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, first: Link) {
         match attempt {
             Ok(link) => {
                 tracing::info!(relay = %config.relay_addr, name = %config.server_name, reannounced = count, "link up");
-                next = Some(link);
+                next = Some((link, link::install(&shared)));
             }
             Err(DialError::Rejected(reason)) => {
                 tracing::error!(relay = %config.relay_addr, name = %config.server_name, %reason, "relay rejected the link; will retry");
