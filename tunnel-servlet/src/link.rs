@@ -231,6 +231,7 @@ async fn read_link<R: AsyncRead + Unpin>(
 ) -> &'static str {
     let dead_after = shared.config.link_keepalive * 3;
     let mut closed_rx = closed.subscribe();
+    let mut stopping = shared.stopping.clone();
     let mut batch = Vec::new();
     loop {
         loop {
@@ -254,6 +255,7 @@ async fn read_link<R: AsyncRead + Unpin>(
         }
         let read = tokio::select! {
             _ = stopped(&mut closed_rx) => return "closed by relay",
+            _ = stopped(&mut stopping) => return "relay stopping",
             read = tokio::time::timeout(dead_after, io.read_buf(decoder.buffer_mut())) => read,
         };
         match read {

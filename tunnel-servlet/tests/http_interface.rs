@@ -332,7 +332,7 @@ async fn queue_overflow_drops_and_counts() {
     }
     let data_count = got.iter().filter(|p| p.kind == PacketType::Data).count();
     assert!(
-        data_count <= 10 && data_count >= 9,
+        (9..=10).contains(&data_count),
         "queued within bound: {data_count}"
     );
     assert_eq!(relay.metrics().packets_dropped, 20 - data_count as u64);
@@ -426,7 +426,9 @@ async fn conn_option_from_the_client_sets_the_inactivity_timeout() {
         ConnOption::InactivityTimeoutMs(300).encode(),
     );
     assert_eq!(
-        push(&client, &relay, id, &token, &[option.clone()]).await.0,
+        push(&client, &relay, id, &token, std::slice::from_ref(&option))
+            .await
+            .0,
         200
     );
     assert_eq!(broker.recv().await, option);
