@@ -550,3 +550,80 @@ async fn refused_link_on_redial_is_retried() {
     link.ack().await;
     link.expect(PacketType::ListenState).await;
 }
+
+/// Starts the `tunnel-broker` binary against `relay`, forwarding to `forward`.
+fn spawn_binary(relay: &str, forward: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel-broker"))
+        .args(["--relay", relay, "--name", NAME, "--forward", forward])
+        .env("TUNNEL_LINK_SECRET", "link-secret")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("binary starts")
+}
+
+#[tokio::test]
+async fn binary_forwards_to_tcp_and_aborts_when_the_target_refuses() {
+    // The forward target: answers "pong:" + what it read, then closes.
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = target.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                tcp.read_to_end(&mut request).await?;
+                tcp.write_all(b"pong:").await?;
+                tcp.write_all(&request).await?;
+                tcp.shutdown().await
+            });
+        }
+    });
+
+    let (relay, addr) = FakeRelay::start().await;
+    let _broker = spawn_binary(&addr, &target_addr);
+    let (mut link, init) = relay.accept_link().await;
+    assert_eq!(&init.secret[..], SECRET);
+    link.ack().await;
+
+    link.conn_init(61, 32, "192.0.2.1:1").await;
+    let ack = link.expect(PacketType::ConnInitAck).await;
+    let mut client = Connection::new(61, ack.window, ConnectionConfig::default(), Instant::now());
+    let mut sent = false;
+    let mut received = Vec::new();
+    link.pump(&mut client, |c, _| {
+        if !sent {
+            assert_eq!(c.write(b"ping").unwrap(), 4);
+            c.close().unwrap();
+            sent = true;
+        }
+        let mut buf = [0u8; 256];
+        while let Some(n) = c.read(&mut buf).unwrap() {
+            if n == 0 {
+                return true;
+            }
+            received.extend_from_slice(&buf[..n]);
+        }
+        false
+    })
+    .await;
+    assert_eq!(received, b"pong:ping");
+
+    // A target that refuses: the tunnel connection is aborted with a reason.
+    drop(link);
+    drop(_broker);
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let _broker = spawn_binary(&addr, &closed);
+    let (mut link, _) = relay.accept_link().await;
+    link.ack().await;
+    link.conn_init(62, 32, "192.0.2.1:2").await;
+    link.expect(PacketType::ConnInitAck).await;
+    let abort = link.expect(PacketType::ConnAbort).await;
+    assert_eq!(abort.conn_id, 62);
+    assert!(
+        decode_reason(&abort.payload).contains("refused"),
+        "{abort:?}"
+    );
+}
