@@ -749,6 +749,26 @@ impl Connection {
         }
     }
 
+    /// The path to the peer works again after an outage (the broker's link came back, a
+    /// client request succeeded after failures): resend whatever is in flight now and drop
+    /// the timer's back-off, instead of waiting out a timeout that grew during the outage.
+    pub fn on_path_restored(&mut self, now: Instant) {
+        if self.ending != Ending::Open {
+            return;
+        }
+        self.rto = self.computed_rto();
+        for p in self.in_flight.iter_mut().filter(|p| !p.sacked) {
+            p.lost = true;
+            p.fast_retransmitted = false;
+        }
+        self.rto_deadline = (!self.in_flight.is_empty()).then(|| now + self.rto);
+        if self.probe_at.is_some() {
+            self.probe_at = Some(now);
+        }
+        // Our ack and window may have been lost in the outage too.
+        self.ack_due = true;
+    }
+
     /// RFC 6298 §5.4–5.6: back off and resend. Every packet not selectively acked is resent:
     /// on this transport a whole HTTP request of packets is lost at once, and resending one
     /// per timeout would take a timeout per packet.

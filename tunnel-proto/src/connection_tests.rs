@@ -273,3 +273,27 @@ fn sequence_numbers_wrap() {
     assert_eq!(got, data);
     assert!(seq::lt(u32::MAX - 2, a.next_seq));
 }
+
+#[test]
+fn restored_path_resends_at_once_without_back_off() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    a.write(&[4u8; 3000]).unwrap();
+    drain(&mut a, now); // lost in an outage
+    let t1 = a.poll_timeout().unwrap();
+    a.handle_timeout(t1);
+    drain(&mut a, t1); // lost again; the timeout is now 2 s
+    let t2 = t1 + Duration::from_millis(500);
+    a.on_path_restored(t2);
+    let resent = drain(&mut a, t2);
+    assert_eq!(
+        resent.iter().filter(|p| p.kind == PacketType::Data).count(),
+        3
+    );
+    assert_eq!(a.rto_deadline, Some(t2 + Duration::from_secs(1)));
+    for p in resent {
+        b.handle_packet(p, t2);
+    }
+    exchange(&mut a, &mut b, t2);
+    assert_eq!(read_all(&mut b), vec![4u8; 3000]);
+}
