@@ -491,3 +491,39 @@ impl Table {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_entry_is_small() {
+        // The relay must hold 10,000 idle connections at < 32 KiB each; the entry itself
+        // (no queued packets, no held pull) is a few hundred bytes.
+        assert!(
+            std::mem::size_of::<ConnEntry>() <= 256,
+            "{}",
+            std::mem::size_of::<ConnEntry>()
+        );
+    }
+
+    #[test]
+    fn overflow_drops_data_but_keeps_control_within_slack() {
+        let metrics = Arc::new(Metrics::default());
+        let mut table = Table::new(metrics.clone());
+        let (id, _) = table.open("s", "addr", Instant::now(), Duration::from_secs(60));
+        let limits = QueueLimits {
+            limit: 100,
+            control_slack: 100,
+        };
+        let data = |n| Packet::new(PacketType::Data, id, Bytes::from(vec![0; n]));
+        assert_eq!(table.enqueue(id, data(50), limits, false), Admit::Queued);
+        assert_eq!(table.enqueue(id, data(50), limits, false), Admit::Dropped);
+        let abort = Packet::new(PacketType::ConnAbort, id, Bytes::new());
+        assert_eq!(table.enqueue(id, abort, limits, false), Admit::Queued);
+        assert_eq!(table.enqueue(7, data(1), limits, false), Admit::UnknownConn);
+        assert_eq!(metrics.snapshot(0, 0).packets_dropped, 1);
+        let out = table.drain(id, 1 << 20);
+        assert_eq!(out.len(), 24 + 50 + 24);
+    }
+}
