@@ -52,6 +52,9 @@ pub struct ClientConfig {
     /// Explicit proxy. `None` (default): the standard environment variables apply
     /// (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`).
     pub proxy: Option<ProxyConfig>,
+    /// With no explicit `proxy`: whether the environment's proxy variables apply (default:
+    /// true). False connects directly.
+    pub env_proxy: bool,
     /// Extra PEM file of CA certificates trusted in addition to the system roots.
     /// Default: none.
     pub ca_file: Option<PathBuf>,
@@ -101,6 +104,7 @@ impl Default for ClientConfig {
             relay_url: "http://127.0.0.1:8080/tunnel".to_string(),
             server_name: "echo".to_string(),
             proxy: None,
+            env_proxy: true,
             ca_file: None,
             http_version: HttpVersion::Auto,
             connect_timeout: Duration::from_secs(30),

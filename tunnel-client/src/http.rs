@@ -142,6 +142,8 @@ impl Relay {
             }
             // An explicit proxy replaces the environment's.
             builder = builder.no_proxy().proxy(p);
+        } else if !config.env_proxy {
+            builder = builder.no_proxy();
         }
         if let Some(path) = &config.ca_file {
             let pem = std::fs::read(path).map_err(|e| {

@@ -39,6 +39,10 @@ struct Args {
     #[arg(long, env = "TUNNEL_PROXY")]
     proxy: Option<String>,
 
+    /// Ignore HTTP_PROXY / HTTPS_PROXY / ALL_PROXY from the environment and connect directly.
+    #[arg(long, env = "TUNNEL_NO_ENV_PROXY", conflicts_with = "proxy")]
+    no_env_proxy: bool,
+
     /// User name for the proxy's basic authentication.
     #[arg(long, env = "TUNNEL_PROXY_USER", requires = "proxy")]
     proxy_user: Option<String>,
@@ -97,6 +101,7 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
     });
     Ok(ClientConfig {
         proxy,
+        env_proxy: !args.no_env_proxy,
         ca_file: args.ca_file.clone(),
         http_version: if args.http2 {
             HttpVersion::Http2PriorKnowledge
