@@ -1,0 +1,99 @@
+//! The three binaries end to end on loopback: relay, broker, client.
+//!
+//! Needs the binaries: `cargo build --workspace --bins && cargo test -p tunnel-tests --test e2e_basic`.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tunnel_tests::{
+    init_tracing, sink_source_exchange, Chain, ChainOptions, ExchangeSpec, SeededBytes,
+    SinkSourceServer,
+};
+
+/// Deadline of one whole exchange; generous because the machine has two cores shared by
+/// three processes and the test itself.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_round_trip_through_the_three_binaries() {
+    init_tracing();
+    let mut chain = Chain::start(ChainOptions::echo()).await;
+
+    // Bigger than one DATA packet (64 KiB) and not a multiple of it.
+    let sent = SeededBytes::new(11).take_vec(300_001);
+    let mut stream = chain.connect().await.unwrap();
+    let (mut rd, mut wr) = stream.split();
+    let write = async {
+        wr.write_all(&sent).await?;
+        wr.shutdown().await
+    };
+    let read = async {
+        let mut back = Vec::with_capacity(sent.len());
+        rd.read_to_end(&mut back).await.map(|_| back)
+    };
+    let (written, back) =
+        tokio::time::timeout(EXCHANGE_TIMEOUT, async { tokio::join!(write, read) })
+            .await
+            .expect("echo round trip timed out");
+    written.expect("writing to the tunnel");
+    let back = back.expect("reading the echo");
+    assert_eq!(back.len(), sent.len(), "echoed length");
+    assert!(back == sent, "echoed bytes differ from those sent");
+    chain.assert_alive();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_connections_move_2_mib_each_way() {
+    init_tracing();
+    const CONNECTIONS: u64 = 20;
+    const BYTES_EACH_WAY: u64 = 2 << 20;
+    let server = SinkSourceServer::start().await.unwrap();
+    let mut chain = Chain::start(ChainOptions::forward_to_sink_source(server.addr())).await;
+    let baseline = server.stats();
+
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..CONNECTIONS {
+        let stream = chain.connect().await.unwrap();
+        tasks.spawn(async move {
+            let spec = ExchangeSpec::symmetric(BYTES_EACH_WAY, 1000 + i);
+            (
+                i,
+                sink_source_exchange(stream, &spec, EXCHANGE_TIMEOUT).await,
+            )
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (i, result) = joined.expect("exchange task panicked");
+        if let Err(e) = result {
+            failures.push(format!("connection {i}: {e}"));
+        }
+    }
+    let elapsed = started.elapsed();
+    let stats = server.stats();
+    if !failures.is_empty() {
+        failures.sort();
+        panic!(
+            "{} of {CONNECTIONS} exchanges failed (server: {stats:?}):\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+    assert_eq!(
+        stats.completed - baseline.completed,
+        CONNECTIONS,
+        "server-side completed exchanges: {stats:?}"
+    );
+    assert_eq!(
+        stats.failed, baseline.failed,
+        "server-side failures: {stats:?}"
+    );
+    let total = 2 * CONNECTIONS * BYTES_EACH_WAY;
+    eprintln!(
+        "moved {} MiB through the tunnel in {elapsed:?} ({:.1} MiB/s both directions together)",
+        total >> 20,
+        total as f64 / (1 << 20) as f64 / elapsed.as_secs_f64()
+    );
+    chain.assert_alive();
+}
