@@ -9,6 +9,12 @@ use tunnel_proto::ConnectionConfig;
 
 use crate::stream::StreamConfig;
 
+/// The client's default receive window, in packets: 16 × 64 KiB = 1 MiB, the relay's default
+/// per-connection queue limit (and pull response limit). A larger window lets the broker send
+/// more than the relay will hold for the client; the relay then drops and the connection
+/// retransmits. Measured on loopback: 16 moves 50 MB each way in ~0.2 s, 64 takes 3–7 s.
+pub const DEFAULT_CLIENT_RECV_WINDOW: u16 = 16;
+
 /// Which HTTP versions to speak to the relay (or the proxy).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum HttpVersion {
@@ -92,7 +98,8 @@ pub struct ClientConfig {
     /// Give up on an established connection after this long of continuous transient
     /// failures (5xx, time-outs, network errors). Default: 60 s.
     pub transient_failure_timeout: Duration,
-    /// The reliable connection's tunables.
+    /// The reliable connection's tunables. Default: `ConnectionConfig::default()` except
+    /// `recv_window` = [`DEFAULT_CLIENT_RECV_WINDOW`].
     pub connection: ConnectionConfig,
     /// The stream driver's tunables (its batch size is capped at `max_push_body`).
     pub stream: StreamConfig,
@@ -119,7 +126,10 @@ impl Default for ClientConfig {
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
             transient_failure_timeout: Duration::from_secs(60),
-            connection: ConnectionConfig::default(),
+            connection: ConnectionConfig {
+                recv_window: DEFAULT_CLIENT_RECV_WINDOW,
+                ..ConnectionConfig::default()
+            },
             stream: StreamConfig::default(),
         }
     }

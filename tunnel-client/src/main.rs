@@ -22,35 +22,35 @@ struct Args {
     /// The relay's tunnel URL, base path included (http:// or https://).
     #[arg(
         long,
-        env = "TUNNEL_RELAY",
+        env = "TUNNEL_CLIENT_RELAY",
         default_value = "http://127.0.0.1:8080/tunnel"
     )]
     relay: String,
 
     /// Name of the server (broker) to reach through the relay.
-    #[arg(long, env = "TUNNEL_SERVER", default_value = "echo")]
+    #[arg(long, env = "TUNNEL_CLIENT_SERVER", default_value = "echo")]
     server: String,
 
     /// Local address to accept connections on.
-    #[arg(long, env = "TUNNEL_LISTEN", default_value = "127.0.0.1:7000")]
+    #[arg(long, env = "TUNNEL_CLIENT_LISTEN", default_value = "127.0.0.1:7000")]
     listen: SocketAddr,
 
     /// HTTP proxy URL. Without it, HTTP_PROXY / HTTPS_PROXY / NO_PROXY from the environment apply.
-    #[arg(long, env = "TUNNEL_PROXY")]
+    #[arg(long, env = "TUNNEL_CLIENT_PROXY")]
     proxy: Option<String>,
 
     /// Ignore HTTP_PROXY / HTTPS_PROXY / ALL_PROXY from the environment and connect directly.
-    #[arg(long, env = "TUNNEL_NO_ENV_PROXY", conflicts_with = "proxy")]
+    #[arg(long, env = "TUNNEL_CLIENT_NO_ENV_PROXY", conflicts_with = "proxy")]
     no_env_proxy: bool,
 
     /// User name for the proxy's basic authentication.
-    #[arg(long, env = "TUNNEL_PROXY_USER", requires = "proxy")]
+    #[arg(long, env = "TUNNEL_CLIENT_PROXY_USER", requires = "proxy")]
     proxy_user: Option<String>,
 
     /// Password for the proxy (prefer --proxy-password-env: command lines are visible to others).
     #[arg(
         long,
-        env = "TUNNEL_PROXY_PASSWORD",
+        env = "TUNNEL_CLIENT_PROXY_PASSWORD",
         hide_env_values = true,
         requires = "proxy_user"
     )]
@@ -59,30 +59,36 @@ struct Args {
     /// Name of an environment variable holding the proxy password.
     #[arg(
         long,
-        env = "TUNNEL_PROXY_PASSWORD_ENV",
+        env = "TUNNEL_CLIENT_PROXY_PASSWORD_ENV",
         requires = "proxy_user",
         conflicts_with = "proxy_password"
     )]
     proxy_password_env: Option<String>,
 
     /// PEM file of extra CA certificates to trust (in addition to the system's).
-    #[arg(long, env = "TUNNEL_CA_FILE")]
+    #[arg(long, env = "TUNNEL_CLIENT_CA_FILE")]
     ca_file: Option<PathBuf>,
 
     /// Speak HTTP/2 with prior knowledge (h2c on http://); the relay must support it.
-    #[arg(long, env = "TUNNEL_HTTP2", conflicts_with = "http1")]
+    #[arg(long, env = "TUNNEL_CLIENT_HTTP2", conflicts_with = "http1")]
     http2: bool,
 
     /// Speak HTTP/1.1 only, even where HTTP/2 could be negotiated.
-    #[arg(long, env = "TUNNEL_HTTP1")]
+    #[arg(long, env = "TUNNEL_CLIENT_HTTP1")]
     http1: bool,
 
     /// Seconds to wait for the relay and the server to accept a new connection.
-    #[arg(long, env = "TUNNEL_CONNECT_TIMEOUT", default_value_t = 30)]
+    #[arg(long, env = "TUNNEL_CLIENT_CONNECT_TIMEOUT", default_value_t = 30)]
     connect_timeout: u64,
 
+    /// Receive window announced to the server, in packets of up to 64 KiB. Keep the bytes it
+    /// stands for within the relay's per-connection queue limit, or the relay drops packets
+    /// (they are retransmitted, at a cost in speed).
+    #[arg(long, env = "TUNNEL_CLIENT_RECV_WINDOW", default_value_t = tunnel_client::config::DEFAULT_CLIENT_RECV_WINDOW)]
+    recv_window: u16,
+
     /// Seconds after Ctrl-C during which open connections may finish before they are aborted.
-    #[arg(long, env = "TUNNEL_SHUTDOWN_GRACE", default_value_t = 10)]
+    #[arg(long, env = "TUNNEL_CLIENT_SHUTDOWN_GRACE", default_value_t = 10)]
     shutdown_grace: u64,
 }
 
@@ -99,7 +105,7 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
         username: args.proxy_user.clone(),
         password,
     });
-    Ok(ClientConfig {
+    let mut config = ClientConfig {
         proxy,
         env_proxy: !args.no_env_proxy,
         ca_file: args.ca_file.clone(),
@@ -112,7 +118,9 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
         },
         connect_timeout: Duration::from_secs(args.connect_timeout),
         ..ClientConfig::new(args.relay.clone(), args.server.clone())
-    })
+    };
+    config.connection.recv_window = args.recv_window;
+    Ok(config)
 }
 
 #[tokio::main]
