@@ -327,7 +327,9 @@ impl Chain {
         kill_slot(&mut self.broker).await
     }
 
-    /// Starts the client (again) and waits for its listening port.
+    /// Starts the client (again) and waits for its listening port. The wait connects and
+    /// closes at once, and the client turns even that into a tunnel connection: the target
+    /// sees one connection that closes without a byte (`SinkSourceStats::empty`).
     pub async fn start_client(&mut self) -> io::Result<()> {
         assert!(self.client.is_none(), "client already running");
         let mut args = vec![

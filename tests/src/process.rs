@@ -25,6 +25,9 @@ const PROXY_ENV_VARS: &[&str] = &[
     "no_proxy",
 ];
 
+/// Prefix of the binaries' configuration variables, removed from every child's environment.
+const INHERITED_CONFIG_PREFIX: &str = "TUNNEL_";
+
 /// A running binary. stdout and stderr both go to `log_path()`. On drop the process gets
 /// SIGKILL; if the drop happens while the test is panicking, the log's path and its last
 /// [`LOG_TAIL_LINES`] lines are printed first.
@@ -68,6 +71,13 @@ impl ChildProcess {
             .kill_on_drop(true);
         for var in PROXY_ENV_VARS {
             command.env_remove(var);
+        }
+        // The binaries read their settings from TUNNEL_* variables too; one left over in the
+        // test runner's shell must not change what a test asked for.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with(INHERITED_CONFIG_PREFIX) {
+                command.env_remove(key);
+            }
         }
         for (key, value) in env {
             command.env(key, value);

@@ -95,5 +95,11 @@ async fn twenty_concurrent_connections_move_2_mib_each_way() {
         total >> 20,
         total as f64 / (1 << 20) as f64 / elapsed.as_secs_f64()
     );
+    // Not asserted (loopback loses nothing, but the relay may shed queue overflow by design):
+    // shown so a slow run can be told apart from a lossy one.
+    eprintln!(
+        "relay: tunnel_packets_dropped_total = {}",
+        chain.relay_metric("tunnel_packets_dropped_total").await
+    );
     chain.assert_alive();
 }

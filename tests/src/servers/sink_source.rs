@@ -40,6 +40,9 @@ pub const MAX_DOWN_LEN: u64 = 64 << 30;
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SinkSourceStats {
     pub accepted: u64,
+    /// Connections closed before sending a single byte: port probes (a TCP connect to the
+    /// client's port opens a tunnel connection too), neither completed nor failed.
+    pub empty: u64,
     /// Exchanges that ran to the end (trailer sent).
     pub completed: u64,
     pub failed: u64,
@@ -52,6 +55,7 @@ pub struct SinkSourceStats {
 #[derive(Debug, Default)]
 struct Counters {
     accepted: AtomicU64,
+    empty: AtomicU64,
     completed: AtomicU64,
     failed: AtomicU64,
     bytes_received: AtomicU64,
@@ -79,8 +83,11 @@ impl SinkSourceServer {
             async move {
                 counters.accepted.fetch_add(1, Ordering::Relaxed);
                 match serve(stream, &counters).await {
-                    Ok(()) => {
+                    Ok(Served::Exchange) => {
                         counters.completed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Served::Empty) => {
+                        counters.empty.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => {
                         tracing::info!(%peer, error = %e, "sink/source exchange failed");
@@ -104,6 +111,7 @@ impl SinkSourceServer {
     pub fn stats(&self) -> SinkSourceStats {
         SinkSourceStats {
             accepted: self.counters.accepted.load(Ordering::Relaxed),
+            empty: self.counters.empty.load(Ordering::Relaxed),
             completed: self.counters.completed.load(Ordering::Relaxed),
             failed: self.counters.failed.load(Ordering::Relaxed),
             bytes_received: self.counters.bytes_received.load(Ordering::Relaxed),
@@ -119,11 +127,39 @@ impl Drop for SinkSourceServer {
     }
 }
 
-async fn serve(mut stream: TcpStream, counters: &Counters) -> io::Result<()> {
+/// How a connection ended well.
+enum Served {
+    Exchange,
+    /// EOF before any byte.
+    Empty,
+}
+
+async fn serve(mut stream: TcpStream, counters: &Counters) -> io::Result<Served> {
     let mut header = [0u8; HEADER_LEN];
-    tokio::time::timeout(SERVER_HEADER_TIMEOUT, stream.read_exact(&mut header))
+    let read_header = async {
+        let mut filled = 0;
+        while filled < HEADER_LEN {
+            let n = stream.read(&mut header[filled..]).await?;
+            if n == 0 {
+                return Ok(filled);
+            }
+            filled += n;
+        }
+        Ok::<_, io::Error>(filled)
+    };
+    let filled = tokio::time::timeout(SERVER_HEADER_TIMEOUT, read_header)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no header"))??;
+    match filled {
+        0 => return Ok(Served::Empty),
+        HEADER_LEN => {}
+        n => {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("EOF after {n} header bytes"),
+            ))
+        }
+    }
     if &header[..8] != MAGIC {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -172,7 +208,8 @@ async fn serve(mut stream: TcpStream, counters: &Counters) -> io::Result<()> {
     trailer[..8].copy_from_slice(&received.to_be_bytes());
     trailer[8..].copy_from_slice(&digest);
     wr.write_all(&trailer).await?;
-    wr.shutdown().await
+    wr.shutdown().await?;
+    Ok(Served::Exchange)
 }
 
 /// What one exchange moves: `up_len` bytes of seed `up_seed` from the client, `down_len`
@@ -423,6 +460,26 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(server.stats().failed, 0);
+    }
+
+    #[tokio::test]
+    async fn empty_connection_is_neither_completed_nor_failed() {
+        let server = SinkSourceServer::start().await.unwrap();
+        drop(TcpStream::connect(server.addr()).await.unwrap());
+        let mut half = TcpStream::connect(server.addr()).await.unwrap();
+        half.write_all(MAGIC).await.unwrap();
+        drop(half);
+        let deadline = Instant::now() + T;
+        while server.stats().empty + server.stats().failed < 2 {
+            assert!(Instant::now() < deadline, "{:?}", server.stats());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let stats = server.stats();
+        assert_eq!(
+            (stats.empty, stats.failed, stats.completed),
+            (1, 1, 0),
+            "{stats:?}"
+        );
     }
 
     /// A peer that flips one byte of what it sends down must be caught.
