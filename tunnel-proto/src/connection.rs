@@ -108,6 +108,8 @@ pub struct Stats {
 /// Fast retransmit after this many duplicate ACKs, or this many selectively acked packets
 /// above a hole (RFC 5681 / RFC 6675 use 3).
 const DUP_THRESHOLD: usize = 3;
+/// Shortest time a hole must persist before selective acks may call it a loss.
+const MIN_REORDER_WINDOW: Duration = Duration::from_millis(2);
 /// RFC 6298 clock granularity term.
 const RTO_GRANULARITY: Duration = Duration::from_millis(1);
 
@@ -186,6 +188,8 @@ pub struct Connection {
     rttvar: Duration,
     /// Retransmission timer, running while anything is in flight.
     rto_deadline: Option<Instant>,
+    /// A hole seen by selective acks becomes a loss at this time unless it fills first.
+    loss_check_at: Option<Instant>,
     last_sent: Instant,
     last_received: Instant,
 
@@ -233,6 +237,7 @@ impl Connection {
             srtt: None,
             rttvar: Duration::ZERO,
             rto_deadline: None,
+            loss_check_at: None,
             last_sent: now,
             last_received: now,
             recv_next: 0,
@@ -492,7 +497,7 @@ impl Connection {
             Ok(blocks) => self.apply_sack(&blocks),
             Err(err) => tracing::debug!(conn_id = self.conn_id, %err, "ignoring bad SACK blocks"),
         }
-        self.detect_losses();
+        self.detect_losses(now);
         self.update_probe(now);
     }
 
@@ -538,14 +543,29 @@ impl Connection {
 
     /// Marks packets lost without waiting for the timer: a hole with `DUP_THRESHOLD` selectively
     /// acked packets above it, or `DUP_THRESHOLD` duplicate acks for the first one.
-    fn detect_losses(&mut self) {
+    ///
+    /// Concurrent HTTP pushes overtake each other, so a hole may just be a push still on its
+    /// way. As in RACK (RFC 8985), a hole only counts as a loss once its packet has been out
+    /// for a reorder window (half the smoothed RTT, at least `MIN_REORDER_WINDOW`); until
+    /// then `loss_check_at` brings us back to look again.
+    fn detect_losses(&mut self, now: Instant) {
+        let reorder_window = self
+            .srtt
+            .map_or(self.config.rto_min / 4, |srtt| srtt / 2)
+            .max(MIN_REORDER_WINDOW);
+        self.loss_check_at = None;
         let mut sacked_above = 0;
         for p in self.in_flight.iter_mut().rev() {
             if p.sacked {
                 sacked_above += 1;
-            } else if sacked_above >= DUP_THRESHOLD && !p.fast_retransmitted {
-                p.lost = true;
-                p.fast_retransmitted = true;
+            } else if sacked_above >= DUP_THRESHOLD && !p.fast_retransmitted && !p.lost {
+                let due = p.sent_at + reorder_window;
+                if now >= due {
+                    p.lost = true;
+                    p.fast_retransmitted = true;
+                } else {
+                    self.loss_check_at = Some(self.loss_check_at.map_or(due, |t| t.min(due)));
+                }
             }
         }
         if self.dup_acks >= DUP_THRESHOLD {
@@ -715,6 +735,7 @@ impl Connection {
         }
         [
             self.rto_deadline,
+            self.loss_check_at,
             self.probe_at,
             Some(self.last_sent + self.config.keepalive_interval),
             Some(self.last_received + self.config.idle_timeout),
@@ -736,6 +757,8 @@ impl Connection {
         }
         if self.rto_deadline.is_some_and(|d| now >= d) {
             self.on_retransmission_timeout(now);
+        } else if self.loss_check_at.is_some_and(|d| now >= d) {
+            self.detect_losses(now);
         }
         if self.probe_at.is_some_and(|d| now >= d) {
             // The probe is one packet past the window; the receiver drops it and answers with
@@ -871,6 +894,7 @@ impl Connection {
         self.reorder.clear();
         self.readable.clear();
         self.rto_deadline = None;
+        self.loss_check_at = None;
         self.probe_at = None;
     }
 
@@ -879,6 +903,7 @@ impl Connection {
             self.ending = Ending::Finished;
             self.events.push_back(Event::Finished);
             self.rto_deadline = None;
+            self.loss_check_at = None;
             self.probe_at = None;
         }
     }
