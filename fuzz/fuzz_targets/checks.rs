@@ -1,0 +1,97 @@
+//! The properties the fuzz targets check, shared with the corpus replay test
+//! (`tunnel-proto/tests/fuzz_corpus.rs` includes this file), so a crash kept in the corpus or
+//! in `fuzz/regressions/` is re-checked by `cargo test` exactly as the fuzzer checked it.
+
+use bytes::Bytes;
+use tunnel_proto::codec::{decode_all, encode_all, Decoder};
+use tunnel_proto::packet::HEADER_LEN;
+use tunnel_proto::payload::{
+    decode_listen_state, decode_reason, decode_sack, decode_token, encode_listen_state,
+    encode_sack, encode_token, BrokerConnInit, ConnOption, LinkInit, Token, MAX_SACK_BLOCKS,
+};
+
+/// Input layout: byte 0 = chunk size for the streaming decoder (0 read as 1), byte 1 = packet
+/// size limit in 16-byte steps above the header (small limits reach the size checks with
+/// short inputs), then the body.
+pub fn check_packets(data: &[u8]) {
+    let (chunk, max, body) = match data {
+        [c, m, rest @ ..] => (
+            usize::from(*c).max(1),
+            HEADER_LEN + usize::from(*m) * 16,
+            rest,
+        ),
+        _ => return,
+    };
+
+    let whole = decode_all(Bytes::copy_from_slice(body), max);
+
+    let mut decoder = Decoder::new(max);
+    let mut streamed = Vec::new();
+    let mut stream_err = None;
+    'feed: for piece in body.chunks(chunk) {
+        decoder.feed(piece);
+        loop {
+            match decoder.next_packet() {
+                Ok(Some(p)) => streamed.push(p),
+                Ok(None) => break,
+                Err(e) => {
+                    assert_eq!(decoder.next_packet(), Err(e.clone()), "decoder revived");
+                    stream_err = Some(e);
+                    break 'feed;
+                }
+            }
+        }
+    }
+    if stream_err.is_none() {
+        stream_err = decoder.finish().err();
+    }
+
+    match whole {
+        Ok(packets) => {
+            assert_eq!(
+                stream_err, None,
+                "decode_all accepted what the Decoder rejected"
+            );
+            assert_eq!(streamed, packets, "decoders disagree");
+            assert_eq!(&encode_all(&packets)[..], body, "re-encoding differs");
+        }
+        Err(e) => assert_eq!(stream_err, Some(e), "decoders disagree on the error"),
+    }
+    // Whatever the streaming decoder accepted before an error re-encodes to a prefix.
+    let prefix = encode_all(&streamed);
+    assert_eq!(&prefix[..], &body[..prefix.len()], "re-encoding differs");
+}
+
+/// Every payload decoder on the whole input: no panic, and whatever decodes re-encodes to the
+/// same bytes (each format has exactly one encoding).
+pub fn check_payloads(data: &[u8]) {
+    let b = Bytes::copy_from_slice(data);
+    if let Ok(li) = LinkInit::decode(b.clone()) {
+        assert_eq!(li.encode(), b);
+    }
+    if let Ok(init) = BrokerConnInit::decode(b.clone()) {
+        assert_eq!(init.encode(), b);
+    }
+    if let Ok(option) = ConnOption::decode(b.clone()) {
+        assert_eq!(option.encode(), b);
+    }
+    if let Ok(accepting) = decode_listen_state(b.clone()) {
+        assert_eq!(encode_listen_state(accepting), b);
+    }
+    if let Ok(blocks) = decode_sack(b.clone()) {
+        assert!(blocks.len() <= MAX_SACK_BLOCKS);
+        let n = blocks.len() * 8;
+        assert_eq!(encode_sack(&blocks), b.slice(..n));
+    }
+    if let Ok(token) = decode_token(b.clone()) {
+        assert_eq!(encode_token(&token), b);
+        assert_eq!(Token::from_hex(&token.to_hex()), Some(token));
+    }
+    let reason = decode_reason(data);
+    assert!(reason.chars().count() <= 1024);
+    if let Ok(s) = std::str::from_utf8(data) {
+        if let Some(token) = Token::from_hex(s) {
+            assert_eq!(token.to_hex(), s.to_ascii_lowercase());
+        }
+    }
+}

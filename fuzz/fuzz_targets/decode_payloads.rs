@@ -1,0 +1,11 @@
+//! Every typed payload decoder (LINK_INIT, CONN_INIT to the broker, CONN_OPTION, LISTEN_STATE,
+//! selective acks, token, reason) on arbitrary bytes (see `checks.rs`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+// Each target uses one of the shared checks; the other is dead code here.
+#[allow(dead_code)]
+mod checks;
+
+fuzz_target!(|data: &[u8]| checks::check_payloads(data));
