@@ -52,6 +52,9 @@ pub(crate) async fn supervise(shared: Arc<Shared>, first: Link, queue: LinkQueue
             Ok(link) => {
                 tracing::info!(relay = %config.relay_addr, name = %config.server_name, reannounced = count, "link up");
                 next = Some((link, link::install(&shared)));
+                // What was sent while the link was down is lost: resend it now rather than
+                // after timeouts that backed off during the outage.
+                shared.table.path_restored();
             }
             Err(DialError::Rejected(reason)) => {
                 tracing::error!(relay = %config.relay_addr, name = %config.server_name, %reason, "relay rejected the link; will retry");

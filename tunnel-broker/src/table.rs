@@ -64,6 +64,15 @@ impl ConnTable {
         self.lock().len()
     }
 
+    /// A new link is up: every live connection resends what it has in flight.
+    pub fn path_restored(&self) {
+        let handles: Vec<ConnHandle> = self.lock().values().map(|e| e.handle.clone()).collect();
+        // Outside the table lock: each call takes its connection's own lock.
+        for handle in handles {
+            handle.path_restored();
+        }
+    }
+
     /// The connections to list in LINK_INIT: every one whose driver still runs.
     pub fn announce(&self) -> Vec<AnnouncedConn> {
         let mut list: Vec<AnnouncedConn> = self

@@ -58,7 +58,10 @@ pub async fn run(session: Arc<Session>, handle: ConnHandle) {
         match result {
             Ok(packets) => {
                 backoff.reset();
-                failing_since = None;
+                if failing_since.take().is_some() {
+                    // The relay answers again (it may have restarted): recover at once.
+                    handle.path_restored();
+                }
                 let period = pull_period(&handle);
                 if period.is_none() {
                     // Re-arm first, so the relay always has a pull to answer.

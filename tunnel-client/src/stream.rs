@@ -292,6 +292,20 @@ impl ConnHandle {
         self.shared.driver_wake.notify_one();
     }
 
+    /// The path to the peer works again after an outage (a new broker link, a request that
+    /// succeeded after failures): resend what is in flight now instead of waiting out a
+    /// retransmission timeout that backed off during the outage.
+    pub fn path_restored(&self) {
+        {
+            let mut inner = self.shared.lock();
+            if inner.ended || inner.transport_failed {
+                return;
+            }
+            inner.conn.on_path_restored(now());
+        }
+        self.shared.driver_wake.notify_one();
+    }
+
     /// The latest options the peer sent.
     pub fn peer_options(&self) -> PeerOptions {
         self.shared.lock().peer_options
