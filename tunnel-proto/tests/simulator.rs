@@ -111,7 +111,16 @@ impl Params {
                 .max(1),
         );
         let per_round = self.max_one_way_delay() * 2 + self.configs[0].rto_max / 2;
-        Duration::from_secs(300) + per_round * (packets / window + 1) * 2
+        Duration::from_secs(300) + per_round * (packets / window + 1) * 2 + self.app_time() * 3
+    }
+
+    /// Virtual time the applications alone need: a slow writer or reader (small writes or
+    /// reads, long intervals) takes this long even on a perfect network.
+    fn app_time(&self) -> Duration {
+        let longest = self.stream_len[0].max(self.stream_len[1]) as u32;
+        // An action does 1..=4 writes or reads of 1..=max bytes: at least one byte each.
+        let per_action = self.max_write.min(self.max_read).max(1) as u32;
+        self.app_interval_max * (longest / per_action + 1)
     }
 }
 
@@ -190,8 +199,17 @@ fn random_params(test: &'static str, seed: u64, tiny: bool, abort_share: f64) ->
         delay_jitter: Duration::from_millis(rng.random_range(0..=60)),
         configs,
         stream_len,
-        max_write: rng.random_range(1..=8 * 1024),
-        max_read: rng.random_range(1..=8 * 1024),
+        // Mostly brisk applications; sometimes one that trickles a few bytes at a time.
+        max_write: if rng.random_bool(0.1) {
+            rng.random_range(1..=16)
+        } else {
+            rng.random_range(16..=8 * 1024)
+        },
+        max_read: if rng.random_bool(0.1) {
+            rng.random_range(1..=16)
+        } else {
+            rng.random_range(16..=8 * 1024)
+        },
         app_interval_max: Duration::from_millis(rng.random_range(1..=40)),
         pause_chance: rng.random_range(0.0..0.01),
         pause_max: Duration::from_millis(rng.random_range(100..=4000)),
@@ -923,7 +941,10 @@ impl Sim {
             Scenario::Abort { side, .. } => {
                 let Some(aborted_at) = self.apps[side].aborted_at else {
                     // Both sides finished before the abort point was reached: a close run.
-                    if (0..2).all(|s| self.conns[s].is_finished()) && self.net.is_empty() {
+                    let over = (0..2).all(|s| {
+                        self.conns[s].is_finished() && self.apps[s].eof && self.apps[s].close_called
+                    }) && self.net.is_empty();
+                    if over {
                         self.check_close_outcome()?;
                         return Ok(true);
                     }
@@ -1242,6 +1263,7 @@ fn clean_network_needs_no_retransmission_and_keeps_pace() {
         p.delay_jitter = Duration::ZERO;
         p.pause_chance = 0.0;
         p.max_read = 64 * 1024;
+        p.max_write = 64 * 1024;
         p.app_interval_max = Duration::from_millis(5);
         for c in &mut p.configs {
             // Timers well above the round trip: any retransmission is a spurious one.
