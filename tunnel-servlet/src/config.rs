@@ -85,6 +85,11 @@ pub struct RelayConfig {
     pub http_tls: Option<TlsFiles>,
     /// TLS for the link listener. Default none (plain TCP).
     pub link_tls: Option<TlsFiles>,
+    /// PEM file of the CA certificate(s) a broker's client certificate must chain to: with
+    /// it the link listener requires mutual TLS and refuses brokers without such a
+    /// certificate before they can send LINK_INIT. Needs `link_tls`. Default none (brokers
+    /// prove themselves with the link secret only).
+    pub link_tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for RelayConfig {
@@ -117,6 +122,7 @@ impl Default for RelayConfig {
             shutdown_drain: Duration::from_secs(5),
             http_tls: None,
             link_tls: None,
+            link_tls_client_ca: None,
         }
     }
 }
@@ -143,6 +149,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("link_keepalive", &self.link_keepalive)
             .field("http_tls", &self.http_tls)
             .field("link_tls", &self.link_tls)
+            .field("link_tls_client_ca", &self.link_tls_client_ca)
             .finish_non_exhaustive()
     }
 }
@@ -198,6 +205,9 @@ impl RelayConfig {
         }
         if self.max_packet_size < tunnel_proto::packet::HEADER_LEN {
             return Err("max_packet_size must be at least 24".into());
+        }
+        if self.link_tls_client_ca.is_some() && self.link_tls.is_none() {
+            return Err("link_tls_client_ca needs link_tls (a certificate for the link)".into());
         }
         if self.link_write_buffer < self.max_body_size {
             return Err("link_write_buffer must be at least max_body_size".into());

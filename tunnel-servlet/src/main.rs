@@ -81,6 +81,10 @@ struct Args {
     /// TLS private key (PEM) for the link listener; needs --link-tls-cert.
     #[arg(long, env = "TUNNEL_LINK_TLS_KEY", requires = "link_tls_cert")]
     link_tls_key: Option<PathBuf>,
+    /// PEM file of the CA(s) that sign brokers' client certificates: the link then requires
+    /// mutual TLS (brokers without such a certificate are refused). Needs --link-tls-cert.
+    #[arg(long, env = "TUNNEL_LINK_TLS_CLIENT_CA", requires = "link_tls_cert")]
+    link_tls_client_ca: Option<PathBuf>,
 }
 
 fn tls_pair(cert: Option<PathBuf>, key: Option<PathBuf>) -> Option<TlsFiles> {
@@ -115,6 +119,7 @@ impl Args {
             header_read_timeout: self.header_timeout_ms,
             http_tls: tls_pair(self.tls_cert, self.tls_key),
             link_tls: tls_pair(self.link_tls_cert, self.link_tls_key),
+            link_tls_client_ca: self.link_tls_client_ca,
             ..RelayConfig::default()
         })
     }

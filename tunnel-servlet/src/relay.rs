@@ -63,11 +63,15 @@ impl Relay {
             .validate()
             .map_err(|msg| io::Error::new(io::ErrorKind::InvalidInput, msg))?;
         let http_tls = match &config.http_tls {
-            Some(files) => Some(tls::acceptor(files, &[b"h2", b"http/1.1"])?),
+            Some(files) => Some(tls::acceptor(files, &[b"h2", b"http/1.1"], None)?),
             None => None,
         };
         let link_tls = match &config.link_tls {
-            Some(files) => Some(tls::acceptor(files, &[])?),
+            Some(files) => Some(tls::acceptor(
+                files,
+                &[],
+                config.link_tls_client_ca.as_deref(),
+            )?),
             None => None,
         };
         let http = TcpListener::bind(config.http_listen).await?;
