@@ -262,6 +262,12 @@ impl Connection {
         self.advance_peer_right_edge(self.peer_ack.wrapping_add(u32::from(window)));
     }
 
+    /// Makes the next `poll_transmit` send an ACK even though nothing new arrived (the client
+    /// confirms the handshake this way).
+    pub fn send_ack_now(&mut self) {
+        self.ack_due = true;
+    }
+
     /// The receive window this end advertises now: packets it can take past its ack.
     pub fn recv_window(&self) -> u16 {
         let held = self
@@ -359,7 +365,8 @@ impl Connection {
     }
 
     /// Takes the next in-order chunk of received bytes, at most `max` long, without copying
-    /// (same outcomes as `read`, with `Some(empty)` at end of stream).
+    /// (same outcomes as `read`, with `Some(empty)` at end of stream). A `max` of 0 takes
+    /// nothing and answers `Ok(None)` unless the stream has ended.
     pub fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, StreamError> {
         if let Ending::Failed(err) = &self.ending {
             return Err(err.clone());
@@ -368,7 +375,8 @@ impl Connection {
             return Ok(self.peer_closed.then(Bytes::new));
         };
         if max == 0 {
-            return Ok(Some(Bytes::new()));
+            // An empty chunk would read as end of stream.
+            return Ok(None);
         }
         let chunk = if front.len() > max {
             front.split_to(max)
@@ -486,16 +494,25 @@ impl Connection {
         let edge_before = self.peer_right_edge;
         self.advance_peer_right_edge(ack.wrapping_add(u32::from(packet.window)));
         let window_opened = edge_before != self.peer_right_edge;
+        // While we probe a closed window, the peer's answers repeat the same ack by design;
+        // they say nothing about loss.
+        let probing = self
+            .in_flight
+            .front()
+            .is_some_and(|p| !seq::le(p.seq, edge_before));
 
         if ack != self.peer_ack {
             self.on_cumulative_ack(ack, now);
-        } else if !self.in_flight.is_empty() && !window_opened {
+        } else if !self.in_flight.is_empty() && !window_opened && !probing {
             self.dup_acks += 1;
         }
 
         match payload::decode_sack(packet.payload) {
-            Ok(blocks) => self.apply_sack(&blocks),
+            Ok(blocks) => self.apply_sack(&blocks, now),
             Err(err) => tracing::debug!(conn_id = self.conn_id, %err, "ignoring bad SACK blocks"),
+        }
+        if window_opened {
+            self.resend_probes(edge_before);
         }
         self.detect_losses(now);
         self.update_probe(now);
@@ -503,6 +520,7 @@ impl Connection {
 
     fn on_cumulative_ack(&mut self, ack: u32, now: Instant) {
         let mut rtt_sample = None;
+        let mut repaired_hole = false;
         while let Some(front) = self.in_flight.front() {
             if !seq::le(front.seq, ack) {
                 break;
@@ -510,8 +528,11 @@ impl Connection {
             let Some(done) = self.in_flight.pop_front() else {
                 break;
             };
-            // Karn's rule: only packets sent once give an unambiguous sample.
-            if done.transmissions == 1 {
+            // Karn's rule: only packets sent once give an unambiguous sample. And a packet
+            // acknowledged only now because it waited behind a resent one (or was already
+            // selectively acked, and sampled then) would measure the repair, not the path.
+            repaired_hole |= done.transmissions > 1;
+            if done.transmissions == 1 && !done.sacked && !repaired_hole {
                 rtt_sample = Some(now.saturating_duration_since(done.sent_at));
             }
             self.in_flight_bytes -= done.payload.len();
@@ -530,14 +551,36 @@ impl Connection {
         self.check_finished();
     }
 
-    fn apply_sack(&mut self, blocks: &[SackBlock]) {
+    fn apply_sack(&mut self, blocks: &[SackBlock], now: Instant) {
+        let mut rtt_sample = None;
         for block in blocks {
             for p in self.in_flight.iter_mut() {
-                if seq::le(block.first, p.seq) && seq::le(p.seq, block.last) {
+                if !p.sacked && seq::le(block.first, p.seq) && seq::le(p.seq, block.last) {
                     p.sacked = true;
                     p.lost = false;
+                    if p.transmissions == 1 {
+                        rtt_sample = Some(now.saturating_duration_since(p.sent_at));
+                    }
                 }
             }
+        }
+        if let Some(sample) = rtt_sample {
+            self.on_rtt_sample(sample);
+        }
+    }
+
+    /// The window opened past `old_edge`: packets we sent beyond it were probes, which the
+    /// receiver dropped. Send them again now instead of waiting for the backed-off timer.
+    fn resend_probes(&mut self, old_edge: u32) {
+        let mut any = false;
+        for p in self.in_flight.iter_mut() {
+            if !p.sacked && !seq::le(p.seq, old_edge) {
+                p.lost = true;
+                any = true;
+            }
+        }
+        if any {
+            self.rto = self.computed_rto();
         }
     }
 
