@@ -66,12 +66,14 @@ async fn connect(config: ClientConfig) -> Result<TunnelStream, ConnectError> {
         }
     };
 
-    let conn = Connection::new(
+    let mut conn = Connection::new(
         conn_id,
         peer_window,
         session.config.connection.clone(),
         stream::now(),
     );
+    // Our first push tells the relay we have the CONN_INIT_ACK, so it stops resending it.
+    conn.send_ack_now();
     let mut stream_config = session.config.stream.clone();
     stream_config.max_batch_bytes = stream_config
         .max_batch_bytes

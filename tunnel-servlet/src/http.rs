@@ -329,6 +329,7 @@ async fn push(
             return error(StatusCode::NOT_FOUND, "unknown connection");
         };
         entry.last_activity = Instant::now();
+        entry.confirm_accepted();
         entry.count_up(body.len());
         for packet in list.iter().filter(|p| p.kind == PacketType::ConnOption) {
             if let Ok(ConnOption::InactivityTimeoutMs(ms)) =
@@ -361,7 +362,7 @@ async fn pull(shared: &Shared, server: &str, conn_id: u32, token: Token) -> Resp
     shared.metrics.pull();
     let deadline = tokio::time::Instant::now() + config.pull_wait;
     loop {
-        let (pull_id, woken): (u64, oneshot::Receiver<Wake>) = {
+        let (pull_id, woken, wake_at): (u64, oneshot::Receiver<Wake>, tokio::time::Instant) = {
             let mut table = shared.table();
             let has_link = table.link(server).is_some();
             let pull_id = table.next_id();
@@ -377,7 +378,7 @@ async fn pull(shared: &Shared, server: &str, conn_id: u32, token: Token) -> Resp
                 };
             };
             entry.last_activity = Instant::now();
-            if entry.has_queued() {
+            if entry.has_queued(Instant::now()) {
                 let out = table.drain(conn_id, config.response_limit);
                 drop(table);
                 shared.metrics.sent_down(out.len());
@@ -389,9 +390,13 @@ async fn pull(shared: &Shared, server: &str, conn_id: u32, token: Token) -> Resp
             entry.wake(Wake::Superseded);
             let (tx, rx) = oneshot::channel();
             entry.waiter = Some(Waiter { id: pull_id, tx });
-            (pull_id, rx)
+            let wake_at = match entry.init_ack_resend_at() {
+                Some(t) => deadline.min(tokio::time::Instant::from_std(t)),
+                None => deadline,
+            };
+            (pull_id, rx, wake_at)
         };
-        match tokio::time::timeout_at(deadline, woken).await {
+        match tokio::time::timeout_at(wake_at, woken).await {
             Ok(Ok(Wake::Superseded)) => return no_op(),
             // Data: drain it at the top. Closed or dropped: the top finds out why (gone: 404;
             // stopping: NO_OP).
@@ -404,7 +409,7 @@ async fn pull(shared: &Shared, server: &str, conn_id: u32, token: Token) -> Resp
                     }
                     // The wait itself was client activity.
                     entry.last_activity = Instant::now();
-                    if entry.has_queued() {
+                    if entry.has_queued(Instant::now()) {
                         let out = table.drain(conn_id, config.response_limit);
                         drop(table);
                         shared.metrics.sent_down(out.len());

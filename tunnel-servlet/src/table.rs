@@ -35,6 +35,21 @@ pub(crate) struct Waiter {
     pub(crate) tx: oneshot::Sender<Wake>,
 }
 
+/// How often the broker's CONN_INIT_ACK is handed out again until the client shows, with its
+/// first push, that it has it. CONN_INIT_ACK has no sequence number: if the response that
+/// carried it is lost (a proxy dropped it after the relay answered), nothing else would ever
+/// resend it and the client's connect would time out.
+pub(crate) const INIT_ACK_RESEND: Duration = Duration::from_millis(500);
+
+/// The broker accepted the connection, and the client has not confirmed it yet.
+#[derive(Debug, Clone, Copy)]
+struct UnconfirmedAccept {
+    /// The window the broker announced in its CONN_INIT_ACK.
+    window: u16,
+    /// When to hand out a copy; `None` while the original is still queued.
+    resend_at: Option<Instant>,
+}
+
 /// A connection that is over but still has packets for its client.
 struct Ending {
     reason: Box<str>,
@@ -54,6 +69,7 @@ pub(crate) struct ConnEntry {
     bytes_up: u64,
     bytes_down: u64,
     ending: Option<Ending>,
+    unconfirmed: Option<UnconfirmedAccept>,
 }
 
 impl ConnEntry {
@@ -76,6 +92,7 @@ impl ConnEntry {
             bytes_up: 0,
             bytes_down: 0,
             ending: None,
+            unconfirmed: None,
         }
     }
 
@@ -85,8 +102,26 @@ impl ConnEntry {
         }
     }
 
-    pub(crate) fn has_queued(&self) -> bool {
-        !self.queue.is_empty()
+    /// Whether a pull has something to take now (queued packets, or a CONN_INIT_ACK due to
+    /// be handed out again).
+    pub(crate) fn has_queued(&self, now: Instant) -> bool {
+        !self.queue.is_empty() || self.init_ack_resend_due(now)
+    }
+
+    fn init_ack_resend_due(&self, now: Instant) -> bool {
+        self.unconfirmed
+            .and_then(|u| u.resend_at)
+            .is_some_and(|t| now >= t)
+    }
+
+    /// When a held pull must be answered to resend the CONN_INIT_ACK, if at all.
+    pub(crate) fn init_ack_resend_at(&self) -> Option<Instant> {
+        self.unconfirmed.and_then(|u| u.resend_at)
+    }
+
+    /// The client pushed: it has the CONN_INIT_ACK, stop resending it.
+    pub(crate) fn confirm_accepted(&mut self) {
+        self.unconfirmed = None;
     }
 
     pub(crate) fn count_up(&mut self, bytes: usize) {
@@ -264,6 +299,12 @@ impl Table {
             self.metrics.dropped();
             return Admit::Dropped;
         }
+        if packet.kind == PacketType::ConnInitAck {
+            entry.unconfirmed = Some(UnconfirmedAccept {
+                window: packet.window,
+                resend_at: None,
+            });
+        }
         entry.queued_bytes += len;
         entry.queue.push_back(packet);
         entry.wake(Wake::Data);
@@ -277,6 +318,18 @@ impl Table {
             return Bytes::new();
         };
         let mut out = BytesMut::new();
+        let now = Instant::now();
+        if entry.init_ack_resend_due(now) {
+            if let Some(u) = entry.unconfirmed {
+                Packet::new(PacketType::ConnInitAck, id, Bytes::new())
+                    .with_window(u.window)
+                    .encode(&mut out);
+            }
+        }
+        if let Some(u) = &mut entry.unconfirmed {
+            // Handed out now (the original is first in the queue, or the copy above).
+            u.resend_at = Some(now + INIT_ACK_RESEND);
+        }
         while let Some(front) = entry.queue.front() {
             let len = front.wire_len();
             if !out.is_empty() && out.len() + len > limit {

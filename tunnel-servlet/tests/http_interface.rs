@@ -436,3 +436,48 @@ async fn conn_option_from_the_client_sets_the_inactivity_timeout() {
     assert_eq!((abort.kind, abort.conn_id), (PacketType::ConnAbort, id));
     relay.shutdown().await;
 }
+
+/// CONN_INIT_ACK has no sequence number, so the relay hands it out again until the client's
+/// first push shows it arrived (the response that carried it may have been lost on the way).
+#[tokio::test]
+async fn init_ack_is_resent_until_the_client_pushes() {
+    let (relay, mut broker, client, id, token) = linked().await;
+    let ack = Packet::new(PacketType::ConnInitAck, id, Bytes::new()).with_window(32);
+    broker.send(&ack).await;
+    let first = loop {
+        let (status, packets) = pull(&client, &relay, id, &token).await;
+        assert_eq!(status, 200);
+        let got: Vec<_> = packets
+            .into_iter()
+            .filter(|p| p.kind != PacketType::NoOp)
+            .collect();
+        if !got.is_empty() {
+            break got;
+        }
+    };
+    assert_eq!(first, vec![ack.clone()]);
+    // Suppose that response was lost: the next pull gets a copy, after a short wait rather
+    // than the whole pull wait.
+    let started = std::time::Instant::now();
+    let (status, again) = pull(&client, &relay, id, &token).await;
+    assert_eq!(status, 200);
+    assert_eq!(again, vec![ack]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // The client's first push confirms it: no more copies.
+    let ack_from_client = Packet::new(PacketType::Ack, id, Bytes::new()).with_seq(u32::MAX);
+    let (status, _) = push(&client, &relay, id, &token, &[ack_from_client]).await;
+    assert_eq!(status, 200);
+    let reply = data(id, 0, 10);
+    broker.send(&reply).await;
+    let (_, after) = pull(&client, &relay, id, &token).await;
+    assert_eq!(
+        after,
+        vec![reply],
+        "no CONN_INIT_ACK after the client pushed"
+    );
+    relay.shutdown().await;
+}
