@@ -82,7 +82,10 @@ async fn push_body(
     let mut backoff = Backoff::new(config.retry_initial, config.retry_max);
     let attempts = config.push_attempts.max(1);
     for attempt in 1..=attempts {
-        if handle.get().is_some_and(ConnHandle::is_closed) {
+        // The first attempt always goes out: the driver ends (and the handle reads closed)
+        // right after handing over its last batch, which carries the CONN_ABORT or the final
+        // ACK. Only retries are pointless once the connection is over.
+        if attempt > 1 && handle.get().is_some_and(ConnHandle::is_closed) {
             return;
         }
         let result = session
