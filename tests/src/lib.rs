@@ -22,8 +22,10 @@ pub mod bins;
 pub mod chain;
 pub mod data;
 pub mod fault_proxy;
+pub mod fdlimit;
 pub mod net;
 pub mod process;
+pub mod redis;
 pub mod servers;
 pub mod tempdir;
 
