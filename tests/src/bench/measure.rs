@@ -1,0 +1,292 @@
+//! One measurement each: a throughput exchange, a ping-pong series, the idle-connection hold,
+//! the many-connection aggregate. Each works on any path entered by a TCP connect.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Barrier, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::dataserver::{write_pattern, IO_CHUNK, READY, THROUGHPUT};
+
+/// Bytes moved and the time it took.
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer {
+    pub up: u64,
+    pub down: u64,
+    pub elapsed: Duration,
+}
+
+impl Transfer {
+    /// MiB/s of both directions together.
+    pub fn mib_per_s(&self) -> f64 {
+        (self.up + self.down) as f64 / (1024.0 * 1024.0) / self.elapsed.as_secs_f64()
+    }
+}
+
+async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect {addr}")))??;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Opens a throughput exchange and waits for the server's READY, so the path (for the tunnel:
+/// the virtual connection) is open before any clock starts.
+async fn open_throughput(addr: SocketAddr, down: u64) -> io::Result<TcpStream> {
+    let mut s = connect(addr).await?;
+    let mut header = [0u8; 9];
+    header[0] = THROUGHPUT;
+    header[1..].copy_from_slice(&down.to_be_bytes());
+    s.write_all(&header).await?;
+    let mut ready = [0u8; 1];
+    s.read_exact(&mut ready).await?;
+    if ready[0] != READY {
+        return Err(io::Error::other(format!(
+            "server answered {:?}, not READY",
+            ready[0]
+        )));
+    }
+    Ok(s)
+}
+
+/// Sends `up` bytes (then half-closes) while receiving `down` bytes and the server's count of
+/// what it received; fails unless the count is `up`.
+async fn run_throughput(s: TcpStream, up: u64, down: u64) -> io::Result<()> {
+    let (mut rd, mut wr) = s.into_split();
+    let send = async {
+        write_pattern(&mut wr, up).await?;
+        wr.shutdown().await
+    };
+    let receive = async {
+        let mut buf = vec![0u8; IO_CHUNK];
+        let mut left = down;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = rd.read(&mut buf[..want]).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("EOF with {left} of {down} down bytes missing"),
+                ));
+            }
+            left -= n as u64;
+        }
+        rd.read_u64().await
+    };
+    let ((), received) = tokio::try_join!(send, receive)?;
+    if received != up {
+        return Err(io::Error::other(format!(
+            "server received {received} of {up} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// One connection: `up` bytes client→server and `down` bytes server→client, at once.
+pub async fn throughput(
+    addr: SocketAddr,
+    up: u64,
+    down: u64,
+    timeout: Duration,
+) -> io::Result<Transfer> {
+    tokio::time::timeout(timeout, async {
+        let s = open_throughput(addr, down).await?;
+        let started = Instant::now();
+        run_throughput(s, up, down).await?;
+        Ok(Transfer {
+            up,
+            down,
+            elapsed: started.elapsed(),
+        })
+    })
+    .await
+    .map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("throughput {up}/{down} bytes over {timeout:?}"),
+        )
+    })?
+}
+
+/// `conns` connections opened first, then all started together, each moving `up` and `down`
+/// bytes; the time runs from the start signal to the last one done.
+pub async fn aggregate(
+    addr: SocketAddr,
+    conns: usize,
+    up: u64,
+    down: u64,
+    timeout: Duration,
+) -> io::Result<Transfer> {
+    tokio::time::timeout(timeout, async {
+        let mut streams = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            streams.push(open_throughput(addr, down).await?);
+        }
+        let barrier = Arc::new(Barrier::new(conns + 1));
+        let mut tasks = JoinSet::new();
+        for s in streams {
+            let barrier = Arc::clone(&barrier);
+            tasks.spawn(async move {
+                barrier.wait().await;
+                run_throughput(s, up, down).await
+            });
+        }
+        barrier.wait().await;
+        let started = Instant::now();
+        while let Some(done) = tasks.join_next().await {
+            done.map_err(io::Error::other)??;
+        }
+        Ok(Transfer {
+            up: up * conns as u64,
+            down: down * conns as u64,
+            elapsed: started.elapsed(),
+        })
+    })
+    .await
+    .map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{conns} connections over {timeout:?}"),
+        )
+    })?
+}
+
+/// Round-trip times of `count` ping-pongs of `size` bytes on one connection, after `warmup`
+/// unrecorded ones.
+pub async fn ping_pong(
+    addr: SocketAddr,
+    size: usize,
+    count: usize,
+    warmup: usize,
+    timeout: Duration,
+) -> io::Result<Vec<Duration>> {
+    tokio::time::timeout(timeout, async {
+        let mut s = connect(addr).await?;
+        // Not THROUGHPUT as first byte: the server echoes.
+        let ping = vec![b'E'; size];
+        let mut pong = vec![0u8; size];
+        let mut samples = Vec::with_capacity(count);
+        for i in 0..warmup + count {
+            let started = Instant::now();
+            s.write_all(&ping).await?;
+            s.read_exact(&mut pong).await?;
+            if i >= warmup {
+                samples.push(started.elapsed());
+            }
+        }
+        Ok(samples)
+    })
+    .await
+    .map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{count} pings of {size} bytes over {timeout:?}"),
+        )
+    })?
+}
+
+/// One byte there and back on an open connection.
+async fn echo_byte(s: &mut TcpStream) -> io::Result<()> {
+    s.write_all(b"i").await?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await?;
+    Ok(())
+}
+
+/// `count` connections opened (each proven open by a 1-byte round trip), `parallel` at a time.
+/// Returns them and the time it took.
+pub async fn open_idle(
+    addr: SocketAddr,
+    count: usize,
+    parallel: usize,
+    timeout: Duration,
+    progress: impl Fn(usize),
+) -> io::Result<(Vec<TcpStream>, Duration)> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let gate = Arc::new(Semaphore::new(parallel));
+    let mut tasks = JoinSet::new();
+    let mut streams = Vec::with_capacity(count);
+    let mut launched = 0;
+    while streams.len() < count {
+        while launched < count && gate.available_permits() > 0 {
+            let permit = Arc::clone(&gate)
+                .acquire_owned()
+                .await
+                .map_err(io::Error::other)?;
+            tasks.spawn(async move {
+                let _permit = permit;
+                let mut s = connect(addr).await?;
+                echo_byte(&mut s).await?;
+                Ok::<_, io::Error>(s)
+            });
+            launched += 1;
+        }
+        match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            Ok(Some(done)) => {
+                let s = done.map_err(io::Error::other)?.map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("after {} connections open: {e}", streams.len()),
+                    )
+                })?;
+                streams.push(s);
+                if streams.len() % 1000 == 0 {
+                    progress(streams.len());
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "only {} of {count} connections open after {timeout:?}",
+                        streams.len()
+                    ),
+                ))
+            }
+        }
+    }
+    Ok((streams, started.elapsed()))
+}
+
+/// One round trip on every connection at once; returns them and the time until the last.
+pub async fn round_trip_all(
+    streams: Vec<TcpStream>,
+    timeout: Duration,
+) -> io::Result<(Vec<TcpStream>, Duration)> {
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for mut s in streams {
+        tasks.spawn(async move {
+            echo_byte(&mut s).await?;
+            Ok::<_, io::Error>(s)
+        });
+    }
+    let mut back = Vec::with_capacity(tasks.len());
+    let deadline = started + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            Ok(Some(done)) => back.push(done.map_err(io::Error::other)??),
+            Ok(None) => break,
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{} round trips done after {timeout:?}, {} pending",
+                        back.len(),
+                        tasks.len()
+                    ),
+                ))
+            }
+        }
+    }
+    Ok((back, started.elapsed()))
+}

@@ -1,0 +1,777 @@
+//! Benchmark of the HTTP tunnel against plain TCP, measured in one run on loopback.
+//!
+//! Starts the real relay, broker and client binaries (release build; `--bin-dir`), a data
+//! server behind the broker, and the baselines (direct TCP; three `copy_bidirectional`
+//! forwarders in a row, each its own process), then measures one-connection throughput,
+//! ping-pong latency, many-connection throughput, relay CPU per GiB, and 10,000 idle
+//! connections held by one relay. Prints a table (or JSON with `--json`) with medians over
+//! `--runs` and ratios to the baselines. Progress goes to stderr.
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! cargo run --release -p tunnel-tests --bin bench -- --runs 5
+//! ```
+
+#[path = "../bench/dataserver.rs"]
+mod dataserver;
+#[path = "../bench/forwarder.rs"]
+mod forwarder;
+#[path = "../bench/measure.rs"]
+mod measure;
+#[path = "../bench/procfs.rs"]
+mod procfs;
+#[path = "../bench/report.rs"]
+mod report;
+#[path = "../bench/stats.rs"]
+mod stats;
+#[path = "../bench/tunnel.rs"]
+mod tunnel;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::time::Instant;
+
+use report::{num, parse_size, Json};
+use stats::{median, percentile, ratio};
+use tunnel::{Flavour, RunningPath};
+
+/// Target: one connection, each direction, at least this share of the 3-hop chain.
+const TARGET_THROUGHPUT_RATIO: f64 = 0.60;
+/// Target: 1-byte round trip p50 at most this multiple of the 3-hop chain's.
+const TARGET_LATENCY_RATIO: f64 = 3.0;
+/// Target: relay memory per idle connection below this.
+const TARGET_IDLE_BYTES: f64 = 32.0 * 1024.0;
+/// Connections the idle section opens at once.
+const IDLE_OPEN_PARALLEL: usize = 256;
+const MIB: f64 = 1024.0 * 1024.0;
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Benchmark the HTTP tunnel against direct TCP and a 3-hop TCP chain")]
+struct Opts {
+    /// Directory holding tunnel-servlet, tunnel-broker and tunnel-client (default: the
+    /// directory of this executable, i.e. target/release when run with `cargo run --release`).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Repetitions of every throughput, latency and aggregate measurement (medians reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Bytes per direction of one single-connection throughput measurement (K/M/G suffixes).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    bytes: u64,
+    /// Sections to run, comma-separated: throughput, latency, aggregate, idle.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "throughput,latency,aggregate,idle"
+    )]
+    sections: Vec<String>,
+    /// Tunnel flavours to measure, comma-separated: http1, http2, https.
+    #[arg(long, value_delimiter = ',', default_value = "http1,http2,https")]
+    flavours: Vec<String>,
+    /// Ping-pongs per latency measurement (1-byte; the 16 KiB series runs a quarter).
+    #[arg(long, default_value_t = 1000)]
+    pings: usize,
+    /// Connections held open in the idle section.
+    #[arg(long, default_value_t = 10_000)]
+    idle_conns: usize,
+    /// Flavour of the tunnel the idle section runs through: http1 or http2.
+    #[arg(long, default_value = "http1")]
+    idle_flavour: String,
+    /// Connections busy at once in the aggregate section.
+    #[arg(long, default_value_t = 100)]
+    agg_conns: usize,
+    /// Bytes per direction per connection in the aggregate section.
+    #[arg(long, default_value = "2M", value_parser = parse_size)]
+    agg_bytes: u64,
+    /// Deadline of any one measurement, in seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout_secs: u64,
+    /// Small sizes for a smoke run: 3 runs, 16 MiB, 200 pings, 1,000 idle connections,
+    /// 512 KiB per aggregate connection (explicit options given after it still apply).
+    #[arg(long)]
+    quick: bool,
+    /// Print the results as JSON on stdout (the table then goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Internal: run as one hop of the TCP baseline chain, listening here.
+    #[arg(long, hide = true, requires = "forwarder_to")]
+    forwarder_listen: Option<SocketAddr>,
+    /// Internal: where the hop forwards to.
+    #[arg(long, hide = true)]
+    forwarder_to: Option<SocketAddr>,
+}
+
+impl Opts {
+    fn apply_quick(&mut self) {
+        if !self.quick {
+            return;
+        }
+        let args: Vec<String> = std::env::args().collect();
+        let given = |flag: &str| {
+            args.iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        };
+        if !given("--runs") {
+            self.runs = 3;
+        }
+        if !given("--bytes") {
+            self.bytes = 16 << 20;
+        }
+        if !given("--pings") {
+            self.pings = 200;
+        }
+        if !given("--idle-conns") {
+            self.idle_conns = 1000;
+        }
+        if !given("--agg-bytes") {
+            self.agg_bytes = 512 << 10;
+        }
+    }
+
+    fn section(&self, name: &str) -> bool {
+        self.sections.iter().any(|s| s == name)
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
+fn parse_flavour(name: &str) -> Result<Flavour, String> {
+    match name {
+        "http1" | "h1" => Ok(Flavour::Http1),
+        "http2" | "h2" => Ok(Flavour::Http2),
+        "https" => Ok(Flavour::Https),
+        other => Err(format!("unknown flavour {other:?} (http1, http2, https)")),
+    }
+}
+
+/// Progress on stderr, stamped with the time since the start.
+struct Progress(Instant);
+
+impl Progress {
+    fn say(&self, what: impl AsRef<str>) {
+        eprintln!(
+            "[{:7.1}s] {}",
+            self.0.elapsed().as_secs_f64(),
+            what.as_ref()
+        );
+    }
+}
+
+/// Per-path results of the repeated measurements (one value per run).
+#[derive(Default, Debug)]
+struct PathResults {
+    label: String,
+    up: Vec<f64>,
+    down: Vec<f64>,
+    both: Vec<f64>,
+    aggregate: Vec<f64>,
+    p50_1b: Vec<f64>,
+    p99_1b: Vec<f64>,
+    p50_16k: Vec<f64>,
+    p99_16k: Vec<f64>,
+    /// CPU seconds per role over the throughput and aggregate sections, and the bytes moved.
+    cpu: BTreeMap<String, f64>,
+    bytes_moved: f64,
+}
+
+#[derive(Debug)]
+struct IdleResults {
+    flavour: String,
+    conns: usize,
+    open_secs: f64,
+    round_trip_secs: f64,
+    rss_before: BTreeMap<String, u64>,
+    rss_held: BTreeMap<String, u64>,
+}
+
+impl IdleResults {
+    fn per_conn(&self, role: &str) -> f64 {
+        let (Some(b), Some(h)) = (self.rss_before.get(role), self.rss_held.get(role)) else {
+            return f64::NAN;
+        };
+        (*h as f64 - *b as f64) / self.conns as f64
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let mut opts = Opts::parse();
+    if let (Some(listen), Some(to)) = (opts.forwarder_listen, opts.forwarder_to) {
+        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        return match runtime.block_on(forwarder::run(listen, to)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("forwarder {listen} -> {to}: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    opts.apply_quick();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(run(opts)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench failed: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(opts: Opts) -> io::Result<()> {
+    let progress = Progress(Instant::now());
+    let flavours = opts
+        .flavours
+        .iter()
+        .map(|f| parse_flavour(f))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io::Error::other)?;
+    let idle_flavour = parse_flavour(&opts.idle_flavour).map_err(io::Error::other)?;
+    let bin_dir = match &opts.bin_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("target/release")),
+    };
+    let machine = procfs::Machine::detect();
+    // Each idle connection costs the bench two descriptors (its end and the data server's)
+    // and each tunnel process one or two; leave room for the rest.
+    let nofile = procfs::raise_nofile_limit((opts.idle_conns as u64 * 3 + 4096).max(65_536))?;
+    progress.say(format!(
+        "machine: {} cores, {}, Linux {}; binaries from {}; open-file limit {nofile}",
+        machine.cores,
+        machine.cpu_model,
+        machine.kernel,
+        bin_dir.display()
+    ));
+    if opts.section("idle") && (nofile as usize) < opts.idle_conns * 2 + 1024 {
+        return Err(io::Error::other(format!(
+            "open-file limit {nofile} too low for {} idle connections",
+            opts.idle_conns
+        )));
+    }
+
+    let server = dataserver::DataServer::start().await?;
+    let broker_max = opts.idle_conns.max(opts.agg_conns) + 1024;
+    let mut results: Vec<PathResults> = Vec::new();
+    let needs_paths = ["throughput", "latency", "aggregate"]
+        .iter()
+        .any(|s| opts.section(s));
+    if needs_paths {
+        let mut paths: Vec<RunningPath> = vec![tunnel::direct(server.addr())?];
+        progress.say("starting the 3-hop TCP chain");
+        paths.push(tunnel::start_tcp_chain(server.addr()).await?);
+        for flavour in &flavours {
+            progress.say(format!("starting {}", flavour.label()));
+            paths.push(tunnel::start_tunnel(&bin_dir, *flavour, server.addr(), broker_max).await?);
+        }
+        results = paths
+            .iter()
+            .map(|p| PathResults {
+                label: p.label.clone(),
+                ..Default::default()
+            })
+            .collect();
+        for run in 1..=opts.runs {
+            for (path, res) in paths.iter_mut().zip(results.iter_mut()) {
+                measure_path(&opts, &progress, run, path, res).await?;
+            }
+        }
+        drop(paths);
+    }
+    let idle = if opts.section("idle") {
+        Some(
+            idle_section(
+                &opts,
+                &progress,
+                &bin_dir,
+                idle_flavour,
+                server.addr(),
+                broker_max,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+
+    let table = render_table(&opts, &machine, &results, idle.as_ref());
+    if opts.json {
+        eprintln!("{table}");
+        println!(
+            "{}",
+            render_json(&opts, &machine, &results, idle.as_ref()).render()
+        );
+    } else {
+        println!("{table}");
+    }
+    Ok(())
+}
+
+/// CPU seconds of every process of the path, by role.
+fn cpu_by_role(path: &RunningPath) -> BTreeMap<String, f64> {
+    path.processes
+        .iter()
+        .filter_map(|(role, p)| Some((role.clone(), procfs::cpu_seconds(p.id()?).ok()?)))
+        .collect()
+}
+
+async fn measure_path(
+    opts: &Opts,
+    progress: &Progress,
+    run: usize,
+    path: &mut RunningPath,
+    res: &mut PathResults,
+) -> io::Result<()> {
+    let timeout = opts.timeout();
+    let fail = |what: &str, e: io::Error| {
+        io::Error::new(e.kind(), format!("{} {what}: {e}", res_label(path)))
+    };
+    if opts.section("throughput") {
+        let n = opts.bytes;
+        for (dir, up, down) in [("up", n, 0), ("down", 0, n), ("both", n, n)] {
+            let cpu_before = cpu_by_role(path);
+            let t = measure::throughput(path.entry, up, down, timeout)
+                .await
+                .map_err(|e| fail(&format!("throughput {dir}"), e))?;
+            account_cpu(path, res, &cpu_before, (up + down) as f64);
+            let rate = t.mib_per_s();
+            progress.say(format!(
+                "run {run}/{}: {:<22} {dir:<4} {:9.1} MiB/s",
+                opts.runs, path.label, rate
+            ));
+            match dir {
+                "up" => res.up.push(rate),
+                "down" => res.down.push(rate),
+                _ => res.both.push(rate),
+            }
+        }
+    }
+    if opts.section("latency") {
+        for (size, count) in [(1usize, opts.pings), (16 * 1024, (opts.pings / 4).max(20))] {
+            let samples = measure::ping_pong(path.entry, size, count, count / 10 + 5, timeout)
+                .await
+                .map_err(|e| fail(&format!("ping-pong {size} B"), e))?;
+            let (p50, p99) = (percentile(&samples, 50.0), percentile(&samples, 99.0));
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            progress.say(format!(
+                "run {run}/{}: {:<22} rtt {size:>5} B  p50 {:8.1} µs  p99 {:8.1} µs",
+                opts.runs,
+                path.label,
+                us(p50),
+                us(p99)
+            ));
+            if size == 1 {
+                res.p50_1b.push(us(p50));
+                res.p99_1b.push(us(p99));
+            } else {
+                res.p50_16k.push(us(p50));
+                res.p99_16k.push(us(p99));
+            }
+        }
+    }
+    if opts.section("aggregate") {
+        let b = opts.agg_bytes;
+        let cpu_before = cpu_by_role(path);
+        let t = measure::aggregate(path.entry, opts.agg_conns, b, b, timeout)
+            .await
+            .map_err(|e| fail("aggregate", e))?;
+        account_cpu(path, res, &cpu_before, (t.up + t.down) as f64);
+        progress.say(format!(
+            "run {run}/{}: {:<22} {} conns both ways {:9.1} MiB/s",
+            opts.runs,
+            path.label,
+            opts.agg_conns,
+            t.mib_per_s()
+        ));
+        res.aggregate.push(t.mib_per_s());
+    }
+    path.check_alive()
+}
+
+fn res_label(path: &RunningPath) -> &str {
+    &path.label
+}
+
+fn account_cpu(
+    path: &RunningPath,
+    res: &mut PathResults,
+    before: &BTreeMap<String, f64>,
+    bytes: f64,
+) {
+    for (role, after) in cpu_by_role(path) {
+        if let Some(b) = before.get(&role) {
+            *res.cpu.entry(role).or_default() += after - b;
+        }
+    }
+    res.bytes_moved += bytes;
+}
+
+async fn idle_section(
+    opts: &Opts,
+    progress: &Progress,
+    bin_dir: &std::path::Path,
+    flavour: Flavour,
+    target: SocketAddr,
+    broker_max: usize,
+) -> io::Result<IdleResults> {
+    progress.say(format!("idle: starting a fresh {}", flavour.label()));
+    let mut path = tunnel::start_tunnel(bin_dir, flavour, target, broker_max).await?;
+    let roles = ["relay", "broker", "client"];
+    let rss = |path: &RunningPath| -> io::Result<BTreeMap<String, u64>> {
+        roles
+            .iter()
+            .map(|r| {
+                let pid = path
+                    .pid_of(r)
+                    .ok_or_else(|| io::Error::other(format!("{r} has no pid")))?;
+                Ok((r.to_string(), procfs::rss_bytes(pid)?))
+            })
+            .collect()
+    };
+    // Let the probe's connection finish so it does not count.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = rss(&path)?;
+    progress.say(format!(
+        "idle: relay RSS before {:.1} MiB; opening {} connections ({} at a time)",
+        rss_before["relay"] as f64 / MIB,
+        opts.idle_conns,
+        IDLE_OPEN_PARALLEL
+    ));
+    let (streams, open) = measure::open_idle(
+        path.entry,
+        opts.idle_conns,
+        IDLE_OPEN_PARALLEL,
+        opts.timeout(),
+        |n| progress.say(format!("idle: {n} open")),
+    )
+    .await
+    .map_err(|e| io::Error::new(e.kind(), format!("opening idle connections: {e}")))?;
+    progress.say(format!(
+        "idle: {} open in {:.2} s; one round trip on all",
+        streams.len(),
+        open.as_secs_f64()
+    ));
+    let (streams, round_trip) = measure::round_trip_all(streams, opts.timeout())
+        .await
+        .map_err(|e| {
+            io::Error::new(e.kind(), format!("round trip on all idle connections: {e}"))
+        })?;
+    // Let queued work drain so RSS is what holding them costs.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_held = rss(&path)?;
+    path.check_alive()?;
+    let result = IdleResults {
+        flavour: flavour.label().into(),
+        conns: streams.len(),
+        open_secs: open.as_secs_f64(),
+        round_trip_secs: round_trip.as_secs_f64(),
+        rss_before,
+        rss_held,
+    };
+    progress.say(format!(
+        "idle: round trip on all in {:.2} s; relay RSS held {:.1} MiB = {:.1} KiB per connection",
+        round_trip.as_secs_f64(),
+        result.rss_held["relay"] as f64 / MIB,
+        result.per_conn("relay") / 1024.0
+    ));
+    drop(streams);
+    Ok(result)
+}
+
+fn render_table(
+    opts: &Opts,
+    machine: &procfs::Machine,
+    results: &[PathResults],
+    idle: Option<&IdleResults>,
+) -> String {
+    use std::fmt::Write;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "Machine: {} cores, {}, Linux {}. Medians of {} runs; ratios are to the 3-hop TCP chain measured in the same run.",
+        machine.cores, machine.cpu_model, machine.kernel, opts.runs
+    );
+    let base = results.iter().find(|r| r.label == "3-hop TCP chain");
+    let m = |v: &[f64]| median(v);
+    let r = |f: &dyn Fn(&PathResults) -> f64, res: &PathResults| {
+        base.map_or(f64::NAN, |b| ratio(f(res), f(b)))
+    };
+    if opts.section("throughput") {
+        let _ = writeln!(
+            t,
+            "\nOne connection, {} MiB per direction (MiB/s; 'both' counts both directions)",
+            opts.bytes >> 20
+        );
+        let _ = writeln!(
+            t,
+            "{:<22} {:>9} {:>9} {:>9}   {:>7} {:>7} {:>7}",
+            "path", "up", "down", "both", "up/3h", "down/3h", "both/3h"
+        );
+        for res in results {
+            let _ = writeln!(
+                t,
+                "{:<22} {:>9} {:>9} {:>9}   {:>7} {:>7} {:>7}",
+                res.label,
+                num(m(&res.up), 1),
+                num(m(&res.down), 1),
+                num(m(&res.both), 1),
+                num(r(&|x| m(&x.up), res), 2),
+                num(r(&|x| m(&x.down), res), 2),
+                num(r(&|x| m(&x.both), res), 2),
+            );
+        }
+    }
+    if opts.section("latency") {
+        let _ = writeln!(t, "\nRound trip, ping-pong on one connection (µs)");
+        let _ = writeln!(
+            t,
+            "{:<22} {:>9} {:>9} {:>10} {:>10}   {:>8} {:>9}",
+            "path", "1B p50", "1B p99", "16KiB p50", "16KiB p99", "1Bp50/3h", "16Kp50/3h"
+        );
+        for res in results {
+            let _ = writeln!(
+                t,
+                "{:<22} {:>9} {:>9} {:>10} {:>10}   {:>8} {:>9}",
+                res.label,
+                num(m(&res.p50_1b), 0),
+                num(m(&res.p99_1b), 0),
+                num(m(&res.p50_16k), 0),
+                num(m(&res.p99_16k), 0),
+                num(r(&|x| m(&x.p50_1b), res), 2),
+                num(r(&|x| m(&x.p50_16k), res), 2),
+            );
+        }
+    }
+    if opts.section("aggregate") {
+        let _ = writeln!(
+            t,
+            "\n{} connections busy at once, {} KiB each way each (MiB/s, both directions)",
+            opts.agg_conns,
+            opts.agg_bytes >> 10
+        );
+        for res in results {
+            let _ = writeln!(
+                t,
+                "{:<22} {:>9}   {:>5}",
+                res.label,
+                num(m(&res.aggregate), 1),
+                num(r(&|x| m(&x.aggregate), res), 2)
+            );
+        }
+    }
+    if opts.section("throughput") || opts.section("aggregate") {
+        let _ = writeln!(
+            t,
+            "\nCPU seconds per GiB moved (throughput + aggregate sections)"
+        );
+        for res in results.iter().filter(|r| !r.cpu.is_empty()) {
+            let gib = res.bytes_moved / GIB;
+            let parts: Vec<String> = res
+                .cpu
+                .iter()
+                .map(|(role, s)| format!("{role} {:.2}", s / gib))
+                .collect();
+            let _ = writeln!(t, "{:<22} {}", res.label, parts.join(", "));
+        }
+    }
+    if let Some(idle) = idle {
+        let _ = writeln!(
+            t,
+            "\n{} idle connections held through one relay ({})",
+            idle.conns, idle.flavour
+        );
+        let _ = writeln!(
+            t,
+            "open all (connect + first 1-byte round trip): {:.2} s",
+            idle.open_secs
+        );
+        let _ = writeln!(
+            t,
+            "one round trip on all at once:                {:.2} s",
+            idle.round_trip_secs
+        );
+        for role in ["relay", "broker", "client"] {
+            let _ = writeln!(
+                t,
+                "{role:<7} RSS {:7.1} MiB -> {:7.1} MiB held: {:6.1} KiB per connection",
+                idle.rss_before.get(role).copied().unwrap_or(0) as f64 / MIB,
+                idle.rss_held.get(role).copied().unwrap_or(0) as f64 / MIB,
+                idle.per_conn(role) / 1024.0
+            );
+        }
+    }
+    let _ = writeln!(t, "\nTargets:");
+    if let Some(b) = base {
+        for res in results.iter().filter(|r| r.label.starts_with("tunnel")) {
+            if opts.section("throughput") {
+                let (up, down) = (ratio(m(&res.up), m(&b.up)), ratio(m(&res.down), m(&b.down)));
+                let ok = up >= TARGET_THROUGHPUT_RATIO && down >= TARGET_THROUGHPUT_RATIO;
+                let _ = writeln!(
+                    t,
+                    "  {:<22} throughput up {} down {} of 3-hop (>= {TARGET_THROUGHPUT_RATIO}): {}",
+                    res.label,
+                    num(up, 2),
+                    num(down, 2),
+                    verdict(ok)
+                );
+            }
+            if opts.section("latency") {
+                let l = ratio(m(&res.p50_1b), m(&b.p50_1b));
+                let _ = writeln!(
+                    t,
+                    "  {:<22} 1-byte p50 {}x 3-hop (<= {TARGET_LATENCY_RATIO}x): {}",
+                    res.label,
+                    num(l, 2),
+                    verdict(l <= TARGET_LATENCY_RATIO)
+                );
+            }
+        }
+    }
+    if let Some(idle) = idle {
+        let per = idle.per_conn("relay");
+        let ok = idle.conns >= 10_000 && per < TARGET_IDLE_BYTES;
+        let _ = writeln!(
+            t,
+            "  {} idle connections, relay {:.1} KiB each (10,000 at < 32 KiB): {}",
+            idle.conns,
+            per / 1024.0,
+            verdict(ok)
+        );
+    }
+    t
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "FAIL"
+    }
+}
+
+fn render_json(
+    opts: &Opts,
+    machine: &procfs::Machine,
+    results: &[PathResults],
+    idle: Option<&IdleResults>,
+) -> Json {
+    let base = results.iter().find(|r| r.label == "3-hop TCP chain");
+    let series = |values: &[f64], base_values: Option<&[f64]>| {
+        Json::obj(vec![
+            ("runs", Json::nums(values)),
+            ("median", Json::Num(median(values))),
+            (
+                "ratio_to_3hop",
+                Json::Num(base_values.map_or(f64::NAN, |b| ratio(median(values), median(b)))),
+            ),
+        ])
+    };
+    let paths = results
+        .iter()
+        .map(|res| {
+            let gib = res.bytes_moved / GIB;
+            let cpu = res
+                .cpu
+                .iter()
+                .map(|(role, s)| (role.clone(), Json::Num(s / gib)))
+                .collect();
+            Json::obj(vec![
+                ("path", Json::Str(res.label.clone())),
+                (
+                    "throughput_up_mib_s",
+                    series(&res.up, base.map(|b| b.up.as_slice())),
+                ),
+                (
+                    "throughput_down_mib_s",
+                    series(&res.down, base.map(|b| b.down.as_slice())),
+                ),
+                (
+                    "throughput_both_mib_s",
+                    series(&res.both, base.map(|b| b.both.as_slice())),
+                ),
+                (
+                    "rtt_1b_p50_us",
+                    series(&res.p50_1b, base.map(|b| b.p50_1b.as_slice())),
+                ),
+                (
+                    "rtt_1b_p99_us",
+                    series(&res.p99_1b, base.map(|b| b.p99_1b.as_slice())),
+                ),
+                (
+                    "rtt_16k_p50_us",
+                    series(&res.p50_16k, base.map(|b| b.p50_16k.as_slice())),
+                ),
+                (
+                    "rtt_16k_p99_us",
+                    series(&res.p99_16k, base.map(|b| b.p99_16k.as_slice())),
+                ),
+                (
+                    "aggregate_mib_s",
+                    series(&res.aggregate, base.map(|b| b.aggregate.as_slice())),
+                ),
+                ("cpu_s_per_gib", Json::Obj(cpu)),
+            ])
+        })
+        .collect();
+    let idle_json = idle.map_or(Json::Obj(vec![]), |i| {
+        Json::obj(vec![
+            ("flavour", Json::Str(i.flavour.clone())),
+            ("connections", Json::Num(i.conns as f64)),
+            ("open_all_s", Json::Num(i.open_secs)),
+            ("round_trip_all_s", Json::Num(i.round_trip_secs)),
+            (
+                "relay_rss_before_bytes",
+                Json::Num(i.rss_before.get("relay").copied().unwrap_or(0) as f64),
+            ),
+            (
+                "relay_rss_held_bytes",
+                Json::Num(i.rss_held.get("relay").copied().unwrap_or(0) as f64),
+            ),
+            ("relay_bytes_per_conn", Json::Num(i.per_conn("relay"))),
+            ("broker_bytes_per_conn", Json::Num(i.per_conn("broker"))),
+            ("client_bytes_per_conn", Json::Num(i.per_conn("client"))),
+            (
+                "target_met",
+                Json::Bool(i.conns >= 10_000 && i.per_conn("relay") < TARGET_IDLE_BYTES),
+            ),
+        ])
+    });
+    Json::obj(vec![
+        (
+            "machine",
+            Json::obj(vec![
+                ("cores", Json::Num(machine.cores as f64)),
+                ("cpu_model", Json::Str(machine.cpu_model.clone())),
+                ("kernel", Json::Str(machine.kernel.clone())),
+            ]),
+        ),
+        (
+            "config",
+            Json::obj(vec![
+                ("runs", Json::Num(opts.runs as f64)),
+                ("bytes", Json::Num(opts.bytes as f64)),
+                ("pings", Json::Num(opts.pings as f64)),
+                ("agg_conns", Json::Num(opts.agg_conns as f64)),
+                ("agg_bytes", Json::Num(opts.agg_bytes as f64)),
+                ("idle_conns", Json::Num(opts.idle_conns as f64)),
+            ]),
+        ),
+        ("paths", Json::Arr(paths)),
+        ("idle", idle_json),
+    ])
+}
