@@ -24,14 +24,12 @@ pub const IO_CHUNK: usize = 256 * 1024;
 
 /// Listening data server; stops when dropped.
 pub struct DataServer {
-    addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl DataServer {
-    pub async fn start() -> io::Result<DataServer> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
+    pub async fn start(addr: SocketAddr) -> io::Result<DataServer> {
+        let listener = TcpListener::bind(addr).await?;
         let task = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
@@ -51,11 +49,7 @@ impl DataServer {
                 }
             }
         });
-        Ok(DataServer { addr, task })
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+        Ok(DataServer { task })
     }
 }
 

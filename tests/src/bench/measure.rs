@@ -200,10 +200,11 @@ async fn echo_byte(s: &mut TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-/// `count` connections opened (each proven open by a 1-byte round trip), `parallel` at a time.
+/// `count` connections opened (each proven open by a 1-byte round trip), `parallel` at a time,
+/// spread round-robin over `entries`.
 /// Returns them and the time it took.
 pub async fn open_idle(
-    addr: SocketAddr,
+    entries: &[SocketAddr],
     count: usize,
     parallel: usize,
     timeout: Duration,
@@ -221,6 +222,7 @@ pub async fn open_idle(
                 .acquire_owned()
                 .await
                 .map_err(io::Error::other)?;
+            let addr = entries[launched % entries.len()];
             tasks.spawn(async move {
                 let _permit = permit;
                 let mut s = connect(addr).await?;

@@ -47,6 +47,8 @@ impl Flavour {
 pub struct RunningPath {
     pub label: String,
     pub entry: SocketAddr,
+    /// Every entry when the path has several clients (the idle section); `entry` is the first.
+    pub entries: Vec<SocketAddr>,
     /// (role, process) pairs; for the tunnel: relay, broker, client.
     pub processes: Vec<(String, ChildProcess)>,
     // Last, so the processes die before their directory goes.
@@ -54,13 +56,6 @@ pub struct RunningPath {
 }
 
 impl RunningPath {
-    pub fn pid_of(&self, role: &str) -> Option<u32> {
-        self.processes
-            .iter()
-            .find(|(r, _)| r == role)
-            .and_then(|(_, p)| p.id())
-    }
-
     /// Fails naming the process that has exited, with its log's tail.
     pub fn check_alive(&mut self) -> io::Result<()> {
         for (role, process) in &mut self.processes {
@@ -96,12 +91,15 @@ fn bin(bin_dir: &Path, name: &str) -> io::Result<PathBuf> {
 }
 
 /// Starts relay, broker (forwarding to `target`) and client, and waits until a round trip
-/// through the client's port works. `broker_max_conns` must cover the idle section.
+/// through the client's port works. `broker_max_conns` must cover the idle section. With
+/// `clients` > 1, that many client processes share the relay (one process's open-file limit
+/// cannot hold 10,000 local sockets plus 10,000 HTTP/1.1 connections).
 pub async fn start_tunnel(
     bin_dir: &Path,
     flavour: Flavour,
     target: SocketAddr,
     broker_max_conns: usize,
+    clients: usize,
 ) -> io::Result<RunningPath> {
     let dir = TestDir::new(&format!("bench-{}", flavour.key()))?;
     let secret = dir.path().join("link-secret");
@@ -109,7 +107,8 @@ pub async fn start_tunnel(
         &secret,
         format!("bench-{}-{}", std::process::id(), target.port()),
     )?;
-    let (http, link, listen) = (free_addr(), free_addr(), free_addr());
+    let (http, link) = (free_addr(), free_addr());
+    let listens: Vec<SocketAddr> = (0..clients.max(1)).map(|_| free_addr()).collect();
     let mut relay_args: Vec<String> = vec![
         "--listen".into(),
         http.to_string(),
@@ -121,8 +120,6 @@ pub async fn start_tunnel(
     let mut client_args: Vec<String> = vec![
         "--server".into(),
         SERVER_NAME.into(),
-        "--listen".into(),
-        listen.to_string(),
         "--no-env-proxy".into(),
     ];
     match flavour {
@@ -180,7 +177,8 @@ pub async fn start_tunnel(
     let env = rust_log();
     let mut path = RunningPath {
         label: flavour.label().into(),
-        entry: listen,
+        entry: listens[0],
+        entries: listens.clone(),
         processes: Vec::new(),
         _dir: dir,
     };
@@ -202,17 +200,51 @@ pub async fn start_tunnel(
         &log_dir,
     )?;
     path.processes.push(("broker".into(), broker));
-    let client = ChildProcess::spawn(
-        "client",
-        &bin(bin_dir, "tunnel-client")?,
-        client_args,
-        &env,
-        &log_dir,
-    )?;
-    path.processes.push(("client".into(), client));
-    wait_up(&mut path, listen).await?;
+    for (i, listen) in listens.iter().enumerate() {
+        let role = if i == 0 {
+            "client".to_string()
+        } else {
+            format!("client{}", i + 1)
+        };
+        let mut args = client_args.clone();
+        args.extend(["--listen".to_string(), listen.to_string()]);
+        let client =
+            ChildProcess::spawn(&role, &bin(bin_dir, "tunnel-client")?, args, &env, &log_dir)?;
+        path.processes.push((role, client));
+        wait_up(&mut path, *listen).await?;
+    }
     wait_round_trip(&mut path).await?;
     Ok(path)
+}
+
+/// The data server in its own process (the bench itself with `--serve-data`), so the bench's
+/// open-file limit only has to cover the client ends of the idle connections.
+pub async fn start_data_server() -> io::Result<(SocketAddr, ChildProcess, TestDir)> {
+    let dir = TestDir::new("bench-data")?;
+    let addr = free_addr();
+    let mut process = ChildProcess::spawn(
+        "data-server",
+        &std::env::current_exe()?,
+        ["--serve-data".to_string(), addr.to_string()],
+        &[],
+        dir.path(),
+    )?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while wait_for_tcp(addr, Duration::from_millis(300))
+        .await
+        .is_err()
+    {
+        if let Some(status) = process.try_exit_status()? {
+            return Err(io::Error::other(format!(
+                "data server exited ({status}): {}",
+                process.log_tail(20)
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::other("data server did not listen"));
+        }
+    }
+    Ok((addr, process, dir))
 }
 
 /// The direct baseline: the data server itself.
@@ -220,6 +252,7 @@ pub fn direct(target: SocketAddr) -> io::Result<RunningPath> {
     Ok(RunningPath {
         label: "direct TCP".into(),
         entry: target,
+        entries: vec![target],
         processes: Vec::new(),
         _dir: TestDir::new("bench-direct")?,
     })
@@ -233,6 +266,7 @@ pub async fn start_tcp_chain(target: SocketAddr) -> io::Result<RunningPath> {
     let mut path = RunningPath {
         label: "3-hop TCP chain".into(),
         entry: target,
+        entries: vec![target],
         processes: Vec::new(),
         _dir: dir,
     };
@@ -251,6 +285,7 @@ pub async fn start_tcp_chain(target: SocketAddr) -> io::Result<RunningPath> {
         next = listen;
     }
     path.entry = next;
+    path.entries = vec![next];
     wait_round_trip(&mut path).await?;
     Ok(path)
 }

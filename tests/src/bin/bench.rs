@@ -99,6 +99,13 @@ struct Opts {
     /// Print the results as JSON on stdout (the table then goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Client processes the idle section spreads its connections over (0: as many as the
+    /// open-file limit requires, two descriptors per connection per client).
+    #[arg(long, default_value_t = 0)]
+    idle_clients: usize,
+    /// Internal: run as the data server, listening here.
+    #[arg(long, hide = true)]
+    serve_data: Option<SocketAddr>,
     /// Internal: run as one hop of the TCP baseline chain, listening here.
     #[arg(long, hide = true, requires = "forwarder_to")]
     forwarder_listen: Option<SocketAddr>,
@@ -190,6 +197,10 @@ struct IdleResults {
     round_trip_secs: f64,
     rss_before: BTreeMap<String, u64>,
     rss_held: BTreeMap<String, u64>,
+    /// Descriptors the relay holds while the connections are held (HTTP connections + links).
+    relay_fds_held: usize,
+    /// CPU seconds by role (clients summed) spent opening them and doing the round trips.
+    cpu_secs: BTreeMap<String, f64>,
 }
 
 impl IdleResults {
@@ -209,6 +220,20 @@ fn main() -> std::process::ExitCode {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("forwarder {listen} -> {to}: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(addr) = opts.serve_data {
+        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        return match runtime.block_on(async {
+            let _ = procfs::raise_nofile_limit(65_536);
+            let _server = dataserver::DataServer::start(addr).await?;
+            std::future::pending::<io::Result<()>>().await
+        }) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("data server {addr}: {e}");
                 std::process::ExitCode::FAILURE
             }
         };
@@ -258,26 +283,26 @@ async fn run(opts: Opts) -> io::Result<()> {
         machine.kernel,
         bin_dir.display()
     ));
-    if opts.section("idle") && (nofile as usize) < opts.idle_conns * 2 + 1024 {
+    if opts.section("idle") && (nofile as usize) < opts.idle_conns + 1024 {
         return Err(io::Error::other(format!(
             "open-file limit {nofile} too low for {} idle connections",
             opts.idle_conns
         )));
     }
 
-    let server = dataserver::DataServer::start().await?;
+    let (server_addr, _server_process, _server_dir) = tunnel::start_data_server().await?;
     let broker_max = opts.idle_conns.max(opts.agg_conns) + 1024;
     let mut results: Vec<PathResults> = Vec::new();
     let needs_paths = ["throughput", "latency", "aggregate"]
         .iter()
         .any(|s| opts.section(s));
     if needs_paths {
-        let mut paths: Vec<RunningPath> = vec![tunnel::direct(server.addr())?];
+        let mut paths: Vec<RunningPath> = vec![tunnel::direct(server_addr)?];
         progress.say("starting the 3-hop TCP chain");
-        paths.push(tunnel::start_tcp_chain(server.addr()).await?);
+        paths.push(tunnel::start_tcp_chain(server_addr).await?);
         for flavour in &flavours {
             progress.say(format!("starting {}", flavour.label()));
-            paths.push(tunnel::start_tunnel(&bin_dir, *flavour, server.addr(), broker_max).await?);
+            paths.push(tunnel::start_tunnel(&bin_dir, *flavour, server_addr, broker_max, 1).await?);
         }
         results = paths
             .iter()
@@ -294,14 +319,19 @@ async fn run(opts: Opts) -> io::Result<()> {
         drop(paths);
     }
     let idle = if opts.section("idle") {
+        let clients = match opts.idle_clients {
+            0 => (opts.idle_conns * 2).div_ceil((nofile as usize).saturating_sub(1024).max(1)),
+            n => n,
+        };
         Some(
             idle_section(
                 &opts,
                 &progress,
                 &bin_dir,
                 idle_flavour,
-                server.addr(),
+                server_addr,
                 broker_max,
+                clients,
             )
             .await?,
         )
@@ -428,24 +458,33 @@ async fn idle_section(
     flavour: Flavour,
     target: SocketAddr,
     broker_max: usize,
+    clients: usize,
 ) -> io::Result<IdleResults> {
-    progress.say(format!("idle: starting a fresh {}", flavour.label()));
-    let mut path = tunnel::start_tunnel(bin_dir, flavour, target, broker_max).await?;
-    let roles = ["relay", "broker", "client"];
+    progress.say(format!(
+        "idle: starting a fresh {} with {clients} client process(es)",
+        flavour.label()
+    ));
+    let mut path = tunnel::start_tunnel(bin_dir, flavour, target, broker_max, clients).await?;
+    // RSS by role; the client processes are summed under "client".
     let rss = |path: &RunningPath| -> io::Result<BTreeMap<String, u64>> {
-        roles
-            .iter()
-            .map(|r| {
-                let pid = path
-                    .pid_of(r)
-                    .ok_or_else(|| io::Error::other(format!("{r} has no pid")))?;
-                Ok((r.to_string(), procfs::rss_bytes(pid)?))
-            })
-            .collect()
+        let mut by_role = BTreeMap::new();
+        for (role, process) in &path.processes {
+            let pid = process
+                .id()
+                .ok_or_else(|| io::Error::other(format!("{role} has no pid")))?;
+            let key = if role.starts_with("client") {
+                "client"
+            } else {
+                role.as_str()
+            };
+            *by_role.entry(key.to_string()).or_insert(0) += procfs::rss_bytes(pid)?;
+        }
+        Ok(by_role)
     };
     // Let the probe's connection finish so it does not count.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss(&path)?;
+    let cpu_before = cpu_by_role(&path);
     progress.say(format!(
         "idle: relay RSS before {:.1} MiB; opening {} connections ({} at a time)",
         rss_before["relay"] as f64 / MIB,
@@ -453,7 +492,7 @@ async fn idle_section(
         IDLE_OPEN_PARALLEL
     ));
     let (streams, open) = measure::open_idle(
-        path.entry,
+        &path.entries,
         opts.idle_conns,
         IDLE_OPEN_PARALLEL,
         opts.timeout(),
@@ -474,6 +513,23 @@ async fn idle_section(
     // Let queued work drain so RSS is what holding them costs.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_held = rss(&path)?;
+    let mut cpu_secs = BTreeMap::new();
+    for (role, after) in cpu_by_role(&path) {
+        let key = if role.starts_with("client") {
+            "client".to_string()
+        } else {
+            role.clone()
+        };
+        *cpu_secs.entry(key).or_insert(0.0) +=
+            after - cpu_before.get(&role).copied().unwrap_or(after);
+    }
+    let relay_fds_held = path
+        .processes
+        .iter()
+        .find(|(role, _)| role == "relay")
+        .and_then(|(_, p)| p.id())
+        .and_then(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
+        .map_or(0, |dir| dir.count());
     path.check_alive()?;
     let result = IdleResults {
         flavour: flavour.label().into(),
@@ -482,6 +538,8 @@ async fn idle_section(
         round_trip_secs: round_trip.as_secs_f64(),
         rss_before,
         rss_held,
+        relay_fds_held,
+        cpu_secs,
     };
     progress.say(format!(
         "idle: round trip on all in {:.2} s; relay RSS held {:.1} MiB = {:.1} KiB per connection",
@@ -614,6 +672,17 @@ fn render_table(
                 idle.per_conn(role) / 1024.0
             );
         }
+        let cpu: Vec<String> = idle
+            .cpu_secs
+            .iter()
+            .map(|(r, s)| format!("{r} {s:.1}"))
+            .collect();
+        let _ = writeln!(
+            t,
+            "relay descriptors while held: {}; CPU seconds to open + round trip: {}",
+            idle.relay_fds_held,
+            cpu.join(", ")
+        );
     }
     let _ = writeln!(t, "\nTargets:");
     if let Some(b) = base {
@@ -734,6 +803,16 @@ fn render_json(
             ("connections", Json::Num(i.conns as f64)),
             ("open_all_s", Json::Num(i.open_secs)),
             ("round_trip_all_s", Json::Num(i.round_trip_secs)),
+            ("relay_fds_held", Json::Num(i.relay_fds_held as f64)),
+            (
+                "cpu_s_open_and_round_trip",
+                Json::Obj(
+                    i.cpu_secs
+                        .iter()
+                        .map(|(r, s)| (r.clone(), Json::Num(*s)))
+                        .collect(),
+                ),
+            ),
             (
                 "relay_rss_before_bytes",
                 Json::Num(i.rss_before.get("relay").copied().unwrap_or(0) as f64),
