@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tunnel_proto::packet::DEFAULT_MAX_PACKET_SIZE;
 
+use crate::auth::ClientAuth;
+
 /// PEM files of a TLS certificate chain and its private key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -90,6 +92,11 @@ pub struct RelayConfig {
     /// certificate before they can send LINK_INIT. Needs `link_tls`. Default none (brokers
     /// prove themselves with the link secret only).
     pub link_tls_client_ca: Option<PathBuf>,
+    /// Credentials every tunnel request (connect, push, pull) must carry in its
+    /// `Authorization` header; others get 401 with `WWW-Authenticate`. `/healthz` and
+    /// `/metrics` stay open. Default none (anyone who reaches the relay may connect; the
+    /// per-connection token still guards each connection).
+    pub client_auth: Option<ClientAuth>,
 }
 
 impl Default for RelayConfig {
@@ -123,6 +130,7 @@ impl Default for RelayConfig {
             http_tls: None,
             link_tls: None,
             link_tls_client_ca: None,
+            client_auth: None,
         }
     }
 }
@@ -150,6 +158,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("http_tls", &self.http_tls)
             .field("link_tls", &self.link_tls)
             .field("link_tls_client_ca", &self.link_tls_client_ca)
+            .field("client_auth", &self.client_auth)
             .finish_non_exhaustive()
     }
 }
@@ -208,6 +217,9 @@ impl RelayConfig {
         }
         if self.link_tls_client_ca.is_some() && self.link_tls.is_none() {
             return Err("link_tls_client_ca needs link_tls (a certificate for the link)".into());
+        }
+        if let Some(auth) = &self.client_auth {
+            auth.validate()?;
         }
         if self.link_write_buffer < self.max_body_size {
             return Err("link_write_buffer must be at least max_body_size".into());

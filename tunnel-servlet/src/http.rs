@@ -12,7 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::oneshot;
 use tunnel_proto::payload::{encode_token, BrokerConnInit, ConnOption};
@@ -63,7 +63,10 @@ pub(crate) async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path();
     let resp = if path == shared.config.base_path {
-        tunnel(req, peer, &shared).await
+        match refuse_unauthenticated(&req, peer, &shared) {
+            None => tunnel(req, peer, &shared).await,
+            Some(refusal) => refusal,
+        }
     } else if path == "/healthz" && req.method() == Method::GET {
         let mut resp = error(StatusCode::OK, "ok");
         resp.headers_mut()
@@ -80,6 +83,25 @@ pub(crate) async fn handle(
         error(StatusCode::NOT_FOUND, "no such path")
     };
     Ok(resp)
+}
+
+/// Applies `client_auth` (if configured) before anything of the request is read: the 401
+/// to answer, with one `WWW-Authenticate` challenge per accepted scheme, or `None` to go on.
+/// The log line says why, never what was presented.
+fn refuse_unauthenticated(
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Option<Response<Body>> {
+    let auth = shared.config.client_auth.as_ref()?;
+    let failure = auth.check(req.headers()).err()?;
+    shared.metrics.client_auth_failure();
+    tracing::warn!(%peer, reason = failure.as_str(), "client authentication failed; 401");
+    let mut resp = error(StatusCode::UNAUTHORIZED, "client authentication required");
+    for challenge in auth.challenges() {
+        resp.headers_mut().append(WWW_AUTHENTICATE, challenge);
+    }
+    Some(resp)
 }
 
 async fn tunnel(req: Request<Incoming>, peer: SocketAddr, shared: &Shared) -> Response<Body> {

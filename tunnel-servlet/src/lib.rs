@@ -7,8 +7,10 @@
 //! - `http`: the HTTP interface; `query`: its parameters.
 //! - `link`: the broker link listener and reader; `sender`: the link writer.
 //! - `table`: connections, brokers, queues; `state`: shared state and the sweeper.
+//! - [`auth`]: optional client authentication (bearer tokens, basic credentials).
 //! - [`metrics`]: counters and the Prometheus rendering. `tls`: rustls acceptors.
 
+pub mod auth;
 pub mod config;
 mod http;
 mod link;
@@ -20,6 +22,7 @@ mod state;
 mod table;
 pub mod tls;
 
+pub use auth::ClientAuth;
 pub use config::{RelayConfig, TlsFiles};
 pub use metrics::MetricsSnapshot;
 pub use query::TOKEN_HEADER;

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -148,12 +147,9 @@ async fn serve_link<S>(
             return;
         }
     };
-    // `ct_eq` on slices of different lengths is false, without comparing contents.
-    let secret_ok: bool = init
-        .secret
-        .as_ref()
-        .ct_eq(config.link_secret.as_slice())
-        .into();
+    // Hashed before the constant-time comparison, so a wrong length is not answered faster
+    // than a wrong content (slices' `ct_eq` returns early on a length mismatch).
+    let secret_ok = crate::auth::secret_eq(init.secret.as_ref(), &config.link_secret);
     if !secret_ok {
         shared.metrics.auth_failure();
         tracing::warn!(%peer, server = %init.server_name, "link authentication failed");

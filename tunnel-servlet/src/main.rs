@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use tunnel_servlet::{Relay, RelayConfig, TlsFiles};
+use tunnel_servlet::{ClientAuth, Relay, RelayConfig, TlsFiles};
 
 /// Parses a duration given as whole milliseconds.
 fn millis(s: &str) -> Result<Duration, String> {
@@ -85,6 +85,14 @@ struct Args {
     /// mutual TLS (brokers without such a certificate are refused). Needs --link-tls-cert.
     #[arg(long, env = "TUNNEL_LINK_TLS_CLIENT_CA", requires = "link_tls_cert")]
     link_tls_client_ca: Option<PathBuf>,
+    /// File of bearer tokens clients must present (`Authorization: Bearer TOKEN`), one per
+    /// line (at least 16 characters; blank lines and # comments skipped). With it or
+    /// --client-basic-auth-file every connect, push and pull needs credentials (401 without).
+    #[arg(long, env = "TUNNEL_CLIENT_TOKENS_FILE")]
+    client_tokens_file: Option<PathBuf>,
+    /// File of `user:password` lines for HTTP basic authentication of clients.
+    #[arg(long, env = "TUNNEL_CLIENT_BASIC_AUTH_FILE")]
+    client_basic_auth_file: Option<PathBuf>,
 }
 
 fn tls_pair(cert: Option<PathBuf>, key: Option<PathBuf>) -> Option<TlsFiles> {
@@ -94,8 +102,36 @@ fn tls_pair(cert: Option<PathBuf>, key: Option<PathBuf>) -> Option<TlsFiles> {
     })
 }
 
+/// The client credentials from the two files, if either is given.
+fn client_auth(
+    tokens: Option<&PathBuf>,
+    basic: Option<&PathBuf>,
+) -> Result<Option<ClientAuth>, String> {
+    if tokens.is_none() && basic.is_none() {
+        return Ok(None);
+    }
+    let mut auth = ClientAuth::new();
+    if let Some(path) = tokens {
+        auth.load_bearer_file(path).map_err(|e| e.to_string())?;
+    }
+    if let Some(path) = basic {
+        auth.load_basic_file(path).map_err(|e| e.to_string())?;
+    }
+    auth.validate()?;
+    tracing::info!(
+        bearer_tokens = auth.bearer_token_count(),
+        basic_users = auth.basic_user_count(),
+        "client authentication required"
+    );
+    Ok(Some(auth))
+}
+
 impl Args {
     fn into_config(self) -> Result<RelayConfig, String> {
+        let client_auth = client_auth(
+            self.client_tokens_file.as_ref(),
+            self.client_basic_auth_file.as_ref(),
+        )?;
         let mut secret = std::fs::read(&self.link_secret_file)
             .map_err(|e| format!("reading {}: {e}", self.link_secret_file.display()))?;
         while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
@@ -120,6 +156,7 @@ impl Args {
             http_tls: tls_pair(self.tls_cert, self.tls_key),
             link_tls: tls_pair(self.link_tls_cert, self.link_tls_key),
             link_tls_client_ca: self.link_tls_client_ca,
+            client_auth,
             ..RelayConfig::default()
         })
     }

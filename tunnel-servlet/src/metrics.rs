@@ -48,6 +48,7 @@ pub struct Metrics {
     bytes_down: AtomicU64,
     packets_dropped: AtomicU64,
     link_auth_failures: AtomicU64,
+    client_auth_failures: AtomicU64,
     links_accepted: AtomicU64,
     connections_closed: AtomicU64,
 }
@@ -71,6 +72,8 @@ pub struct MetricsSnapshot {
     /// Packets dropped because a connection's downstream queue was full.
     pub packets_dropped: u64,
     pub link_auth_failures: u64,
+    /// Tunnel requests refused with 401 (client authentication).
+    pub client_auth_failures: u64,
     pub links_accepted: u64,
     pub connections_closed: u64,
 }
@@ -102,6 +105,9 @@ impl Metrics {
     pub(crate) fn auth_failure(&self) {
         bump(&self.link_auth_failures, 1);
     }
+    pub(crate) fn client_auth_failure(&self) {
+        bump(&self.client_auth_failures, 1);
+    }
     pub(crate) fn link_accepted(&self) {
         bump(&self.links_accepted, 1);
     }
@@ -126,6 +132,7 @@ impl Metrics {
             bytes_down: get(&self.bytes_down),
             packets_dropped: get(&self.packets_dropped),
             link_auth_failures: get(&self.link_auth_failures),
+            client_auth_failures: get(&self.client_auth_failures),
             links_accepted: get(&self.links_accepted),
             connections_closed: get(&self.connections_closed),
         }
@@ -194,6 +201,12 @@ impl MetricsSnapshot {
             "counter",
             "Broker links refused at LINK_INIT.",
             self.link_auth_failures,
+        );
+        one(
+            "tunnel_client_auth_failures_total",
+            "counter",
+            "Tunnel requests refused for missing or wrong client credentials (401).",
+            self.client_auth_failures,
         );
         one(
             "tunnel_links_accepted_total",
