@@ -121,15 +121,10 @@ async fn open(
                 )));
             }
             (Failure::Permanent, _) => {
-                let status = error.status().map_or(0, |s| s.as_u16());
-                let hint = error
-                    .status()
-                    .and_then(status_hint)
-                    .unwrap_or("unexpected status")
-                    .to_string();
+                let refused = permanent_error(&error);
                 tracing::warn!(server = %config.server_name, relay = %relay.display_url(),
-                    "connect refused: HTTP {status}: {hint}");
-                return Err(ConnectError::Refused { status, hint });
+                    "connect refused: {refused}");
+                return Err(refused);
             }
             (Failure::Transient, _) => {
                 let delay = backoff.next_delay();
@@ -140,6 +135,20 @@ async fn open(
             }
         }
     }
+}
+
+/// The connect error for a request failure that retrying cannot fix.
+fn permanent_error(error: &RequestError) -> ConnectError {
+    if let RequestError::Tls(msg) = error {
+        return ConnectError::Tls(msg.clone());
+    }
+    let status = error.status().map_or(0, |s| s.as_u16());
+    let hint = error
+        .status()
+        .and_then(status_hint)
+        .unwrap_or("unexpected status")
+        .to_string();
+    ConnectError::Refused { status, hint }
 }
 
 fn parse_connect_answer(packets: Vec<Packet>) -> Result<(u32, Token), ConnectError> {
@@ -215,15 +224,7 @@ async fn handshake(
                     "the relay no longer knows the connection".into(),
                 ))
             }
-            Failure::Permanent => {
-                let status = error.status().map_or(0, |s| s.as_u16());
-                let hint = error
-                    .status()
-                    .and_then(status_hint)
-                    .unwrap_or("unexpected status")
-                    .to_string();
-                return Err(ConnectError::Refused { status, hint });
-            }
+            Failure::Permanent => return Err(permanent_error(&error)),
             Failure::Transient => {
                 let delay = backoff.next_delay();
                 tracing::warn!(

@@ -11,9 +11,15 @@ pub enum ConnectError {
     /// The relay has no broker registered under this name (HTTP 404 on connect).
     #[error("the relay knows no server named {server:?} (is its broker running and linked to the relay?)")]
     NoSuchServer { server: String },
-    /// The relay or a proxy refused the request for good (400, 401, 403, 407, …).
-    #[error("the relay answered HTTP {status} to the connect request: {hint}")]
+    /// The relay or a proxy refused the request for good (400, 401, 403, 407, …). A proxy's
+    /// 407 to a CONNECT (https:// relay) is reported here too, as status 407.
+    #[error("the connect request was refused with HTTP {status} (by the relay or a proxy on the way): {hint}")]
     Refused { status: u16, hint: String },
+    /// TLS with the relay failed for good: its certificate could not be verified (unknown
+    /// CA, wrong name, expired) or the handshake was refused. Retrying cannot fix it; give
+    /// the relay's CA with `ca_file` if it is not a public one.
+    #[error("TLS with the relay failed: {0}")]
+    Tls(String),
     /// The relay answered something that is not the protocol (bad body, wrong packet).
     #[error("unexpected answer from the relay: {0}")]
     BadResponse(String),

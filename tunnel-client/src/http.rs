@@ -25,6 +25,9 @@ pub enum RequestError {
     BodyTooLarge { limit: usize },
     #[error("malformed response body: {0}")]
     BadBody(String),
+    /// The relay's certificate was not accepted; retrying cannot help.
+    #[error("TLS certificate of the relay not accepted: {0}")]
+    Tls(String),
 }
 
 fn hint_suffix(status: StatusCode) -> String {
@@ -38,9 +41,10 @@ fn hint_suffix(status: StatusCode) -> String {
 pub fn status_hint(status: StatusCode) -> Option<&'static str> {
     Some(match status.as_u16() {
         400 => "the relay found the request malformed; client and relay versions may differ",
-        401 | 403 => "refused by the relay or a proxy; check access rules",
+        401 => "the relay requires client credentials or refused the ones given (ClientConfig::relay_auth; tunnel-client --relay-token-env or --relay-user with --relay-password-env)",
+        403 => "refused by the relay or a proxy; check access rules",
         404 => "unknown server name or connection at the relay",
-        407 => "the proxy requires authentication; set the proxy user and password",
+        407 => "Proxy Authentication Required: the proxy wants a user and password, or rejected the ones given",
         413 => "push body over the relay's limit; lower max_push_body",
         502 | 504 => "a proxy could not reach the relay",
         503 => "relay at its connection limit, or the broker's link is down; retrying",
@@ -68,7 +72,7 @@ impl RequestError {
             {
                 Failure::Transient
             }
-            RequestError::Status { .. } => Failure::Permanent,
+            RequestError::Status { .. } | RequestError::Tls(_) => Failure::Permanent,
             RequestError::Network(_)
             | RequestError::BodyTooLarge { .. }
             | RequestError::BadBody(_) => Failure::Transient,
@@ -83,14 +87,34 @@ impl RequestError {
     }
 }
 
+/// Texts with which hyper-util (and older reqwest) report a proxy's 407 answer to CONNECT.
+/// The error type is not public, so its message is all there is to recognise it by.
+const CONNECT_407_MESSAGES: &[&str] = &[
+    "proxy authorization required",
+    "proxy authentication required",
+];
+
 fn network_error(e: reqwest::Error) -> RequestError {
     // reqwest's Display omits the cause ("error sending request"); the chain says why.
     let mut msg = e.to_string();
+    let mut certificate = false;
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
         msg.push_str(": ");
         msg.push_str(&s.to_string());
+        certificate |= is_certificate_error(s);
         source = s.source();
+    }
+    // A proxy refusing CONNECT for want of credentials answers 407 just as it would to a
+    // plain request; both are final and reported alike.
+    let lower = msg.to_lowercase();
+    if CONNECT_407_MESSAGES.iter().any(|m| lower.contains(m)) {
+        return RequestError::Status {
+            status: StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+        };
+    }
+    if certificate {
+        return RequestError::Tls(msg);
     }
     if e.is_timeout() {
         msg.push_str(" (timed out)");
@@ -98,10 +122,46 @@ fn network_error(e: reqwest::Error) -> RequestError {
     RequestError::Network(msg)
 }
 
+/// Most `io::Error` wrappers looked through for a rustls error.
+const MAX_IO_WRAPPERS: usize = 4;
+
+/// Whether `error` is rustls rejecting a certificate (the relay's, or ours by the relay).
+/// tokio-rustls wraps the rustls error in an `io::Error` (sometimes wrapped again), whose
+/// `source` skips the wrapped error, so the wrapped errors are looked at too.
+fn is_certificate_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current: &(dyn std::error::Error + 'static) = error;
+    for _ in 0..=MAX_IO_WRAPPERS {
+        if let Some(rustls_error) = current.downcast_ref::<rustls::Error>() {
+            return is_certificate_rejection(rustls_error);
+        }
+        let inner = current
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref());
+        match inner {
+            Some(inner) => current = inner,
+            None => return false,
+        }
+    }
+    false
+}
+
+fn is_certificate_rejection(rustls_error: &rustls::Error) -> bool {
+    matches!(
+        rustls_error,
+        rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate)
+            | rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA)
+            | rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired)
+    )
+}
+
 /// The HTTP side of one relay: a `reqwest` client and the URLs of the three requests.
 #[derive(Debug)]
 pub struct Relay {
     client: reqwest::Client,
+    /// `Authorization` for the relay (sensitive: never logged, never HPACK-indexed).
+    auth: Option<reqwest::header::HeaderValue>,
     base: Url,
     server_name: String,
     pull_timeout: Duration,
@@ -165,8 +225,14 @@ impl Relay {
         let client = builder
             .build()
             .map_err(|e| ConnectError::InvalidConfig(format!("HTTP client: {e}")))?;
+        let auth = config
+            .relay_auth
+            .as_ref()
+            .map(crate::auth::RelayAuth::header_value)
+            .transpose()?;
         Ok(Relay {
             client,
+            auth,
             base,
             server_name: config.server_name.clone(),
             pull_timeout: config.pull_timeout,
@@ -244,6 +310,11 @@ impl Relay {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<Vec<Packet>, RequestError> {
+        // Every request carries the credentials: the relay checks each one.
+        let request = match &self.auth {
+            Some(value) => request.header(reqwest::header::AUTHORIZATION, value.clone()),
+            None => request,
+        };
         let response = request.send().await.map_err(network_error)?;
         let status = response.status();
         if status != StatusCode::OK {
@@ -286,4 +357,37 @@ async fn read_body(mut response: reqwest::Response, limit: usize) -> Result<Byte
     } else {
         rest.freeze()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io_wrap(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn certificate_rejections_are_found_through_io_error_wrappers() {
+        let unknown = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        assert!(is_certificate_error(&unknown));
+        assert!(is_certificate_error(&io_wrap(unknown.clone())));
+        assert!(is_certificate_error(&io_wrap(io_wrap(unknown))));
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA);
+        assert!(is_certificate_error(&io_wrap(alert)));
+    }
+
+    #[test]
+    fn other_errors_are_not_certificate_errors() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!is_certificate_error(&refused));
+        let handshake = rustls::Error::HandshakeNotComplete;
+        assert!(!is_certificate_error(&io_wrap(handshake)));
+        assert!(!is_certificate_error(&io_wrap("plain message")));
+    }
+
+    #[test]
+    fn tls_failures_are_permanent() {
+        assert_eq!(RequestError::Tls("x".into()).failure(), Failure::Permanent);
+    }
 }
