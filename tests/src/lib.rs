@@ -27,7 +27,9 @@ pub mod net;
 pub mod process;
 pub mod redis;
 pub mod servers;
+pub mod tcp_cutter;
 pub mod tempdir;
+pub mod transfer;
 
 pub use bins::bin_path;
 pub use chain::{Chain, ChainOptions, ReadyProbe, Target};

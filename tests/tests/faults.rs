@@ -1,0 +1,189 @@
+//! Fault matrix: several full-duplex transfers at once through the fault-injecting buffering
+//! proxy between client and relay, at 5 %, 10 % and 20 % drop rates, checking that every
+//! byte arrives exactly once (length and SHA-256 at both ends, server-side byte counts) and
+//! that the transfers finish.
+//!
+//! Each rate `r` applies to requests dropped before the relay AND to responses dropped after
+//! it (so about `2r` of the requests fail), on top of fixed smaller rates of the other
+//! faults: 2 % duplicated requests, 2 % responses cut mid-body, 10 % of requests delayed by
+//! up to 50 ms (which reorders concurrent pushes and pulls).
+//!
+//! Size: 4 connections × 16 MiB each way (64 MiB each way per rate, 128 MiB moved). In the
+//! dev profile (which this workspace builds with optimisation) the whole matrix, baseline
+//! included, takes about 11 s on a 2-core machine (20 %: about 6 s), so the full figure is
+//! the default.
+//!
+//! Each case prints one table row: bytes moved, bytes lost, time, faults injected by the
+//! proxy, the client's retransmissions (from its log) and the relay's dropped packets.
+//!
+//! Needs the binaries: `cargo build --workspace --bins && cargo test -p tunnel-tests --test faults -- --nocapture`.
+
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tunnel_tests::transfer::{client_retransmits, parallel_exchanges, TransferOutcome};
+use tunnel_tests::{
+    free_addr, init_tracing, Chain, ChainOptions, FaultConfig, FaultProxy, SinkSourceServer,
+};
+
+/// Parallel connections per case.
+const CONNECTIONS: u64 = 4;
+/// Bytes each way per connection.
+const BYTES_EACH_WAY: u64 = 16 << 20;
+/// Deadline of each exchange: generous, since 2 cores are shared with other tests; the
+/// measured times are printed.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Fixed rates of the faults other than drops.
+const DUPLICATE_RATE: f64 = 0.02;
+const RESET_RATE: f64 = 0.02;
+const DELAY_RATE: f64 = 0.10;
+const MAX_DELAY: Duration = Duration::from_millis(50);
+/// Time the client has to log its closed connections after the exchanges end.
+const LOG_WAIT: Duration = Duration::from_secs(5);
+
+/// The cases run one at a time, so their timings do not include each other's load.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+fn faults_at(rate: f64, seed: u64) -> FaultConfig {
+    FaultConfig {
+        drop_request: rate,
+        drop_response: rate,
+        duplicate_request: DUPLICATE_RATE,
+        reset_mid_body: RESET_RATE,
+        delay: DELAY_RATE,
+        max_delay: MAX_DELAY,
+        ..FaultConfig::none(seed)
+    }
+}
+
+/// Runs one case of the matrix and checks it; `faults` is `None` for the clean baseline.
+async fn run_case(name: &str, faults: Option<FaultConfig>) {
+    init_tracing();
+    let _serial = SERIAL.lock().await;
+    let bytes = BYTES_EACH_WAY;
+    let server = SinkSourceServer::start().await.unwrap();
+    let relay_http = free_addr();
+    let proxy = FaultProxy::start(relay_http, FaultConfig::none(1))
+        .await
+        .unwrap();
+    let options = ChainOptions {
+        relay_http: Some(relay_http),
+        client_relay_url: Some(proxy.url("/tunnel")),
+        ..ChainOptions::forward_to_sink_source(server.addr())
+    };
+    let mut chain = Chain::start(options).await;
+    // Faults start once the chain is up, so start-up stays quick and deterministic.
+    if let Some(faults) = faults.clone() {
+        proxy.set_config(faults);
+    }
+    let before = proxy.stats();
+    let server_before = server.stats();
+    let (_, retransmits_before) = client_log_retransmits(&chain);
+
+    let outcome: TransferOutcome = parallel_exchanges(
+        chain.client_addr(),
+        CONNECTIONS,
+        bytes,
+        0xFA17_0000,
+        EXCHANGE_TIMEOUT,
+    )
+    .await;
+
+    let stats = proxy.stats();
+    let server_after = server.stats();
+    let injected = (stats.dropped_requests - before.dropped_requests)
+        + (stats.dropped_responses - before.dropped_responses)
+        + (stats.duplicated - before.duplicated)
+        + (stats.resets - before.resets);
+    let retransmits = wait_for_client_logs(&chain, CONNECTIONS).await - retransmits_before;
+    let relay_drops = chain.relay_metric("tunnel_packets_dropped_total").await;
+    eprintln!(
+        "| {name} | {} MiB ({} conns x {} MiB each way) | {} bytes lost | {:.1} s | {:.1} MiB/s | \
+         faults {injected} of {} requests (drop req {}, drop resp {}, dup {}, reset {}, delayed {}) | \
+         client retransmits {retransmits} | relay queue drops {relay_drops} |",
+        outcome.verified >> 20,
+        CONNECTIONS,
+        bytes >> 20,
+        outcome.lost(),
+        outcome.elapsed.as_secs_f64(),
+        outcome.mib_per_sec(),
+        stats.requests - before.requests,
+        stats.dropped_requests - before.dropped_requests,
+        stats.dropped_responses - before.dropped_responses,
+        stats.duplicated - before.duplicated,
+        stats.resets - before.resets,
+        stats.delayed - before.delayed,
+    );
+
+    assert!(
+        outcome.failures.is_empty(),
+        "{name}: {} of {CONNECTIONS} exchanges failed:\n{}",
+        outcome.failures.len(),
+        outcome.failures.join("\n")
+    );
+    assert_eq!(outcome.lost(), 0, "{name}: bytes lost");
+    // Exactly once, counted at the server: duplicates delivered twice would overshoot.
+    assert_eq!(
+        server_after.bytes_received - server_before.bytes_received,
+        CONNECTIONS * bytes,
+        "{name}: bytes the server received ({server_after:?})"
+    );
+    assert_eq!(
+        server_after.completed - server_before.completed,
+        CONNECTIONS,
+        "{name}: exchanges the server completed ({server_after:?})"
+    );
+    assert_eq!(
+        server_after.failed, server_before.failed,
+        "{server_after:?}"
+    );
+    if faults.is_some() {
+        assert!(
+            stats.dropped_requests > before.dropped_requests
+                && stats.dropped_responses > before.dropped_responses,
+            "{name}: no drop was injected, so nothing was tested: {stats:?}"
+        );
+    }
+    chain.assert_alive();
+}
+
+fn client_log_retransmits(chain: &Chain) -> (u64, u64) {
+    chain
+        .client
+        .as_ref()
+        .map_or((0, 0), |c| client_retransmits(&c.log_contents()))
+}
+
+/// The client logs a connection's counters when it ends, shortly after the exchange; waits
+/// for `connections` more such lines (beyond the probe's) and returns the retransmit total.
+async fn wait_for_client_logs(chain: &Chain, connections: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + LOG_WAIT;
+    loop {
+        let (logged, retransmits) = client_log_retransmits(chain);
+        // +2: the chain's port probe and its sink/source probe are connections too.
+        if logged >= connections + 2 || tokio::time::Instant::now() >= deadline {
+            return retransmits;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baseline_without_faults() {
+    run_case("no faults", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_at_5_percent() {
+    run_case("5% drops", Some(faults_at(0.05, 0x0505))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_at_10_percent() {
+    run_case("10% drops", Some(faults_at(0.10, 0x1010))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_at_20_percent() {
+    run_case("20% drops", Some(faults_at(0.20, 0x2020))).await;
+}
