@@ -7,6 +7,7 @@ use std::time::Duration;
 use tunnel_proto::packet::DEFAULT_MAX_PACKET_SIZE;
 use tunnel_proto::ConnectionConfig;
 
+use crate::auth::RelayAuth;
 use crate::stream::StreamConfig;
 
 /// The client's default receive window, in packets: 16 × 64 KiB = 1 MiB, the relay's default
@@ -61,6 +62,10 @@ pub struct ClientConfig {
     /// With no explicit `proxy`: whether the environment's proxy variables apply (default:
     /// true). False connects directly.
     pub env_proxy: bool,
+    /// Credentials for a relay that requires client authentication, sent as the
+    /// `Authorization` header of every request (not to the proxy: that is `proxy`'s
+    /// username/password). Default: none.
+    pub relay_auth: Option<RelayAuth>,
     /// Extra PEM file of CA certificates trusted in addition to the system roots.
     /// Default: none.
     pub ca_file: Option<PathBuf>,
@@ -112,6 +117,7 @@ impl Default for ClientConfig {
             server_name: "echo".to_string(),
             proxy: None,
             env_proxy: true,
+            relay_auth: None,
             ca_file: None,
             http_version: HttpVersion::Auto,
             connect_timeout: Duration::from_secs(30),

@@ -6,6 +6,7 @@
 //!   tunable, [`http`] the relay's HTTP interface; `push`/`pull` are the two directions.
 //! - [`forward`]: copying a local TCP connection to a tunnel connection and back.
 
+pub mod auth;
 pub mod backoff;
 pub mod config;
 mod connect;
@@ -17,6 +18,7 @@ mod push;
 mod session;
 pub mod stream;
 
+pub use auth::RelayAuth;
 pub use config::{ClientConfig, HttpVersion, ProxyConfig};
 pub use error::ConnectError;
 pub use stream::{ConnHandle, PacketSink, StreamConfig, TunnelStream};

@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tunnel_client::forward::forward;
-use tunnel_client::{ClientConfig, HttpVersion, ProxyConfig, TunnelStream};
+use tunnel_client::{ClientConfig, HttpVersion, ProxyConfig, RelayAuth, TunnelStream};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -65,6 +65,32 @@ struct Args {
     )]
     proxy_password_env: Option<String>,
 
+    /// Name of an environment variable holding a bearer token for a relay that requires
+    /// client authentication (sent as `Authorization: Bearer`). The token itself is never
+    /// a flag: command lines are visible to other users.
+    #[arg(
+        long,
+        env = "TUNNEL_CLIENT_RELAY_TOKEN_ENV",
+        conflicts_with = "relay_user"
+    )]
+    relay_token_env: Option<String>,
+
+    /// User name for the relay's basic authentication; needs --relay-password-env.
+    #[arg(
+        long,
+        env = "TUNNEL_CLIENT_RELAY_USER",
+        requires = "relay_password_env"
+    )]
+    relay_user: Option<String>,
+
+    /// Name of an environment variable holding the relay password (with --relay-user).
+    #[arg(
+        long,
+        env = "TUNNEL_CLIENT_RELAY_PASSWORD_ENV",
+        requires = "relay_user"
+    )]
+    relay_password_env: Option<String>,
+
     /// PEM file of extra CA certificates to trust (in addition to the system's).
     #[arg(long, env = "TUNNEL_CLIENT_CA_FILE")]
     ca_file: Option<PathBuf>,
@@ -92,6 +118,32 @@ struct Args {
     shutdown_grace: u64,
 }
 
+/// Reads a secret from the environment variable named `var`; the error names the flag and
+/// the variable, never a value.
+fn secret_from_env(flag: &str, var: &str) -> Result<String, String> {
+    match std::env::var(var) {
+        Ok(value) if !value.is_empty() => Ok(value),
+        Ok(_) => Err(format!("{flag} {var}: the variable is empty")),
+        Err(e) => Err(format!("{flag} {var}: {e}")),
+    }
+}
+
+fn relay_auth_from(args: &Args) -> Result<Option<RelayAuth>, String> {
+    if let Some(var) = &args.relay_token_env {
+        return Ok(Some(RelayAuth::Bearer(secret_from_env(
+            "--relay-token-env",
+            var,
+        )?)));
+    }
+    match (&args.relay_user, &args.relay_password_env) {
+        (Some(user), Some(var)) => Ok(Some(RelayAuth::Basic {
+            user: user.clone(),
+            password: secret_from_env("--relay-password-env", var)?,
+        })),
+        _ => Ok(None),
+    }
+}
+
 fn config_from(args: &Args) -> Result<ClientConfig, String> {
     let password = match (&args.proxy_password, &args.proxy_password_env) {
         (Some(p), _) => Some(p.clone()),
@@ -108,6 +160,7 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
     let mut config = ClientConfig {
         proxy,
         env_proxy: !args.no_env_proxy,
+        relay_auth: relay_auth_from(args)?,
         ca_file: args.ca_file.clone(),
         http_version: if args.http2 {
             HttpVersion::Http2PriorKnowledge
