@@ -69,6 +69,9 @@ struct Args {
     /// Time a client has to send its request headers, in ms.
     #[arg(long, env = "TUNNEL_HEADER_TIMEOUT_MS", default_value = "10000", value_parser = millis)]
     header_timeout_ms: Duration,
+    /// Time a client has to send a whole request body, in ms (slow bodies get 408).
+    #[arg(long, env = "TUNNEL_BODY_TIMEOUT_MS", default_value = "30000", value_parser = millis)]
+    body_timeout_ms: Duration,
     /// TLS certificate chain (PEM) for the HTTP interface; needs --tls-key.
     #[arg(long, env = "TUNNEL_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -153,6 +156,7 @@ impl Args {
             link_keepalive: self.link_keepalive_ms,
             link_handshake_timeout: self.link_handshake_ms,
             header_read_timeout: self.header_timeout_ms,
+            body_read_timeout: self.body_timeout_ms,
             http_tls: tls_pair(self.tls_cert, self.tls_key),
             link_tls: tls_pair(self.link_tls_cert, self.link_tls_key),
             link_tls_client_ca: self.link_tls_client_ca,
