@@ -259,11 +259,12 @@ pub async fn open_idle(
     Ok((streams, started.elapsed()))
 }
 
-/// One round trip on every connection at once; returns them and the time until the last.
+/// One round trip on every connection at once. Returns the connections that made it, how
+/// many failed (with the first error), and the time until the last finished.
 pub async fn round_trip_all(
     streams: Vec<TcpStream>,
     timeout: Duration,
-) -> io::Result<(Vec<TcpStream>, Duration)> {
+) -> (Vec<TcpStream>, usize, Option<String>, Duration) {
     let started = Instant::now();
     let mut tasks = JoinSet::new();
     for mut s in streams {
@@ -273,22 +274,28 @@ pub async fn round_trip_all(
         });
     }
     let mut back = Vec::with_capacity(tasks.len());
+    let (mut failed, mut first_error) = (0, None);
     let deadline = started + timeout;
     loop {
         match tokio::time::timeout_at(deadline, tasks.join_next()).await {
-            Ok(Some(done)) => back.push(done.map_err(io::Error::other)??),
+            Ok(Some(Ok(Ok(s)))) => back.push(s),
+            Ok(Some(Ok(Err(e)))) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+            Ok(Some(Err(e))) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
             Ok(None) => break,
             Err(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "{} round trips done after {timeout:?}, {} pending",
-                        back.len(),
-                        tasks.len()
-                    ),
-                ))
+                failed += tasks.len();
+                first_error.get_or_insert_with(|| {
+                    format!("{} still pending after {timeout:?}", tasks.len())
+                });
+                break;
             }
         }
     }
-    Ok((back, started.elapsed()))
+    (back, failed, first_error, started.elapsed())
 }

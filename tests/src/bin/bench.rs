@@ -199,6 +199,9 @@ struct IdleResults {
     rss_held: BTreeMap<String, u64>,
     /// Descriptors the relay holds while the connections are held (HTTP connections + links).
     relay_fds_held: usize,
+    /// Connections whose round trip failed, and the first error.
+    rt_failed: usize,
+    rt_error: Option<String>,
     /// CPU seconds by role (clients summed) spent opening them and doing the round trips.
     cpu_secs: BTreeMap<String, f64>,
 }
@@ -505,11 +508,14 @@ async fn idle_section(
         streams.len(),
         open.as_secs_f64()
     ));
-    let (streams, round_trip) = measure::round_trip_all(streams, opts.timeout())
-        .await
-        .map_err(|e| {
-            io::Error::new(e.kind(), format!("round trip on all idle connections: {e}"))
-        })?;
+    let (streams, rt_failed, rt_error, round_trip) =
+        measure::round_trip_all(streams, opts.timeout()).await;
+    if rt_failed > 0 {
+        progress.say(format!(
+            "idle: {rt_failed} round trips FAILED (first: {})",
+            rt_error.as_deref().unwrap_or("?")
+        ));
+    }
     // Let queued work drain so RSS is what holding them costs.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_held = rss(&path)?;
@@ -533,12 +539,14 @@ async fn idle_section(
     path.check_alive()?;
     let result = IdleResults {
         flavour: flavour.label().into(),
-        conns: streams.len(),
+        conns: streams.len() + rt_failed,
         open_secs: open.as_secs_f64(),
         round_trip_secs: round_trip.as_secs_f64(),
         rss_before,
         rss_held,
         relay_fds_held,
+        rt_failed,
+        rt_error,
         cpu_secs,
     };
     progress.say(format!(
@@ -677,6 +685,14 @@ fn render_table(
             .iter()
             .map(|(r, s)| format!("{r} {s:.1}"))
             .collect();
+        if idle.rt_failed > 0 {
+            let _ = writeln!(
+                t,
+                "ROUND TRIPS FAILED: {} (first: {})",
+                idle.rt_failed,
+                idle.rt_error.as_deref().unwrap_or("?")
+            );
+        }
         let _ = writeln!(
             t,
             "relay descriptors while held: {}; CPU seconds to open + round trip: {}",
@@ -713,7 +729,7 @@ fn render_table(
     }
     if let Some(idle) = idle {
         let per = idle.per_conn("relay");
-        let ok = idle.conns >= 10_000 && per < TARGET_IDLE_BYTES;
+        let ok = idle.conns >= 10_000 && idle.rt_failed == 0 && per < TARGET_IDLE_BYTES;
         let _ = writeln!(
             t,
             "  {} idle connections, relay {:.1} KiB each (10,000 at < 32 KiB): {}",
@@ -804,6 +820,11 @@ fn render_json(
             ("open_all_s", Json::Num(i.open_secs)),
             ("round_trip_all_s", Json::Num(i.round_trip_secs)),
             ("relay_fds_held", Json::Num(i.relay_fds_held as f64)),
+            ("round_trips_failed", Json::Num(i.rt_failed as f64)),
+            (
+                "round_trip_first_error",
+                Json::Str(i.rt_error.clone().unwrap_or_default()),
+            ),
             (
                 "cpu_s_open_and_round_trip",
                 Json::Obj(
@@ -826,7 +847,11 @@ fn render_json(
             ("client_bytes_per_conn", Json::Num(i.per_conn("client"))),
             (
                 "target_met",
-                Json::Bool(i.conns >= 10_000 && i.per_conn("relay") < TARGET_IDLE_BYTES),
+                Json::Bool(
+                    i.conns >= 10_000
+                        && i.rt_failed == 0
+                        && i.per_conn("relay") < TARGET_IDLE_BYTES,
+                ),
             ),
         ])
     });
