@@ -13,6 +13,12 @@
 //! included, takes about 11 s on a 2-core machine (20 %: about 6 s), so the full figure is
 //! the default.
 //!
+//! The client retransmits even without faults (about 100 packets per 64 MiB up): measured
+//! in process, 4 pushes in flight (the default) give 47–102 retransmits per 32–64 MiB on a
+//! clean path, 1 push in flight gives 0. Concurrent pushes overtake each other and the
+//! sender takes the holes for losses; at 20 % faults the concurrency still pays (one
+//! connection, 32 MiB each way: 9.7 s with 4 pushes, 34 s with 1).
+//!
 //! Each case prints one table row: bytes moved, bytes lost, time, faults injected by the
 //! proxy, the client's retransmissions (from its log) and the relay's dropped packets.
 //!
