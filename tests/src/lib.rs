@@ -19,14 +19,17 @@
 //! before the tests.
 
 pub mod bins;
+pub mod certs;
 pub mod chain;
 pub mod data;
 pub mod fault_proxy;
 pub mod fdlimit;
+pub mod inproc;
 pub mod net;
 pub mod process;
 pub mod redis;
 pub mod servers;
+pub mod services;
 pub mod tcp_cutter;
 pub mod tempdir;
 pub mod transfer;

@@ -1,0 +1,470 @@
+//! The tunnel through real HTTP intermediaries: squid and tinyproxy as the client's forward
+//! proxy (plain HTTP relay, HTTPS relay through CONNECT, proxy authentication, HTTP_PROXY
+//! from the environment), and nginx as a reverse proxy in front of the relay, running the
+//! shipped example `deploy/nginx/tunnel.conf` (buffering on and off, a 65 s long poll).
+//!
+//! Needs squid, tinyproxy, nginx and openssl (Debian packages of the same names; `.ci/run`
+//! installs them) and the binaries: `cargo build --workspace --bins && cargo test -p
+//! tunnel-tests --test proxies`. Each case prints bytes moved and lost and the time taken.
+
+use std::time::{Duration, Instant};
+
+use tunnel_client::{ClientConfig, ConnectError, ProxyConfig, TunnelStream};
+use tunnel_proto::ConnectionConfig;
+use tunnel_servlet::TlsFiles;
+use tunnel_tests::certs::{TestCa, Usage, LOOPBACK_NAMES};
+use tunnel_tests::inproc::{InProcessOptions, InProcessTunnel, SERVER_NAME};
+use tunnel_tests::services::{Nginx, NginxOptions, ProxyUser, Squid, Tinyproxy};
+use tunnel_tests::{
+    bin_path, free_addr, init_tracing, sink_source_exchange, wait_for_tcp, ChildProcess,
+    ExchangeSpec, TestDir,
+};
+
+/// Bytes moved each way in a bulk case.
+const BULK_BYTES: u64 = 4 << 20;
+/// Deadline of one bulk exchange (two shared cores, a proxy in the path).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Time a proxy has to write a log line for a request that ended.
+const LOG_WAIT: Duration = Duration::from_secs(15);
+
+/// Connects with `config` and moves `BULK_BYTES` each way, verified with SHA-256 on both
+/// ends; prints the case's line of the report.
+async fn bulk_exchange(case: &str, config: ClientConfig, seed: u64) {
+    let started = Instant::now();
+    let stream = tokio::time::timeout(Duration::from_secs(60), TunnelStream::connect(config))
+        .await
+        .unwrap_or_else(|_| panic!("{case}: connect did not return within 60 s"))
+        .unwrap_or_else(|e| panic!("{case}: connect failed: {e}"));
+    let spec = ExchangeSpec::symmetric(BULK_BYTES, seed);
+    let report = sink_source_exchange(stream, &spec, EXCHANGE_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{case}: exchange failed: {e}"));
+    assert_eq!(report.sent, BULK_BYTES, "{case}: bytes sent");
+    eprintln!(
+        "[report] {case}: {} B up + {} B down, SHA-256 verified both ways, 0 B lost, \
+         exchange {:.2?}, with connect {:.2?}",
+        report.sent,
+        BULK_BYTES,
+        report.elapsed,
+        started.elapsed()
+    );
+}
+
+/// Waits until `read()` contains `needle`, or panics showing what it had.
+async fn wait_for_log(what: &str, read: impl Fn() -> String, needle: &str) {
+    let deadline = Instant::now() + LOG_WAIT;
+    loop {
+        let text = read();
+        if text.contains(needle) {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("{what} has no line with {needle:?} after {LOG_WAIT:?}:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn proxy(url: String, user: Option<&ProxyUser>) -> Option<ProxyConfig> {
+    Some(ProxyConfig {
+        url,
+        username: user.map(|u| u.name.clone()),
+        password: user.map(|u| u.password.clone()),
+    })
+}
+
+/// A relay serving HTTPS with a certificate for 127.0.0.1/localhost from a fresh CA; returns
+/// the tunnel and the CA file clients must trust.
+async fn https_tunnel(dir: &TestDir) -> (InProcessTunnel, std::path::PathBuf) {
+    let ca = TestCa::new("tunnel-tests proxies CA").unwrap();
+    let ca_file = ca.write_cert(&dir.path().join("ca.pem")).unwrap();
+    let relay_cert = ca
+        .issue(LOOPBACK_NAMES, Usage::Server, dir.path(), "relay")
+        .unwrap();
+    let mut options = InProcessOptions::default();
+    options.relay.http_tls = Some(TlsFiles {
+        cert: relay_cert.cert,
+        key: relay_cert.key,
+    });
+    (InProcessTunnel::start(options).await.unwrap(), ca_file)
+}
+
+fn test_user() -> ProxyUser {
+    ProxyUser {
+        name: "tunnel".into(),
+        password: "s3cret pass:word".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn squid_forwards_plain_http_and_https_through_connect() {
+    init_tracing();
+    let dir = TestDir::new("squid").unwrap();
+    let squid = Squid::start(dir.path(), None).await.unwrap();
+
+    let plain = InProcessTunnel::start(InProcessOptions::default())
+        .await
+        .unwrap();
+    let mut config = plain.client_config(&plain.relay_url());
+    config.proxy = proxy(squid.url(), None);
+    bulk_exchange("squid, http:// relay", config, 1).await;
+    // squid logs a request when it ends; the connect request ended long ago.
+    let connect_line = format!("POST {}?Type=connect", plain.relay_url());
+    wait_for_log("squid access.log", || squid.access_log(), &connect_line).await;
+    // squid adds X-Forwarded-For: the relay reports the client's address without a port.
+    assert_eq!(
+        plain
+            .accepted_clients()
+            .last()
+            .map(|c| c.client_addr.clone()),
+        Some("127.0.0.1".to_string()),
+        "client address the broker got through squid"
+    );
+
+    let (tls, ca_file) = https_tunnel(&dir).await;
+    let mut config = tls.client_config(&tls.relay_url());
+    config.proxy = proxy(squid.url(), None);
+    config.ca_file = Some(ca_file);
+    bulk_exchange("squid, https:// relay via CONNECT", config, 2).await;
+    // The CONNECT tunnel is logged when it closes: the stream is gone, and with it the
+    // client's connection pool.
+    let connect_line = format!("CONNECT {}", tls.relay_http_addr());
+    wait_for_log("squid access.log", || squid.access_log(), &connect_line).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tinyproxy_forwards_plain_http_and_https_through_connect() {
+    init_tracing();
+    let dir = TestDir::new("tinyproxy").unwrap();
+    let plain = InProcessTunnel::start(InProcessOptions::default())
+        .await
+        .unwrap();
+    let (tls, ca_file) = https_tunnel(&dir).await;
+    // CONNECT allowed to the HTTPS relay's port only.
+    let tinyproxy = Tinyproxy::start(dir.path(), &[tls.relay_http_addr().port()])
+        .await
+        .unwrap();
+
+    let mut config = plain.client_config(&plain.relay_url());
+    config.proxy = proxy(tinyproxy.url(), None);
+    bulk_exchange("tinyproxy, http:// relay", config, 3).await;
+    let request_line = format!("POST {}?Type=connect", plain.relay_url());
+    wait_for_log("tinyproxy log", || tinyproxy.log(), &request_line).await;
+
+    let mut config = tls.client_config(&tls.relay_url());
+    config.proxy = proxy(tinyproxy.url(), None);
+    config.ca_file = Some(ca_file);
+    bulk_exchange("tinyproxy, https:// relay via CONNECT", config, 4).await;
+    let connect_line = format!("CONNECT {}", tls.relay_http_addr());
+    wait_for_log("tinyproxy log", || tinyproxy.log(), &connect_line).await;
+}
+
+/// Connects with `config`, expecting a failure within `within`; returns it.
+async fn expect_connect_error(case: &str, config: ClientConfig, within: Duration) -> ConnectError {
+    let started = Instant::now();
+    let result = tokio::time::timeout(within, TunnelStream::connect(config))
+        .await
+        .unwrap_or_else(|_| panic!("{case}: connect hung for {within:?}"));
+    let err = match result {
+        Ok(_) => panic!("{case}: connect succeeded"),
+        Err(e) => e,
+    };
+    eprintln!(
+        "[report] {case}: refused after {:.2?}: {err}",
+        started.elapsed()
+    );
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn squid_basic_auth_right_credentials_pass_wrong_ones_get_a_clear_407() {
+    init_tracing();
+    let dir = TestDir::new("squid-auth").unwrap();
+    let user = test_user();
+    let squid = Squid::start(dir.path(), Some(&user)).await.unwrap();
+    let plain = InProcessTunnel::start(InProcessOptions::default())
+        .await
+        .unwrap();
+    let (tls, ca_file) = https_tunnel(&dir).await;
+
+    let mut config = plain.client_config(&plain.relay_url());
+    config.proxy = proxy(squid.url(), Some(&user));
+    bulk_exchange("squid with basic auth, http:// relay", config, 5).await;
+    // The access log names the authenticated user.
+    wait_for_log("squid access.log", || squid.access_log(), " tunnel HIER_").await;
+
+    let mut config = tls.client_config(&tls.relay_url());
+    config.proxy = proxy(squid.url(), Some(&user));
+    config.ca_file = Some(ca_file.clone());
+    bulk_exchange(
+        "squid with basic auth, https:// relay via CONNECT",
+        config,
+        6,
+    )
+    .await;
+
+    let wrong = ProxyUser {
+        name: user.name.clone(),
+        password: "not the password".into(),
+    };
+    // A 407 is final: the client must say so at once, not retry until its connect timeout.
+    let quick = Duration::from_secs(10);
+    for (case, url, creds, ca) in [
+        (
+            "squid, wrong password, http://",
+            plain.relay_url(),
+            Some(&wrong),
+            None,
+        ),
+        (
+            "squid, no credentials, http://",
+            plain.relay_url(),
+            None,
+            None,
+        ),
+        (
+            "squid, wrong password, https:// (CONNECT)",
+            tls.relay_url(),
+            Some(&wrong),
+            Some(ca_file.clone()),
+        ),
+        (
+            "squid, no credentials, https:// (CONNECT)",
+            tls.relay_url(),
+            None,
+            Some(ca_file.clone()),
+        ),
+    ] {
+        let mut config = plain.client_config(&url);
+        config.proxy = proxy(squid.url(), creds);
+        config.ca_file = ca;
+        config.connect_timeout = Duration::from_secs(30);
+        let err = expect_connect_error(case, config, quick).await;
+        let text = err.to_string();
+        assert!(
+            text.contains("407") && text.to_lowercase().contains("proxy"),
+            "{case}: error does not say 407 from the proxy: {text}"
+        );
+        assert!(
+            matches!(err, ConnectError::Refused { status: 407, .. }),
+            "{case}: expected Refused {{ status: 407 }}, got {err:?}"
+        );
+    }
+}
+
+/// Starts the client binary with `env` on a free port, forwarding to the in-process
+/// broker, and runs one exchange through it.
+async fn exchange_through_client_binary(
+    case: &str,
+    tunnel: &InProcessTunnel,
+    dir: &TestDir,
+    env: &[(String, String)],
+    seed: u64,
+) {
+    let listen = free_addr();
+    let args = vec![
+        "--relay".to_string(),
+        tunnel.relay_url(),
+        "--server".into(),
+        SERVER_NAME.into(),
+        "--listen".into(),
+        listen.to_string(),
+    ];
+    let mut client = ChildProcess::spawn(
+        &format!("client-{seed}"),
+        &bin_path("tunnel-client"),
+        args,
+        env,
+        dir.path(),
+    )
+    .unwrap();
+    wait_for_tcp(listen, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{case}: client port: {e}"));
+    let stream = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let spec = ExchangeSpec::symmetric(BULK_BYTES, seed);
+    let report = sink_source_exchange(stream, &spec, EXCHANGE_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{case}: exchange failed: {e}"));
+    eprintln!(
+        "[report] {case}: {} B up + {BULK_BYTES} B down, SHA-256 verified, 0 B lost, {:.2?}",
+        report.sent, report.elapsed
+    );
+    client.kill9().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_binary_uses_http_proxy_from_its_environment() {
+    init_tracing();
+    let dir = TestDir::new("env-proxy").unwrap();
+    let squid = Squid::start(dir.path(), None).await.unwrap();
+    let tunnel = InProcessTunnel::start(InProcessOptions::default())
+        .await
+        .unwrap();
+    let connect_line = format!("POST {}?Type=connect", tunnel.relay_url());
+    let rust_log = ("RUST_LOG".to_string(), "info".to_string());
+
+    // HTTP_PROXY for the child only; the relay is on 127.0.0.1 and no NO_PROXY is set, so
+    // the proxy must be used (reqwest has no implicit loopback exception).
+    let env = [rust_log.clone(), ("HTTP_PROXY".to_string(), squid.url())];
+    exchange_through_client_binary("client binary, HTTP_PROXY=squid", &tunnel, &dir, &env, 7).await;
+    wait_for_log("squid access.log", || squid.access_log(), &connect_line).await;
+    let through_proxy = squid.access_log().matches(&connect_line).count();
+
+    // NO_PROXY naming the relay's host: the client goes direct, and squid sees nothing new.
+    let env = [
+        rust_log,
+        ("HTTP_PROXY".to_string(), squid.url()),
+        ("NO_PROXY".to_string(), "127.0.0.1".to_string()),
+    ];
+    exchange_through_client_binary(
+        "client binary, HTTP_PROXY + NO_PROXY",
+        &tunnel,
+        &dir,
+        &env,
+        8,
+    )
+    .await;
+    // Give squid the time it would need to log a request, then check it logged none.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        squid.access_log().matches(&connect_line).count(),
+        through_proxy,
+        "NO_PROXY=127.0.0.1 should bypass squid:\n{}",
+        squid.access_log()
+    );
+}
+
+/// The relay with its pull wait and inactivity timeout set; broker keepalives far apart so
+/// an idle connection really leaves its pull held for the whole wait.
+async fn tunnel_for_nginx(pull_wait: Duration, keepalive: Duration) -> InProcessTunnel {
+    let mut options = InProcessOptions::default();
+    options.relay.pull_wait = pull_wait;
+    options.relay.client_inactivity_timeout = pull_wait * 3;
+    options.broker_connection = ConnectionConfig {
+        keepalive_interval: keepalive,
+        idle_timeout: keepalive * 3,
+        ..ConnectionConfig::default()
+    };
+    InProcessTunnel::start(options).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_example_in_front_of_the_relay_with_buffering_on_and_off() {
+    init_tracing();
+    let dir = TestDir::new("nginx").unwrap();
+    let tunnel = InProcessTunnel::start(InProcessOptions::default())
+        .await
+        .unwrap();
+    for (buffering, seed) in [(true, 9), (false, 10)] {
+        let nginx = Nginx::start(
+            dir.path(),
+            &NginxOptions {
+                relay: tunnel.relay_http_addr(),
+                buffering,
+            },
+        )
+        .await
+        .unwrap();
+        let before = tunnel.accepted_clients().len();
+        let config = tunnel.client_config(&nginx.tunnel_url(tunnel.base_path()));
+        let case = format!(
+            "nginx reverse proxy, proxy_buffering {}",
+            if buffering { "on" } else { "off" }
+        );
+        bulk_exchange(&case, config, seed).await;
+        // nginx replaced X-Forwarded-For with the peer it saw; the relay passed that on.
+        let clients = tunnel.accepted_clients();
+        assert_eq!(clients.len(), before + 1, "connections the broker accepted");
+        assert_eq!(
+            clients.last().unwrap().client_addr,
+            "127.0.0.1",
+            "client address the broker got behind nginx"
+        );
+        let log = nginx.access_log();
+        assert!(
+            log.contains("Type=connect") && log.contains("Type=push") && log.contains("Type=pull"),
+            "{case}: nginx access log lacks the tunnel requests:\n{log}"
+        );
+        assert!(
+            !log.contains("\" 413 ") && !log.contains("\" 504 ") && !log.contains("\" 502 "),
+            "{case}: nginx answered errors:\n{log}"
+        );
+    }
+    // For contrast: directly, the relay reports the peer with its port.
+    let config = tunnel.client_config(&tunnel.relay_url());
+    let stream = TunnelStream::connect(config).await.unwrap();
+    drop(stream);
+    let direct = tunnel
+        .accepted_clients()
+        .last()
+        .unwrap()
+        .client_addr
+        .clone();
+    assert!(
+        direct.starts_with("127.0.0.1:"),
+        "direct client address {direct}"
+    );
+}
+
+/// Longer than nginx's default proxy_read_timeout (60 s), shorter than the example's.
+const LONG_PULL_WAIT: Duration = Duration::from_secs(65);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_example_holds_a_65_second_long_poll() {
+    init_tracing();
+    let dir = TestDir::new("nginx-long-poll").unwrap();
+    // Keepalives every 200 s: nothing crosses the idle connection during the wait.
+    let tunnel = tunnel_for_nginx(LONG_PULL_WAIT, Duration::from_secs(200)).await;
+    let nginx = Nginx::start(
+        dir.path(),
+        &NginxOptions {
+            relay: tunnel.relay_http_addr(),
+            buffering: false,
+        },
+    )
+    .await
+    .unwrap();
+    let mut config = tunnel.client_config(&nginx.tunnel_url(tunnel.base_path()));
+    config.pull_timeout = LONG_PULL_WAIT + Duration::from_secs(30);
+    config.connection.keepalive_interval = Duration::from_secs(200);
+    config.connection.idle_timeout = Duration::from_secs(600);
+    let started = Instant::now();
+    let stream = TunnelStream::connect(config).await.unwrap();
+
+    // Stay idle past the pull wait: the pull in flight is held by the relay, through nginx.
+    tokio::time::sleep(LONG_PULL_WAIT + Duration::from_secs(3)).await;
+    let log = nginx.access_log();
+    let held: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Type=pull"))
+        .filter(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("rt="))
+                .and_then(|t| t.parse::<f64>().ok())
+                .is_some_and(|secs| secs >= LONG_PULL_WAIT.as_secs_f64() - 1.0)
+        })
+        .collect();
+    assert!(
+        held.iter().any(|l| l.contains("\" 200 ")),
+        "no pull held ~{LONG_PULL_WAIT:?} and answered 200 by nginx:\n{log}\nerror log:\n{}",
+        nginx.error_log()
+    );
+    assert!(!log.contains("\" 504 "), "nginx timed a pull out:\n{log}");
+
+    // And the connection still works afterwards.
+    let spec = ExchangeSpec::symmetric(1 << 20, 11);
+    let report = sink_source_exchange(stream, &spec, EXCHANGE_TIMEOUT)
+        .await
+        .expect("exchange after the long poll");
+    eprintln!(
+        "[report] nginx, pull held {:?}: answered 200 ({} line(s) like {:?}); then {} B each \
+         way, SHA-256 verified, 0 B lost, {:.2?}; whole case {:.2?}",
+        LONG_PULL_WAIT,
+        held.len(),
+        held.first(),
+        report.sent,
+        report.elapsed,
+        started.elapsed()
+    );
+}
