@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod config;
+mod first_byte;
 mod http;
 mod link;
 pub mod metrics;

@@ -29,7 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::RelayConfig;
 use crate::metrics::MetricsSnapshot;
 use crate::state::{run_sweeper, stopped, Shared};
-use crate::{http, link, tls};
+use crate::{first_byte, http, link, tls};
 
 /// Asks a relay to stop. Cloneable; stopping twice is harmless.
 #[derive(Clone)]
@@ -235,7 +235,13 @@ async fn serve_http(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc
         tasks.spawn(async move {
             let _slot = slot;
             match tls {
-                None => serve_connection(tcp, peer, &builder, shared).await,
+                None => {
+                    if first_byte::arrives_within(&tcp, shared.config.header_read_timeout).await {
+                        serve_connection(tcp, peer, &builder, shared).await
+                    } else {
+                        tracing::debug!(%peer, "nothing received within the header timeout; closed");
+                    }
+                }
                 Some(acceptor) => {
                     let handshake = acceptor.accept(tcp);
                     match tokio::time::timeout(shared.config.header_read_timeout, handshake).await {
