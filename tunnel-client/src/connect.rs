@@ -22,13 +22,44 @@ impl TunnelStream {
     /// Resolves once the broker accepted the connection (CONN_INIT_ACK), or fails with a typed
     /// error: unknown server (404), refused request, rejection by the broker, or no success
     /// within `config.connect_timeout` (503s and network errors are retried until then).
+    ///
+    /// To open many connections, make one [`TunnelClient`] and call its `connect`: its
+    /// connections share one HTTP connection pool (and one TLS set-up).
     pub async fn connect(config: ClientConfig) -> Result<TunnelStream, ConnectError> {
-        connect(config).await
+        TunnelClient::new(config)?.connect().await
     }
 }
 
-async fn connect(config: ClientConfig) -> Result<TunnelStream, ConnectError> {
-    let relay = Relay::new(&config)?;
+/// Opens tunnel connections to one server through one relay. Every connection opened by a
+/// `TunnelClient` (and its clones) shares one pool of HTTP connections to the relay, so many
+/// idle tunnel connections over HTTP/2 travel on a handful of TCP connections, and a new one
+/// costs no new TLS handshake.
+#[derive(Debug, Clone)]
+pub struct TunnelClient {
+    relay: Relay,
+    config: ClientConfig,
+}
+
+impl TunnelClient {
+    /// Checks the configuration and builds the HTTP client; no request is made yet.
+    pub fn new(config: ClientConfig) -> Result<TunnelClient, ConnectError> {
+        Ok(TunnelClient {
+            relay: Relay::new(&config)?,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Opens one connection; see [`TunnelStream::connect`].
+    pub async fn connect(&self) -> Result<TunnelStream, ConnectError> {
+        connect(self.relay.clone(), self.config.clone()).await
+    }
+}
+
+async fn connect(relay: Relay, config: ClientConfig) -> Result<TunnelStream, ConnectError> {
     let deadline = Instant::now() + config.connect_timeout;
     let mut last_error = String::from("no answer yet");
 

@@ -156,7 +156,8 @@ fn is_certificate_rejection(rustls_error: &rustls::Error) -> bool {
 }
 
 /// The HTTP side of one relay: a `reqwest` client and the URLs of the three requests.
-#[derive(Debug)]
+/// Cloning is cheap and shares the client's connection pool.
+#[derive(Debug, Clone)]
 pub struct Relay {
     client: reqwest::Client,
     base: Url,

@@ -20,5 +20,6 @@ pub mod stream;
 
 pub use auth::RelayAuth;
 pub use config::{ClientConfig, HttpVersion, ProxyConfig};
+pub use connect::TunnelClient;
 pub use error::ConnectError;
 pub use stream::{ConnHandle, PacketSink, StreamConfig, TunnelStream};

@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tunnel_client::forward::forward;
-use tunnel_client::{ClientConfig, HttpVersion, ProxyConfig, RelayAuth, TunnelStream};
+use tunnel_client::{ClientConfig, HttpVersion, ProxyConfig, RelayAuth, TunnelClient};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -198,8 +198,9 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let config = config_from(&args)?;
-    // Fail at start, not on the first connection, when the configuration cannot work.
-    tunnel_client::http::Relay::new(&config).map_err(|e| e.to_string())?;
+    // Fail at start, not on the first connection, when the configuration cannot work. One
+    // client for all connections: they share its pool of HTTP connections to the relay.
+    let client = TunnelClient::new(config).map_err(|e| e.to_string())?;
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -214,7 +215,7 @@ async fn run(args: Args) -> Result<(), String> {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
-                    connections.spawn(handle(socket, peer, config.clone(), stop_rx.clone()));
+                    connections.spawn(handle(socket, peer, client.clone(), stop_rx.clone()));
                 }
                 Err(e) => {
                     // Typically out of file descriptors: wait a little instead of spinning.
@@ -253,11 +254,11 @@ async fn run(args: Args) -> Result<(), String> {
 async fn handle(
     socket: TcpStream,
     peer: SocketAddr,
-    config: ClientConfig,
+    client: TunnelClient,
     stop: watch::Receiver<bool>,
 ) {
     let _ = socket.set_nodelay(true);
-    let tunnel = match TunnelStream::connect(config).await {
+    let tunnel = match client.connect().await {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(%peer, "could not open a tunnel connection: {e}");

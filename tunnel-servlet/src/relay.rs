@@ -205,7 +205,10 @@ async fn serve_http(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(config.header_read_timeout))
         .keep_alive_timeout(config.header_read_timeout)
-        .max_concurrent_streams(256);
+        // A client process multiplexes all its tunnel connections on one HTTP/2 connection,
+        // each with a held pull and a few pushes: a low stream limit would queue pulls
+        // behind each other. Streams cost memory only while open.
+        .max_concurrent_streams(max_streams(config.max_connections));
     let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(config.max_http_connections));
     let mut stopping = shared.stopping.clone();
@@ -298,4 +301,10 @@ async fn serve_connection<S>(
             let _ = conn.await;
         }
     }
+}
+
+/// HTTP/2 streams one connection may have open: a held pull and up to four pushes for every
+/// tunnel connection the relay allows.
+fn max_streams(max_connections: usize) -> u32 {
+    u32::try_from(max_connections.saturating_mul(5).max(256)).unwrap_or(u32::MAX)
 }
