@@ -23,6 +23,20 @@ const OUTAGE: Duration = Duration::from_secs(2);
 /// Deadline for the progress the test waits for before killing the relay.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The server's counters once the chain's readiness probe (one small exchange) is counted:
+/// the probe's client side can finish before the server records its completion, so a
+/// baseline read at once may miss it.
+async fn settled_baseline(server: &SinkSourceServer) -> tunnel_tests::SinkSourceStats {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = server.stats();
+        if stats.completed >= 1 || Instant::now() >= deadline {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Acceptance criterion: SIGKILL the relay in the middle of 64 MiB each way on two
 /// connections, start it again on the same ports, and both transfers complete with matching
 /// SHA-256 at both ends.
@@ -33,7 +47,7 @@ async fn relay_killed_mid_transfer_and_restarted_transfer_completes() {
     const BYTES_EACH_WAY: u64 = 64 << 20;
     let server = SinkSourceServer::start().await.unwrap();
     let mut chain = Chain::start(ChainOptions::forward_to_sink_source(server.addr())).await;
-    let baseline = server.stats();
+    let baseline = settled_baseline(&server).await;
 
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();

@@ -28,6 +28,20 @@ const SMALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How soon a reset must reach the other end ("promptly").
 const RESET_DEADLINE: Duration = Duration::from_secs(5);
 
+/// The server's counters once the chain's readiness probe (one small exchange) is counted:
+/// the probe's client side can finish before the server records its completion, so a
+/// baseline read at once may miss it.
+async fn settled_baseline(server: &SinkSourceServer) -> tunnel_tests::SinkSourceStats {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = server.stats();
+        if stats.completed >= 1 || Instant::now() >= deadline {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// (a) 64 connections through one relay and one broker link, each moving 4 MiB up and 4 MiB
 /// down at the same time, SHA-256 checked at both ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,7 +51,7 @@ async fn sixty_four_connections_move_4_mib_each_way_at_once() {
     const BYTES_EACH_WAY: u64 = 4 << 20;
     let server = SinkSourceServer::start().await.unwrap();
     let mut chain = Chain::start(ChainOptions::forward_to_sink_source(server.addr())).await;
-    let baseline = server.stats();
+    let baseline = settled_baseline(&server).await;
 
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
