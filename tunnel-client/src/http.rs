@@ -41,7 +41,8 @@ fn hint_suffix(status: StatusCode) -> String {
 pub fn status_hint(status: StatusCode) -> Option<&'static str> {
     Some(match status.as_u16() {
         400 => "the relay found the request malformed; client and relay versions may differ",
-        401 | 403 => "refused by the relay or a proxy; check access rules",
+        401 => "the relay requires client credentials or refused the ones given (ClientConfig::relay_auth; tunnel-client --relay-token-env or --relay-user with --relay-password-env)",
+        403 => "refused by the relay or a proxy; check access rules",
         404 => "unknown server name or connection at the relay",
         407 => "Proxy Authentication Required: the proxy wants a user and password, or rejected the ones given",
         413 => "push body over the relay's limit; lower max_push_body",
@@ -160,6 +161,8 @@ fn is_certificate_rejection(rustls_error: &rustls::Error) -> bool {
 #[derive(Debug, Clone)]
 pub struct Relay {
     client: reqwest::Client,
+    /// `Authorization` for the relay (sensitive: never logged, never HPACK-indexed).
+    auth: Option<reqwest::header::HeaderValue>,
     base: Url,
     server_name: String,
     pull_timeout: Duration,
@@ -223,8 +226,14 @@ impl Relay {
         let client = builder
             .build()
             .map_err(|e| ConnectError::InvalidConfig(format!("HTTP client: {e}")))?;
+        let auth = config
+            .relay_auth
+            .as_ref()
+            .map(crate::auth::RelayAuth::header_value)
+            .transpose()?;
         Ok(Relay {
             client,
+            auth,
             base,
             server_name: config.server_name.clone(),
             pull_timeout: config.pull_timeout,
@@ -302,6 +311,11 @@ impl Relay {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<Vec<Packet>, RequestError> {
+        // Every request carries the credentials: the relay checks each one.
+        let request = match &self.auth {
+            Some(value) => request.header(reqwest::header::AUTHORIZATION, value.clone()),
+            None => request,
+        };
         let response = request.send().await.map_err(network_error)?;
         let status = response.status();
         if status != StatusCode::OK {
