@@ -180,6 +180,7 @@ async fn serve_link<S>(
             Instant::now(),
             config.client_inactivity_timeout,
             config.max_connections,
+            config.ending_linger,
         );
         if let Some(old) = old {
             tracing::info!(server = %name, "link replaced by a newer one");

@@ -6,7 +6,7 @@
 //! cost little. A held pull is a `oneshot` sender in its entry, woken when packets arrive, when
 //! a newer pull supersedes it, or when the entry goes away.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -390,6 +390,11 @@ impl Table {
     /// Installs an authenticated link for `name`, replacing (and returning) the previous one,
     /// and (re)installs the connections the broker announced. Returns the announced ids the
     /// relay refused (owned by another broker, id 0, or over the connection limit).
+    ///
+    /// Connections of `name` that the broker did not announce are aborted towards their
+    /// clients: the broker restarted and forgot them, and without this an idle client would
+    /// only find out at its next keepalive.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn link_up(
         &mut self,
         name: &str,
@@ -398,6 +403,7 @@ impl Table {
         now: Instant,
         timeout: Duration,
         max_connections: usize,
+        ending_linger: Duration,
     ) -> (Option<LinkHandle>, Vec<u32>) {
         let key = self.server_name(name);
         let broker = self.brokers.entry(key.clone()).or_insert(BrokerEntry {
@@ -433,7 +439,33 @@ impl Table {
                 }
             }
         }
+        let listed: HashSet<u32> = announced.iter().map(|c| c.conn_id).collect();
+        let forgotten: Vec<u32> = self
+            .conns
+            .iter()
+            .filter(|(id, e)| e.server == key && e.ending.is_none() && !listed.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in forgotten {
+            self.abort_to_client(
+                id,
+                "broker no longer knows the connection",
+                now + ending_linger,
+            );
+        }
         (old, refused)
+    }
+
+    /// Queues CONN_ABORT(reason) for the client of `id` (past the queue bound: it must get
+    /// through) and forgets the connection once the client fetched it, or at `forget_at`.
+    fn abort_to_client(&mut self, id: u32, reason: &str, forget_at: Instant) {
+        let abort = Packet::new(PacketType::ConnAbort, id, encode_reason(reason));
+        let no_bound = QueueLimits {
+            limit: 0,
+            control_slack: 0,
+        };
+        self.enqueue(id, abort, no_bound, true);
+        self.end_after_delivery(id, reason, forget_at);
     }
 
     /// Records LISTEN_STATE from the link `link_id` of `name`.
@@ -487,14 +519,7 @@ impl Table {
                 .map(|(id, _)| *id)
                 .collect();
             for id in ids {
-                let abort =
-                    Packet::new(PacketType::ConnAbort, id, encode_reason("broker link lost"));
-                let limits = QueueLimits {
-                    limit: 0,
-                    control_slack: 0,
-                };
-                self.enqueue(id, abort, limits, true);
-                self.end_after_delivery(id, "broker link lost", now + rules.ending_linger);
+                self.abort_to_client(id, "broker link lost", now + rules.ending_linger);
             }
         }
 

@@ -257,3 +257,31 @@ async fn silent_link_is_declared_dead_and_idle_link_gets_keepalives() {
     eventually(|| relay_ref.metrics().links_up == 0, "link down").await;
     relay.shutdown().await;
 }
+
+/// A restarted broker announces none of its old connections: their clients get CONN_ABORT at
+/// once instead of finding out at their next keepalive.
+#[tokio::test]
+async fn a_new_link_that_does_not_announce_a_connection_aborts_it() {
+    let relay = start(config()).await;
+    let client = http();
+    let mut old = FakeBroker::link(relay.link_addr(), SERVER, vec![]).await;
+    let (id, token) = open(&relay, &mut old, &client).await;
+    let _restarted = FakeBroker::link(relay.link_addr(), SERVER, vec![]).await;
+    let (status, packets) = pull(&client, &relay, id, &token).await;
+    assert_eq!(status, 200);
+    let abort = packets
+        .iter()
+        .find(|p| p.kind == PacketType::ConnAbort)
+        .expect("CONN_ABORT for the forgotten connection");
+    assert_eq!(
+        decode_reason(&abort.payload),
+        "broker no longer knows the connection"
+    );
+    let relay_ref = &relay;
+    eventually(
+        || relay_ref.metrics().open_connections == 0,
+        "entry removed after fetch",
+    )
+    .await;
+    relay.shutdown().await;
+}
