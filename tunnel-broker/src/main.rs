@@ -263,7 +263,13 @@ async fn serve(stream: TunnelStream, client: ClientInfo, service: Service) {
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let outcome = splice(stream, tcp).await;
+            let mut tcp = tcp;
+            let outcome = splice(stream, &mut tcp).await;
+            if outcome.result.is_err() {
+                // The tunnel connection was reset: reset the service's connection too (RST,
+                // not FIN), so it does not take a broken connection for a clean close.
+                let _ = tcp.set_zero_linger();
+            }
             (outcome.a_to_b, outcome.b_to_a, outcome.result)
         }
     };

@@ -268,13 +268,20 @@ async fn handle(
     let conn_id = tunnel.conn_id();
     let handle = tunnel.handle();
     tracing::info!(%peer, conn_id, "local connection opened");
-    let (copied, result) = forward(socket, tunnel, stop).await;
+    let mut socket = socket;
+    let (copied, result) = forward(&mut socket, tunnel, stop).await;
     match result {
         Ok(()) => tracing::info!(%peer, conn_id, bytes_up = copied.up, bytes_down = copied.down,
             "local connection closed"),
-        Err(e) => tracing::warn!(%peer, conn_id, bytes_up = copied.up, bytes_down = copied.down,
-            "local connection ended with an error: {e}"),
+        Err(e) => {
+            tracing::warn!(%peer, conn_id, bytes_up = copied.up, bytes_down = copied.down,
+                "local connection ended with an error: {e}");
+            // The tunnel was reset: reset the local connection too (RST, not FIN), so the
+            // application does not take a broken connection for a clean end of stream.
+            let _ = socket.set_zero_linger();
+        }
     }
+    drop(socket);
     // Let the tunnel finish its close (acks) before the task ends, within the stream's linger.
     let _ = tokio::time::timeout(Duration::from_secs(5), handle.closed()).await;
 }

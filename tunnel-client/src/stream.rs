@@ -258,7 +258,11 @@ impl ConnHandle {
                 return;
             }
             inner.transport_failed = true;
-            if inner.error.is_none() {
+            // After both closes, the relay forgetting the connection (its broker side has
+            // finished) is the normal end, not an error: the application still reads what it
+            // holds, then end of stream.
+            let clean_end = inner.conn.both_directions_closed();
+            if inner.error.is_none() && !clean_end {
                 inner.error = Some(error);
             }
             inner.wake_app();

@@ -876,6 +876,12 @@ impl Connection {
     // State
     // ------------------------------------------------------------------------------------
 
+    /// Both directions are closed: the peer's CONN_CLOSE arrived in order (we hold its whole
+    /// stream) and the application closed ours. Only acknowledgements can still be missing.
+    pub fn both_directions_closed(&self) -> bool {
+        self.peer_closed && self.close_requested
+    }
+
     /// True when `read` would return something other than `Ok(None)`.
     pub fn is_readable(&self) -> bool {
         matches!(self.ending, Ending::Failed(_)) || !self.readable.is_empty() || self.peer_closed
