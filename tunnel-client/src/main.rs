@@ -201,8 +201,7 @@ async fn run(args: Args) -> Result<(), String> {
     // Fail at start, not on the first connection, when the configuration cannot work. One
     // client for all connections: they share its pool of HTTP connections to the relay.
     let client = TunnelClient::new(config).map_err(|e| e.to_string())?;
-    let listener = TcpListener::bind(args.listen)
-        .await
+    let listener = listen(args.listen, LISTEN_BACKLOG)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     tracing::info!(listen = %args.listen, relay = %args.relay, server = %args.server,
         "forwarding local connections through the tunnel");
@@ -284,4 +283,19 @@ async fn handle(
     drop(socket);
     // Let the tunnel finish its close (acks) before the task ends, within the stream's linger.
     let _ = tokio::time::timeout(Duration::from_secs(5), handle.closed()).await;
+}
+
+/// Accept backlog of the local listener: the standard library's 128 overflows when an
+/// application opens hundreds of connections at once (the kernel then resets some).
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }

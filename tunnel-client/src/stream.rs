@@ -43,6 +43,10 @@ pub struct StreamConfig {
     /// driver keeps the connection alive to get its close acknowledged and the peer's close;
     /// then it aborts. Default: 30 s.
     pub linger: Duration,
+    /// After a clean finish, how long the driver stays to answer the peer's retransmitted
+    /// CONN_CLOSE, in case our last ACK was lost (TCP's TIME-WAIT); without it the peer
+    /// would wait for its idle timeout. Default: 5 s.
+    pub time_wait: Duration,
 }
 
 impl Default for StreamConfig {
@@ -50,6 +54,7 @@ impl Default for StreamConfig {
         StreamConfig {
             max_batch_bytes: 1024 * 1024,
             linger: Duration::from_secs(30),
+            time_wait: Duration::from_secs(5),
         }
     }
 }
@@ -94,6 +99,8 @@ struct Inner {
     /// The `TunnelStream` is gone; `Some(deadline)` of the linger when it was shut down first.
     dropped: bool,
     linger_deadline: Option<Instant>,
+    /// Set at a clean finish: the driver ends at this time (see `StreamConfig::time_wait`).
+    time_wait_deadline: Option<Instant>,
     /// The driver has ended.
     ended: bool,
     peer_options: PeerOptions,
@@ -190,6 +197,7 @@ pub fn spawn_with_config(
             shutdown: false,
             dropped: false,
             linger_deadline: None,
+            time_wait_deadline: None,
             ended: false,
             peer_options: PeerOptions::default(),
         }),
@@ -587,11 +595,20 @@ fn step(inner: &mut Inner, carry: &mut Option<Packet>, config: &StreamConfig) ->
     }
     inner.wake_app();
 
-    let done = !more && (finished || inner.error.is_some() || inner.conn.is_finished());
-    let deadline = match (inner.conn.poll_timeout(), inner.linger_deadline) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
+    let clean_finish = inner.error.is_none() && (finished || inner.conn.is_finished());
+    if clean_finish && inner.time_wait_deadline.is_none() {
+        inner.time_wait_deadline = Some(now + config.time_wait);
+    }
+    let time_waited = inner.time_wait_deadline.is_some_and(|t| now >= t);
+    let done = !more && (inner.error.is_some() || (clean_finish && time_waited));
+    let deadline = [
+        inner.conn.poll_timeout(),
+        inner.linger_deadline,
+        inner.time_wait_deadline,
+    ]
+    .into_iter()
+    .flatten()
+    .min();
     Step {
         batch,
         more,

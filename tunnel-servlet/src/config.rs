@@ -79,6 +79,9 @@ pub struct RelayConfig {
     /// Most HTTP connections (TCP) served at once; more wait in the kernel backlog.
     /// Default 30,000.
     pub max_http_connections: usize,
+    /// Accept backlog of the HTTP and link listeners (the kernel caps it at
+    /// `net.core.somaxconn`). Default 4096.
+    pub listen_backlog: u32,
     /// How often the sweeper checks inactivity, grace and linger deadlines. Default 500 ms.
     pub sweep_interval: Duration,
     /// How long a graceful stop waits for open HTTP exchanges to finish. Default 5 s.
@@ -125,6 +128,7 @@ impl Default for RelayConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             max_http_connections: 30_000,
+            listen_backlog: 4096,
             sweep_interval: Duration::from_millis(500),
             shutdown_drain: Duration::from_secs(5),
             http_tls: None,

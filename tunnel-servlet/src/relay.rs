@@ -74,8 +74,8 @@ impl Relay {
             )?),
             None => None,
         };
-        let http = TcpListener::bind(config.http_listen).await?;
-        let link = TcpListener::bind(config.link_listen).await?;
+        let http = listen(config.http_listen, config.listen_backlog)?;
+        let link = listen(config.link_listen, config.listen_backlog)?;
         let (stop, stopping) = watch::channel(false);
         Ok(Relay {
             shared: Arc::new(Shared::new(config, stopping)),
@@ -307,4 +307,17 @@ async fn serve_connection<S>(
 /// tunnel connection the relay allows.
 fn max_streams(max_connections: usize) -> u32 {
     u32::try_from(max_connections.saturating_mul(5).max(256)).unwrap_or(u32::MAX)
+}
+
+/// Binds a listener with an explicit accept backlog: the standard library's 128 overflows
+/// when hundreds of clients connect at once, and the kernel then drops or resets them.
+fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
