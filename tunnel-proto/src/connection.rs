@@ -110,6 +110,10 @@ pub struct Stats {
 const DUP_THRESHOLD: usize = 3;
 /// Shortest time a hole must persist before selective acks may call it a loss.
 const MIN_REORDER_WINDOW: Duration = Duration::from_millis(2);
+/// The reorder window is `srtt × reorder_quarters / 4`: it starts at half the RTT and grows
+/// by a quarter RTT, up to two RTTs, each time a fast retransmission proves spurious.
+const INITIAL_REORDER_QUARTERS: u32 = 2;
+const MAX_REORDER_QUARTERS: u32 = 8;
 /// RFC 6298 clock granularity term.
 const RTO_GRANULARITY: Duration = Duration::from_millis(1);
 
@@ -190,6 +194,8 @@ pub struct Connection {
     rto_deadline: Option<Instant>,
     /// A hole seen by selective acks becomes a loss at this time unless it fills first.
     loss_check_at: Option<Instant>,
+    /// Reorder window in quarters of the smoothed RTT (see `INITIAL_REORDER_QUARTERS`).
+    reorder_quarters: u32,
     last_sent: Instant,
     last_received: Instant,
 
@@ -238,6 +244,7 @@ impl Connection {
             rttvar: Duration::ZERO,
             rto_deadline: None,
             loss_check_at: None,
+            reorder_quarters: INITIAL_REORDER_QUARTERS,
             last_sent: now,
             last_received: now,
             recv_next: 0,
@@ -532,6 +539,9 @@ impl Connection {
             // acknowledged only now because it waited behind a resent one (or was already
             // selectively acked, and sampled then) would measure the repair, not the path.
             repaired_hole |= done.transmissions > 1;
+            if !done.sacked && retransmitted_in_vain(&done, self.srtt, now) {
+                self.widen_reorder_window();
+            }
             if done.transmissions == 1 && !done.sacked && !repaired_hole {
                 rtt_sample = Some(now.saturating_duration_since(done.sent_at));
             }
@@ -553,11 +563,13 @@ impl Connection {
 
     fn apply_sack(&mut self, blocks: &[SackBlock], now: Instant) {
         let mut rtt_sample = None;
+        let mut spurious = false;
         for block in blocks {
             for p in self.in_flight.iter_mut() {
                 if !p.sacked && seq::le(block.first, p.seq) && seq::le(p.seq, block.last) {
                     p.sacked = true;
                     p.lost = false;
+                    spurious |= retransmitted_in_vain(p, self.srtt, now);
                     if p.transmissions == 1 {
                         rtt_sample = Some(now.saturating_duration_since(p.sent_at));
                     }
@@ -567,6 +579,14 @@ impl Connection {
         if let Some(sample) = rtt_sample {
             self.on_rtt_sample(sample);
         }
+        if spurious {
+            self.widen_reorder_window();
+        }
+    }
+
+    /// Reordering fooled the loss detection (see `retransmitted_in_vain`).
+    fn widen_reorder_window(&mut self) {
+        self.reorder_quarters = (self.reorder_quarters + 1).min(MAX_REORDER_QUARTERS);
     }
 
     /// The window opened past `old_edge`: packets we sent beyond it were probes, which the
@@ -589,12 +609,15 @@ impl Connection {
     ///
     /// Concurrent HTTP pushes overtake each other, so a hole may just be a push still on its
     /// way. As in RACK (RFC 8985), a hole only counts as a loss once its packet has been out
-    /// for a reorder window (half the smoothed RTT, at least `MIN_REORDER_WINDOW`); until
-    /// then `loss_check_at` brings us back to look again.
+    /// for a reorder window (half the smoothed RTT at first, at least `MIN_REORDER_WINDOW`,
+    /// wider once reordering fooled us: see `note_spurious_retransmit`); until then
+    /// `loss_check_at` brings us back to look again.
     fn detect_losses(&mut self, now: Instant) {
         let reorder_window = self
             .srtt
-            .map_or(self.config.rto_min / 4, |srtt| srtt / 2)
+            .map_or(self.config.rto_min / 4, |srtt| {
+                srtt * self.reorder_quarters / 4
+            })
             .max(MIN_REORDER_WINDOW);
         self.loss_check_at = None;
         let mut sacked_above = 0;
@@ -956,6 +979,15 @@ impl Connection {
             self.probe_at = None;
         }
     }
+}
+
+/// Eifel-style check (RFC 3522, without timestamps): an acknowledgement that arrives less
+/// than half an RTT after a fast retransmission cannot be for the copy just sent, so the
+/// original was only late and the retransmission was in vain.
+fn retransmitted_in_vain(p: &InFlight, srtt: Option<Duration>, now: Instant) -> bool {
+    p.fast_retransmitted
+        && p.transmissions > 1
+        && srtt.is_some_and(|srtt| now.saturating_duration_since(p.sent_at) < srtt / 2)
 }
 
 #[cfg(test)]

@@ -301,3 +301,31 @@ fn restored_path_resends_at_once_without_back_off() {
     exchange(&mut a, &mut b, t2);
     assert_eq!(read_all(&mut b), vec![4u8; 3000]);
 }
+
+#[test]
+fn a_late_original_widens_the_reorder_window() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair(t0);
+    a.write(&[6u8; 6000]).unwrap();
+    let mut sent = drain(&mut a, t0);
+    let late = sent.remove(0); // overtaken, not lost
+    let t1 = t0 + Duration::from_millis(10);
+    for p in sent {
+        b.handle_packet(p, t1);
+    }
+    for p in drain(&mut b, t1) {
+        a.handle_packet(p, t1);
+    }
+    // The hole is older than the reorder window (half of the 10 ms RTT): resent.
+    let resent = drain(&mut a, t1);
+    assert_eq!(resent.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![0]);
+    assert_eq!(a.reorder_quarters, INITIAL_REORDER_QUARTERS);
+    // The original arrives just after: its ACK comes too soon to be for the copy.
+    let t2 = t1 + Duration::from_millis(1);
+    b.handle_packet(late, t2);
+    for p in drain(&mut b, t2) {
+        a.handle_packet(p, t2);
+    }
+    assert_eq!(a.reorder_quarters, INITIAL_REORDER_QUARTERS + 1);
+    assert_eq!(read_all(&mut b), vec![6u8; 6000]);
+}
