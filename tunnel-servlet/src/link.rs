@@ -327,8 +327,7 @@ fn route(
                 },
                 decode_reason(&packet.payload)
             );
-            table.enqueue(id, packet, shared.queue_limits(), false);
-            table.end_after_delivery(id, &reason, forget_at);
+            table.end_with(id, packet, &reason, forget_at);
         }
         PacketType::ConnOption => {
             if let Ok(ConnOption::InactivityTimeoutMs(ms)) =

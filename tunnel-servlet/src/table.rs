@@ -54,7 +54,14 @@ struct UnconfirmedAccept {
 struct Ending {
     reason: Box<str>,
     forget_at: Instant,
+    /// The CONN_ABORT or CONN_REJECTED that ended it. Unsequenced, so it is handed out with
+    /// every answer until the entry is forgotten: if the response that carried it is lost,
+    /// the client still learns why instead of getting a bare 404.
+    last_word: Option<Box<Packet>>,
 }
+
+/// How long an ended connection's last word stays available after it was first handed out.
+const LAST_WORD_KEPT: Duration = Duration::from_secs(5);
 
 /// One virtual connection.
 pub(crate) struct ConnEntry {
@@ -102,10 +109,12 @@ impl ConnEntry {
         }
     }
 
-    /// Whether a pull has something to take now (queued packets, or a CONN_INIT_ACK due to
-    /// be handed out again).
+    /// Whether a pull has something to take now (queued packets, a CONN_INIT_ACK due to be
+    /// handed out again, or the last word of an ended connection).
     pub(crate) fn has_queued(&self, now: Instant) -> bool {
-        !self.queue.is_empty() || self.init_ack_resend_due(now)
+        !self.queue.is_empty()
+            || self.init_ack_resend_due(now)
+            || self.ending.as_ref().is_some_and(|e| e.last_word.is_some())
     }
 
     fn init_ack_resend_due(&self, now: Instant) -> bool {
@@ -344,12 +353,24 @@ impl Table {
             // Give back the memory of a burst; an idle entry should stay small.
             entry.queue = VecDeque::new();
         }
-        entry.bytes_down += out.len() as u64;
-        if entry.queue.is_empty() {
-            if let Some(ending) = entry.ending.take() {
-                self.remove(id, &ending.reason);
+        if let (true, Some(ending)) = (entry.queue.is_empty(), &mut entry.ending) {
+            match &ending.last_word {
+                // Delivered (again): keep repeating it for a little while.
+                Some(word) => {
+                    if out.is_empty() {
+                        word.encode(&mut out);
+                    }
+                    ending.forget_at = ending.forget_at.min(now + LAST_WORD_KEPT);
+                }
+                None => {
+                    let reason = ending.reason.clone();
+                    entry.bytes_down += out.len() as u64;
+                    self.remove(id, &reason);
+                    return out.freeze();
+                }
             }
         }
+        entry.bytes_down += out.len() as u64;
         out.freeze()
     }
 
@@ -383,6 +404,35 @@ impl Table {
             entry.ending = Some(Ending {
                 reason: reason.into(),
                 forget_at,
+                last_word: None,
+            });
+        }
+    }
+
+    /// Ends connection `id` with `last_word` (a CONN_ABORT or CONN_REJECTED for its client),
+    /// queued after what is already there and then repeated on every answer until
+    /// `forget_at`, or for `LAST_WORD_KEPT` after it was first fetched.
+    pub(crate) fn end_with(
+        &mut self,
+        id: u32,
+        last_word: Packet,
+        reason: &str,
+        forget_at: Instant,
+    ) {
+        let no_bound = QueueLimits {
+            limit: 0,
+            control_slack: 0,
+        };
+        // Past the bound: the last word must get through.
+        self.enqueue(id, last_word.clone(), no_bound, true);
+        let Some(entry) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if entry.ending.is_none() {
+            entry.ending = Some(Ending {
+                reason: reason.into(),
+                forget_at,
+                last_word: Some(Box::new(last_word)),
             });
         }
     }
@@ -456,16 +506,10 @@ impl Table {
         (old, refused)
     }
 
-    /// Queues CONN_ABORT(reason) for the client of `id` (past the queue bound: it must get
-    /// through) and forgets the connection once the client fetched it, or at `forget_at`.
+    /// Ends connection `id` with a CONN_ABORT(reason) from the relay itself.
     fn abort_to_client(&mut self, id: u32, reason: &str, forget_at: Instant) {
         let abort = Packet::new(PacketType::ConnAbort, id, encode_reason(reason));
-        let no_bound = QueueLimits {
-            limit: 0,
-            control_slack: 0,
-        };
-        self.enqueue(id, abort, no_bound, true);
-        self.end_after_delivery(id, reason, forget_at);
+        self.end_with(id, abort, reason, forget_at);
     }
 
     /// Records LISTEN_STATE from the link `link_id` of `name`.
