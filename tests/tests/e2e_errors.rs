@@ -249,16 +249,11 @@ async fn forward_target_refuses() {
     }
     // The broker logs the reason once the client binary's connection reached it.
     let deadline = Instant::now() + STEP_TIMEOUT;
-    while !chain
-        .broker
-        .as_ref()
-        .unwrap()
-        .log_contents()
-        .matches("forward target refused")
-        .nth(1)
-        .is_some()
-        && Instant::now() < deadline
-    {
+    let logged_twice = |chain: &Chain| {
+        let log = chain.broker.as_ref().unwrap().log_contents();
+        log.matches("forward target refused").count() >= 2
+    };
+    while !logged_twice(&chain) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let broker_log = chain.broker.as_ref().unwrap().log_contents();
