@@ -26,7 +26,7 @@ pub struct BrokerConfig {
     /// First delay before redialing a lost or refused link. Default: 200 ms.
     pub redial_initial: Duration,
     /// Ceiling of the redial delay, which doubles after each failed attempt. Default: 10 s.
-    /// Each delay is drawn at random between half of it and all of it (jitter), so many
+    /// Up to a quarter of each delay is taken off at random (jitter), so many
     /// brokers cut off together do not redial in lock step.
     pub redial_max: Duration,
     /// Limit for one dial: TCP connect, TLS handshake, LINK_INIT and its answer. `bind`

@@ -14,7 +14,6 @@ pub mod config;
 pub mod splice;
 pub mod tls;
 
-mod backoff;
 mod demux;
 mod dial;
 mod link;

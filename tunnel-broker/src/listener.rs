@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tunnel_client::stream::TunnelStream;
 use tunnel_proto::connection::StreamError;
 
-use crate::backoff::Backoff;
+use tunnel_client::backoff::Backoff;
 use crate::config::BrokerConfig;
 use crate::dial::{dial, DialError, Link};
 use crate::shared::{abort_packet, Accepted, Shared};

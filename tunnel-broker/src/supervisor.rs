@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backoff::Backoff;
+use tunnel_client::backoff::Backoff;
 use crate::dial::{dial, DialError, Link};
 use crate::link::{self, LinkEnd, LinkQueue};
 use crate::shared::Shared;
