@@ -22,7 +22,7 @@ use tunnel_proto::payload::{
 use tunnel_proto::{Decoder, Packet, PacketType};
 
 use crate::sender::{self, LinkSender};
-use crate::state::{stopped, Shared};
+use crate::state::{accept_until_stopped, stopped, Shared};
 use crate::table::{LinkHandle, Table};
 
 /// Room kept free in the read buffer so each read can take a good share of a burst.
@@ -37,18 +37,8 @@ pub(crate) async fn run_listener(
     let pending = Arc::new(Semaphore::new(shared.config.max_pending_links));
     let mut stopping = shared.stopping.clone();
     loop {
-        let accepted = tokio::select! {
-            _ = stopped(&mut stopping) => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(err) => {
-                // Typically out of file descriptors: back off instead of spinning.
-                tracing::warn!(error = %err, "link accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let Some((tcp, peer)) = accept_until_stopped(&listener, &mut stopping, "link").await else {
+            break;
         };
         let Ok(permit) = pending.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "too many links in handshake; closing this one");

@@ -28,7 +28,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::RelayConfig;
 use crate::metrics::MetricsSnapshot;
-use crate::state::{run_sweeper, stopped, Shared};
+use crate::state::{accept_until_stopped, run_sweeper, stopped, Shared};
 use crate::{first_byte, http, link, tls};
 
 /// Asks a relay to stop. Cloneable; stopping twice is harmless.
@@ -221,17 +221,8 @@ async fn serve_http(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc
         let Ok(slot) = slot else {
             break;
         };
-        let accepted = tokio::select! {
-            _ = stopped(&mut stopping) => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(err) => {
-                tracing::warn!(error = %err, "HTTP accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let Some((tcp, peer)) = accept_until_stopped(&listener, &mut stopping, "HTTP").await else {
+            break;
         };
         let _ = tcp.set_nodelay(true);
         let (shared, builder, tls) = (shared.clone(), builder.clone(), tls.clone());

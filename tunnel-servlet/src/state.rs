@@ -64,6 +64,28 @@ pub(crate) async fn stopped(stopping: &mut watch::Receiver<bool>) {
     let _ = stopping.wait_for(|s| *s).await;
 }
 
+/// The next accepted connection, or `None` once the relay is stopping. A failed accept
+/// (typically: out of file descriptors) is logged and retried after a pause, not spun on.
+pub(crate) async fn accept_until_stopped(
+    listener: &tokio::net::TcpListener,
+    stopping: &mut watch::Receiver<bool>,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            _ = stopped(stopping) => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok(pair) => return Some(pair),
+            Err(err) => {
+                tracing::warn!(error = %err, "{what} accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Applies inactivity, grace and linger deadlines every `sweep_interval` until the relay
 /// stops. One task for all connections: no per-connection timers.
 pub(crate) async fn run_sweeper(shared: Arc<Shared>) {
