@@ -85,6 +85,13 @@ pub struct ClientConfig {
     /// Push requests in flight at once; the driver waits for a free slot (back-pressure).
     /// Default: 4.
     pub max_pushes_in_flight: usize,
+    /// Idle HTTP connections kept open to the relay for reuse (shared by all connections of
+    /// a `TunnelClient`). Over HTTP/1.1 each held pull occupies a connection of its own; without
+    /// this bound the pool also kept the connection of every connection's last push, doubling
+    /// what an idle tunnel connection costs the relay. Default: 64.
+    pub http_pool_max_idle: usize,
+    /// How long an idle pooled HTTP connection is kept. Default: 10 s.
+    pub http_pool_idle_timeout: Duration,
     /// Largest push body in bytes; the relay answers 413 above its limit (default 1 MiB).
     /// A single packet larger than this still goes alone. Default: 1 MiB.
     pub max_push_body: usize,
@@ -125,6 +132,8 @@ impl Default for ClientConfig {
             pull_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
             max_pushes_in_flight: 4,
+            http_pool_max_idle: 64,
+            http_pool_idle_timeout: Duration::from_secs(10),
             max_push_body: 1024 * 1024,
             push_attempts: 3,
             max_response_body: 4 * 1024 * 1024,

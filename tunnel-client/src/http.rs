@@ -188,6 +188,8 @@ impl Relay {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(config.tcp_connect_timeout)
             .tcp_nodelay(true)
+            .pool_max_idle_per_host(config.http_pool_max_idle)
+            .pool_idle_timeout(config.http_pool_idle_timeout)
             .user_agent(concat!("tunnel-client/", env!("CARGO_PKG_VERSION")));
         builder = match config.http_version {
             HttpVersion::Auto => builder,
