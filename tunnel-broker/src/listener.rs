@@ -10,11 +10,11 @@ use tokio::task::JoinHandle;
 use tunnel_client::stream::TunnelStream;
 use tunnel_proto::connection::StreamError;
 
-use tunnel_client::backoff::Backoff;
 use crate::config::BrokerConfig;
 use crate::dial::{dial, DialError, Link};
 use crate::shared::{abort_packet, Accepted, Shared};
 use crate::supervisor::supervise;
+use tunnel_client::backoff::Backoff;
 
 /// Who opened an accepted connection.
 #[derive(Debug, Clone, PartialEq, Eq)]

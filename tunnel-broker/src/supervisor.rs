@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tunnel_client::backoff::Backoff;
 use crate::dial::{dial, DialError, Link};
 use crate::link::{self, LinkEnd, LinkQueue};
 use crate::shared::Shared;
+use tunnel_client::backoff::Backoff;
 
 /// Runs `first` (the link `bind` established), then keeps a link up until stopped.
 pub(crate) async fn supervise(shared: Arc<Shared>, first: Link, queue: LinkQueue) {
