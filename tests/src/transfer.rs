@@ -7,11 +7,15 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::servers::sink_source::{sink_source_exchange, ExchangeSpec};
+use crate::servers::sink_source::{
+    sink_source_exchange, ExchangeSpec, SinkSourceServer, SinkSourceStats,
+};
 
 /// What a batch of parallel exchanges achieved.
 #[derive(Debug, Default)]
 pub struct TransferOutcome {
+    /// Exchanges started.
+    pub connections: u64,
     /// Bytes both ways the batch should move (header and trailer not counted).
     pub expected: u64,
     /// Bytes of exchanges that completed with matching SHA-256 and length at both ends:
@@ -32,6 +36,30 @@ impl TransferOutcome {
     /// MiB per second of verified bytes, both directions together.
     pub fn mib_per_sec(&self) -> f64 {
         self.verified as f64 / (1 << 20) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Panics unless every exchange completed verified at both ends: no failure here, every
+    /// byte counted, and the server saw exactly `connections` more completed exchanges and no
+    /// new failure since `baseline`.
+    pub fn assert_complete(&self, server: &SinkSourceServer, baseline: &SinkSourceStats) {
+        let stats = server.stats();
+        assert!(
+            self.failures.is_empty(),
+            "{} of {} exchanges failed (server: {stats:?}):\n{}",
+            self.failures.len(),
+            self.connections,
+            self.failures.join("\n")
+        );
+        assert_eq!(self.lost(), 0, "bytes not verified: {self:?}");
+        assert_eq!(
+            stats.completed - baseline.completed,
+            self.connections,
+            "server-side completed exchanges: {stats:?}"
+        );
+        assert_eq!(
+            stats.failed, baseline.failed,
+            "server-side failures: {stats:?}"
+        );
     }
 }
 
@@ -80,6 +108,7 @@ pub async fn parallel_exchanges(
     }
     failures.sort();
     TransferOutcome {
+        connections,
         expected: 2 * connections * bytes_each_way,
         verified,
         elapsed: started.elapsed(),

@@ -5,10 +5,8 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tunnel_tests::{
-    init_tracing, sink_source_exchange, Chain, ChainOptions, ExchangeSpec, SeededBytes,
-    SinkSourceServer,
-};
+use tunnel_tests::transfer::parallel_exchanges;
+use tunnel_tests::{init_tracing, Chain, ChainOptions, SeededBytes, SinkSourceServer};
 
 /// Deadline of one whole exchange; generous because the machine has two cores shared by
 /// three processes and the test itself.
@@ -49,51 +47,22 @@ async fn twenty_concurrent_connections_move_2_mib_each_way() {
     const BYTES_EACH_WAY: u64 = 2 << 20;
     let server = SinkSourceServer::start().await.unwrap();
     let mut chain = Chain::start(ChainOptions::forward_to_sink_source(server.addr())).await;
-    let baseline = server.stats();
+    let baseline = server.settled_stats().await;
 
-    let started = std::time::Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..CONNECTIONS {
-        let stream = chain.connect().await.unwrap();
-        tasks.spawn(async move {
-            let spec = ExchangeSpec::symmetric(BYTES_EACH_WAY, 1000 + i);
-            (
-                i,
-                sink_source_exchange(stream, &spec, EXCHANGE_TIMEOUT).await,
-            )
-        });
-    }
-    let mut failures = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        let (i, result) = joined.expect("exchange task panicked");
-        if let Err(e) = result {
-            failures.push(format!("connection {i}: {e}"));
-        }
-    }
-    let elapsed = started.elapsed();
-    let stats = server.stats();
-    if !failures.is_empty() {
-        failures.sort();
-        panic!(
-            "{} of {CONNECTIONS} exchanges failed (server: {stats:?}):\n{}",
-            failures.len(),
-            failures.join("\n")
-        );
-    }
-    assert_eq!(
-        stats.completed - baseline.completed,
+    let outcome = parallel_exchanges(
+        chain.client_addr(),
         CONNECTIONS,
-        "server-side completed exchanges: {stats:?}"
-    );
-    assert_eq!(
-        stats.failed, baseline.failed,
-        "server-side failures: {stats:?}"
-    );
-    let total = 2 * CONNECTIONS * BYTES_EACH_WAY;
+        BYTES_EACH_WAY,
+        0xBA51C,
+        EXCHANGE_TIMEOUT,
+    )
+    .await;
+    outcome.assert_complete(&server, &baseline);
     eprintln!(
-        "moved {} MiB through the tunnel in {elapsed:?} ({:.1} MiB/s both directions together)",
-        total >> 20,
-        total as f64 / (1 << 20) as f64 / elapsed.as_secs_f64()
+        "moved {} MiB through the tunnel in {:?} ({:.1} MiB/s both directions together)",
+        outcome.verified >> 20,
+        outcome.elapsed,
+        outcome.mib_per_sec()
     );
     // Not asserted (loopback loses nothing, but the relay may shed queue overflow by design):
     // shown so a slow run can be told apart from a lossy one.

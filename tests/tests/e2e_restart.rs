@@ -8,10 +8,8 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tunnel_tests::{
-    init_tracing, sink_source_exchange, Chain, ChainOptions, ExchangeSpec, SeededBytes,
-    SinkSourceServer,
-};
+use tunnel_tests::transfer::parallel_exchanges;
+use tunnel_tests::{init_tracing, Chain, ChainOptions, SeededBytes, SinkSourceServer};
 
 /// Deadline of the whole transfer across the restart. The client's transient-failure limit
 /// (60 s) bounds the outage it survives; the transfer itself is seconds on loopback, so this
@@ -23,20 +21,6 @@ const OUTAGE: Duration = Duration::from_secs(2);
 /// Deadline for the progress the test waits for before killing the relay.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The server's counters once the chain's readiness probe (one small exchange) is counted:
-/// the probe's client side can finish before the server records its completion, so a
-/// baseline read at once may miss it.
-async fn settled_baseline(server: &SinkSourceServer) -> tunnel_tests::SinkSourceStats {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let stats = server.stats();
-        if stats.completed >= 1 || Instant::now() >= deadline {
-            return stats;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Acceptance criterion: SIGKILL the relay in the middle of 64 MiB each way on two
 /// connections, start it again on the same ports, and both transfers complete with matching
 /// SHA-256 at both ends.
@@ -47,20 +31,16 @@ async fn relay_killed_mid_transfer_and_restarted_transfer_completes() {
     const BYTES_EACH_WAY: u64 = 64 << 20;
     let server = SinkSourceServer::start().await.unwrap();
     let mut chain = Chain::start(ChainOptions::forward_to_sink_source(server.addr())).await;
-    let baseline = settled_baseline(&server).await;
+    let baseline = server.settled_stats().await;
 
     let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..CONNECTIONS {
-        let stream = chain.connect().await.unwrap();
-        tasks.spawn(async move {
-            let spec = ExchangeSpec::symmetric(BYTES_EACH_WAY, 0x5E57_0000 + i);
-            (
-                i,
-                sink_source_exchange(stream, &spec, TRANSFER_TIMEOUT).await,
-            )
-        });
-    }
+    let transfers = tokio::spawn(parallel_exchanges(
+        chain.client_addr(),
+        CONNECTIONS,
+        BYTES_EACH_WAY,
+        0x5E57_0000,
+        TRANSFER_TIMEOUT,
+    ));
 
     // Kill once a good part has moved up and down, well before the end. Progress is read on
     // the server side (received) and, for the down direction, from what it has sent.
@@ -89,7 +69,7 @@ async fn relay_killed_mid_transfer_and_restarted_transfer_completes() {
             Instant::now() < deadline,
             "no progress to {kill_at_up} bytes each way within {PROGRESS_TIMEOUT:?}: {stats:?}"
         );
-        if tasks.is_empty() {
+        if transfers.is_finished() {
             panic!("transfers ended before the kill: {stats:?}");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -103,30 +83,9 @@ async fn relay_killed_mid_transfer_and_restarted_transfer_completes() {
         .expect("restarting the relay on the same ports");
     let restarted = Instant::now();
 
-    let mut failures = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        let (i, result) = joined.expect("exchange task panicked");
-        match result {
-            Ok(report) => eprintln!("connection {i} completed in {:?}", report.elapsed),
-            Err(e) => failures.push(format!("connection {i}: {e}")),
-        }
-    }
-    let stats = server.stats();
-    if !failures.is_empty() {
-        panic!(
-            "transfers across the relay restart failed (server at restart: {at_restart:?}, now: {stats:?}):\n{}",
-            failures.join("\n")
-        );
-    }
-    assert_eq!(
-        stats.completed - baseline.completed,
-        CONNECTIONS,
-        "server-side completed exchanges: {stats:?}"
-    );
-    assert_eq!(
-        stats.failed, baseline.failed,
-        "server-side failures: {stats:?}"
-    );
+    let outcome = transfers.await.expect("transfer task panicked");
+    eprintln!("server at restart: {at_restart:?}");
+    outcome.assert_complete(&server, &baseline);
     eprintln!(
         "both transfers completed {:?} after the restart ({:?} in all)",
         restarted.elapsed(),

@@ -15,10 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tunnel_tests::data::{hex, seeded_sha256};
 use tunnel_tests::fdlimit::raise_nofile_limit;
-use tunnel_tests::{
-    init_tracing, sha256, sink_source_exchange, Chain, ChainOptions, ExchangeSpec, SeededBytes,
-    SinkSourceServer,
-};
+use tunnel_tests::transfer::parallel_exchanges;
+use tunnel_tests::{init_tracing, sha256, Chain, ChainOptions, SeededBytes, SinkSourceServer};
 
 /// Deadline of the big transfers; generous because two cores run three processes and the
 /// test, and the dev profile is not fully optimised.
@@ -27,20 +25,6 @@ const BULK_TIMEOUT: Duration = Duration::from_secs(300);
 const SMALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How soon a reset must reach the other end ("promptly").
 const RESET_DEADLINE: Duration = Duration::from_secs(5);
-
-/// The server's counters once the chain's readiness probe (one small exchange) is counted:
-/// the probe's client side can finish before the server records its completion, so a
-/// baseline read at once may miss it.
-async fn settled_baseline(server: &SinkSourceServer) -> tunnel_tests::SinkSourceStats {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let stats = server.stats();
-        if stats.completed >= 1 || Instant::now() >= deadline {
-            return stats;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 /// (a) 64 connections through one relay and one broker link, each moving 4 MiB up and 4 MiB
 /// down at the same time, SHA-256 checked at both ends.
@@ -51,48 +35,22 @@ async fn sixty_four_connections_move_4_mib_each_way_at_once() {
     const BYTES_EACH_WAY: u64 = 4 << 20;
     let server = SinkSourceServer::start().await.unwrap();
     let mut chain = Chain::start(ChainOptions::forward_to_sink_source(server.addr())).await;
-    let baseline = settled_baseline(&server).await;
+    let baseline = server.settled_stats().await;
 
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..CONNECTIONS {
-        let stream = chain.connect().await.unwrap();
-        tasks.spawn(async move {
-            let spec = ExchangeSpec::symmetric(BYTES_EACH_WAY, 64_000 + i);
-            (i, sink_source_exchange(stream, &spec, BULK_TIMEOUT).await)
-        });
-    }
-    let mut failures = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        let (i, result) = joined.expect("exchange task panicked");
-        if let Err(e) = result {
-            failures.push(format!("connection {i}: {e}"));
-        }
-    }
-    let elapsed = started.elapsed();
-    let stats = server.stats();
-    if !failures.is_empty() {
-        failures.sort();
-        panic!(
-            "{} of {CONNECTIONS} exchanges failed (server: {stats:?}):\n{}",
-            failures.len(),
-            failures.join("\n")
-        );
-    }
-    assert_eq!(
-        stats.completed - baseline.completed,
+    let outcome = parallel_exchanges(
+        chain.client_addr(),
         CONNECTIONS,
-        "server-side completed exchanges: {stats:?}"
-    );
-    assert_eq!(
-        stats.failed, baseline.failed,
-        "server-side failures: {stats:?}"
-    );
-    let total = 2 * CONNECTIONS * BYTES_EACH_WAY;
+        BYTES_EACH_WAY,
+        64_000,
+        BULK_TIMEOUT,
+    )
+    .await;
+    outcome.assert_complete(&server, &baseline);
     eprintln!(
-        "64 x 4 MiB each way: {} MiB in {elapsed:?} ({:.1} MiB/s both directions together); relay dropped {} packets",
-        total >> 20,
-        total as f64 / (1 << 20) as f64 / elapsed.as_secs_f64(),
+        "64 x 4 MiB each way: {} MiB in {:?} ({:.1} MiB/s both directions together); relay dropped {} packets",
+        outcome.verified >> 20,
+        outcome.elapsed,
+        outcome.mib_per_sec(),
         chain.relay_metric("tunnel_packets_dropped_total").await
     );
     chain.assert_alive();

@@ -119,6 +119,20 @@ impl SinkSourceServer {
             last_error: self.counters.last_error.lock().unwrap().clone(),
         }
     }
+
+    /// The counters once a chain's readiness probe (one small exchange) is counted: the
+    /// probe's client side can finish before the server records its completion, so a
+    /// baseline read at once may miss it. Waits up to 10 s for one completed exchange.
+    pub async fn settled_stats(&self) -> SinkSourceStats {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let stats = self.stats();
+            if stats.completed >= 1 || tokio::time::Instant::now() >= deadline {
+                return stats;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
 }
 
 impl Drop for SinkSourceServer {
