@@ -478,9 +478,11 @@ async fn connect_flood_memory_is_bounded_and_returned_and_transfers_continue() {
         peak < rss_idle + 200 * 1024,
         "peak RSS {peak_mib:.1} MiB for {FLOOD} connections (idle {rss_idle_mib:.1} MiB)"
     );
+    // Nothing keeps growing once the connections are gone. The peak is sampled, so the true
+    // one can be a little higher than what we saw: allow 8 MiB over it.
     assert!(
-        rss_after <= peak,
-        "RSS after the timeout ({after_mib:.1} MiB) above the peak ({peak_mib:.1} MiB)"
+        rss_after <= peak + 8 * 1024,
+        "RSS after the timeout ({after_mib:.1} MiB) well above the sampled peak ({peak_mib:.1} MiB)"
     );
 }
 
