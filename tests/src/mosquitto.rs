@@ -4,15 +4,15 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use crate::net::{free_addr, wait_for_tcp, POLL_INTERVAL};
-use crate::process::ChildProcess;
+use crate::net::{free_addr, POLL_INTERVAL};
+use crate::process::{find_program, ChildProcess};
 use crate::tempdir::TestDir;
 
 /// Time `mosquitto` has to accept TCP after it is started.
@@ -21,29 +21,6 @@ pub const MOSQUITTO_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Debian package of the broker and of the command-line clients.
 pub const BROKER_PACKAGE: &str = "mosquitto";
 pub const CLIENTS_PACKAGE: &str = "mosquitto-clients";
-
-/// Directories searched after `PATH`: the broker lives in `/usr/sbin`, which a non-root
-/// user's `PATH` often lacks.
-const SBIN_DIRS: &[&str] = &["/usr/sbin", "/usr/local/sbin", "/sbin"];
-
-/// Finds `program` on `PATH` or in the sbin directories, or fails with a message that says
-/// which Debian package to install.
-pub fn find_program(program: &str, package: &str) -> io::Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(SBIN_DIRS.iter().map(PathBuf::from))
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!(
-                    "{program} is not installed (not on PATH nor in {SBIN_DIRS:?}): \
-                     install the Debian package {package}"
-                ),
-            )
-        })
-}
 
 /// The configuration file: one loopback listener, anonymous clients, nothing on disk but
 /// the log (stderr, which [`ChildProcess`] sends to a file). `user root` keeps a broker
@@ -81,13 +58,9 @@ impl MosquittoServer {
         std::fs::write(&config, config_text(addr))?;
         let args = vec!["-c".to_string(), config.display().to_string()];
         let mut process = ChildProcess::spawn("mosquitto", &program, args, &[], dir.path())?;
-        if let Err(e) = wait_for_tcp(addr, MOSQUITTO_START_TIMEOUT).await {
-            let status = process.try_exit_status()?;
-            return Err(io::Error::other(format!(
-                "mosquitto did not start on {addr} ({e}); exit status {status:?}; log:\n{}",
-                process.log_tail(20)
-            )));
-        }
+        process
+            .wait_listening(addr, MOSQUITTO_START_TIMEOUT)
+            .await?;
         Ok(MosquittoServer { addr, process, dir })
     }
 

@@ -3,6 +3,7 @@
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -41,6 +42,39 @@ pub struct ChildProcess {
 }
 
 impl ChildProcess {
+    /// Waits up to `timeout` for `addr` to accept TCP, failing early (with the log's tail)
+    /// if the process exits first: a server that cannot start says why at once.
+    pub async fn wait_listening(&mut self, addr: SocketAddr, timeout: Duration) -> io::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if crate::net::wait_for_tcp(addr, Duration::from_millis(250))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if let Some(status) = self.try_exit_status()? {
+                return Err(io::Error::other(format!(
+                    "{} exited ({status}) before listening on {addr}; log {}:\n{}",
+                    self.label(),
+                    self.log_path().display(),
+                    self.log_tail(30)
+                )));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{} did not listen on {addr} within {timeout:?}; log {}:\n{}",
+                        self.label(),
+                        self.log_path().display(),
+                        self.log_tail(30)
+                    ),
+                ));
+            }
+        }
+    }
+
     /// Starts `program` with `args` and extra `env` (the machine's proxy variables are
     /// removed first, so set them in `env` if a test wants them). `label` names the log file:
     /// `<log_dir>/<label>.log`, appended to if it exists.
@@ -201,4 +235,29 @@ impl Drop for ChildProcess {
         }
         let _ = self.child.start_kill();
     }
+}
+
+/// Directories searched for the programs, after `$PATH` (sbin is often not on a test
+/// runner's PATH).
+const EXTRA_BIN_DIRS: &[&str] = &["/usr/sbin", "/usr/local/sbin", "/sbin"];
+
+/// The path of `program`, or an error naming the package that provides it.
+pub fn find_program(program: &str, package: &str) -> io::Result<PathBuf> {
+    let path_dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    path_dirs
+        .into_iter()
+        .chain(EXTRA_BIN_DIRS.iter().map(PathBuf::from))
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{program} not found on PATH or in {EXTRA_BIN_DIRS:?}: install the Debian \
+                     package {package} (.ci/run does)"
+                ),
+            )
+        })
 }

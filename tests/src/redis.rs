@@ -3,30 +3,16 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use crate::net::{free_addr, wait_for_tcp};
-use crate::process::ChildProcess;
+use crate::net::free_addr;
+use crate::process::{find_program, ChildProcess};
 use crate::tempdir::TestDir;
 
 /// Time `redis-server` has to accept TCP after it is started.
 pub const REDIS_START_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Finds `program` on `PATH`, or fails with a message that says what to install.
-pub fn find_program(program: &str, package: &str) -> io::Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{program} is not installed (not on PATH): install the Debian package {package}"),
-            )
-        })
-}
 
 /// A running redis-server.
 pub struct RedisServer {
@@ -58,13 +44,7 @@ impl RedisServer {
             dir.path().display().to_string(),
         ];
         let mut process = ChildProcess::spawn("redis-server", &program, args, &[], dir.path())?;
-        if let Err(e) = wait_for_tcp(addr, REDIS_START_TIMEOUT).await {
-            let status = process.try_exit_status()?;
-            return Err(io::Error::other(format!(
-                "redis-server did not start on {addr} ({e}); exit status {status:?}; log:\n{}",
-                process.log_tail(20)
-            )));
-        }
+        process.wait_listening(addr, REDIS_START_TIMEOUT).await?;
         Ok(RedisServer { addr, process, dir })
     }
 

@@ -9,73 +9,20 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::net::{free_addr, wait_for_tcp};
+use crate::net::free_addr;
+pub use crate::process::find_program;
 use crate::process::ChildProcess;
 
 /// Time a proxy has to start accepting connections.
 pub const SERVICE_START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Directories searched for the programs, after `$PATH` (sbin is often not on a test
-/// runner's PATH).
-const EXTRA_BIN_DIRS: &[&str] = &["/usr/sbin", "/usr/local/sbin", "/sbin"];
-
 /// Where squid's helpers live on Debian.
 const SQUID_HELPER_DIRS: &[&str] = &["/usr/lib/squid", "/usr/lib64/squid", "/usr/libexec/squid"];
-
-/// The path of `program`, or an error naming the package that provides it.
-pub fn find_program(program: &str, package: &str) -> io::Result<PathBuf> {
-    let path_dirs = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default();
-    path_dirs
-        .into_iter()
-        .chain(EXTRA_BIN_DIRS.iter().map(PathBuf::from))
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!(
-                    "{program} not found on PATH or in {EXTRA_BIN_DIRS:?}: install the Debian \
-                     package {package} (.ci/run does)"
-                ),
-            )
-        })
-}
 
 /// Like [`find_program`], panicking with its message: these tests exist to run against the
 /// real program, so its absence is a failure.
 pub fn require_program(program: &str, package: &str) -> PathBuf {
     find_program(program, package).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Waits for `addr` to accept TCP, failing early (with the log's tail) if `process` exits.
-async fn wait_ready(process: &mut ChildProcess, addr: SocketAddr) -> io::Result<()> {
-    let deadline = tokio::time::Instant::now() + SERVICE_START_TIMEOUT;
-    loop {
-        if wait_for_tcp(addr, Duration::from_millis(250)).await.is_ok() {
-            return Ok(());
-        }
-        if let Some(status) = process.try_exit_status()? {
-            return Err(io::Error::other(format!(
-                "{} exited ({status}) before listening on {addr}; log {}:\n{}",
-                process.label(),
-                process.log_path().display(),
-                process.log_tail(30)
-            )));
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "{} did not listen on {addr} within {SERVICE_START_TIMEOUT:?}; log {}:\n{}",
-                    process.label(),
-                    process.log_path().display(),
-                    process.log_tail(30)
-                ),
-            ));
-        }
-    }
 }
 
 fn read_lossy(path: &Path) -> String {
@@ -179,7 +126,7 @@ impl Squid {
             config_path.display().to_string(),
         ];
         let mut process = ChildProcess::spawn("squid", &program, args, &[], &dir)?;
-        wait_ready(&mut process, addr).await?;
+        process.wait_listening(addr, SERVICE_START_TIMEOUT).await?;
         Ok(Squid { addr, dir, process })
     }
 
@@ -278,7 +225,7 @@ impl Tinyproxy {
             config_path.display().to_string(),
         ];
         let mut process = ChildProcess::spawn("tinyproxy", &program, args, &[], &dir)?;
-        wait_ready(&mut process, addr).await?;
+        process.wait_listening(addr, SERVICE_START_TIMEOUT).await?;
         Ok(Tinyproxy { addr, process })
     }
 
@@ -413,7 +360,7 @@ impl Nginx {
             config_path.display().to_string(),
         ];
         let mut process = ChildProcess::spawn("nginx", &program, args, &[], &dir)?;
-        wait_ready(&mut process, addr).await?;
+        process.wait_listening(addr, SERVICE_START_TIMEOUT).await?;
         Ok(Nginx { addr, dir, process })
     }
 
