@@ -1,6 +1,6 @@
 //! Decoding packets from bytes as they arrive.
 //!
-//! Two entry points share one header check ([`crate::packet::Header`]):
+//! Two entry points share one header check (the crate-private `packet::Header`):
 //! - [`Decoder`] for a stream (the broker link, an HTTP body read chunk by chunk): feed bytes,
 //!   take whole packets out; a partial packet waits for more bytes.
 //! - [`decode_all`] for a body already held whole as `Bytes`: every payload is a slice of it.
@@ -13,7 +13,9 @@ use bytes::{Bytes, BytesMut};
 use crate::error::DecodeError;
 use crate::packet::{Header, Packet, DEFAULT_MAX_PACKET_SIZE, HEADER_LEN};
 
-/// Streaming packet decoder with a bounded buffer.
+/// Streaming packet decoder with a bounded buffer. After its first error it stays failed,
+/// because the stream has lost its framing (docs/protocol.md §1). `Default` uses
+/// [`DEFAULT_MAX_PACKET_SIZE`].
 #[derive(Debug)]
 pub struct Decoder {
     buf: BytesMut,
@@ -29,7 +31,8 @@ impl Default for Decoder {
 }
 
 impl Decoder {
-    /// A decoder that rejects packets larger than `max_packet_size` bytes (header included).
+    /// A decoder that rejects packets larger than `max_packet_size` bytes (header included;
+    /// values below 24 are raised to 24).
     pub fn new(max_packet_size: usize) -> Decoder {
         Decoder {
             buf: BytesMut::new(),
@@ -110,7 +113,9 @@ impl Decoder {
     }
 }
 
-/// Decodes a complete body of back-to-back packets. Payloads are slices of `body`.
+/// Decodes a complete body of back-to-back packets, each at most `max_packet_size` bytes
+/// (header included). Payloads are slices of `body`. The first bad packet fails the whole
+/// body, and a body that ends inside a packet is [`DecodeError::Truncated`].
 pub fn decode_all(mut body: Bytes, max_packet_size: usize) -> Result<Vec<Packet>, DecodeError> {
     let mut packets = Vec::new();
     while !body.is_empty() {

@@ -1,5 +1,5 @@
 //! The reliable connection: one end of a virtual connection as a sans-IO state machine
-//! (PROTOCOL.md §4 and §6).
+//! (docs/protocol.md §4 and §6).
 //!
 //! The driver (client or broker) feeds it three things — bytes the application writes, packets
 //! from the peer, and the current time — and takes out packets to send, bytes to deliver,
@@ -24,26 +24,30 @@ use crate::packet::{Packet, PacketType, DEFAULT_MAX_DATA_PAYLOAD};
 use crate::payload::{self, ConnOption, SackBlock, MAX_SACK_BLOCKS};
 use crate::seq;
 
-/// Tunables of one connection end. Every bound and deadline of the state machine is here.
+/// Tunables of one connection end. Every bound and deadline of the state machine is here;
+/// the defaults are listed in docs/protocol.md §7.
 #[derive(Debug, Clone)]
 pub struct ConnectionConfig {
     /// Receive window advertised to the peer, in packets (each up to the peer's max data
     /// payload). Bounds the bytes buffered for the application plus the reorder buffer.
+    /// Default 64.
     pub recv_window: u16,
-    /// Largest DATA payload this end sends.
+    /// Largest DATA payload this end sends, in bytes. Default 64 KiB
+    /// ([`DEFAULT_MAX_DATA_PAYLOAD`]).
     pub max_data_payload: usize,
     /// Bytes the application may have written that are not yet acknowledged by the peer
-    /// (queued plus in flight). `write` accepts no more until acks free room.
+    /// (queued plus in flight). `write` accepts no more until acks free room. Default 4 MiB.
     pub send_buffer: usize,
-    /// Retransmission timeout before any RTT sample (RFC 6298 says 1 s).
+    /// Retransmission timeout before any RTT sample (RFC 6298 says 1 s). Default 1 s.
     pub rto_initial: Duration,
-    /// Floor of the retransmission timeout.
+    /// Floor of the retransmission timeout. Default 200 ms.
     pub rto_min: Duration,
-    /// Ceiling of the retransmission timeout, also after back-off.
+    /// Ceiling of the retransmission timeout, also after back-off. Default 10 s.
     pub rto_max: Duration,
-    /// Send an ACK as keepalive when nothing was sent for this long.
+    /// Send an ACK as keepalive when nothing was sent for this long. Default 15 s.
     pub keepalive_interval: Duration,
-    /// Fail the connection when nothing was received from the peer for this long.
+    /// Fail the connection with [`StreamError::TimedOut`] (and send CONN_ABORT) when nothing
+    /// was received from the peer for this long. Default 60 s.
     pub idle_timeout: Duration,
 }
 
@@ -68,13 +72,15 @@ pub enum StreamError {
     /// The peer (or a part in between) aborted the connection.
     #[error("connection aborted by peer: {0}")]
     AbortedByPeer(String),
-    /// This end aborted it (`abort` was called, or a protocol violation was seen).
+    /// This end aborted it: [`Connection::abort`] was called, or the driver gave up on the
+    /// connection (a refused pull, the broker shutting down).
     #[error("connection aborted locally: {0}")]
     AbortedLocally(String),
-    /// Nothing was heard from the peer for the idle timeout.
+    /// Nothing was heard from the peer for the idle timeout
+    /// ([`ConnectionConfig::idle_timeout`], carried here).
     #[error("connection timed out: nothing received from the peer for {0:?}")]
     TimedOut(Duration),
-    /// A write after `close`.
+    /// A `write` or `send_option` after `close`.
     #[error("write after close")]
     WriteAfterClose,
 }
@@ -92,16 +98,24 @@ pub enum Event {
     Finished,
 }
 
-/// Counters for logs and metrics.
+/// Counters for logs and metrics, counted from the connection's creation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Application bytes accepted by `write`.
     pub bytes_sent: u64,
     /// Application bytes delivered in order.
     pub bytes_received: u64,
+    /// Packets handed out by `poll_transmit`, of every type (ACKs and retransmissions
+    /// included).
     pub packets_sent: u64,
+    /// Packets taken by `handle_packet` before the connection failed, of every type
+    /// (duplicates included).
     pub packets_received: u64,
+    /// Sequenced packets sent again (after a timeout, a fast retransmit, a reopened window or
+    /// a restored path).
     pub retransmits: u64,
+    /// Sequenced packets received that were already delivered or already held in the reorder
+    /// buffer; they are dropped.
     pub duplicates_received: u64,
 }
 
@@ -151,6 +165,13 @@ enum Ending {
 }
 
 /// One end of a virtual connection.
+///
+/// The driver feeds it with [`write`](Connection::write),
+/// [`handle_packet`](Connection::handle_packet) and
+/// [`handle_timeout`](Connection::handle_timeout); after each call it sends every packet
+/// [`poll_transmit`](Connection::poll_transmit) hands out until `None`, takes the events of
+/// [`poll_event`](Connection::poll_event), and wakes up again at
+/// [`poll_timeout`](Connection::poll_timeout).
 #[derive(Debug)]
 pub struct Connection {
     conn_id: u32,
@@ -256,10 +277,13 @@ impl Connection {
         }
     }
 
+    /// The connection id this end puts on every packet it sends.
     pub fn conn_id(&self) -> u32 {
         self.conn_id
     }
 
+    /// Changes the connection id put on packets sent from now on, for a driver that learns the
+    /// id after creating the connection. Nothing else in the state changes.
     pub fn set_conn_id(&mut self, conn_id: u32) {
         self.conn_id = conn_id;
     }
@@ -275,7 +299,8 @@ impl Connection {
         self.ack_due = true;
     }
 
-    /// The receive window this end advertises now: packets it can take past its ack.
+    /// The receive window this end advertises now, in packets past its ack: the configured
+    /// `recv_window` minus the in-order packets the application has not read yet.
     pub fn recv_window(&self) -> u16 {
         let held = self
             .readable
@@ -288,7 +313,7 @@ impl Connection {
     // Application side
     // ------------------------------------------------------------------------------------
 
-    /// Bytes `write` would accept now.
+    /// Bytes `write` would accept now: room left in `send_buffer`, 0 once closed or ended.
     pub fn send_capacity(&self) -> usize {
         if self.ending != Ending::Open || self.close_requested {
             return 0;
@@ -407,6 +432,8 @@ impl Connection {
         }
     }
 
+    /// The oldest event not yet taken, or `None`. Events wait in a queue until taken, so take
+    /// them after every call that feeds the connection.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
@@ -811,6 +838,10 @@ impl Connection {
         .min()
     }
 
+    /// Runs the timers that are due at `now`: the idle timeout (which fails the connection
+    /// with [`StreamError::TimedOut`] and queues CONN_ABORT), retransmission, loss detection,
+    /// the zero-window probe and the keepalive ACK. Calling it early does nothing harmful;
+    /// send what `poll_transmit` hands out afterwards.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.ending != Ending::Open {
             return;
@@ -932,6 +963,7 @@ impl Connection {
         }
     }
 
+    /// A copy of the counters.
     pub fn stats(&self) -> Stats {
         self.stats
     }

@@ -1,4 +1,4 @@
-//! The packet: a 24-byte header and a payload (PROTOCOL.md §1).
+//! The packet: a 24-byte header and a payload (docs/protocol.md §1).
 //!
 //! ```text
 //! offset size  field
@@ -12,6 +12,8 @@
 //! 20     4     checksum   CRC-32 of the header (this field zeroed) and the payload
 //! ```
 //!
+//! All integers are big-endian; packets follow each other with no other framing.
+//!
 //! Encoding writes into a `BytesMut`; decoding (see [`crate::codec`]) hands out payloads as
 //! `Bytes` slices of the received buffer, so payload bytes are never copied.
 
@@ -22,31 +24,57 @@ use crate::error::DecodeError;
 
 /// The only protocol version this crate speaks.
 pub const VERSION: u16 = 1;
-/// Length of the fixed header.
+/// Length of the fixed header, in bytes.
 pub const HEADER_LEN: usize = 24;
-/// Default largest DATA payload (64 KiB).
+/// Default largest DATA payload this end sends, in bytes (64 KiB); see
+/// [`ConnectionConfig::max_data_payload`](crate::ConnectionConfig::max_data_payload).
 pub const DEFAULT_MAX_DATA_PAYLOAD: usize = 64 * 1024;
-/// Default largest whole packet a decoder accepts: header + 1 MiB.
+/// Default largest whole packet a decoder accepts, in bytes: header + 1 MiB (the relay's
+/// `--max-packet`, docs/protocol.md §7).
 pub const DEFAULT_MAX_PACKET_SIZE: usize = HEADER_LEN + 1024 * 1024;
 
 const CHECKSUM_OFFSET: usize = 20;
 
-/// The packet types of version 1 and their wire codes.
+/// The packet types of version 1 and their wire codes (the table in docs/protocol.md §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u16)]
 pub enum PacketType {
+    /// 1: opens a connection. Client→relay with an empty payload (the connect request),
+    /// relay→client with the token as payload, relay→broker with a
+    /// [`BrokerConnInit`](crate::payload::BrokerConnInit) payload (docs/protocol.md §3).
     ConnInit = 1,
+    /// 2: the broker accepts the connection; `window` is its first receive window. Empty
+    /// payload.
     ConnInitAck = 2,
+    /// 3: the broker refuses a connection, or the relay refuses a link (docs/protocol.md §5); the
+    /// payload is a UTF-8 reason.
     ConnRejected = 3,
+    /// 4: sequenced stream bytes, 1 ..= the sender's max data payload.
     Data = 4,
+    /// 5: sequenced half-close: its sender sends no more DATA (docs/protocol.md §6). Empty
+    /// payload.
     ConnClose = 5,
+    /// 6: cumulative ack in `seq`, receive window in `window`, optional selective-ack blocks as
+    /// payload (docs/protocol.md §4).
     Ack = 6,
+    /// 7: broker→relay: the connection ended at the broker; the relay forgets it once its
+    /// queue is delivered (docs/protocol.md §6). Empty payload.
     ConnShutdown = 7,
+    /// 8: broker→relay, first packet on a link: server name, secret and the connections the
+    /// broker still holds ([`LinkInit`](crate::payload::LinkInit), docs/protocol.md §5).
     LinkInit = 8,
+    /// 9: ends a connection at once, from any part; optional UTF-8 reason. Not sequenced:
+    /// undelivered data is discarded (docs/protocol.md §6).
     ConnAbort = 9,
+    /// 10: sequenced connection option, u32 option and u32 value
+    /// ([`ConnOption`](crate::payload::ConnOption), docs/protocol.md §6).
     ConnOption = 10,
+    /// 11: broker→relay: whether the broker accepts new connections, one byte, 1 or 0
+    /// (docs/protocol.md §5).
     ListenState = 11,
+    /// 12: filler and keepalive, empty payload; answers a pull held with nothing queued.
     NoOp = 12,
+    /// 13: relay→broker: the link is authenticated. Empty payload.
     LinkInitAck = 13,
 }
 
@@ -68,6 +96,7 @@ impl PacketType {
         PacketType::LinkInitAck,
     ];
 
+    /// The type with wire code `code`, or `None` outside 1–13.
     pub fn from_code(code: u16) -> Option<PacketType> {
         match code {
             1..=13 => Some(Self::ALL[usize::from(code) - 1]),
@@ -75,6 +104,7 @@ impl PacketType {
         }
     }
 
+    /// The wire code, 1–13, written in header bytes 2–3.
     pub fn code(self) -> u16 {
         self as u16
     }
@@ -89,17 +119,25 @@ impl PacketType {
     }
 }
 
-/// One decoded or to-be-encoded packet.
+/// One decoded or to-be-encoded packet. The version, size and checksum header fields are not
+/// stored: encoding writes them and decoding checks them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Packet {
+    /// The packet type (header bytes 2–3).
     pub kind: PacketType,
+    /// The virtual connection the packet belongs to; 0 before the relay assigns one, and on
+    /// link-level packets (LINK_INIT, LINK_INIT_ACK, LISTEN_STATE, a link's NO_OP).
     pub conn_id: u32,
-    /// Sequence number (sequenced types) or cumulative ack (ACK); 0 otherwise.
+    /// Sequence number (DATA, CONN_CLOSE, CONN_OPTION) or cumulative ack (ACK: everything up
+    /// to and including this number has arrived); 0 otherwise.
     pub seq: u32,
-    /// The sender's current receive window, in packets.
+    /// The sender's current receive window, in packets past its cumulative ack
+    /// (docs/protocol.md §4).
     pub window: u16,
     /// Zero in version 1; ignored on receipt.
     pub flags: u16,
+    /// Everything after the 24-byte header; its layout depends on `kind` (see
+    /// [`crate::payload`]). Decoded packets share the received buffer.
     pub payload: Bytes,
 }
 
@@ -116,22 +154,26 @@ impl Packet {
         }
     }
 
+    /// The packet with `seq` set: a sequence number, or the cumulative ack on ACK.
     pub fn with_seq(mut self, seq: u32) -> Packet {
         self.seq = seq;
         self
     }
 
+    /// The packet with `window` set, in packets. [`Connection`](crate::Connection) overwrites
+    /// it with its own receive window on every packet it sends.
     pub fn with_window(mut self, window: u16) -> Packet {
         self.window = window;
         self
     }
 
-    /// Size on the wire, header included.
+    /// Size on the wire in bytes, header included: the value of the header's size field.
     pub fn wire_len(&self) -> usize {
         HEADER_LEN + self.payload.len()
     }
 
-    /// Appends the encoded packet to `out`.
+    /// Appends the encoded packet to `out`, with version 1, the size and the CRC-32 checksum
+    /// filled in.
     ///
     /// Panics only if the payload exceeds `u32::MAX - 24` bytes, which no caller in this
     /// project can produce (payloads are bounded far below that).

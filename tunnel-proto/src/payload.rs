@@ -1,7 +1,7 @@
 //! Typed payloads: what CONN_INIT, LINK_INIT, LISTEN_STATE, CONN_OPTION, ACK and the reason
-//! carrying packets hold (PROTOCOL.md §3–§6). Each has an `encode` to `Bytes` and a `decode`
-//! from the payload that rejects truncated, oversized or trailing input with a
-//! [`PayloadError`].
+//! carrying packets hold (docs/protocol.md §3–§6). Each has an `encode` to `Bytes` and a
+//! `decode` from the payload that rejects truncated, oversized or trailing input with a
+//! [`PayloadError`]; only reasons are read leniently (docs/protocol.md §1).
 
 use std::fmt;
 
@@ -9,17 +9,19 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::PayloadError;
 
-/// Length of a connection token.
+/// Length of a connection token, in bytes (128 bits).
 pub const TOKEN_LEN: usize = 16;
-/// Longest server name a broker may register.
+/// Longest server name a broker may register, in bytes of UTF-8 (at least 1).
 pub const MAX_SERVER_NAME_LEN: usize = 255;
-/// Longest link secret accepted in LINK_INIT.
+/// Longest link secret accepted in LINK_INIT, in bytes (it may be empty).
 pub const MAX_LINK_SECRET_LEN: usize = 1024;
-/// Longest client address string carried to the broker.
+/// Longest client address carried to the broker, in bytes of UTF-8; a longer one is cut on a
+/// character boundary.
 pub const MAX_CLIENT_ADDR_LEN: usize = 256;
 
-/// The 128-bit per-connection secret. Its `Debug` output never shows the value, so tokens
-/// do not end up in logs by accident.
+/// The 128-bit per-connection secret, drawn by the relay from a cryptographic generator at
+/// connect time (docs/protocol.md §3) and required on every push and pull. Its `Debug` output
+/// never shows the value, so tokens do not end up in logs by accident.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Token(pub [u8; TOKEN_LEN]);
 
@@ -156,6 +158,7 @@ pub fn encode_token(token: &Token) -> Bytes {
     Bytes::copy_from_slice(&token.0)
 }
 
+/// Reads the token from the client's CONN_INIT answer: exactly [`TOKEN_LEN`] bytes.
 pub fn decode_token(payload: Bytes) -> Result<Token, PayloadError> {
     let mut r = Reader::new("CONN_INIT token", payload);
     let t = r.token()?;
@@ -163,15 +166,21 @@ pub fn decode_token(payload: Bytes) -> Result<Token, PayloadError> {
     Ok(t)
 }
 
-/// Payload of the CONN_INIT the relay forwards to the broker.
+/// Payload of the CONN_INIT the relay forwards to the broker: token, then a u16-prefixed
+/// client address (docs/protocol.md §3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerConnInit {
+    /// The token the relay assigned to the connection; the broker announces it again in the
+    /// LINK_INIT of every redial.
     pub token: Token,
-    /// The client's address as the relay saw it.
+    /// The client's address as the relay saw it: the first `X-Forwarded-For` entry if present,
+    /// otherwise the TCP peer address. At most [`MAX_CLIENT_ADDR_LEN`] bytes on the wire.
     pub client_addr: String,
 }
 
 impl BrokerConnInit {
+    /// The wire payload; a `client_addr` over [`MAX_CLIENT_ADDR_LEN`] bytes is cut on a
+    /// character boundary.
     pub fn encode(&self) -> Bytes {
         let addr = truncate_utf8(&self.client_addr, MAX_CLIENT_ADDR_LEN);
         let mut out = BytesMut::with_capacity(TOKEN_LEN + 2 + addr.len());
@@ -180,6 +189,8 @@ impl BrokerConnInit {
         out.freeze()
     }
 
+    /// Parses the payload; rejects an address longer than [`MAX_CLIENT_ADDR_LEN`] bytes or
+    /// not UTF-8, and truncated or trailing input.
     pub fn decode(payload: Bytes) -> Result<BrokerConnInit, PayloadError> {
         let mut r = Reader::new("CONN_INIT to broker", payload);
         let token = r.token()?;
@@ -190,25 +201,35 @@ impl BrokerConnInit {
 }
 
 /// One connection a broker still holds, announced in LINK_INIT so the relay can re-install it.
+/// On the wire it takes 26 bytes (docs/protocol.md §5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnnouncedConn {
+    /// The id the relay assigned to the connection (non-zero).
     pub conn_id: u32,
+    /// The connection's token, as received in the relay's CONN_INIT.
     pub token: Token,
+    /// Pull period last set by CONN_OPTION 1, in milliseconds; 0 means continuous long-poll.
     pub pull_period_ms: u32,
+    /// The client's receive window from its CONN_INIT, in packets.
     pub client_window: u16,
 }
 
 const ANNOUNCED_CONN_LEN: usize = 4 + TOKEN_LEN + 4 + 2;
 
-/// Payload of LINK_INIT (broker → relay).
+/// Payload of LINK_INIT (broker → relay), the first packet on a link (docs/protocol.md §5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkInit {
+    /// The name clients connect to (`ServerName`), 1 ..= [`MAX_SERVER_NAME_LEN`] bytes.
     pub server_name: String,
+    /// The link secret the relay compares with its own, 0 ..= [`MAX_LINK_SECRET_LEN`] bytes.
     pub secret: Bytes,
+    /// The connections the broker still holds, for the relay to re-install.
     pub connections: Vec<AnnouncedConn>,
 }
 
 impl LinkInit {
+    /// The wire payload. The lengths are not checked here: a name or secret outside its
+    /// range makes the relay's [`LinkInit::decode`] fail.
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(
             8 + self.server_name.len()
@@ -227,6 +248,8 @@ impl LinkInit {
         out.freeze()
     }
 
+    /// Parses the payload; rejects a name or secret outside its length range, a name that is
+    /// not UTF-8, a connection count larger than the bytes present, and trailing bytes.
     pub fn decode(payload: Bytes) -> Result<LinkInit, PayloadError> {
         let mut r = Reader::new("LINK_INIT", payload);
         let server_name = r.prefixed_str(1, MAX_SERVER_NAME_LEN)?;
@@ -257,6 +280,8 @@ pub fn encode_listen_state(accepting: bool) -> Bytes {
     Bytes::from_static(if accepting { &[1] } else { &[0] })
 }
 
+/// Reads a LISTEN_STATE payload: exactly one byte, 1 (accepting) or 0 (not); any other
+/// value is [`PayloadError::BadValue`].
 pub fn decode_listen_state(payload: Bytes) -> Result<bool, PayloadError> {
     let mut r = Reader::new("LISTEN_STATE", payload);
     let v = r.u8()?;
@@ -271,18 +296,27 @@ pub fn decode_listen_state(payload: Bytes) -> Result<bool, PayloadError> {
     }
 }
 
-/// A connection option (CONN_OPTION, §6).
+/// A connection option (CONN_OPTION, docs/protocol.md §6): a u32 option code and a u32 value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnOption {
-    /// 0: continuous long-poll; otherwise the client sleeps that long after an empty pull.
+    /// Option 1, pull period in milliseconds. 0: continuous long-poll; otherwise the client
+    /// sleeps that long after an empty pull.
     PullPeriodMs(u32),
-    /// The relay aborts a connection whose client made no request for that long.
+    /// Option 2, in milliseconds: the relay aborts a connection whose client made no request
+    /// for that long. 0 means the relay's default (60 s); larger values are capped at the
+    /// relay's maximum (1 h by default).
     InactivityTimeoutMs(u32),
     /// An option this version does not know; kept so it can be ignored, not rejected.
-    Unknown { option: u32, value: u32 },
+    Unknown {
+        /// The option code as received.
+        option: u32,
+        /// The value as received.
+        value: u32,
+    },
 }
 
 impl ConnOption {
+    /// The 8-byte wire payload: option code, then value.
     pub fn encode(&self) -> Bytes {
         let (o, v) = match *self {
             ConnOption::PullPeriodMs(v) => (1, v),
@@ -295,6 +329,8 @@ impl ConnOption {
         out.freeze()
     }
 
+    /// Parses exactly 8 bytes; an unknown option code gives [`ConnOption::Unknown`], not an
+    /// error.
     pub fn decode(payload: Bytes) -> Result<ConnOption, PayloadError> {
         let mut r = Reader::new("CONN_OPTION", payload);
         let option = r.u32()?;
@@ -311,13 +347,17 @@ impl ConnOption {
 /// A selective-ack block: numbers `first..=last` are held beyond the cumulative ack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SackBlock {
+    /// First sequence number of the run.
     pub first: u32,
+    /// Last sequence number of the run, inclusive (equal to `first` for a single packet).
     pub last: u32,
 }
 
 /// Most blocks an ACK carries; more would say little and cost a lot to process.
 pub const MAX_SACK_BLOCKS: usize = 16;
 
+/// The ACK payload for `blocks`: 8 bytes per block (u32 first, u32 last); blocks past
+/// [`MAX_SACK_BLOCKS`] are left out.
 pub fn encode_sack(blocks: &[SackBlock]) -> Bytes {
     let mut out = BytesMut::with_capacity(blocks.len() * 8);
     for b in blocks.iter().take(MAX_SACK_BLOCKS) {
@@ -327,7 +367,8 @@ pub fn encode_sack(blocks: &[SackBlock]) -> Bytes {
     out.freeze()
 }
 
-/// Decodes selective-ack blocks; at most [`MAX_SACK_BLOCKS`] are kept, extra ones ignored.
+/// Decodes selective-ack blocks; at most [`MAX_SACK_BLOCKS`] are kept, extra ones ignored. A
+/// payload that is not a whole number of 8-byte blocks is [`PayloadError::TrailingBytes`].
 pub fn decode_sack(payload: Bytes) -> Result<Vec<SackBlock>, PayloadError> {
     if !payload.len().is_multiple_of(8) {
         return Err(PayloadError::TrailingBytes {
@@ -347,12 +388,14 @@ pub fn decode_sack(payload: Bytes) -> Result<Vec<SackBlock>, PayloadError> {
     Ok(blocks)
 }
 
-/// Payload of CONN_REJECTED or CONN_ABORT: a UTF-8 reason (lossy on receipt: a reason is for
-/// logs, so invalid bytes are replaced, not rejected).
+/// Payload of CONN_REJECTED or CONN_ABORT: a UTF-8 reason, cut to at most 1024 bytes on a
+/// character boundary.
 pub fn encode_reason(reason: &str) -> Bytes {
     Bytes::copy_from_slice(truncate_utf8(reason, 1024).as_bytes())
 }
 
+/// Reads a CONN_REJECTED or CONN_ABORT reason: the first 1024 bytes, lossily (a reason is for
+/// logs, so invalid UTF-8 is replaced, not rejected). Never fails; an empty payload gives "".
 pub fn decode_reason(payload: &[u8]) -> String {
     String::from_utf8_lossy(&payload[..payload.len().min(1024)]).into_owned()
 }

@@ -1,5 +1,6 @@
 //! Serial-number arithmetic on 32-bit sequence numbers (RFC 1982): numbers wrap around, and
-//! `a` is "before" `b` when the forward distance from `a` to `b` is less than 2^31.
+//! `a` is "before" `b` when the forward distance from `a` to `b` is less than 2^31. Used for
+//! the per-direction sequence numbers and acks of docs/protocol.md §4.
 
 /// Forward distance from `from` to `to`, wrapping.
 #[inline]
