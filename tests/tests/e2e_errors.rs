@@ -33,7 +33,7 @@ fn library_config(chain: &Chain, server: &str) -> ClientConfig {
 async fn connect_lib(chain: &Chain, server: &str) -> Result<TunnelStream, ConnectError> {
     tokio::time::timeout(
         STEP_TIMEOUT,
-        TunnelStream::connect(library_config(chain, server)),
+        tunnel_client::connect(library_config(chain, server)),
     )
     .await
     .expect("TunnelStream::connect did not return within its deadline")

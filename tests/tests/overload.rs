@@ -27,7 +27,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tunnel_client::TunnelStream;
 use tunnel_proto::{Packet, PacketType};
 
 /// Serialises the tests that measure time or memory.
@@ -248,7 +247,7 @@ async fn slow_headers_and_bodies_are_cut_off_while_tunnels_keep_working() {
         let (stop, transfers, url) = (stop.clone(), transfers.clone(), url.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let stream = TunnelStream::connect(client_config(&url)).await?;
+                let stream = tunnel_client::connect(client_config(&url)).await?;
                 echo_transfer(stream, 256 * 1024, Duration::from_secs(20)).await?;
                 transfers.fetch_add(1, Ordering::Relaxed);
             }
@@ -378,7 +377,7 @@ async fn connect_flood_memory_is_bounded_and_returned_and_transfers_continue() {
     let pid = setup.relay.pid();
 
     // Baseline.
-    let stream = TunnelStream::connect(client_config(&url))
+    let stream = tunnel_client::connect(client_config(&url))
         .await
         .expect("connect");
     let before = echo_transfer(stream, TRANSFER, Duration::from_secs(60))
@@ -421,7 +420,7 @@ async fn connect_flood_memory_is_bounded_and_returned_and_transfers_continue() {
         })
     };
     let during_started = Instant::now();
-    let stream = TunnelStream::connect(client_config(&url))
+    let stream = tunnel_client::connect(client_config(&url))
         .await
         .expect("connect during the flood");
     let during = echo_transfer(stream, TRANSFER, Duration::from_secs(90))

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use tunnel_client::{ClientConfig, ConnectError, ProxyConfig, TunnelStream};
+use tunnel_client::{ClientConfig, ConnectError, ProxyConfig};
 use tunnel_proto::ConnectionConfig;
 use tunnel_servlet::TlsFiles;
 use tunnel_tests::certs::{TestCa, Usage, LOOPBACK_NAMES};
@@ -31,7 +31,7 @@ const LOG_WAIT: Duration = Duration::from_secs(15);
 /// ends; prints the case's line of the report.
 async fn bulk_exchange(case: &str, config: ClientConfig, seed: u64) {
     let started = Instant::now();
-    let stream = tokio::time::timeout(Duration::from_secs(60), TunnelStream::connect(config))
+    let stream = tokio::time::timeout(Duration::from_secs(60), tunnel_client::connect(config))
         .await
         .unwrap_or_else(|_| panic!("{case}: connect did not return within 60 s"))
         .unwrap_or_else(|e| panic!("{case}: connect failed: {e}"));
@@ -162,7 +162,7 @@ async fn tinyproxy_forwards_plain_http_and_https_through_connect() {
 /// Connects with `config`, expecting a failure within `within`; returns it.
 async fn expect_connect_error(case: &str, config: ClientConfig, within: Duration) -> ConnectError {
     let started = Instant::now();
-    let result = tokio::time::timeout(within, TunnelStream::connect(config))
+    let result = tokio::time::timeout(within, tunnel_client::connect(config))
         .await
         .unwrap_or_else(|_| panic!("{case}: connect hung for {within:?}"));
     let err = match result {
@@ -393,7 +393,7 @@ async fn nginx_example_in_front_of_the_relay_with_buffering_on_and_off() {
     }
     // For contrast: directly, the relay reports the peer with its port.
     let config = tunnel.client_config(&tunnel.relay_url());
-    let stream = TunnelStream::connect(config).await.unwrap();
+    let stream = tunnel_client::connect(config).await.unwrap();
     drop(stream);
     let direct = tunnel
         .accepted_clients()
@@ -430,7 +430,7 @@ async fn nginx_example_holds_a_65_second_long_poll() {
     config.connection.keepalive_interval = Duration::from_secs(200);
     config.connection.idle_timeout = Duration::from_secs(600);
     let started = Instant::now();
-    let stream = TunnelStream::connect(config).await.unwrap();
+    let stream = tunnel_client::connect(config).await.unwrap();
 
     // Stay idle past the pull wait: the pull in flight is held by the relay, through nginx.
     tokio::time::sleep(LONG_PULL_WAIT + Duration::from_secs(3)).await;

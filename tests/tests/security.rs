@@ -26,7 +26,7 @@ use reqwest::StatusCode;
 use support_raw::{ack, client_config, data, echo_transfer, EchoSetup, Raw, RelayProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tunnel_client::{ConnectError, RelayAuth, TunnelStream};
+use tunnel_client::{ConnectError, RelayAuth};
 use tunnel_proto::PacketType;
 use tunnel_tests::{bin_path, free_addr, wait_for_tcp, ChildProcess, TestDir};
 
@@ -213,7 +213,7 @@ async fn tokens_isolate_connections_and_never_reach_logs_or_urls() {
         let raw = Raw::new(&setup.relay.tunnel_url());
 
         // The victim: a library client through the spy, moving 4 MiB through the echo.
-        let victim = TunnelStream::connect(client_config(&format!("http://{}/tunnel", spy.addr)))
+        let victim = tunnel_client::connect(client_config(&format!("http://{}/tunnel", spy.addr)))
             .await
             .expect("victim connects");
         let victim_id = victim.conn_id();
@@ -430,7 +430,7 @@ async fn client_auth_right_credentials_work_end_to_end() {
         let spy = Spy::start(setup.relay.http).await;
         let mut config = client_config(&format!("http://{}/tunnel", spy.addr));
         config.relay_auth = Some(RelayAuth::Bearer(BEARER.into()));
-        let stream = TunnelStream::connect(config)
+        let stream = tunnel_client::connect(config)
             .await
             .expect("connect with bearer");
         echo_transfer(stream, 1 << 20, Duration::from_secs(30))
@@ -491,7 +491,7 @@ async fn client_auth_missing_or_wrong_credentials_get_401() {
             let mut config = client_config(&url);
             config.relay_auth = auth;
             let started = Instant::now();
-            let err = TunnelStream::connect(config)
+            let err = tunnel_client::connect(config)
                 .await
                 .err()
                 .unwrap_or_else(|| {

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use tunnel_broker::LinkTls;
-use tunnel_client::{ConnectError, TunnelStream};
+use tunnel_client::ConnectError;
 use tunnel_proto::ConnectionConfig;
 use tunnel_servlet::TlsFiles;
 use tunnel_tests::certs::{CertFiles, TestCa, Usage, LOOPBACK_NAMES};
@@ -36,7 +36,7 @@ async fn bulk_exchange(
     let mut config = tunnel.client_config(&tunnel.relay_url());
     config.ca_file = ca_file;
     let started = Instant::now();
-    let stream = tokio::time::timeout(Duration::from_secs(60), TunnelStream::connect(config))
+    let stream = tokio::time::timeout(Duration::from_secs(60), tunnel_client::connect(config))
         .await
         .unwrap_or_else(|_| panic!("{case}: connect hung"))
         .unwrap_or_else(|e| panic!("{case}: connect failed: {e}"));
@@ -83,7 +83,7 @@ async fn https_relay_verified_with_the_ca_file_and_refused_without_it() {
     let mut config = tunnel.client_config(&tunnel.relay_url());
     config.connect_timeout = Duration::from_secs(30);
     let started = Instant::now();
-    let result = tokio::time::timeout(Duration::from_secs(10), TunnelStream::connect(config))
+    let result = tokio::time::timeout(Duration::from_secs(10), tunnel_client::connect(config))
         .await
         .expect("a client without the CA must fail fast, not retry until its timeout");
     let err = match result {
@@ -106,7 +106,7 @@ async fn https_relay_verified_with_the_ca_file_and_refused_without_it() {
     let other_file = other.write_cert(&dir.path().join("other-ca.pem")).unwrap();
     let mut config = tunnel.client_config(&tunnel.relay_url());
     config.ca_file = Some(other_file);
-    let result = tokio::time::timeout(Duration::from_secs(10), TunnelStream::connect(config))
+    let result = tokio::time::timeout(Duration::from_secs(10), tunnel_client::connect(config))
         .await
         .expect("fails fast");
     let Err(err) = result else {

@@ -8,8 +8,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
-use tunnel_client::stream::{self, ConnHandle};
 use tunnel_proto::connection::StreamError;
+use tunnel_proto::driver::{self, ConnHandle};
 use tunnel_proto::payload::{decode_reason, BrokerConnInit};
 use tunnel_proto::{Connection, Packet, PacketType};
 
@@ -146,7 +146,7 @@ async fn on_conn_init(shared: &Arc<Shared>, link: &mpsc::Sender<Packet>, packet:
     let sink = Arc::new(LinkSink {
         shared: Arc::clone(shared),
     });
-    let (stream, handle) = stream::spawn(conn, sink);
+    let (stream, handle) = driver::spawn(conn, sink);
     shared.table.insert(
         conn_id,
         ConnEntry {

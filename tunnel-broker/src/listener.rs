@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tunnel_client::stream::TunnelStream;
 use tunnel_proto::connection::StreamError;
+use tunnel_proto::driver::TunnelStream;
 
 use crate::config::BrokerConfig;
 use crate::dial::{dial, DialError, Link};
 use crate::shared::{abort_packet, Accepted, Shared};
 use crate::supervisor::supervise;
-use tunnel_client::backoff::Backoff;
+use tunnel_proto::backoff::Backoff;
 
 /// Who opened an accepted connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +100,7 @@ impl TunnelListener {
         self.shared.set_accepting(accepting);
     }
 
+    /// Whether the listener takes new connections now (see [`set_accepting`](Self::set_accepting)).
     pub fn is_accepting(&self) -> bool {
         self.shared.is_accepting()
     }
@@ -175,25 +176,17 @@ fn shut_down() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "tunnel listener is shut down")
 }
 
-/// Dials until a link is up, the relay refuses, or the handshake timeout has passed.
+/// Dials until a link is up, the relay refuses, or the handshake timeout has passed. Gives up
+/// early when the next back-off would start past the deadline, and then says so: the message
+/// gives the time actually spent and the attempts made, not only the limit.
 async fn first_link(config: &BrokerConfig) -> io::Result<Link> {
     let limit = config.handshake_timeout;
-    let deadline = tokio::time::Instant::now() + limit;
+    let started = tokio::time::Instant::now();
+    let deadline = started + limit;
     let mut backoff = Backoff::new(config.redial_initial, config.redial_max);
-    let unreachable = |last: &DialError| {
-        let kind = match last {
-            DialError::Io { source, .. } => source.kind(),
-            _ => io::ErrorKind::TimedOut,
-        };
-        io::Error::new(
-            kind,
-            format!(
-                "relay {} unreachable: no link within {limit:?} (last error: {last})",
-                config.relay_addr
-            ),
-        )
-    };
+    let mut attempts = 0u32;
     loop {
+        attempts += 1;
         let last = match tokio::time::timeout_at(deadline, dial(config, Vec::new())).await {
             Ok(Ok(link)) => return Ok(link),
             Ok(Err(DialError::Rejected(reason))) => {
@@ -211,7 +204,21 @@ async fn first_link(config: &BrokerConfig) -> io::Result<Link> {
         tracing::debug!(relay = %config.relay_addr, error = %last, "dial failed");
         let wake = tokio::time::Instant::now() + backoff.next_delay();
         if wake >= deadline {
-            return Err(unreachable(&last));
+            let kind = match &last {
+                DialError::Io { source, .. } => source.kind(),
+                _ => io::ErrorKind::TimedOut,
+            };
+            let spent = started.elapsed();
+            return Err(io::Error::new(
+                kind,
+                format!(
+                    "relay {} unreachable: {attempts} dial attempt(s) failed in {:.1} s, and the \
+                     next one would start past the handshake timeout of {limit:?} \
+                     (BrokerConfig::handshake_timeout); last error: {last}",
+                    config.relay_addr,
+                    spent.as_secs_f64()
+                ),
+            ));
         }
         tokio::time::sleep_until(wake).await;
     }

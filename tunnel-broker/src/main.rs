@@ -13,8 +13,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tracing_subscriber::EnvFilter;
-use tunnel_broker::splice::{splice, COPY_BUFFER};
-use tunnel_broker::{BrokerConfig, ClientInfo, LinkTls, TunnelListener, TunnelStream};
+use tunnel_broker::{
+    read_link_secret_file, BrokerConfig, ClientInfo, LinkTls, TunnelListener, TunnelStream,
+};
+use tunnel_proto::splice::{splice, COPY_BUFFER};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -190,20 +192,7 @@ async fn run(args: Args) -> io::Result<()> {
 
 fn broker_config(args: &Args) -> io::Result<BrokerConfig> {
     let secret = match (&args.link_secret_file, &args.link_secret) {
-        (Some(path), _) => {
-            let raw = std::fs::read(path).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("link secret file {}: {e}", path.display()),
-                )
-            })?;
-            // Files written with `echo` end in a newline that is not part of the secret.
-            let end = raw
-                .iter()
-                .rposition(|b| !matches!(b, b'\n' | b'\r'))
-                .map_or(0, |i| i + 1);
-            Bytes::from(raw[..end].to_vec())
-        }
+        (Some(path), _) => read_link_secret_file(path)?,
         (None, Some(secret)) => Bytes::from(secret.clone().into_bytes()),
         (None, None) => {
             return Err(io::Error::new(
@@ -251,14 +240,12 @@ async fn serve(stream: TunnelStream, client: ClientInfo, service: Service) {
                 Ok(Ok(tcp)) => tcp,
                 Ok(Err(e)) => {
                     tracing::warn!(conn_id = client.conn_id, client = %client.client_addr, %target, error = %e, "forward target refused; tunnel connection aborted");
-                    stream
-                        .handle()
-                        .abort("forward target refused the connection");
+                    stream.abort("forward target refused the connection");
                     return;
                 }
                 Err(_) => {
                     tracing::warn!(conn_id = client.conn_id, client = %client.client_addr, %target, "forward target did not answer within {connect_timeout:?}; tunnel connection aborted");
-                    stream.handle().abort("forward target did not answer");
+                    stream.abort("forward target did not answer");
                     return;
                 }
             };

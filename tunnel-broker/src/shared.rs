@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
-use tunnel_client::stream::TunnelStream;
+use tunnel_proto::driver::TunnelStream;
 use tunnel_proto::payload::{encode_listen_state, encode_reason, ConnOption};
 use tunnel_proto::{Packet, PacketType};
 

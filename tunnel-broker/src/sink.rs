@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tunnel_client::stream::PacketSink;
+use tunnel_proto::driver::PacketSink;
 use tunnel_proto::Packet;
 
 use crate::shared::Shared;

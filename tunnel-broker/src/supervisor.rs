@@ -7,7 +7,7 @@ use std::time::Instant;
 use crate::dial::{dial, DialError, Link};
 use crate::link::{self, LinkEnd, LinkQueue};
 use crate::shared::Shared;
-use tunnel_client::backoff::Backoff;
+use tunnel_proto::backoff::Backoff;
 
 /// Runs `first` (the link `bind` established), then keeps a link up until stopped.
 pub(crate) async fn supervise(shared: Arc<Shared>, first: Link, queue: LinkQueue) {

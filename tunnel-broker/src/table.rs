@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use tunnel_client::stream::ConnHandle;
+use tunnel_proto::driver::ConnHandle;
 use tunnel_proto::payload::AnnouncedConn;
 use tunnel_proto::Token;
 

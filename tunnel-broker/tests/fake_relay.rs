@@ -249,6 +249,15 @@ async fn unreachable_relay_fails_bind_after_the_handshake_timeout() {
         "gave up too early"
     );
     assert!(err.to_string().contains(&addr), "{err}");
+    // The message tells the time actually spent, not only the limit it stayed under.
+    let spent: f64 = err
+        .to_string()
+        .split("failed in ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|secs| secs.parse().ok())
+        .unwrap_or_else(|| panic!("no time spent in {err}"));
+    assert!(spent <= started.elapsed().as_secs_f64() + 0.05, "{err}");
 }
 
 #[tokio::test]

@@ -16,7 +16,12 @@ pub enum RelayAuth {
     /// `Authorization: Bearer <token>`.
     Bearer(String),
     /// `Authorization: Basic base64(user:password)` (RFC 7617).
-    Basic { user: String, password: String },
+    Basic {
+        /// The user name (may appear in logs).
+        user: String,
+        /// The password (never logged).
+        password: String,
+    },
 }
 
 impl fmt::Debug for RelayAuth {

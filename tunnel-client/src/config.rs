@@ -8,7 +8,7 @@ use tunnel_proto::packet::DEFAULT_MAX_PACKET_SIZE;
 use tunnel_proto::ConnectionConfig;
 
 use crate::auth::RelayAuth;
-use crate::stream::StreamConfig;
+use tunnel_proto::driver::StreamConfig;
 
 /// The client's default receive window, in packets: 16 × 64 KiB = 1 MiB, the relay's default
 /// per-connection queue limit (and pull response limit). A larger window lets the broker send
@@ -33,8 +33,9 @@ pub enum HttpVersion {
 pub struct ProxyConfig {
     /// `http://host:port` (or `https://`), used for both `http://` and `https://` relays.
     pub url: String,
-    /// Basic authentication toward the proxy.
+    /// User name for Basic authentication toward the proxy (`Proxy-Authorization`).
     pub username: Option<String>,
+    /// Password for Basic authentication toward the proxy; never logged.
     pub password: Option<String>,
 }
 
@@ -49,7 +50,7 @@ impl std::fmt::Debug for ProxyConfig {
     }
 }
 
-/// Everything `TunnelStream::connect` needs.
+/// Everything `tunnel_client::connect` needs.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// The relay's tunnel endpoint, base path included. Default: `http://127.0.0.1:8080/tunnel`.

@@ -1,4 +1,4 @@
-//! Opening a connection through the relay (PROTOCOL.md §3): the connect request with its
+//! Opening a connection through the relay (docs/protocol.md §3): the connect request with its
 //! retries, the handshake pulls until the broker's CONN_INIT_ACK, then the driver, the push
 //! sink and the pull loop.
 
@@ -8,32 +8,65 @@ use tokio::time::Instant;
 use tunnel_proto::payload::{decode_reason, decode_token, encode_reason};
 use tunnel_proto::{Connection, Packet, PacketType, Token};
 
-use crate::backoff::Backoff;
 use crate::config::ClientConfig;
 use crate::error::ConnectError;
 use crate::http::{status_hint, Failure, Relay, RequestError};
 use crate::push::HttpSink;
 use crate::session::Session;
-use crate::stream::{self, ConnHandle, TunnelStream};
+use tunnel_proto::backoff::Backoff;
+use tunnel_proto::driver::{self, ConnHandle, TunnelStream};
 
-impl TunnelStream {
-    /// Opens a connection to `config.server_name` through the relay at `config.relay_url`.
-    ///
-    /// Resolves once the broker accepted the connection (CONN_INIT_ACK), or fails with a typed
-    /// error: unknown server (404), refused request, rejection by the broker, or no success
-    /// within `config.connect_timeout` (503s and network errors are retried until then).
-    ///
-    /// To open many connections, make one [`TunnelClient`] and call its `connect`: its
-    /// connections share one HTTP connection pool (and one TLS set-up).
-    pub async fn connect(config: ClientConfig) -> Result<TunnelStream, ConnectError> {
-        TunnelClient::new(config)?.connect().await
-    }
+/// Opens a connection to `config.server_name` through the relay at `config.relay_url`: the
+/// tunnel's `TcpStream::connect`.
+///
+/// Resolves once the broker accepted the connection (CONN_INIT_ACK), or fails with a typed
+/// error: unknown server (404), refused request, rejection by the broker, or no success
+/// within `config.connect_timeout` (503s and network errors are retried until then).
+///
+/// To open many connections, make one [`TunnelClient`] and call its
+/// [`connect`](TunnelClient::connect): its connections share one HTTP connection pool (and
+/// one TLS set-up).
+pub async fn connect(config: ClientConfig) -> Result<TunnelStream, ConnectError> {
+    TunnelClient::new(config)?.connect().await
 }
 
 /// Opens tunnel connections to one server through one relay. Every connection opened by a
-/// `TunnelClient` (and its clones) shares one pool of HTTP connections to the relay, so many
-/// idle tunnel connections over HTTP/2 travel on a handful of TCP connections, and a new one
-/// costs no new TLS handshake.
+/// `TunnelClient` (and its clones, which are cheap) shares one pool of HTTP connections to
+/// the relay, so many idle tunnel connections over HTTP/2 travel on a handful of TCP
+/// connections, and a new one costs no new TLS handshake.
+///
+/// # Example: many connections at once
+///
+/// ```
+/// # mod doc_support { include!(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/doc_support/echo_tunnel.rs")); }
+/// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// use tokio::task::JoinSet;
+/// use tunnel_client::{ClientConfig, TunnelClient};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::io::Result<()> {
+/// # let tunnel = doc_support::EchoTunnel::start().await?;
+/// # let relay_url = tunnel.relay_url();
+/// let client = TunnelClient::new(ClientConfig::new(relay_url, "echo"))?;
+/// let mut streams = JoinSet::new();
+/// for i in 0..20 {
+///     let client = client.clone();
+///     streams.spawn(async move {
+///         let mut stream = client.connect().await?;
+///         stream.write_all(format!("line {i}\n").as_bytes()).await?;
+///         stream.shutdown().await?;
+///         let mut echoed = String::new();
+///         stream.read_to_string(&mut echoed).await?;
+///         assert_eq!(echoed, format!("line {i}\n"));
+///         Ok::<_, std::io::Error>(())
+///     });
+/// }
+/// while let Some(done) = streams.join_next().await {
+///     done??;
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct TunnelClient {
     relay: Relay,
@@ -41,7 +74,8 @@ pub struct TunnelClient {
 }
 
 impl TunnelClient {
-    /// Checks the configuration and builds the HTTP client; no request is made yet.
+    /// Checks the configuration and builds the HTTP client; no request is made yet. Fails
+    /// with [`ConnectError::InvalidConfig`] (bad URL, proxy or CA file).
     pub fn new(config: ClientConfig) -> Result<TunnelClient, ConnectError> {
         Ok(TunnelClient {
             relay: Relay::new(&config)?,
@@ -49,17 +83,18 @@ impl TunnelClient {
         })
     }
 
+    /// The configuration this client was made with.
     pub fn config(&self) -> &ClientConfig {
         &self.config
     }
 
-    /// Opens one connection; see [`TunnelStream::connect`].
+    /// Opens one connection; see [`connect`](crate::connect).
     pub async fn connect(&self) -> Result<TunnelStream, ConnectError> {
-        connect(self.relay.clone(), self.config.clone()).await
+        connect_with(self.relay.clone(), self.config.clone()).await
     }
 }
 
-async fn connect(relay: Relay, config: ClientConfig) -> Result<TunnelStream, ConnectError> {
+async fn connect_with(relay: Relay, config: ClientConfig) -> Result<TunnelStream, ConnectError> {
     let deadline = Instant::now() + config.connect_timeout;
     let mut last_error = String::from("no answer yet");
 
@@ -101,7 +136,7 @@ async fn connect(relay: Relay, config: ClientConfig) -> Result<TunnelStream, Con
         conn_id,
         peer_window,
         session.config.connection.clone(),
-        stream::now(),
+        driver::now(),
     );
     // Our first push tells the relay we have the CONN_INIT_ACK, so it stops resending it.
     conn.send_ack_now();
@@ -111,7 +146,7 @@ async fn connect(relay: Relay, config: ClientConfig) -> Result<TunnelStream, Con
         .min(session.config.max_push_body);
     let handle_cell = Arc::new(OnceLock::new());
     let sink = Arc::new(HttpSink::new(session.clone(), handle_cell.clone()));
-    let (stream, handle) = stream::spawn_with_config(conn, sink, stream_config);
+    let (stream, handle) = driver::spawn_with_config(conn, sink, stream_config);
     let _ = handle_cell.set(handle.clone());
     if !early.is_empty() {
         handle.deliver_all(early);

@@ -1,4 +1,4 @@
-//! The relay's HTTP interface as seen from the client (PROTOCOL.md §2): building the
+//! The relay's HTTP interface as seen from the client (docs/protocol.md §2): building the
 //! `reqwest` client from the configuration, the three requests, bounded body reads, and the
 //! classification of failures into "retry", "connection gone" and "refused for good".
 
@@ -243,10 +243,6 @@ impl Relay {
             max_response_body: config.max_response_body,
             max_packet_size: config.max_packet_size,
         })
-    }
-
-    pub fn server_name(&self) -> &str {
-        &self.server_name
     }
 
     /// The relay URL without credentials or query, for log lines.

@@ -9,8 +9,8 @@ use clap::Parser;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tunnel_client::forward::forward;
 use tunnel_client::{ClientConfig, HttpVersion, ProxyConfig, RelayAuth, TunnelClient};
+use tunnel_proto::splice::splice_until;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -110,7 +110,7 @@ struct Args {
     /// Receive window announced to the server, in packets of up to 64 KiB. Keep the bytes it
     /// stands for within the relay's per-connection queue limit, or the relay drops packets
     /// (they are retransmitted, at a cost in speed).
-    #[arg(long, env = "TUNNEL_CLIENT_RECV_WINDOW", default_value_t = tunnel_client::config::DEFAULT_CLIENT_RECV_WINDOW)]
+    #[arg(long, env = "TUNNEL_CLIENT_RECV_WINDOW", default_value_t = tunnel_client::DEFAULT_CLIENT_RECV_WINDOW)]
     recv_window: u16,
 
     /// Seconds after Ctrl-C during which open connections may finish before they are aborted.
@@ -265,15 +265,15 @@ async fn handle(
         }
     };
     let conn_id = tunnel.conn_id();
-    let handle = tunnel.handle();
+    let closed = tunnel.closed();
     tracing::info!(%peer, conn_id, "local connection opened");
     let mut socket = socket;
-    let (copied, result) = forward(&mut socket, tunnel, stop).await;
-    match result {
-        Ok(()) => tracing::info!(%peer, conn_id, bytes_up = copied.up, bytes_down = copied.down,
-            "local connection closed"),
+    let copied = splice_until(&mut socket, tunnel, stop).await;
+    let (bytes_up, bytes_down) = (copied.a_to_b, copied.b_to_a);
+    match copied.result {
+        Ok(()) => tracing::info!(%peer, conn_id, bytes_up, bytes_down, "local connection closed"),
         Err(e) => {
-            tracing::warn!(%peer, conn_id, bytes_up = copied.up, bytes_down = copied.down,
+            tracing::warn!(%peer, conn_id, bytes_up, bytes_down,
                 "local connection ended with an error: {e}");
             // The tunnel was reset: reset the local connection too (RST, not FIN), so the
             // application does not take a broken connection for a clean end of stream.
@@ -282,7 +282,7 @@ async fn handle(
     }
     drop(socket);
     // Let the tunnel finish its close (acks) before the task ends, within the stream's linger.
-    let _ = tokio::time::timeout(Duration::from_secs(5), handle.closed()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), closed).await;
 }
 
 /// Accept backlog of the local listener: the standard library's 128 overflows when an

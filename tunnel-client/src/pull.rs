@@ -14,10 +14,10 @@ use tokio::time::Instant;
 use tunnel_proto::connection::StreamError;
 use tunnel_proto::{Packet, PacketType};
 
-use crate::backoff::Backoff;
 use crate::http::{Failure, RequestError};
 use crate::session::Session;
-use crate::stream::ConnHandle;
+use tunnel_proto::backoff::Backoff;
+use tunnel_proto::driver::ConnHandle;
 
 type PullResult = Result<Vec<Packet>, RequestError>;
 

@@ -10,10 +10,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tunnel_proto::connection::StreamError;
 use tunnel_proto::Packet;
 
-use crate::backoff::Backoff;
 use crate::http::Failure;
 use crate::session::Session;
-use crate::stream::{ConnHandle, PacketSink};
+use tunnel_proto::backoff::Backoff;
+use tunnel_proto::driver::{ConnHandle, PacketSink};
 
 pub struct HttpSink {
     session: Arc<Session>,

@@ -1,5 +1,5 @@
 //! The HTTP transport against a small hyper-based mock relay that plays the relay's HTTP
-//! interface (PROTOCOL.md §2) and hosts the broker end of the connection itself.
+//! interface (docs/protocol.md §2) and hosts the broker end of the connection itself.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -19,8 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::timeout;
-use tunnel_client::stream::{self, ConnHandle, PacketSink};
 use tunnel_client::{ClientConfig, ConnectError, TunnelStream};
+use tunnel_proto::driver::{self as stream, ConnHandle, PacketSink};
 use tunnel_proto::payload::{encode_reason, encode_token};
 use tunnel_proto::{Connection, ConnectionConfig, Packet, PacketType, Token};
 
@@ -247,7 +247,7 @@ fn client_config(addr: SocketAddr) -> ClientConfig {
 async fn unknown_server_is_no_such_server() {
     let mock = MockRelay::new(&[], Some(404), BrokerAnswer::Accept);
     let addr = start(mock.clone()).await;
-    let err = timeout(TEST_TIMEOUT, TunnelStream::connect(client_config(addr)))
+    let err = timeout(TEST_TIMEOUT, tunnel_client::connect(client_config(addr)))
         .await
         .expect("timed out")
         .unwrap_err();
@@ -266,7 +266,7 @@ async fn unknown_server_is_no_such_server() {
 async fn bad_request_is_refused_without_retry() {
     let mock = MockRelay::new(&[], Some(400), BrokerAnswer::Accept);
     let addr = start(mock.clone()).await;
-    let err = timeout(TEST_TIMEOUT, TunnelStream::connect(client_config(addr)))
+    let err = timeout(TEST_TIMEOUT, tunnel_client::connect(client_config(addr)))
         .await
         .expect("timed out")
         .unwrap_err();
@@ -285,7 +285,7 @@ async fn busy_relay_is_retried_until_the_connect_timeout() {
         connect_timeout: Duration::from_millis(600),
         ..client_config(addr)
     };
-    let err = timeout(TEST_TIMEOUT, TunnelStream::connect(config))
+    let err = timeout(TEST_TIMEOUT, tunnel_client::connect(config))
         .await
         .expect("timed out")
         .unwrap_err();
@@ -308,7 +308,7 @@ async fn unreachable_relay_times_out() {
         connect_timeout: Duration::from_millis(500),
         ..client_config(addr)
     };
-    let err = timeout(TEST_TIMEOUT, TunnelStream::connect(config))
+    let err = timeout(TEST_TIMEOUT, tunnel_client::connect(config))
         .await
         .expect("timed out")
         .unwrap_err();
@@ -318,7 +318,7 @@ async fn unreachable_relay_times_out() {
 #[tokio::test]
 async fn invalid_url_is_a_config_error() {
     let config = ClientConfig::new("ftp://127.0.0.1/tunnel", "echo");
-    let err = TunnelStream::connect(config).await.unwrap_err();
+    let err = tunnel_client::connect(config).await.unwrap_err();
     assert!(matches!(err, ConnectError::InvalidConfig(_)), "{err:?}");
 }
 
@@ -326,7 +326,7 @@ async fn invalid_url_is_a_config_error() {
 async fn broker_rejection_is_reported() {
     let mock = MockRelay::new(&[], None, BrokerAnswer::Reject("too many connections"));
     let addr = start(mock).await;
-    let err = timeout(TEST_TIMEOUT, TunnelStream::connect(client_config(addr)))
+    let err = timeout(TEST_TIMEOUT, tunnel_client::connect(client_config(addr)))
         .await
         .expect("timed out")
         .unwrap_err();
@@ -340,7 +340,7 @@ async fn broker_rejection_is_reported() {
 async fn busy_relay_then_success_carries_an_echo_with_half_close() {
     let mock = MockRelay::new(&[503, 503], None, BrokerAnswer::Accept);
     let addr = start(mock.clone()).await;
-    let mut tunnel = timeout(TEST_TIMEOUT, TunnelStream::connect(client_config(addr)))
+    let mut tunnel = timeout(TEST_TIMEOUT, tunnel_client::connect(client_config(addr)))
         .await
         .expect("timed out")
         .expect("connect failed");
@@ -379,7 +379,7 @@ async fn busy_relay_then_success_carries_an_echo_with_half_close() {
 async fn relay_forgetting_the_connection_resets_the_stream() {
     let mock = MockRelay::new(&[], None, BrokerAnswer::Accept);
     let addr = start(mock.clone()).await;
-    let mut tunnel = timeout(TEST_TIMEOUT, TunnelStream::connect(client_config(addr)))
+    let mut tunnel = timeout(TEST_TIMEOUT, tunnel_client::connect(client_config(addr)))
         .await
         .expect("timed out")
         .expect("connect failed");

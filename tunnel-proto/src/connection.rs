@@ -85,6 +85,23 @@ pub enum StreamError {
     WriteAfterClose,
 }
 
+/// What a socket user expects: an abort either way is a reset (`ConnectionReset`), the idle
+/// timeout is `TimedOut`, a write after `close` is `BrokenPipe`. The `StreamError` stays
+/// reachable as the error's source (`get_ref` / `into_inner`).
+impl From<StreamError> for std::io::Error {
+    fn from(error: StreamError) -> std::io::Error {
+        use std::io::ErrorKind;
+        let kind = match &error {
+            StreamError::AbortedByPeer(_) | StreamError::AbortedLocally(_) => {
+                ErrorKind::ConnectionReset
+            }
+            StreamError::TimedOut(_) => ErrorKind::TimedOut,
+            StreamError::WriteAfterClose => ErrorKind::BrokenPipe,
+        };
+        std::io::Error::new(kind, error)
+    }
+}
+
 /// Something the driver should know about, taken with [`Connection::poll_event`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {

@@ -1,20 +1,51 @@
-//! The wire protocol of the HTTP tunnel, without any I/O.
+//! The wire protocol of the HTTP tunnel (`docs/protocol.md` in the repository), without any
+//! I/O, and with the `driver` feature the one async driver that client and broker share.
 //!
-//! - [`packet`]: the 24-byte-header packet and its thirteen types.
+//! - [`packet`]: the 24-byte-header packet and its thirteen types (§1).
 //! - [`codec`]: decoding packets from a byte stream or a whole body, with typed errors.
 //! - [`payload`]: typed payloads (LINK_INIT, CONN_INIT, options, selective acks, reasons).
-//! - [`connection`]: the reliable, flow-controlled connection as a sans-IO state machine,
-//!   shared by the client and the broker.
+//! - [`connection`]: the reliable, flow-controlled connection as a sans-IO state machine
+//!   (§4, §6): time and packets go in as arguments, packets to send and bytes come out.
+//! - [`seq`]: serial-number arithmetic on sequence numbers.
+//! - [`secret`]: reading a link secret file the way the relay and broker binaries do.
+//! - With the `driver` feature: [`driver`] ([`TunnelStream`], a tokio `AsyncRead` +
+//!   `AsyncWrite` over any packet transport), [`splice`] (joining two streams with
+//!   half-close) and [`backoff`] (retry delays).
+//!
+//! # Example: a packet on the wire and back
+//!
+//! ```
+//! use bytes::Bytes;
+//! use tunnel_proto::{decode_all, encode_all, Packet, PacketType};
+//!
+//! let data = Packet::new(PacketType::Data, 7, Bytes::from_static(b"hello"));
+//! let body = encode_all(&[data.clone()]); // what an HTTP body or the link carries
+//! assert_eq!(body.len(), 24 + 5);
+//! let decoded = decode_all(body, tunnel_proto::packet::DEFAULT_MAX_PACKET_SIZE).unwrap();
+//! assert_eq!(decoded, vec![data]);
+//! ```
+
+#![warn(missing_docs)]
 
 pub mod codec;
 pub mod connection;
 pub mod error;
 pub mod packet;
 pub mod payload;
+pub mod secret;
 pub mod seq;
+
+#[cfg(feature = "driver")]
+pub mod backoff;
+#[cfg(feature = "driver")]
+pub mod driver;
+#[cfg(feature = "driver")]
+pub mod splice;
 
 pub use codec::{decode_all, encode_all, Decoder};
 pub use connection::{Connection, ConnectionConfig};
+#[cfg(feature = "driver")]
+pub use driver::TunnelStream;
 pub use error::{DecodeError, PayloadError};
 pub use packet::{Packet, PacketType};
 pub use payload::Token;

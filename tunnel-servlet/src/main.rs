@@ -135,11 +135,9 @@ impl Args {
             self.client_tokens_file.as_ref(),
             self.client_basic_auth_file.as_ref(),
         )?;
-        let mut secret = std::fs::read(&self.link_secret_file)
-            .map_err(|e| format!("reading {}: {e}", self.link_secret_file.display()))?;
-        while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            secret.pop();
-        }
+        let secret = tunnel_proto::secret::read_link_secret_file(&self.link_secret_file)
+            .map_err(|e| e.to_string())?
+            .to_vec();
         Ok(RelayConfig {
             http_listen: self.listen,
             link_listen: self.link_listen,

@@ -36,7 +36,7 @@ impl Machine {
     }
 }
 
-/// Resident memory of process `pid` in bytes (`VmRSS` of /proc/<pid>/status).
+/// Resident memory of process `pid` in bytes (`VmRSS` of `/proc/<pid>/status`).
 pub fn rss_bytes(pid: u32) -> io::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
@@ -53,7 +53,7 @@ pub fn rss_bytes(pid: u32) -> io::Result<u64> {
     Ok(kib * 1024)
 }
 
-/// CPU seconds (user + system) process `pid` has used so far (/proc/<pid>/stat).
+/// CPU seconds (user + system) process `pid` has used so far (`/proc/<pid>/stat`).
 pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     parse_stat_cpu_ticks(&stat)
@@ -61,7 +61,7 @@ pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
         .ok_or_else(|| io::Error::other(format!("unparsable /proc/{pid}/stat: {stat:?}")))
 }
 
-/// utime + stime in clock ticks from the text of /proc/<pid>/stat. The command name (field 2)
+/// utime + stime in clock ticks from the text of `/proc/<pid>/stat`. The command name (field 2)
 /// is in parentheses and may hold spaces, so fields are counted after the last ')'.
 fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
     let after_name = &stat[stat.rfind(')')? + 1..];

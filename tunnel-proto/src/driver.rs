@@ -1,16 +1,66 @@
-//! The one async driver of a [`tunnel_proto::Connection`], used by both the client (HTTP
-//! transport) and the broker (link transport).
+//! The one async driver of a [`Connection`]: a tokio `AsyncRead` + `AsyncWrite` byte stream
+//! ([`TunnelStream`]) over any packet transport. The HTTP client (`tunnel-client`) and the
+//! broker's link (`tunnel-broker`) both drive their connections with it, the way `quinn`
+//! drives `quinn-proto`. Available with the `driver` feature.
+//!
+//! Applications only meet [`TunnelStream`]. The rest of this module is for transports:
+//! [`spawn`] starts a connection's driver task and returns the stream with a [`ConnHandle`],
+//! through which the transport delivers the peer's packets; the driver hands packets to send
+//! to the transport's [`PacketSink`].
 //!
 //! The connection itself is a sans-IO state machine. This module puts it behind a
 //! `std::sync::Mutex` shared by three parties:
-//! - the application, through [`TunnelStream`] (tokio `AsyncRead` + `AsyncWrite`);
+//! - the application, through [`TunnelStream`];
 //! - the transport's receive side, through [`ConnHandle::deliver`];
 //! - one driver task that owns the clock: it runs timeouts, drains packets to send into
-//!   bounded batches and hands them to a [`PacketSink`], and ends the connection.
+//!   bounded batches and hands them to the [`PacketSink`], and ends the connection.
 //!
 //! The lock is never held across an `.await`; the driver is woken by a `tokio::sync::Notify`.
-//! Time is read as `tokio::time::Instant::now().into_std()` so tests with a paused tokio clock
-//! drive the connection's timers deterministically.
+//! Time is read from tokio's clock ([`now`]), so tests with a paused tokio clock drive the
+//! connection's timers deterministically.
+//!
+//! # Example: two connections back to back in memory
+//!
+//! ```
+//! use std::future::Future;
+//! use std::pin::Pin;
+//! use std::sync::{Arc, OnceLock};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//! use tunnel_proto::driver::{self, ConnHandle, PacketSink};
+//! use tunnel_proto::{Connection, ConnectionConfig, Packet};
+//!
+//! /// A transport that hands every packet straight to the other end.
+//! struct Wire(OnceLock<ConnHandle>);
+//!
+//! impl PacketSink for Wire {
+//!     fn send(&self, packets: Vec<Packet>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+//!         Box::pin(async move {
+//!             if let Some(peer) = self.0.get() {
+//!                 peer.deliver_all(packets);
+//!             }
+//!         })
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! let config = ConnectionConfig::default();
+//! let (to_b, to_a) = (Arc::new(Wire(OnceLock::new())), Arc::new(Wire(OnceLock::new())));
+//! let a = Connection::new(1, config.recv_window, config.clone(), driver::now());
+//! let b = Connection::new(1, config.recv_window, config, driver::now());
+//! let (mut a, a_handle) = driver::spawn(a, to_b.clone());
+//! let (mut b, b_handle) = driver::spawn(b, to_a.clone());
+//! let _ = to_b.0.set(b_handle);
+//! let _ = to_a.0.set(a_handle);
+//!
+//! a.write_all(b"hello").await?;
+//! a.shutdown().await?; // half-close: b reads end of stream after the bytes
+//! let mut got = Vec::new();
+//! b.read_to_end(&mut got).await?;
+//! assert_eq!(got, b"hello");
+//! # Ok(())
+//! # }
+//! ```
 
 use std::future::Future;
 use std::io;
@@ -21,9 +71,10 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, Notify};
-use tunnel_proto::connection::{Event, Stats, StreamError};
-use tunnel_proto::payload::ConnOption;
-use tunnel_proto::{Connection, Packet};
+
+use crate::connection::{Event, Stats, StreamError};
+use crate::payload::ConnOption;
+use crate::{Connection, Packet};
 
 /// Where the driver sends packets: the transport toward the peer.
 pub trait PacketSink: Send + Sync + 'static {
@@ -68,21 +119,10 @@ pub struct PeerOptions {
     pub inactivity_timeout_ms: Option<u32>,
 }
 
-/// Current time for the connection, from tokio's clock (pausable in tests).
-pub(crate) fn now() -> Instant {
+/// The driver's clock: tokio's (pausable in tests) as a `std::time::Instant`. Give it to
+/// [`Connection::new`] for connections that [`spawn`] will drive.
+pub fn now() -> Instant {
     tokio::time::Instant::now().into_std()
-}
-
-/// Maps a connection failure to the `io::Error` a socket user expects.
-pub fn to_io_error(error: StreamError) -> io::Error {
-    let kind = match &error {
-        StreamError::AbortedByPeer(_) | StreamError::AbortedLocally(_) => {
-            io::ErrorKind::ConnectionReset
-        }
-        StreamError::TimedOut(_) => io::ErrorKind::TimedOut,
-        StreamError::WriteAfterClose => io::ErrorKind::BrokenPipe,
-    };
-    io::Error::new(kind, error)
 }
 
 struct Inner {
@@ -214,15 +254,41 @@ pub fn spawn_with_config(
 }
 
 impl TunnelStream {
+    /// The connection's id: the relay's number for it, also in the logs of the client, the
+    /// relay and the broker.
     pub fn conn_id(&self) -> u32 {
         self.shared.conn_id
     }
 
+    /// Counters of the connection: bytes and packets each way, retransmissions, RTT.
     pub fn stats(&self) -> Stats {
         self.shared.lock().conn.stats()
     }
 
-    /// A handle on the same connection (options, closed notification, statistics).
+    /// Ends the connection at once, like a TCP reset: the peer's reads and writes fail with
+    /// `ConnectionReset` and see `reason`; ours fail from now on. Data not yet delivered is
+    /// lost. (Dropping the stream without `shutdown` aborts too, with a generic reason.)
+    pub fn abort(&self, reason: &str) {
+        self.handle().abort(reason);
+    }
+
+    /// Resolves once the connection is over: closed both ways and acknowledged (after the
+    /// TIME-WAIT of [`StreamConfig::time_wait`]), or failed. The future does not borrow the
+    /// stream, so it can be awaited after the stream was shut down and dropped, to let the
+    /// close finish before the runtime stops.
+    pub fn closed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut ended = self.shared.closed.subscribe();
+        async move {
+            // `wait_for` checks the current value first, so an ended driver resolves at once;
+            // the sender lives as long as the driver's shared state, which outlives the end.
+            let _ = ended.wait_for(|ended| *ended).await;
+        }
+    }
+
+    /// A transport-side handle on the same connection. Hidden because applications need
+    /// only [`abort`](Self::abort) and [`closed`](Self::closed); the broker crate's tests use
+    /// it to look at the options a peer sent.
+    #[doc(hidden)]
     pub fn handle(&self) -> ConnHandle {
         ConnHandle {
             shared: self.shared.clone(),
@@ -231,6 +297,7 @@ impl TunnelStream {
 }
 
 impl ConnHandle {
+    /// The connection's id.
     pub fn conn_id(&self) -> u32 {
         self.shared.conn_id
     }
@@ -323,6 +390,7 @@ impl ConnHandle {
         self.shared.lock().peer_options
     }
 
+    /// Counters of the connection (see [`TunnelStream::stats`]).
     pub fn stats(&self) -> Stats {
         self.shared.lock().conn.stats()
     }
@@ -345,6 +413,7 @@ impl ConnHandle {
         let _ = rx.wait_for(|ended| *ended).await;
     }
 
+    /// Whether the driver has ended (finished or failed).
     pub fn is_closed(&self) -> bool {
         *self.shared.closed.borrow()
     }
@@ -361,7 +430,7 @@ impl AsyncRead for TunnelStream {
         }
         let mut inner = self.shared.lock();
         if let Some(e) = &inner.error {
-            return Poll::Ready(Err(to_io_error(e.clone())));
+            return Poll::Ready(Err(io::Error::from(e.clone())));
         }
         match inner.conn.read_chunk(buf.remaining()) {
             Ok(Some(chunk)) => {
@@ -386,7 +455,7 @@ impl AsyncRead for TunnelStream {
                 inner.read_waker = Some(cx.waker().clone());
                 Poll::Pending
             }
-            Err(e) => Poll::Ready(Err(to_io_error(e))),
+            Err(e) => Poll::Ready(Err(io::Error::from(e))),
         }
     }
 }
@@ -402,7 +471,7 @@ impl AsyncWrite for TunnelStream {
         }
         let mut inner = self.shared.lock();
         if let Some(e) = &inner.error {
-            return Poll::Ready(Err(to_io_error(e.clone())));
+            return Poll::Ready(Err(io::Error::from(e.clone())));
         }
         match inner.conn.write(buf) {
             Ok(0) => {
@@ -420,7 +489,7 @@ impl AsyncWrite for TunnelStream {
                 self.shared.driver_wake.notify_one();
                 Poll::Ready(Ok(n))
             }
-            Err(e) => Poll::Ready(Err(to_io_error(e))),
+            Err(e) => Poll::Ready(Err(io::Error::from(e))),
         }
     }
 
@@ -429,7 +498,7 @@ impl AsyncWrite for TunnelStream {
         // the driver was notified on write. Like a TCP socket, flush does not wait for acks.
         let inner = self.shared.lock();
         match &inner.error {
-            Some(e) => Poll::Ready(Err(to_io_error(e.clone()))),
+            Some(e) => Poll::Ready(Err(io::Error::from(e.clone()))),
             None => Poll::Ready(Ok(())),
         }
     }
@@ -438,13 +507,13 @@ impl AsyncWrite for TunnelStream {
         let result = {
             let mut inner = self.shared.lock();
             if let Some(e) = &inner.error {
-                return Poll::Ready(Err(to_io_error(e.clone())));
+                return Poll::Ready(Err(io::Error::from(e.clone())));
             }
             inner.shutdown = true;
             inner.conn.close()
         };
         self.shared.driver_wake.notify_one();
-        Poll::Ready(result.map_err(to_io_error))
+        Poll::Ready(result.map_err(io::Error::from))
     }
 }
 

@@ -12,8 +12,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
-use tunnel_client::stream::{self, ConnHandle, PacketSink, TunnelStream};
 use tunnel_proto::connection::StreamError;
+use tunnel_proto::driver::{self as stream, ConnHandle, PacketSink, TunnelStream};
 use tunnel_proto::{Connection, ConnectionConfig, Packet};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,4 +1,5 @@
-//! Exponential back-off between retries of failed requests.
+//! Exponential back-off with jitter between retries: the client's failed requests and the
+//! broker's redials use the same one. Available with the `driver` feature.
 
 use std::time::Duration;
 
@@ -12,6 +13,8 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// A back-off starting at `initial` (at least 1 ms) and doubling up to `max` (at least
+    /// `initial`).
     pub fn new(initial: Duration, max: Duration) -> Backoff {
         let initial = initial.max(Duration::from_millis(1));
         let max = max.max(initial);

@@ -1,11 +1,34 @@
-//! Joining two byte streams both ways with TCP's half-close semantics: when one side's
-//! reads end, the other side's write half is shut down and the opposite direction goes on.
+//! Joining two byte streams both ways with TCP's half-close semantics: when one side's reads
+//! end, the other side's write half is shut down and the opposite direction goes on. The
+//! client binary joins a local TCP connection to a tunnel stream with it, the broker binary a
+//! tunnel stream to its TCP service. Available with the `driver` feature.
+//!
+//! ```
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//! use tunnel_proto::splice::splice;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let (a, mut a_far) = tokio::io::duplex(1024);
+//! let (b, mut b_far) = tokio::io::duplex(1024);
+//! let joined = tokio::spawn(splice(a, b));
+//! a_far.write_all(b"ping").await.unwrap();
+//! a_far.shutdown().await.unwrap(); // b_far reads "ping", then end of stream
+//! let mut got = Vec::new();
+//! b_far.read_to_end(&mut got).await.unwrap();
+//! assert_eq!(got, b"ping");
+//! drop(b_far); // the other direction ends too
+//! let outcome = joined.await.unwrap();
+//! assert_eq!(outcome.a_to_b, 4);
+//! # }
+//! ```
 
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
 
-/// Size of the copy buffer of each direction.
+/// Size of the copy buffer of each direction: one full DATA packet's worth.
 pub const COPY_BUFFER: usize = 64 * 1024;
 
 /// What a splice moved, and how it ended.
@@ -26,13 +49,32 @@ where
     A: AsyncRead + AsyncWrite,
     B: AsyncRead + AsyncWrite,
 {
+    join(a, b, None).await
+}
+
+/// [`splice`] that also ends the `a` → `b` direction, as if `a` had closed, once `stop` turns
+/// `true` (or its sender is dropped): for a graceful shutdown, `b` gets a half-close and its
+/// answer still flows back to `a`.
+pub async fn splice_until<A, B>(a: A, b: B, stop: watch::Receiver<bool>) -> SpliceOutcome
+where
+    A: AsyncRead + AsyncWrite,
+    B: AsyncRead + AsyncWrite,
+{
+    join(a, b, Some(stop)).await
+}
+
+async fn join<A, B>(a: A, b: B, stop: Option<watch::Receiver<bool>>) -> SpliceOutcome
+where
+    A: AsyncRead + AsyncWrite,
+    B: AsyncRead + AsyncWrite,
+{
     let (mut a_read, mut a_write) = tokio::io::split(a);
     let (mut b_read, mut b_write) = tokio::io::split(b);
     let mut a_to_b = 0u64;
     let mut b_to_a = 0u64;
     let result = tokio::try_join!(
-        pump(&mut a_read, &mut b_write, &mut a_to_b),
-        pump(&mut b_read, &mut a_write, &mut b_to_a),
+        pump(&mut a_read, &mut b_write, &mut a_to_b, stop),
+        pump(&mut b_read, &mut a_write, &mut b_to_a, None),
     )
     .map(|_| ());
     SpliceOutcome {
@@ -42,18 +84,30 @@ where
     }
 }
 
-/// One direction: copy until end of stream, then shut the writer down (half-close).
-async fn pump<R, W>(reader: &mut R, writer: &mut W, count: &mut u64) -> io::Result<()>
+/// One direction: copy until end of stream (or `stop`), then shut the writer down
+/// (half-close).
+async fn pump<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    count: &mut u64,
+    mut stop: Option<watch::Receiver<bool>>,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; COPY_BUFFER];
     loop {
-        let n = reader.read(&mut buf).await?;
+        let n = match &mut stop {
+            Some(stop) => tokio::select! {
+                n = reader.read(&mut buf) => n?,
+                // A dropped sender counts as a stop too.
+                _ = stop.wait_for(|stopped| *stopped) => 0,
+            },
+            None => reader.read(&mut buf).await?,
+        };
         if n == 0 {
-            writer.shutdown().await?;
-            return Ok(());
+            return writer.shutdown().await;
         }
         writer.write_all(&buf[..n]).await?;
         *count += n as u64;
