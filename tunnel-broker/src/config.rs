@@ -55,6 +55,33 @@ pub struct BrokerConfig {
 
 impl BrokerConfig {
     /// A configuration with all defaults but the relay address, name and secret.
+    ///
+    /// The secret is compared byte for byte with the relay's. The relay reads it from a file
+    /// (`--link-secret-file`) without its trailing line end; read the broker's copy with
+    /// [`read_link_secret_file`](crate::read_link_secret_file) so both agree (the raw bytes
+    /// of `std::fs::read` keep the newline and fail with "bad link secret").
+    ///
+    /// ```
+    /// # mod doc_support { include!(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/doc_support/echo_tunnel.rs")); }
+    /// use tunnel_broker::{read_link_secret_file, BrokerConfig, TunnelListener};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// # let relay = doc_support::DocRelay::start().await?;
+    /// # let relay_link = relay.link_addr();
+    /// # let dir = std::env::temp_dir().join(format!("tunnel-broker-doc-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let secret_file = dir.join("link-secret");
+    /// # std::fs::write(&secret_file, [doc_support::LINK_SECRET, b"\n"].concat())?;
+    /// // The same file the relay was started with (`tunnel-servlet --link-secret-file`).
+    /// let secret = read_link_secret_file(&secret_file)?;
+    /// let config = BrokerConfig::new(relay_link, "redis", secret);
+    /// let listener = TunnelListener::bind(config).await?;
+    /// assert!(listener.is_link_up());
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn new(
         relay_addr: impl Into<String>,
         server_name: impl Into<String>,

@@ -65,7 +65,7 @@ impl Shared {
     // ---- the current link ----
 
     /// Makes `tx` the current link's queue, with LISTEN_STATE as its first packet
-    /// (PROTOCOL.md §5: LINK_INIT, its ack, then LISTEN_STATE).
+    /// (docs/protocol.md §5: LINK_INIT, its ack, then LISTEN_STATE).
     pub fn install_link(&self, tx: &mpsc::Sender<Packet>) {
         let mut slot = self.slot();
         // The queue is new and empty, so this cannot fail for lack of room.

@@ -1,5 +1,5 @@
 //! The broker against a fake relay written here: a TcpListener that speaks the link protocol
-//! (PROTOCOL.md §3, §5, §6) with tunnel_proto's codec, and plays the client side of
+//! (docs/protocol.md §3, §5, §6) with tunnel_proto's codec, and plays the client side of
 //! connections with its own `tunnel_proto::Connection`. Every wait has a timeout.
 
 use std::io;

@@ -1,4 +1,4 @@
-//! Unit tests of the packet codec and the typed payload decoders (PROTOCOL.md §1, §3–§6).
+//! Unit tests of the packet codec and the typed payload decoders (docs/protocol.md §1, §3–§6).
 //!
 //! Malformed input is built by hand here, with an independent CRC-32 implementation, so the
 //! tests do not lean on the encoder they are checking.

@@ -1,4 +1,4 @@
-//! The HTTP interface (PROTOCOL.md §2): routing, and the connect, push and pull handlers.
+//! The HTTP interface (docs/protocol.md §2): routing, and the connect, push and pull handlers.
 //!
 //! Handlers lock the table only for map operations and never across an await. A push body is
 //! validated whole before any of it is forwarded, then forwarded as is (it is already the

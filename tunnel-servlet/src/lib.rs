@@ -1,5 +1,5 @@
 //! The tunnel relay (`tunnel-servlet`): answers clients' HTTP requests (connect, push, pull)
-//! and multiplexes them onto one TCP link per broker (PROTOCOL.md §2–§6). It does not run the
+//! and multiplexes them onto one TCP link per broker (docs/protocol.md §2–§6). It does not run the
 //! sliding window: it moves packets and keeps bounds.
 //!
 //! - [`config`]: every bound and deadline, with defaults.

@@ -1,5 +1,5 @@
 //! The relay's HTTP interface against a fake broker: connect, push, pull, and their error
-//! answers (PROTOCOL.md §2–§3).
+//! answers (docs/protocol.md §2–§3).
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! The broker link (PROTOCOL.md §5–§6): authentication, replacement, re-announcement after
+//! The broker link (docs/protocol.md §5–§6): authentication, replacement, re-announcement after
 //! a relay restart, the grace period, shutdown and liveness.
 
 mod common;
