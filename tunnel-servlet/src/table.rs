@@ -7,6 +7,7 @@
 //! a newer pull supersedes it, or when the entry goes away.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -132,10 +133,6 @@ impl ConnEntry {
     pub(crate) fn confirm_accepted(&mut self) {
         self.unconfirmed = None;
     }
-
-    pub(crate) fn count_up(&mut self, bytes: usize) {
-        self.bytes_up += bytes as u64;
-    }
 }
 
 /// The live link of a broker, as the table holds it.
@@ -145,6 +142,10 @@ pub(crate) struct LinkHandle {
     pub(crate) sender: LinkSender,
     /// Set to true to make the link's reader and writer stop.
     pub(crate) closed: Arc<watch::Sender<bool>>,
+    /// The broker's address as the link's TCP peer (for the status page).
+    pub(crate) peer: SocketAddr,
+    /// When the link was authenticated.
+    pub(crate) since: Instant,
 }
 
 impl LinkHandle {
@@ -158,6 +159,40 @@ struct BrokerEntry {
     link: Option<LinkHandle>,
     listening: bool,
     lost_at: Option<Instant>,
+    /// Connections opened to this broker, and packet bytes its clients pushed (up) and
+    /// fetched (down), since the name was first linked or last forgotten after its grace.
+    traffic: BrokerTraffic,
+}
+
+/// Counters of one broker name, for the status page and per-broker metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct BrokerTraffic {
+    pub(crate) connections_opened: u64,
+    pub(crate) bytes_up: u64,
+    pub(crate) bytes_down: u64,
+}
+
+/// One broker name as the status snapshot shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct BrokerRow {
+    pub(crate) name: Arc<str>,
+    /// The live link's peer and start, or `None` during the grace period.
+    pub(crate) link: Option<(SocketAddr, Instant)>,
+    pub(crate) listening: bool,
+    pub(crate) lost_at: Option<Instant>,
+    pub(crate) traffic: BrokerTraffic,
+    /// Connections the table holds for this name (ending ones included).
+    pub(crate) connections: u64,
+}
+
+/// What the table holds, copied in one pass under its lock.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TableView {
+    pub(crate) brokers: Vec<BrokerRow>,
+    pub(crate) connections: u64,
+    /// Bytes queued for clients over all connections, and in the fullest queue.
+    pub(crate) queued_bytes: u64,
+    pub(crate) largest_queue_bytes: u64,
 }
 
 /// Byte bounds of a downstream queue.
@@ -273,9 +308,67 @@ impl Table {
             }
         };
         let server = self.server_name(server);
+        if let Some(broker) = self.brokers.get_mut(&server) {
+            broker.traffic.connections_opened += 1;
+        }
         self.conns
             .insert(id, ConnEntry::new(server, token, client_addr, now, timeout));
         (id, token)
+    }
+
+    /// Counts `bytes` pushed by the client of `id` on its entry and its broker.
+    pub(crate) fn count_up(&mut self, id: u32, bytes: usize) {
+        let Some(entry) = self.conns.get_mut(&id) else {
+            return;
+        };
+        entry.bytes_up += bytes as u64;
+        if let Some(broker) = self.brokers.get_mut(&*entry.server) {
+            broker.traffic.bytes_up += bytes as u64;
+        }
+    }
+
+    /// Counts `bytes` handed to the client of a connection of `server`, on the broker.
+    fn count_down(&mut self, server: &str, bytes: usize) {
+        if let Some(broker) = self.brokers.get_mut(server) {
+            broker.traffic.bytes_down += bytes as u64;
+        }
+    }
+
+    /// A copy of the brokers and the queue totals. One pass over the connections with no
+    /// allocation per connection (a few hundred microseconds for 20,000), so the lock is
+    /// held about as long as for a busy pull.
+    pub(crate) fn view(&self) -> TableView {
+        let mut brokers: Vec<BrokerRow> = self
+            .brokers
+            .iter()
+            .map(|(name, b)| BrokerRow {
+                name: name.clone(),
+                link: b.link.as_ref().map(|l| (l.peer, l.since)),
+                listening: b.listening,
+                lost_at: b.lost_at,
+                traffic: b.traffic,
+                connections: 0,
+            })
+            .collect();
+        let mut view = TableView {
+            connections: self.conns.len() as u64,
+            ..TableView::default()
+        };
+        for entry in self.conns.values() {
+            // Entries share their broker's name (`server_name`), so the pointer test hits.
+            if let Some(row) = brokers
+                .iter_mut()
+                .find(|r| Arc::ptr_eq(&r.name, &entry.server) || r.name == entry.server)
+            {
+                row.connections += 1;
+            }
+            let queued = entry.queued_bytes as u64;
+            view.queued_bytes += queued;
+            view.largest_queue_bytes = view.largest_queue_bytes.max(queued);
+        }
+        brokers.sort_by(|a, b| a.name.cmp(&b.name));
+        view.brokers = brokers;
+        view
     }
 
     /// The shared copy of a broker name, so entries do not each allocate it.
@@ -365,12 +458,16 @@ impl Table {
                 None => {
                     let reason = ending.reason.clone();
                     entry.bytes_down += out.len() as u64;
+                    let server = entry.server.clone();
+                    self.count_down(&server, out.len());
                     self.remove(id, &reason);
                     return out.freeze();
                 }
             }
         }
         entry.bytes_down += out.len() as u64;
+        let server = entry.server.clone();
+        self.count_down(&server, out.len());
         out.freeze()
     }
 
@@ -460,6 +557,7 @@ impl Table {
             link: None,
             listening: false,
             lost_at: None,
+            traffic: BrokerTraffic::default(),
         });
         let old = broker.link.replace(handle);
         broker.listening = false;
