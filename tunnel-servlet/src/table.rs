@@ -335,8 +335,8 @@ impl Table {
     }
 
     /// A copy of the brokers and the queue totals. One pass over the connections with no
-    /// allocation per connection (a few hundred microseconds for 20,000), so the lock is
-    /// held about as long as for a busy pull.
+    /// allocation per connection: 0.5 to 0.8 ms for 20,000 in a test build on a busy machine (see
+    /// the test below), and a status page or scrape is rare next to pushes and pulls.
     pub(crate) fn view(&self) -> TableView {
         let mut brokers: Vec<BrokerRow> = self
             .brokers
@@ -725,6 +725,84 @@ mod tests {
             "{}",
             std::mem::size_of::<ConnEntry>()
         );
+    }
+
+    fn link(table: &mut Table, name: &str) -> LinkHandle {
+        let handle = LinkHandle {
+            id: table.next_id(),
+            sender: crate::sender::channel(1 << 20).0,
+            closed: Arc::new(watch::channel(false).0),
+            peer: "127.0.0.1:9".parse().unwrap(),
+            since: Instant::now(),
+        };
+        let out = table.link_up(
+            name,
+            handle.clone(),
+            &[],
+            Instant::now(),
+            Duration::from_secs(60),
+            usize::MAX,
+            Duration::from_secs(30),
+        );
+        assert!(out.0.is_none() && out.1.is_empty());
+        handle
+    }
+
+    #[test]
+    fn the_view_counts_connections_and_traffic_per_broker() {
+        let mut table = Table::new(Arc::new(Metrics::default()));
+        let _a = link(&mut table, "a");
+        let _b = link(&mut table, "b");
+        let now = Instant::now();
+        let timeout = Duration::from_secs(60);
+        let ids: Vec<u32> = (0..20_000)
+            .map(|i| {
+                table
+                    .open(if i % 4 == 0 { "b" } else { "a" }, "c", now, timeout)
+                    .0
+            })
+            .collect();
+        table.count_up(ids[0], 100);
+        let data = Packet::new(PacketType::Data, ids[1], Bytes::from(vec![0; 1000]));
+        let limits = QueueLimits {
+            limit: 1 << 20,
+            control_slack: 0,
+        };
+        table.enqueue(ids[1], data, limits, false);
+        // Not b's current link: no effect.
+        assert!(!table.link_down("b", u64::MAX, now));
+
+        let started = Instant::now();
+        let view = table.view();
+        let took = started.elapsed();
+        // The figure behind `view`'s comment; printed with --nocapture.
+        eprintln!("Table::view over 20,000 connections: {took:?}");
+        assert_eq!(view.connections, 20_000);
+        assert_eq!(view.queued_bytes, 1024);
+        assert_eq!(view.largest_queue_bytes, 1024);
+        let names: Vec<&str> = view.brokers.iter().map(|b| &*b.name).collect();
+        assert_eq!(names, ["a", "b"]);
+        let (a, b) = (&view.brokers[0], &view.brokers[1]);
+        assert_eq!(
+            (a.connections, a.traffic.connections_opened),
+            (15_000, 15_000)
+        );
+        assert_eq!(
+            (b.connections, b.traffic.connections_opened),
+            (5_000, 5_000)
+        );
+        // ids[0] went to "b" (i = 0), ids[1] to "a".
+        assert_eq!(b.traffic.bytes_up, 100);
+        assert!(a.link.is_some() && b.link.is_some());
+
+        let out = table.drain(ids[1], 1 << 20);
+        assert_eq!(out.len(), 1024);
+        table.remove(ids[0], "test");
+        let view = table.view();
+        assert_eq!(view.brokers[0].traffic.bytes_down, 1024);
+        assert_eq!(view.brokers[1].connections, 4_999);
+        assert_eq!(view.brokers[1].traffic.connections_opened, 5_000);
+        assert_eq!(view.queued_bytes, 0);
     }
 
     #[test]
