@@ -11,12 +11,13 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tunnel_broker::{BrokerConfig, ClientInfo, LinkTls, TunnelListener};
 use tunnel_client::ClientConfig;
-use tunnel_proto::ConnectionConfig;
+use tunnel_proto::{ConnectionConfig, Packet, PacketType};
 use tunnel_servlet::{Relay, RelayConfig, RunningRelay};
 
 use crate::servers::sink_source::SinkSourceServer;
@@ -172,6 +173,56 @@ impl InProcessTunnel {
     pub fn listener(&self) -> &TunnelListener {
         &self.listener
     }
+
+    /// Opens a connection with one raw connect request to `relay_url` (the relay, or a
+    /// proxy in front of it) carrying the extra `headers`, and returns the client address
+    /// the broker was given for it (within [`LINK_TIMEOUT`]).
+    pub async fn client_addr_of_raw_connect(
+        &self,
+        relay_url: &str,
+        headers: &[(&str, &str)],
+    ) -> io::Result<String> {
+        let before = self.accepted_clients().len();
+        raw_connect(relay_url, SERVER_NAME, headers).await?;
+        let deadline = tokio::time::Instant::now() + LINK_TIMEOUT;
+        loop {
+            if let Some(info) = self.accepted_clients().get(before) {
+                return Ok(info.client_addr.clone());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the broker accepted no connection within {LINK_TIMEOUT:?}"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Sends one connect request (a bare CONN_INIT, window 16) for `server_name` to `relay_url`
+/// with the extra `headers`; an error unless the relay answers 200. The connection is left
+/// open (it ends at the relay's inactivity timeout).
+pub async fn raw_connect(
+    relay_url: &str,
+    server_name: &str,
+    headers: &[(&str, &str)],
+) -> io::Result<()> {
+    let init = Packet::new(PacketType::ConnInit, 0, Bytes::new()).with_window(16);
+    let mut req = crate::net::direct_http_client()
+        .post(format!("{relay_url}?Type=connect&ServerName={server_name}"))
+        .body(init.to_bytes());
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let resp = req.send().await.map_err(io::Error::other)?;
+    if !resp.status().is_success() {
+        return Err(io::Error::other(format!(
+            "connect with {headers:?}: {}",
+            resp.status()
+        )));
+    }
+    Ok(())
 }
 
 impl Drop for InProcessTunnel {

@@ -27,6 +27,7 @@ pub mod fdlimit;
 pub mod inproc;
 pub mod mosquitto;
 pub mod net;
+pub mod observers;
 pub mod process;
 pub mod redis;
 pub mod servers;

@@ -111,14 +111,16 @@ async fn squid_forwards_plain_http_and_https_through_connect() {
     // squid logs a request when it ends; the connect request ended long ago.
     let connect_line = format!("POST {}?Type=connect", plain.relay_url());
     wait_for_log("squid access.log", || squid.access_log(), &connect_line).await;
-    // squid adds X-Forwarded-For: the relay reports the client's address without a port.
-    assert_eq!(
-        plain
-            .accepted_clients()
-            .last()
-            .map(|c| c.client_addr.clone()),
-        Some("127.0.0.1".to_string()),
-        "client address the broker got through squid"
+    // squid adds X-Forwarded-For, but squid is not a trusted proxy of this relay (a
+    // client's forward proxy never is): the broker gets squid's own address and port.
+    let through_squid = plain
+        .accepted_clients()
+        .last()
+        .map(|c| c.client_addr.clone())
+        .unwrap_or_default();
+    assert!(
+        through_squid.starts_with("127.0.0.1:"),
+        "client address the broker got through squid: {through_squid:?}"
     );
 
     let (tls, ca_file) = https_tunnel(&dir).await;
@@ -353,9 +355,10 @@ async fn tunnel_for_nginx(pull_wait: Duration, keepalive: Duration) -> InProcess
 async fn nginx_example_in_front_of_the_relay_with_buffering_on_and_off() {
     init_tracing();
     let dir = TestDir::new("nginx").unwrap();
-    let tunnel = InProcessTunnel::start(InProcessOptions::default())
-        .await
-        .unwrap();
+    // As deploy/nginx/tunnel.conf says: the relay trusts the nginx on its host.
+    let mut options = InProcessOptions::default();
+    options.relay.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    let tunnel = InProcessTunnel::start(options).await.unwrap();
     for (buffering, seed) in [(true, 9), (false, 10)] {
         let nginx = Nginx::start(
             dir.path(),
@@ -373,13 +376,30 @@ async fn nginx_example_in_front_of_the_relay_with_buffering_on_and_off() {
             if buffering { "on" } else { "off" }
         );
         bulk_exchange(&case, config, seed).await;
-        // nginx replaced X-Forwarded-For with the peer it saw; the relay passed that on.
+        // nginx replaced X-Forwarded-For with the peer it saw; the relay, trusting nginx,
+        // passed that on.
         let clients = tunnel.accepted_clients();
         assert_eq!(clients.len(), before + 1, "connections the broker accepted");
         assert_eq!(
             clients.last().unwrap().client_addr,
             "127.0.0.1",
             "client address the broker got behind nginx"
+        );
+        // A client claiming another address gets nowhere: nginx overwrites X-Forwarded-For
+        // and drops Forwarded.
+        let spoofed = tunnel
+            .client_addr_of_raw_connect(
+                &nginx.tunnel_url(tunnel.base_path()),
+                &[
+                    ("x-forwarded-for", "203.0.113.7"),
+                    ("forwarded", "for=198.51.100.1"),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            spoofed, "127.0.0.1",
+            "{case}: spoofed headers through nginx"
         );
         let log = nginx.access_log();
         assert!(

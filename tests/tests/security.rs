@@ -71,7 +71,7 @@ async fn wrong_link_secret_is_refused_counted_and_not_logged() {
         );
         let deadline = Instant::now() + Duration::from_secs(15);
         while relay
-            .metric("tunnel_link_auth_failures_total")
+            .metric(r#"tunnel_auth_failures_total{side="link"}"#)
             .await
             .unwrap_or(0)
             == 0
@@ -449,7 +449,7 @@ async fn client_auth_right_credentials_work_end_to_end() {
         assert_eq!(
             setup
                 .relay
-                .metric("tunnel_client_auth_failures_total")
+                .metric(r#"tunnel_auth_failures_total{side="client"}"#)
                 .await,
             Some(0)
         );
@@ -558,7 +558,7 @@ async fn client_auth_missing_or_wrong_credentials_get_401() {
         }
         let failures = setup
             .relay
-            .metric("tunnel_client_auth_failures_total")
+            .metric(r#"tunnel_auth_failures_total{side="client"}"#)
             .await
             .unwrap();
         assert!(failures >= 8, "auth failures counted: {failures}");

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tunnel_proto::packet::DEFAULT_MAX_PACKET_SIZE;
 
 use crate::auth::ClientAuth;
+use crate::cidr::Cidr;
 
 /// PEM files of a TLS certificate chain and its private key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +101,20 @@ pub struct RelayConfig {
     /// `/metrics` stay open. Default none (anyone who reaches the relay may connect; the
     /// per-connection token still guards each connection).
     pub client_auth: Option<ClientAuth>,
+    /// Networks of the reverse proxies in front of the relay. Only a request whose TCP peer
+    /// is in one of them may name the client with `X-Forwarded-For` or `Forwarded`; the
+    /// right-most address in those headers that is not itself trusted is the client (see
+    /// `forwarded.rs`). Default empty: the TCP peer is always the client.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Where the admin listener serves `/metrics`, `/healthz`, `/status` and `/status.json`.
+    /// Default none (no admin listener).
+    pub admin_listen: Option<SocketAddr>,
+    /// Whether the public listener serves `/metrics` too. Default true, as before the admin
+    /// listener existed; set it to false once scrapers use the admin listener.
+    pub public_metrics: bool,
+    /// Most HTTP connections the admin listener serves at once; more wait in the kernel
+    /// backlog. Default 16.
+    pub admin_max_connections: usize,
 }
 
 impl Default for RelayConfig {
@@ -135,6 +150,10 @@ impl Default for RelayConfig {
             link_tls: None,
             link_tls_client_ca: None,
             client_auth: None,
+            trusted_proxies: Vec::new(),
+            admin_listen: None,
+            public_metrics: true,
+            admin_max_connections: 16,
         }
     }
 }
@@ -163,6 +182,9 @@ impl std::fmt::Debug for RelayConfig {
             .field("link_tls", &self.link_tls)
             .field("link_tls_client_ca", &self.link_tls_client_ca)
             .field("client_auth", &self.client_auth)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("admin_listen", &self.admin_listen)
+            .field("public_metrics", &self.public_metrics)
             .finish_non_exhaustive()
     }
 }
@@ -210,6 +232,7 @@ impl RelayConfig {
             ("queue_limit", self.queue_limit),
             ("max_pending_links", self.max_pending_links),
             ("max_http_connections", self.max_http_connections),
+            ("admin_max_connections", self.admin_max_connections),
         ];
         for (name, value) in sizes {
             if value == 0 {

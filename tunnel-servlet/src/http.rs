@@ -18,37 +18,53 @@ use tokio::sync::oneshot;
 use tunnel_proto::payload::{encode_token, BrokerConnInit, ConnOption};
 use tunnel_proto::{decode_all, Packet, PacketType, Token};
 
+use crate::forwarded;
 use crate::metrics::RejectReason;
 use crate::query::{self, Kind};
 use crate::sender::SendError;
 use crate::state::Shared;
+use crate::status::StatusSnapshot;
 use crate::table::{Waiter, Wake};
 
 pub(crate) type Body = Full<Bytes>;
 
-/// A short text/plain error. Never include a token in `msg`.
-fn error(status: StatusCode, msg: &str) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(format!("{msg}\n"))));
+/// A response of `status` with `body` of `content_type`, never cached: every answer of the
+/// relay is about one moment.
+pub(crate) fn uncached(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
+/// A short text/plain error. Never include a token in `msg`.
+pub(crate) fn error(status: StatusCode, msg: &str) -> Response<Body> {
+    uncached(status, "text/plain; charset=utf-8", format!("{msg}\n"))
+}
+
+/// `GET /healthz`: 200 "ok" while the relay serves.
+pub(crate) fn healthz() -> Response<Body> {
+    error(StatusCode::OK, "ok")
+}
+
+/// `GET /metrics`: the snapshot in the Prometheus text format.
+pub(crate) fn metrics(snapshot: &StatusSnapshot) -> Response<Body> {
+    uncached(
+        StatusCode::OK,
+        "text/plain; version=0.0.4; charset=utf-8",
+        snapshot.render_prometheus(),
+    )
+}
+
 /// A 200 whose body is packets.
 fn packets(body: Bytes) -> Response<Body> {
-    let mut resp = Response::new(Full::new(body));
-    let headers = resp.headers_mut();
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
+    uncached(StatusCode::OK, "application/octet-stream", body)
 }
 
 fn no_op() -> Response<Body> {
@@ -68,17 +84,9 @@ pub(crate) async fn handle(
             Some(refusal) => refusal,
         }
     } else if path == "/healthz" && req.method() == Method::GET {
-        let mut resp = error(StatusCode::OK, "ok");
-        resp.headers_mut()
-            .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        resp
-    } else if path == "/metrics" && req.method() == Method::GET {
-        let mut resp = Response::new(Full::new(Bytes::from(shared.snapshot().render())));
-        resp.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        );
-        resp
+        healthz()
+    } else if path == "/metrics" && req.method() == Method::GET && shared.config.public_metrics {
+        metrics(&StatusSnapshot::gather(&shared))
     } else {
         error(StatusCode::NOT_FOUND, "no such path")
     };
@@ -181,18 +189,6 @@ async fn read_body(
     }
 }
 
-/// The client's address: the first X-Forwarded-For entry if present, else the peer.
-fn client_addr(req: &Request<Incoming>, peer: SocketAddr) -> String {
-    req.headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(str::to_owned)
-        .unwrap_or_else(|| peer.to_string())
-}
-
 async fn connect(
     req: Request<Incoming>,
     peer: SocketAddr,
@@ -200,7 +196,7 @@ async fn connect(
     server: &str,
 ) -> Response<Body> {
     let config = &shared.config;
-    let client = client_addr(&req, peer);
+    let client = forwarded::client_addr(req.headers(), peer, &config.trusted_proxies).to_string();
     let body = match read_body(
         req,
         config.max_body_size.min(config.max_packet_size),
@@ -352,7 +348,6 @@ async fn push(
         };
         entry.last_activity = Instant::now();
         entry.confirm_accepted();
-        entry.count_up(body.len());
         for packet in list.iter().filter(|p| p.kind == PacketType::ConnOption) {
             if let Ok(ConnOption::InactivityTimeoutMs(ms)) =
                 ConnOption::decode(packet.payload.clone())
@@ -360,6 +355,7 @@ async fn push(
                 entry.inactivity_timeout = config.inactivity_timeout_for(ms);
             }
         }
+        table.count_up(conn_id, body.len());
         link.sender
     };
     shared.metrics.push(body.len());

@@ -9,10 +9,16 @@
 //! - `table`: connections, brokers, queues; `state`: shared state and the sweeper.
 //! - [`auth`]: optional client authentication (bearer tokens, basic credentials).
 //! - [`metrics`]: counters and the Prometheus rendering. `tls`: rustls acceptors.
+//! - [`forwarded`] and [`cidr`]: the client's address behind trusted proxies.
+//! - `admin`: the admin listener; [`status`]: the snapshot it shows, rendered by
+//!   `status_html` (`/status`) and `status_json` (`/status.json`).
 
+mod admin;
 pub mod auth;
+pub mod cidr;
 pub mod config;
 mod first_byte;
+pub mod forwarded;
 mod http;
 mod link;
 pub mod metrics;
@@ -20,11 +26,16 @@ mod query;
 mod relay;
 mod sender;
 mod state;
+pub mod status;
+mod status_html;
+mod status_json;
 mod table;
 pub mod tls;
 
 pub use auth::ClientAuth;
+pub use cidr::Cidr;
 pub use config::{RelayConfig, TlsFiles};
 pub use metrics::MetricsSnapshot;
 pub use query::TOKEN_HEADER;
 pub use relay::{Relay, RunningRelay, ShutdownHandle};
+pub use status::StatusSnapshot;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tunnel_proto::payload::{
     decode_listen_state, decode_reason, encode_reason, ConnOption, LinkInit,
@@ -34,7 +34,7 @@ pub(crate) async fn run_listener(
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
 ) {
-    let pending = Arc::new(Semaphore::new(shared.config.max_pending_links));
+    let pending = shared.link_handshake_slots.clone();
     let mut stopping = shared.stopping.clone();
     loop {
         let Some((tcp, peer)) = accept_until_stopped(&listener, &mut stopping, "link").await else {
@@ -162,6 +162,8 @@ async fn serve_link<S>(
             id: link_id,
             sender: sender.clone(),
             closed: closed.clone(),
+            peer,
+            since: Instant::now(),
         };
         let (old, refused) = table.link_up(
             &name,

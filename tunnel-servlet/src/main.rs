@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use tunnel_servlet::{ClientAuth, Relay, RelayConfig, TlsFiles};
+use tunnel_servlet::{Cidr, ClientAuth, Relay, RelayConfig, TlsFiles};
 
 /// Parses a duration given as whole milliseconds.
 fn millis(s: &str) -> Result<Duration, String> {
@@ -96,6 +96,36 @@ struct Args {
     /// File of `user:password` lines for HTTP basic authentication of clients.
     #[arg(long, env = "TUNNEL_CLIENT_BASIC_AUTH_FILE")]
     client_basic_auth_file: Option<PathBuf>,
+    /// A network (CIDR, or one address) of reverse proxies in front of the relay;
+    /// repeatable, comma-separated in the environment variable. Only requests from these
+    /// peers may name the client with X-Forwarded-For or Forwarded (the right-most address
+    /// there that is not itself trusted is the client). Default none: the TCP peer is the
+    /// client. Behind nginx on the same host: --trusted-proxy 127.0.0.1/32.
+    #[arg(
+        long = "trusted-proxy",
+        env = "TUNNEL_TRUSTED_PROXIES",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Vec<Cidr>,
+    /// Address of the admin listener (/metrics, /healthz, /status, /status.json). Default
+    /// none: no admin listener. Keep it on loopback or a management network.
+    #[arg(long, env = "TUNNEL_ADMIN_LISTEN", value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
+    /// Whether the public listener (--listen) serves /metrics too (/healthz stays public
+    /// either way). Default true for compatibility; set false once scrapers use
+    /// --admin-listen.
+    #[arg(
+        long,
+        env = "TUNNEL_PUBLIC_METRICS",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    public_metrics: bool,
+    /// Most HTTP connections the admin listener serves at once.
+    #[arg(long, env = "TUNNEL_ADMIN_MAX_CONNECTIONS", default_value_t = 16)]
+    admin_max_connections: usize,
 }
 
 fn tls_pair(cert: Option<PathBuf>, key: Option<PathBuf>) -> Option<TlsFiles> {
@@ -159,6 +189,10 @@ impl Args {
             link_tls: tls_pair(self.link_tls_cert, self.link_tls_key),
             link_tls_client_ca: self.link_tls_client_ca,
             client_auth,
+            trusted_proxies: self.trusted_proxies,
+            admin_listen: self.admin_listen,
+            public_metrics: self.public_metrics,
+            admin_max_connections: self.admin_max_connections,
             ..RelayConfig::default()
         })
     }
@@ -212,6 +246,9 @@ async fn main() -> ExitCode {
         }
     };
     tracing::info!(http = %relay.http_addr(), link = %relay.link_addr(), "relay listening");
+    if let Some(admin) = relay.admin_addr() {
+        tracing::info!(%admin, "admin listener (/metrics, /healthz, /status, /status.json)");
+    }
     let shutdown = relay.shutdown_handle();
     tokio::spawn(async move {
         stop_signal().await;

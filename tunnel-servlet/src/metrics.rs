@@ -139,105 +139,189 @@ impl Metrics {
     }
 }
 
+/// Writes one metric family: HELP, TYPE, then one sample per `(labels, value)`, where
+/// `labels` is the rendered label set (`{a="b"}`, see [`labels`]) or empty.
+pub(crate) fn family(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (String, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
+/// One unlabelled sample.
+fn single(value: u64) -> [(String, u64); 1] {
+    [(String::new(), value)]
+}
+
+/// A label set `{k="v",…}` with the values escaped as the exposition format requires
+/// (backslash, double quote and newline).
+pub(crate) fn labels(pairs: &[(&str, &str)]) -> String {
+    let mut out = String::from("{");
+    for (i, (key, value)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(key);
+        out.push_str("=\"");
+        for c in value.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
 impl MetricsSnapshot {
-    /// Prometheus text exposition format, version 0.0.4.
+    /// The counters and the two gauges in the Prometheus text exposition format (0.0.4).
+    /// Names follow Prometheus conventions: `_total` on counters, base units (`_bytes`),
+    /// and one family with a label where a quantity has variants (direction, request type,
+    /// reason, side).
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(2048);
-        let mut one = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {value}");
-        };
-        one(
+        let mut out = String::with_capacity(3072);
+        self.render_into(&mut out);
+        out
+    }
+
+    pub(crate) fn render_into(&self, out: &mut String) {
+        family(
+            out,
             "tunnel_open_connections",
             "gauge",
             "Virtual connections held.",
-            self.open_connections,
+            single(self.open_connections),
         );
-        one(
+        family(
+            out,
             "tunnel_links_up",
             "gauge",
             "Broker links authenticated and alive.",
-            self.links_up,
+            single(self.links_up),
         );
-        one(
+        family(
+            out,
             "tunnel_connects_total",
             "counter",
             "Connections opened.",
-            self.connects_total,
+            single(self.connects_total),
         );
-        one(
-            "tunnel_pushes_total",
+        family(
+            out,
+            "tunnel_requests_total",
             "counter",
-            "Push requests served.",
-            self.pushes_total,
+            "Push and pull requests served, by type.",
+            [
+                (labels(&[("type", "push")]), self.pushes_total),
+                (labels(&[("type", "pull")]), self.pulls_total),
+            ],
         );
-        one(
-            "tunnel_pulls_total",
+        family(
+            out,
+            "tunnel_bytes_total",
             "counter",
-            "Pull requests served.",
-            self.pulls_total,
+            "Packet bytes exchanged with clients: up = received in push bodies, down = sent \
+             in push and pull responses.",
+            [
+                (labels(&[("direction", "up")]), self.bytes_up),
+                (labels(&[("direction", "down")]), self.bytes_down),
+            ],
         );
-        one(
-            "tunnel_bytes_up_total",
-            "counter",
-            "Packet bytes received from clients.",
-            self.bytes_up,
-        );
-        one(
-            "tunnel_bytes_down_total",
-            "counter",
-            "Packet bytes sent to clients.",
-            self.bytes_down,
-        );
-        one(
+        family(
+            out,
             "tunnel_packets_dropped_total",
             "counter",
             "Packets dropped on downstream queue overflow.",
-            self.packets_dropped,
+            single(self.packets_dropped),
         );
-        one(
-            "tunnel_link_auth_failures_total",
+        family(
+            out,
+            "tunnel_auth_failures_total",
             "counter",
-            "Broker links refused at LINK_INIT.",
-            self.link_auth_failures,
+            "Credentials refused: side=link for brokers at LINK_INIT, side=client for tunnel \
+             requests answered 401.",
+            [
+                (labels(&[("side", "link")]), self.link_auth_failures),
+                (labels(&[("side", "client")]), self.client_auth_failures),
+            ],
         );
-        one(
-            "tunnel_client_auth_failures_total",
-            "counter",
-            "Tunnel requests refused for missing or wrong client credentials (401).",
-            self.client_auth_failures,
-        );
-        one(
+        family(
+            out,
             "tunnel_links_accepted_total",
             "counter",
             "Broker links authenticated.",
-            self.links_accepted,
+            single(self.links_accepted),
         );
-        one(
+        family(
+            out,
             "tunnel_connections_closed_total",
             "counter",
             "Connections forgotten by the relay.",
-            self.connections_closed,
+            single(self.connections_closed),
         );
-        let _ = writeln!(
+        family(
             out,
-            "# HELP tunnel_connects_rejected_total Connects refused, by reason."
+            "tunnel_connects_rejected_total",
+            "counter",
+            "Connects refused, by reason.",
+            RejectReason::ALL.map(|reason| {
+                let value = match reason {
+                    RejectReason::BadRequest => self.connects_rejected_bad_request,
+                    RejectReason::NoServer => self.connects_rejected_no_server,
+                    RejectReason::Limit => self.connects_rejected_limit,
+                    RejectReason::LinkBusy => self.connects_rejected_link_busy,
+                };
+                (labels(&[("reason", reason.label())]), value)
+            }),
         );
-        let _ = writeln!(out, "# TYPE tunnel_connects_rejected_total counter");
-        for reason in RejectReason::ALL {
-            let value = match reason {
-                RejectReason::BadRequest => self.connects_rejected_bad_request,
-                RejectReason::NoServer => self.connects_rejected_no_server,
-                RejectReason::Limit => self.connects_rejected_limit,
-                RejectReason::LinkBusy => self.connects_rejected_link_busy,
-            };
-            let _ = writeln!(
-                out,
-                "tunnel_connects_rejected_total{{reason=\"{}\"}} {value}",
-                reason.label()
-            );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(
+            labels(&[("server", "a\\b\"c\nd"), ("direction", "up")]),
+            r#"{server="a\\b\"c\nd",direction="up"}"#
+        );
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_and_counters_end_in_total() {
+        let text = MetricsSnapshot::default().render();
+        let mut families = 0;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                families += 1;
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(
+                    text.contains(&format!("# HELP {name} ")),
+                    "{name} has no HELP"
+                );
+                assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert!(
+                    text.contains(&format!("# TYPE {name} ")),
+                    "sample {line} has no TYPE"
+                );
+            }
         }
-        out
+        assert_eq!(families, 10);
+        assert!(text.contains("tunnel_bytes_total{direction=\"up\"} 0"));
     }
 }

@@ -29,7 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::RelayConfig;
 use crate::metrics::MetricsSnapshot;
 use crate::state::{accept_until_stopped, run_sweeper, stopped, Shared};
-use crate::{first_byte, http, link, tls};
+use crate::{admin, first_byte, http, link, tls};
 
 /// Asks a relay to stop. Cloneable; stopping twice is harmless.
 #[derive(Clone)]
@@ -51,6 +51,7 @@ pub struct Relay {
     stop: Arc<watch::Sender<bool>>,
     http: TcpListener,
     link: TcpListener,
+    admin: Option<TcpListener>,
     http_tls: Option<TlsAcceptor>,
     link_tls: Option<TlsAcceptor>,
 }
@@ -76,12 +77,17 @@ impl Relay {
         };
         let http = listen(config.http_listen, config.listen_backlog)?;
         let link = listen(config.link_listen, config.listen_backlog)?;
+        let admin = match config.admin_listen {
+            Some(addr) => Some(listen(addr, config.listen_backlog)?),
+            None => None,
+        };
         let (stop, stopping) = watch::channel(false);
         Ok(Relay {
             shared: Arc::new(Shared::new(config, stopping)),
             stop: Arc::new(stop),
             http,
             link,
+            admin,
             http_tls,
             link_tls,
         })
@@ -101,6 +107,13 @@ impl Relay {
             .expect("bound listener has an address")
     }
 
+    /// The bound admin address, if the admin listener is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener has an address"))
+    }
+
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
             stop: self.stop.clone(),
@@ -117,10 +130,31 @@ impl Relay {
         let shared = self.shared;
         let sweeper = tokio::spawn(run_sweeper(shared.clone()));
         let links = tokio::spawn(link::run_listener(self.link, self.link_tls, shared.clone()));
-        serve_http(self.http, self.http_tls, shared.clone()).await;
+        let admin = self.admin.map(|listener| {
+            let slots = Arc::new(Semaphore::new(shared.config.admin_max_connections));
+            tokio::spawn(serve_http(
+                listener,
+                None,
+                slots,
+                Site::Admin,
+                shared.clone(),
+            ))
+        });
+        let slots = shared.http_slots.clone();
+        serve_http(
+            self.http,
+            self.http_tls,
+            slots,
+            Site::Public,
+            shared.clone(),
+        )
+        .await;
         // Stopping: answer every held pull now instead of at the end of its wait.
         shared.table().wake_all();
         let _ = links.await;
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
         let _ = sweeper.await;
         Ok(())
     }
@@ -129,12 +163,14 @@ impl Relay {
     pub fn spawn(self) -> RunningRelay {
         let http_addr = self.http_addr();
         let link_addr = self.link_addr();
+        let admin_addr = self.admin_addr();
         let shared = self.shared.clone();
         let shutdown = self.shutdown_handle();
         let task = tokio::spawn(self.run());
         RunningRelay {
             http_addr,
             link_addr,
+            admin_addr,
             shared,
             shutdown,
             task,
@@ -146,6 +182,7 @@ impl Relay {
 pub struct RunningRelay {
     http_addr: SocketAddr,
     link_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     shutdown: ShutdownHandle,
     task: JoinHandle<io::Result<()>>,
@@ -158,6 +195,11 @@ impl RunningRelay {
 
     pub fn link_addr(&self) -> SocketAddr {
         self.link_addr
+    }
+
+    /// The admin listener's address, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// `http://{http_addr}{base_path}`: the URL clients are given.
@@ -191,8 +233,24 @@ impl RunningRelay {
     }
 }
 
-/// Accepts HTTP connections until stopped; returns once the open ones have drained.
-async fn serve_http(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Site {
+    /// The tunnel, `/healthz` and (with `public_metrics`) `/metrics`.
+    Public,
+    /// `/metrics`, `/healthz`, `/status`, `/status.json`.
+    Admin,
+}
+
+/// Accepts HTTP connections until stopped, at most one per permit of `slots` at once;
+/// returns once the open ones have drained.
+async fn serve_http(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    slots: Arc<Semaphore>,
+    site: Site,
+    shared: Arc<Shared>,
+) {
     let config = &shared.config;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -210,7 +268,6 @@ async fn serve_http(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc
         // behind each other. Streams cost memory only while open.
         .max_concurrent_streams(max_streams(config.max_connections));
     let builder = Arc::new(builder);
-    let slots = Arc::new(Semaphore::new(config.max_http_connections));
     let mut stopping = shared.stopping.clone();
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -231,7 +288,7 @@ async fn serve_http(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc
             match tls {
                 None => {
                     if first_byte::arrives_within(&tcp, shared.config.header_read_timeout).await {
-                        serve_connection(tcp, peer, &builder, shared).await
+                        serve_connection(tcp, peer, &builder, site, shared).await
                     } else {
                         tracing::debug!(%peer, "nothing received within the header timeout; closed");
                     }
@@ -239,7 +296,9 @@ async fn serve_http(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc
                 Some(acceptor) => {
                     let handshake = acceptor.accept(tcp);
                     match tokio::time::timeout(shared.config.header_read_timeout, handshake).await {
-                        Ok(Ok(stream)) => serve_connection(stream, peer, &builder, shared).await,
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, peer, &builder, site, shared).await
+                        }
                         Ok(Err(err)) => {
                             tracing::debug!(%peer, error = %err, "TLS handshake failed")
                         }
@@ -270,6 +329,7 @@ async fn serve_connection<S>(
     io: S,
     peer: SocketAddr,
     builder: &auto::Builder<TokioExecutor>,
+    site: Site,
     shared: Arc<Shared>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -277,7 +337,15 @@ async fn serve_connection<S>(
     let mut stopping = shared.stopping.clone();
     let service = {
         let shared = shared.clone();
-        service_fn(move |req| http::handle(req, peer, shared.clone()))
+        service_fn(move |req| {
+            let shared = shared.clone();
+            async move {
+                match site {
+                    Site::Public => http::handle(req, peer, shared).await,
+                    Site::Admin => admin::handle(req, peer, shared).await,
+                }
+            }
+        })
     };
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);

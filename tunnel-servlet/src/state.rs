@@ -2,9 +2,9 @@
 //! the stop signal, and the sweeper task that applies the table's deadlines.
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::RelayConfig;
 use crate::metrics::{Metrics, MetricsSnapshot};
@@ -17,16 +17,27 @@ pub(crate) struct Shared {
     table: Mutex<Table>,
     /// Becomes true when the relay is asked to stop.
     pub(crate) stopping: watch::Receiver<bool>,
+    /// One permit per HTTP connection the public listener may serve at once.
+    pub(crate) http_slots: Arc<Semaphore>,
+    /// One permit per broker link allowed in its handshake at once.
+    pub(crate) link_handshake_slots: Arc<Semaphore>,
+    /// When the relay was created, for uptime (monotonic) and the start time (wall clock).
+    pub(crate) started: Instant,
+    pub(crate) started_wall: SystemTime,
 }
 
 impl Shared {
     pub(crate) fn new(config: RelayConfig, stopping: watch::Receiver<bool>) -> Shared {
         let metrics = Arc::new(Metrics::default());
         Shared {
+            http_slots: Arc::new(Semaphore::new(config.max_http_connections)),
+            link_handshake_slots: Arc::new(Semaphore::new(config.max_pending_links)),
             config,
             table: Mutex::new(Table::new(metrics.clone())),
             metrics,
             stopping,
+            started: Instant::now(),
+            started_wall: SystemTime::now(),
         }
     }
 

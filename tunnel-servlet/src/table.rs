@@ -7,6 +7,7 @@
 //! a newer pull supersedes it, or when the entry goes away.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -132,10 +133,6 @@ impl ConnEntry {
     pub(crate) fn confirm_accepted(&mut self) {
         self.unconfirmed = None;
     }
-
-    pub(crate) fn count_up(&mut self, bytes: usize) {
-        self.bytes_up += bytes as u64;
-    }
 }
 
 /// The live link of a broker, as the table holds it.
@@ -145,6 +142,10 @@ pub(crate) struct LinkHandle {
     pub(crate) sender: LinkSender,
     /// Set to true to make the link's reader and writer stop.
     pub(crate) closed: Arc<watch::Sender<bool>>,
+    /// The broker's address as the link's TCP peer (for the status page).
+    pub(crate) peer: SocketAddr,
+    /// When the link was authenticated.
+    pub(crate) since: Instant,
 }
 
 impl LinkHandle {
@@ -158,6 +159,40 @@ struct BrokerEntry {
     link: Option<LinkHandle>,
     listening: bool,
     lost_at: Option<Instant>,
+    /// Connections opened to this broker, and packet bytes its clients pushed (up) and
+    /// fetched (down), since the name was first linked or last forgotten after its grace.
+    traffic: BrokerTraffic,
+}
+
+/// Counters of one broker name, for the status page and per-broker metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct BrokerTraffic {
+    pub(crate) connections_opened: u64,
+    pub(crate) bytes_up: u64,
+    pub(crate) bytes_down: u64,
+}
+
+/// One broker name as the status snapshot shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct BrokerRow {
+    pub(crate) name: Arc<str>,
+    /// The live link's peer and start, or `None` during the grace period.
+    pub(crate) link: Option<(SocketAddr, Instant)>,
+    pub(crate) listening: bool,
+    pub(crate) lost_at: Option<Instant>,
+    pub(crate) traffic: BrokerTraffic,
+    /// Connections the table holds for this name (ending ones included).
+    pub(crate) connections: u64,
+}
+
+/// What the table holds, copied in one pass under its lock.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TableView {
+    pub(crate) brokers: Vec<BrokerRow>,
+    pub(crate) connections: u64,
+    /// Bytes queued for clients over all connections, and in the fullest queue.
+    pub(crate) queued_bytes: u64,
+    pub(crate) largest_queue_bytes: u64,
 }
 
 /// Byte bounds of a downstream queue.
@@ -273,9 +308,67 @@ impl Table {
             }
         };
         let server = self.server_name(server);
+        if let Some(broker) = self.brokers.get_mut(&server) {
+            broker.traffic.connections_opened += 1;
+        }
         self.conns
             .insert(id, ConnEntry::new(server, token, client_addr, now, timeout));
         (id, token)
+    }
+
+    /// Counts `bytes` pushed by the client of `id` on its entry and its broker.
+    pub(crate) fn count_up(&mut self, id: u32, bytes: usize) {
+        let Some(entry) = self.conns.get_mut(&id) else {
+            return;
+        };
+        entry.bytes_up += bytes as u64;
+        if let Some(broker) = self.brokers.get_mut(&*entry.server) {
+            broker.traffic.bytes_up += bytes as u64;
+        }
+    }
+
+    /// Counts `bytes` handed to the client of a connection of `server`, on the broker.
+    fn count_down(&mut self, server: &str, bytes: usize) {
+        if let Some(broker) = self.brokers.get_mut(server) {
+            broker.traffic.bytes_down += bytes as u64;
+        }
+    }
+
+    /// A copy of the brokers and the queue totals. One pass over the connections with no
+    /// allocation per connection: 0.5 to 0.8 ms for 20,000 in a test build on a busy machine (see
+    /// the test below), and a status page or scrape is rare next to pushes and pulls.
+    pub(crate) fn view(&self) -> TableView {
+        let mut brokers: Vec<BrokerRow> = self
+            .brokers
+            .iter()
+            .map(|(name, b)| BrokerRow {
+                name: name.clone(),
+                link: b.link.as_ref().map(|l| (l.peer, l.since)),
+                listening: b.listening,
+                lost_at: b.lost_at,
+                traffic: b.traffic,
+                connections: 0,
+            })
+            .collect();
+        let mut view = TableView {
+            connections: self.conns.len() as u64,
+            ..TableView::default()
+        };
+        for entry in self.conns.values() {
+            // Entries share their broker's name (`server_name`), so the pointer test hits.
+            if let Some(row) = brokers
+                .iter_mut()
+                .find(|r| Arc::ptr_eq(&r.name, &entry.server) || r.name == entry.server)
+            {
+                row.connections += 1;
+            }
+            let queued = entry.queued_bytes as u64;
+            view.queued_bytes += queued;
+            view.largest_queue_bytes = view.largest_queue_bytes.max(queued);
+        }
+        brokers.sort_by(|a, b| a.name.cmp(&b.name));
+        view.brokers = brokers;
+        view
     }
 
     /// The shared copy of a broker name, so entries do not each allocate it.
@@ -365,12 +458,16 @@ impl Table {
                 None => {
                     let reason = ending.reason.clone();
                     entry.bytes_down += out.len() as u64;
+                    let server = entry.server.clone();
+                    self.count_down(&server, out.len());
                     self.remove(id, &reason);
                     return out.freeze();
                 }
             }
         }
         entry.bytes_down += out.len() as u64;
+        let server = entry.server.clone();
+        self.count_down(&server, out.len());
         out.freeze()
     }
 
@@ -460,6 +557,7 @@ impl Table {
             link: None,
             listening: false,
             lost_at: None,
+            traffic: BrokerTraffic::default(),
         });
         let old = broker.link.replace(handle);
         broker.listening = false;
@@ -627,6 +725,84 @@ mod tests {
             "{}",
             std::mem::size_of::<ConnEntry>()
         );
+    }
+
+    fn link(table: &mut Table, name: &str) -> LinkHandle {
+        let handle = LinkHandle {
+            id: table.next_id(),
+            sender: crate::sender::channel(1 << 20).0,
+            closed: Arc::new(watch::channel(false).0),
+            peer: "127.0.0.1:9".parse().unwrap(),
+            since: Instant::now(),
+        };
+        let out = table.link_up(
+            name,
+            handle.clone(),
+            &[],
+            Instant::now(),
+            Duration::from_secs(60),
+            usize::MAX,
+            Duration::from_secs(30),
+        );
+        assert!(out.0.is_none() && out.1.is_empty());
+        handle
+    }
+
+    #[test]
+    fn the_view_counts_connections_and_traffic_per_broker() {
+        let mut table = Table::new(Arc::new(Metrics::default()));
+        let _a = link(&mut table, "a");
+        let _b = link(&mut table, "b");
+        let now = Instant::now();
+        let timeout = Duration::from_secs(60);
+        let ids: Vec<u32> = (0..20_000)
+            .map(|i| {
+                table
+                    .open(if i % 4 == 0 { "b" } else { "a" }, "c", now, timeout)
+                    .0
+            })
+            .collect();
+        table.count_up(ids[0], 100);
+        let data = Packet::new(PacketType::Data, ids[1], Bytes::from(vec![0; 1000]));
+        let limits = QueueLimits {
+            limit: 1 << 20,
+            control_slack: 0,
+        };
+        table.enqueue(ids[1], data, limits, false);
+        // Not b's current link: no effect.
+        assert!(!table.link_down("b", u64::MAX, now));
+
+        let started = Instant::now();
+        let view = table.view();
+        let took = started.elapsed();
+        // The figure behind `view`'s comment; printed with --nocapture.
+        eprintln!("Table::view over 20,000 connections: {took:?}");
+        assert_eq!(view.connections, 20_000);
+        assert_eq!(view.queued_bytes, 1024);
+        assert_eq!(view.largest_queue_bytes, 1024);
+        let names: Vec<&str> = view.brokers.iter().map(|b| &*b.name).collect();
+        assert_eq!(names, ["a", "b"]);
+        let (a, b) = (&view.brokers[0], &view.brokers[1]);
+        assert_eq!(
+            (a.connections, a.traffic.connections_opened),
+            (15_000, 15_000)
+        );
+        assert_eq!(
+            (b.connections, b.traffic.connections_opened),
+            (5_000, 5_000)
+        );
+        // ids[0] went to "b" (i = 0), ids[1] to "a".
+        assert_eq!(b.traffic.bytes_up, 100);
+        assert!(a.link.is_some() && b.link.is_some());
+
+        let out = table.drain(ids[1], 1 << 20);
+        assert_eq!(out.len(), 1024);
+        table.remove(ids[0], "test");
+        let view = table.view();
+        assert_eq!(view.brokers[0].traffic.bytes_down, 1024);
+        assert_eq!(view.brokers[1].connections, 4_999);
+        assert_eq!(view.brokers[1].traffic.connections_opened, 5_000);
+        assert_eq!(view.queued_bytes, 0);
     }
 
     #[test]

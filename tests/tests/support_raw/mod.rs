@@ -32,6 +32,17 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Starts `tunnel-servlet` with `extra` flags and waits for /healthz (10 s).
     pub async fn start(dir: &Path, label: &str, extra: &[String], rust_log: &str) -> RelayProcess {
+        Self::start_with_env(dir, label, extra, &[], rust_log).await
+    }
+
+    /// Like [`RelayProcess::start`], with extra environment variables.
+    pub async fn start_with_env(
+        dir: &Path,
+        label: &str,
+        extra: &[String],
+        extra_env: &[(&str, &str)],
+        rust_log: &str,
+    ) -> RelayProcess {
         let secret_file = dir.join("link-secret");
         std::fs::write(&secret_file, format!("{LINK_SECRET}\n")).expect("write secret");
         let (http, link) = (free_addr(), free_addr());
@@ -44,7 +55,12 @@ impl RelayProcess {
             secret_file.display().to_string(),
         ];
         args.extend(extra.iter().cloned());
-        let env = vec![("RUST_LOG".to_string(), rust_log.to_string())];
+        let mut env = vec![("RUST_LOG".to_string(), rust_log.to_string())];
+        env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
         let process = ChildProcess::spawn(label, &bin_path("tunnel-servlet"), args, &env, dir)
             .expect("spawn tunnel-servlet (run `cargo build --workspace --bins` first)");
         wait_for_http_ok(&format!("http://{http}/healthz"), Duration::from_secs(10))
@@ -93,11 +109,24 @@ pub fn start_echo_broker(
     extra: &[&str],
     rust_log: &str,
 ) -> ChildProcess {
+    start_named_echo_broker(dir, label, SERVER, relay_link, secret_file, extra, rust_log)
+}
+
+/// Starts `tunnel-broker --echo` registering `name`.
+pub fn start_named_echo_broker(
+    dir: &Path,
+    label: &str,
+    name: &str,
+    relay_link: SocketAddr,
+    secret_file: &Path,
+    extra: &[&str],
+    rust_log: &str,
+) -> ChildProcess {
     let mut args = vec![
         "--relay".to_string(),
         relay_link.to_string(),
         "--name".into(),
-        SERVER.into(),
+        name.into(),
         "--link-secret-file".into(),
         secret_file.display().to_string(),
         "--echo".into(),
