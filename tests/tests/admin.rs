@@ -112,7 +112,7 @@ impl Setup {
         for _ in 0..ALPHA_CONNECTIONS {
             let mut config = client_config(&url);
             config.server_name = ALPHA.into();
-            let stream = TunnelStream::connect(config)
+            let stream = tunnel_client::connect(config)
                 .await
                 .expect("connect to alpha");
             echo_transfer(stream, ECHO_BYTES, Duration::from_secs(30))
@@ -121,7 +121,7 @@ impl Setup {
         }
         let mut config = client_config(&url);
         config.server_name = BRAVO.into();
-        let mut bravo = TunnelStream::connect(config)
+        let mut bravo = tunnel_client::connect(config)
             .await
             .expect("connect to bravo");
         bravo.write_all(b"held open").await.unwrap();

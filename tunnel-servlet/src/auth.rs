@@ -78,6 +78,7 @@ pub enum AuthFailure {
 }
 
 impl AuthFailure {
+    /// A short reason for log lines (never the credential).
     pub fn as_str(self) -> &'static str {
         match self {
             AuthFailure::Missing => "no Authorization header",
@@ -100,6 +101,7 @@ fn valid_bearer(token: &str) -> bool {
 }
 
 impl ClientAuth {
+    /// No credentials yet: add them before use (`validate` refuses an empty set).
     pub fn new() -> ClientAuth {
         ClientAuth::default()
     }
@@ -171,10 +173,12 @@ impl ClientAuth {
         Ok(())
     }
 
+    /// How many bearer tokens are configured.
     pub fn bearer_token_count(&self) -> usize {
         self.bearer.len()
     }
 
+    /// How many basic-auth users are configured.
     pub fn basic_user_count(&self) -> usize {
         self.basic.len()
     }

@@ -17,11 +17,14 @@ pub struct Cidr {
 /// Why a CIDR string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CidrError {
+    /// The part before `/` is not an IPv4 or IPv6 address.
     #[error("{0:?} is not an IP address")]
     Address(String),
     #[error("prefix length {0:?} is not a number from 0 to {1}")]
+    /// The prefix length is not a number within the address family's bits (32 or 128).
     Prefix(String, u8),
     #[error("{0:?} has host bits set beyond the prefix (did you mean {1}?)")]
+    /// Bits past the prefix are set (`10.1.2.3/8`); the range meant is given.
     HostBits(String, Cidr),
 }
 

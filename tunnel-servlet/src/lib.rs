@@ -13,6 +13,8 @@
 //! - `admin`: the admin listener; [`status`]: the snapshot it shows, rendered by
 //!   `status_html` (`/status`) and `status_json` (`/status.json`).
 
+#![warn(missing_docs)]
+
 mod admin;
 pub mod auth;
 pub mod cidr;

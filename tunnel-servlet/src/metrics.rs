@@ -56,14 +56,23 @@ pub struct Metrics {
 /// A copy of every counter and gauge at one moment, for tests and for rendering.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MetricsSnapshot {
+    /// Connections the relay holds now.
     pub open_connections: u64,
+    /// Broker links up now.
     pub links_up: u64,
+    /// Connect requests answered with a new connection.
     pub connects_total: u64,
+    /// Connect requests refused with 400 (malformed).
     pub connects_rejected_bad_request: u64,
+    /// Connect requests refused with 404 (no broker of that name).
     pub connects_rejected_no_server: u64,
+    /// Connect requests refused with 503 at the connection limit.
     pub connects_rejected_limit: u64,
+    /// Connect requests refused with 503 because the broker's link could not take them.
     pub connects_rejected_link_busy: u64,
+    /// Push requests served.
     pub pushes_total: u64,
+    /// Pull requests served.
     pub pulls_total: u64,
     /// Bytes of packets received in push bodies.
     pub bytes_up: u64,
@@ -71,10 +80,13 @@ pub struct MetricsSnapshot {
     pub bytes_down: u64,
     /// Packets dropped because a connection's downstream queue was full.
     pub packets_dropped: u64,
+    /// Broker links refused for a wrong link secret.
     pub link_auth_failures: u64,
     /// Tunnel requests refused with 401 (client authentication).
     pub client_auth_failures: u64,
+    /// Broker links authenticated and installed.
     pub links_accepted: u64,
+    /// Connections the relay has forgotten (closed, aborted or timed out).
     pub connections_closed: u64,
 }
 

@@ -114,6 +114,7 @@ impl Relay {
             .map(|l| l.local_addr().expect("bound listener has an address"))
     }
 
+    /// A handle that stops the relay (see [`ShutdownHandle`]).
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
             stop: self.stop.clone(),
@@ -189,10 +190,12 @@ pub struct RunningRelay {
 }
 
 impl RunningRelay {
+    /// The address clients' HTTP requests reach.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
     }
 
+    /// The address brokers dial to link in.
     pub fn link_addr(&self) -> SocketAddr {
         self.link_addr
     }
@@ -207,10 +210,12 @@ impl RunningRelay {
         format!("http://{}{}", self.http_addr, self.shared.config.base_path)
     }
 
+    /// The counters and gauges now.
     pub fn metrics(&self) -> MetricsSnapshot {
         self.shared.snapshot()
     }
 
+    /// A handle that stops the relay (see [`ShutdownHandle`]).
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.shutdown.clone()
     }

@@ -15,9 +15,11 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Everything the status page shows.
 #[derive(Debug, Clone)]
 pub struct StatusSnapshot {
+    /// The relay's version ([`VERSION`]).
     pub version: &'static str,
     /// Wall-clock start, seconds since the Unix epoch.
     pub started_unix_seconds: u64,
+    /// Seconds since the relay started.
     pub uptime_seconds: u64,
     /// The relay-wide counters and gauges (the same as `/metrics`).
     pub totals: MetricsSnapshot,
@@ -36,6 +38,7 @@ pub struct StatusSnapshot {
 /// One broker name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerStatus {
+    /// The server name the broker registered.
     pub name: String,
     /// The live link, or `None` while the relay waits out the grace period.
     pub link: Option<LinkStatus>,
@@ -46,7 +49,9 @@ pub struct BrokerStatus {
     /// Connections opened to it, and packet bytes its clients pushed (up) and fetched
     /// (down), since the name was first linked or last forgotten after its grace period.
     pub connections_opened: u64,
+    /// Packet bytes pushed by this broker's clients (see `connections_opened`).
     pub bytes_up: u64,
+    /// Packet bytes fetched by this broker's clients (see `connections_opened`).
     pub bytes_down: u64,
 }
 
@@ -55,6 +60,7 @@ pub struct BrokerStatus {
 pub struct LinkStatus {
     /// The link's TCP peer.
     pub peer: SocketAddr,
+    /// Seconds since the link was authenticated.
     pub age_seconds: u64,
     /// Whether the broker accepts new connections (LISTEN_STATE).
     pub listening: bool,
@@ -67,21 +73,29 @@ pub struct LimitUse {
     pub name: &'static str,
     /// What it bounds, for people.
     pub what: &'static str,
+    /// How much of it is in use now.
     pub used: u64,
+    /// The configured bound.
     pub max: u64,
 }
 
 /// A configured value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Setting {
+    /// Stable identifier (JSON key), the configuration field's name.
     pub name: &'static str,
+    /// Its value; secrets are shown only as on/off.
     pub value: SettingValue,
 }
 
+/// The value of a [`Setting`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SettingValue {
+    /// A count, size in bytes or duration in milliseconds (the name says which).
     Number(u64),
+    /// A switch.
     Bool(bool),
+    /// Anything else (addresses, lists).
     Text(String),
 }
 
