@@ -148,4 +148,32 @@ mod tests {
         outcome.result.unwrap();
         assert_eq!((outcome.a_to_b, outcome.b_to_a), (7, 8));
     }
+
+    #[tokio::test]
+    async fn a_stop_half_closes_toward_b_and_the_answer_still_flows_back() {
+        let (a_near, mut a_far) = tokio::io::duplex(1024);
+        let (b_near, mut b_far) = tokio::io::duplex(1024);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(splice_until(a_near, b_near, stop_rx));
+
+        a_far.write_all(b"req").await.unwrap();
+        let mut got = [0u8; 3];
+        b_far.read_exact(&mut got).await.unwrap();
+        stop_tx.send_replace(true);
+        // B sees end of stream although A never closed...
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), b_far.read_to_end(&mut rest));
+        read.await.expect("b sees end of stream after the stop").unwrap();
+        assert!(rest.is_empty());
+        // ...and its answer still reaches A.
+        b_far.write_all(b"answer").await.unwrap();
+        b_far.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), a_far.read_to_end(&mut answer));
+        read.await.expect("a sees end of stream").unwrap();
+        assert_eq!(answer, b"answer");
+        let outcome = task.await.unwrap();
+        outcome.result.unwrap();
+        assert_eq!((outcome.a_to_b, outcome.b_to_a), (3, 6));
+    }
 }
