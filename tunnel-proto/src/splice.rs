@@ -163,7 +163,9 @@ mod tests {
         // B sees end of stream although A never closed...
         let mut rest = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(5), b_far.read_to_end(&mut rest));
-        read.await.expect("b sees end of stream after the stop").unwrap();
+        read.await
+            .expect("b sees end of stream after the stop")
+            .unwrap();
         assert!(rest.is_empty());
         // ...and its answer still reaches A.
         b_far.write_all(b"answer").await.unwrap();
