@@ -28,6 +28,8 @@ pub struct SoakOptions {
     pub workers: usize,
     pub duration: Duration,
     pub settle: Duration,
+    /// How long to keep the processes after the figures are taken.
+    pub hold: Duration,
     pub broker_max_conns: usize,
 }
 
@@ -65,6 +67,18 @@ pub async fn section(
     config.warmup = Duration::from_secs(10).min(options.duration / 3);
     let report = soak::run(&config, &watched, |line| say(&format!("soak: {line}"))).await?;
     path.check_alive()?;
+    if !options.hold.is_zero() {
+        let pids: Vec<String> = watched
+            .iter()
+            .map(|w| format!("{} {}", w.role, w.pid))
+            .collect();
+        say(&format!(
+            "soak: holding the processes for {:?}: {}",
+            options.hold,
+            pids.join(", ")
+        ));
+        tokio::time::sleep(options.hold).await;
+    }
     Ok(SoakRun {
         flavour: options.flavour.label().into(),
         config,

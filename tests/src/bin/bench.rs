@@ -118,6 +118,10 @@ struct Opts {
     /// Longest wait after the churn for descriptors to come back to idle, in seconds.
     #[arg(long, default_value_t = 30)]
     soak_settle_secs: u64,
+    /// Keep the soak's processes this many seconds after its figures are taken (their pids
+    /// are printed), to inspect them: gdb, malloc_stats, a heap profiler.
+    #[arg(long, default_value_t = 0)]
+    soak_hold_secs: u64,
     /// Internal: run as the data server, listening here.
     #[arg(long, hide = true)]
     serve_data: Option<SocketAddr>,
@@ -364,6 +368,7 @@ async fn run(opts: Opts) -> io::Result<()> {
             workers: opts.soak_workers,
             duration: Duration::from_secs(opts.soak_secs),
             settle: Duration::from_secs(opts.soak_settle_secs),
+            hold: Duration::from_secs(opts.soak_hold_secs),
             broker_max_conns: broker_max,
         };
         Some(soak::section(&bin_dir, server_addr, &options, |line| progress.say(line)).await?)
@@ -734,7 +739,10 @@ fn render_table(
     if let Some(soak) = soak {
         soak::render_table(soak, &mut t);
     }
-    let _ = writeln!(t, "\nTargets:");
+    let has_targets = base.is_some() || idle.is_some();
+    if has_targets {
+        let _ = writeln!(t, "\nTargets:");
+    }
     if let Some(b) = base {
         for res in results.iter().filter(|r| r.label.starts_with("tunnel")) {
             if opts.section("throughput") {
