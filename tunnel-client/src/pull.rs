@@ -62,7 +62,7 @@ fn start_pull(session: &Arc<Session>) -> JoinHandle<PullResult> {
     tokio::spawn(async move { session.relay.pull(session.conn_id, &session.token).await })
 }
 
-/// Aborts the held pull when the loop ends (the relay then sees the request go away).
+/// Aborts the held pull if the loop is dropped before it ends (the runtime is stopping).
 struct HeldPull(Option<JoinHandle<PullResult>>);
 
 impl Drop for HeldPull {
@@ -83,7 +83,14 @@ pub async fn run(session: Arc<Session>, handle: ConnHandle) {
         let mut task = held.0.take().unwrap_or_else(|| start_pull(&session));
         let result = tokio::select! {
             _ = handle.closed() => {
-                task.abort();
+                // Let the held pull end on its own, detached: the relay answers it when it
+                // forgets the connection (about when our TIME-WAIT ends), and the request's
+                // own deadline (`pull_timeout`) bounds it. Aborting it would reset the
+                // request: over HTTP/2 a stream reset, and under churn h2's limits on reset
+                // streams then close the shared connection with every tunnel connection's
+                // requests on it; over HTTP/1.1 a closed TCP connection instead of one
+                // returned to the pool.
+                drop(task);
                 break;
             }
             joined = &mut task => match joined {
