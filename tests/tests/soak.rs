@@ -26,13 +26,19 @@ const SETTLE: Duration = Duration::from_secs(30);
 const FD_TOLERANCE: usize = 0;
 /// Each tunnel connection keeps an HTTP/1.1 connection (its held pull) in the client and in
 /// the relay through its 5 s TIME-WAIT: about 7,000 descriptors each at 1,400 connections/s.
-/// The binaries inherit this limit from the test.
+/// The binaries inherit this limit from the test; below `MIN_NOFILE` the churn would fail on
+/// EMFILE, and the test says so instead.
 const NOFILE: u64 = 65_536;
+const MIN_NOFILE: u64 = 16_384;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn churn_leaves_no_failure_no_warning_and_no_descriptor() {
     init_tracing();
-    let _ = tunnel_tests::fdlimit::raise_nofile_limit(NOFILE);
+    let limit = tunnel_tests::fdlimit::raise_nofile_limit(NOFILE).expect("RLIMIT_NOFILE");
+    assert!(
+        limit >= MIN_NOFILE,
+        "open-file limit {limit} (hard limit too low to raise): the churn needs {MIN_NOFILE}"
+    );
     let echo = EchoServer::start().await.expect("echo server");
     let mut options = ChainOptions::forward_to_echo(echo.addr());
     // WARN and ERROR lines are what the test counts; info lines would only slow the debug
