@@ -1,9 +1,10 @@
 //! Connection churn through the real binaries, the short version of the bench's `soak`
 //! section (same code: `tunnel_tests::soak`): 32 workers connect to the client's port, echo
 //! 2 KiB through the tunnel to an echo server behind the broker, close, and start over, for
-//! 20 s. Every connection must succeed, none of the three processes may log a WARN or ERROR
-//! line (a clean end is not an operator's business, whatever races with it), and the
-//! descriptors must come back to their idle level once the closed connections have lingered.
+//! 20 s over HTTP/1.1, then 10 s over HTTP/2. Every connection must succeed, none of the
+//! three processes may log a WARN or ERROR line (a clean end is not an operator's business,
+//! whatever races with it), and the descriptors must come back to their idle level once the
+//! closed connections have lingered.
 
 use std::time::Duration;
 
@@ -31,8 +32,26 @@ const FD_TOLERANCE: usize = 0;
 const NOFILE: u64 = 65_536;
 const MIN_NOFILE: u64 = 16_384;
 
+/// Churn over HTTP/2 (h2c): shorter, its descriptors settle at once (one TCP connection).
+/// It catches stream resets piling up: h2 closes the shared connection past its limits.
+const CHURN_H2: Duration = Duration::from_secs(10);
+
+/// The two churns share the machine's cores: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn churn_leaves_no_failure_no_warning_and_no_descriptor() {
+async fn churn_over_http1_leaves_no_failure_no_warning_and_no_descriptor() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    churn(&[], CHURN).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn churn_over_http2_leaves_no_failure_no_warning_and_no_descriptor() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    churn(&["--http2"], CHURN_H2).await;
+}
+
+async fn churn(client_args: &[&str], duration: Duration) {
     init_tracing();
     let limit = tunnel_tests::fdlimit::raise_nofile_limit(NOFILE).expect("RLIMIT_NOFILE");
     assert!(
@@ -44,6 +63,9 @@ async fn churn_leaves_no_failure_no_warning_and_no_descriptor() {
     // WARN and ERROR lines are what the test counts; info lines would only slow the debug
     // binaries down.
     options.rust_log = "warn".into();
+    options
+        .client_args
+        .extend(client_args.iter().map(|a| a.to_string()));
     let chain = Chain::start(options).await;
     let watched: Vec<Watched> = [
         ("relay", &chain.relay),
@@ -57,8 +79,8 @@ async fn churn_leaves_no_failure_no_warning_and_no_descriptor() {
     .collect();
 
     let mut config = SoakConfig::new(chain.client_addr());
-    config.duration = CHURN;
-    config.warmup = Duration::from_secs(8);
+    config.duration = duration;
+    config.warmup = (duration / 3).min(Duration::from_secs(8));
     config.settle_timeout = SETTLE;
     config.fd_tolerance = FD_TOLERANCE;
     let report = soak::run(&config, &watched, |line| println!("soak: {line}"))
@@ -66,7 +88,7 @@ async fn churn_leaves_no_failure_no_warning_and_no_descriptor() {
         .expect("reading the processes");
 
     println!(
-        "{} connections in {:.1} s ({:.0}/s), {} failed; settled in {:.1} s",
+        "{client_args:?}: {} connections in {:.1} s ({:.0}/s), {} failed; settled in {:.1} s",
         report.connections,
         report.elapsed.as_secs_f64(),
         report.connections_per_second(),
@@ -91,7 +113,7 @@ async fn churn_leaves_no_failure_no_warning_and_no_descriptor() {
 
     assert!(
         report.connections >= 500,
-        "only {} connections in {CHURN:?}: the churn did not run",
+        "only {} connections in {duration:?}: the churn did not run",
         report.connections
     );
     assert_eq!(
