@@ -178,6 +178,22 @@ impl SoakReport {
         slope(&points) * GROWTH_PER
     }
 
+    /// [`SoakReport::rss_growth_per_100k`] over the second half of the run only. A leak grows
+    /// as fast in both halves; an allocator converging on its high-water mark slows down.
+    pub fn rss_growth_per_100k_second_half(&self, role: &str) -> f64 {
+        let half = self.elapsed / 2;
+        let points: Vec<(f64, f64)> = self
+            .samples
+            .iter()
+            .filter(|s| s.at >= half.max(self.warmup))
+            .filter_map(|s| {
+                let u = s.usage.get(role)?;
+                Some((s.connections as f64, u.rss_bytes as f64))
+            })
+            .collect();
+        slope(&points) * GROWTH_PER
+    }
+
     fn steady_samples(&self) -> Vec<&Sample> {
         self.samples
             .iter()
@@ -550,6 +566,8 @@ mod tests {
             logs: BTreeMap::new(),
         };
         assert!((report.rss_growth_per_100k("relay") - 100_000.0).abs() < 1e-6);
+        // Second half: the samples from 15 s on (20 s and 30 s).
+        assert!((report.rss_growth_per_100k_second_half("relay") - 100_000.0).abs() < 1e-6);
         assert_eq!(
             report.rss_after_warmup_and_end("relay"),
             (60_000_000, 60_002_000)

@@ -109,7 +109,7 @@ pub fn render_table(run: &SoakRun, t: &mut String) {
     }
     let _ = writeln!(
         t,
-        "{:<7} {:>5} {:>5}  {:>9} {:>9} {:>9} {:>9} {:>12}  {:>6} {:>6} {:>7}",
+        "{:<7} {:>5} {:>5}  {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {:>6} {:>6} {:>7}",
         "process",
         "WARN",
         "ERROR",
@@ -118,6 +118,7 @@ pub fn render_table(run: &SoakRun, t: &mut String) {
         "end",
         "settled",
         "MiB/100k",
+        "2nd half",
         "fd idl",
         "peak",
         "settled"
@@ -129,7 +130,7 @@ pub fn render_table(run: &SoakRun, t: &mut String) {
         let (warm, end) = r.rss_after_warmup_and_end(&role);
         let _ = writeln!(
             t,
-            "{:<7} {:>5} {:>5}  {:>9} {:>9} {:>9} {:>9} {:>12}  {:>6} {:>6} {:>7}",
+            "{:<7} {:>5} {:>5}  {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {:>6} {:>6} {:>7}",
             role,
             levels.warn,
             levels.error,
@@ -138,6 +139,7 @@ pub fn render_table(run: &SoakRun, t: &mut String) {
             num(end as f64 / MIB, 1),
             num(settled.rss_bytes as f64 / MIB, 1),
             num(r.rss_growth_per_100k(&role) / MIB, 2),
+            num(r.rss_growth_per_100k_second_half(&role) / MIB, 2),
             idle.fds,
             r.peak_fds(&role),
             settled.fds
@@ -149,7 +151,8 @@ pub fn render_table(run: &SoakRun, t: &mut String) {
     let _ = writeln!(
         t,
         "RSS in MiB: idle before, first sample after {:.0} s of warm-up, end of churn, after \
-         settling; growth = least-squares slope of RSS over the samples after the warm-up.",
+         settling; growth = least-squares slope of RSS over the samples after the warm-up, and \
+         over the second half of the run (a leak grows as fast in both).",
         r.warmup.as_secs_f64()
     );
     let _ = writeln!(
@@ -181,6 +184,10 @@ pub fn render_json(run: &SoakRun) -> Json {
                 (
                     "rss_growth_bytes_per_100k_conns",
                     Json::Num(r.rss_growth_per_100k(&role)),
+                ),
+                (
+                    "rss_growth_bytes_per_100k_conns_second_half",
+                    Json::Num(r.rss_growth_per_100k_second_half(&role)),
                 ),
                 ("fds_idle", Json::Num(idle.fds as f64)),
                 ("fds_peak", Json::Num(r.peak_fds(&role) as f64)),
