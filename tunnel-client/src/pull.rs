@@ -21,12 +21,48 @@ use tunnel_proto::driver::ConnHandle;
 
 type PullResult = Result<Vec<Packet>, RequestError>;
 
+/// At most one "pull failed; retrying" warning per this interval for the whole process: while
+/// the relay is unreachable every connection's pull fails and retries, and one warning per
+/// retry per connection would flood the log. The others go to debug and are counted in the
+/// next warning.
+const RETRY_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+static RETRY_WARNINGS: WarningLimit = WarningLimit::new(RETRY_WARNING_INTERVAL);
+
+/// A process-wide rate limit for one kind of warning.
+struct WarningLimit {
+    interval: Duration,
+    /// When the last warning was let through, and how many were held back since.
+    state: std::sync::Mutex<(Option<Instant>, u64)>,
+}
+
+impl WarningLimit {
+    const fn new(interval: Duration) -> WarningLimit {
+        WarningLimit {
+            interval,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(held back since the last one)` if a warning may be logged now.
+    fn due(&self, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, held) = &mut *state;
+        if last.is_some_and(|t| now.saturating_duration_since(t) < self.interval) {
+            *held += 1;
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(held))
+    }
+}
+
 fn start_pull(session: &Arc<Session>) -> JoinHandle<PullResult> {
     let session = session.clone();
     tokio::spawn(async move { session.relay.pull(session.conn_id, &session.token).await })
 }
 
-/// Aborts the held pull when the loop ends (the relay then sees the request go away).
+/// Aborts the held pull if the loop is dropped before it ends (the runtime is stopping).
 struct HeldPull(Option<JoinHandle<PullResult>>);
 
 impl Drop for HeldPull {
@@ -47,7 +83,14 @@ pub async fn run(session: Arc<Session>, handle: ConnHandle) {
         let mut task = held.0.take().unwrap_or_else(|| start_pull(&session));
         let result = tokio::select! {
             _ = handle.closed() => {
-                task.abort();
+                // Let the held pull end on its own, detached: the relay answers it when it
+                // forgets the connection (about when our TIME-WAIT ends), and the request's
+                // own deadline (`pull_timeout`) bounds it. Aborting it would reset the
+                // request: over HTTP/2 a stream reset, and under churn h2's limits on reset
+                // streams then close the shared connection with every tunnel connection's
+                // requests on it; over HTTP/1.1 a closed TCP connection instead of one
+                // returned to the pool.
+                drop(task);
                 break;
             }
             joined = &mut task => match joined {
@@ -80,13 +123,10 @@ pub async fn run(session: Arc<Session>, handle: ConnHandle) {
             }
             Err(error) => match error.failure() {
                 Failure::Gone => {
-                    tracing::warn!(
-                        conn_id = session.conn_id,
-                        "pull: {error}; the connection is gone"
-                    );
                     handle.fail(StreamError::AbortedByPeer(
                         "relay no longer knows the connection".into(),
                     ));
+                    log_gone(&handle, "pull", &error);
                     break;
                 }
                 Failure::Permanent => {
@@ -111,10 +151,18 @@ pub async fn run(session: Arc<Session>, handle: ConnHandle) {
                         break;
                     }
                     let delay = backoff.next_delay();
-                    tracing::warn!(
-                        conn_id = session.conn_id,
-                        "pull failed ({error}); retrying in {delay:?}"
-                    );
+                    match RETRY_WARNINGS.due(Instant::now()) {
+                        Some(suppressed) => tracing::warn!(
+                            conn_id = session.conn_id,
+                            suppressed,
+                            "pull failed ({error}); retrying in {delay:?} (pull failures \
+                             logged at debug since the last such warning: {suppressed})"
+                        ),
+                        None => tracing::debug!(
+                            conn_id = session.conn_id,
+                            "pull failed ({error}); retrying in {delay:?}"
+                        ),
+                    }
                     tokio::select! {
                         _ = handle.closed() => break,
                         _ = tokio::time::sleep(delay) => {}
@@ -125,9 +173,41 @@ pub async fn run(session: Arc<Session>, handle: ConnHandle) {
     }
 }
 
+/// Logs a 404 from the relay, after [`ConnHandle::fail`] has judged it. After both closes the
+/// relay forgetting the connection is its normal end (the relay drops it once both sides have
+/// finished, and our held pull or a last push may still be on the way): `fail` leaves no error
+/// then, and this is a debug line. Otherwise the connection failed, and its close line
+/// (`log_close`) is the one warning; this line adds the HTTP detail.
+pub(crate) fn log_gone(handle: &ConnHandle, what: &str, error: &RequestError) {
+    let conn_id = handle.conn_id();
+    match handle.error() {
+        None => tracing::debug!(
+            conn_id,
+            "{what}: {error}; the relay has forgotten the connection after its clean end"
+        ),
+        Some(_) => tracing::info!(conn_id, "{what}: {error}; the connection is gone"),
+    }
+}
+
 fn pull_period(handle: &ConnHandle) -> Option<Duration> {
     match handle.peer_options().pull_period_ms {
         Some(ms) if ms > 0 => Some(Duration::from_millis(u64::from(ms))),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_warning_per_interval_counts_the_rest() {
+        let limit = WarningLimit::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(limit.due(t0), Some(0));
+        assert_eq!(limit.due(t0 + Duration::from_secs(1)), None);
+        assert_eq!(limit.due(t0 + Duration::from_secs(9)), None);
+        assert_eq!(limit.due(t0 + Duration::from_secs(10)), Some(2));
+        assert_eq!(limit.due(t0 + Duration::from_secs(11)), None);
     }
 }

@@ -110,14 +110,17 @@ async fn push_body(
         };
         match error.failure() {
             Failure::Gone => {
-                tracing::warn!(
-                    conn_id = session.conn_id,
-                    "push: {error}; the connection is gone"
-                );
-                if let Some(h) = handle.get() {
-                    h.fail(StreamError::AbortedByPeer(
-                        "relay no longer knows the connection".into(),
-                    ));
+                match handle.get() {
+                    Some(h) => {
+                        h.fail(StreamError::AbortedByPeer(
+                            "relay no longer knows the connection".into(),
+                        ));
+                        crate::pull::log_gone(h, "push", &error);
+                    }
+                    None => tracing::info!(
+                        conn_id = session.conn_id,
+                        "push: {error}; the connection is gone"
+                    ),
                 }
                 return;
             }

@@ -4,7 +4,8 @@
 //! server behind the broker, and the baselines (direct TCP; three `copy_bidirectional`
 //! forwarders in a row, each its own process), then measures one-connection throughput,
 //! ping-pong latency, many-connection throughput, relay CPU per GiB, and 10,000 idle
-//! connections held by one relay. Prints a table (or JSON with `--json`) with medians over
+//! connections held by one relay; on request (`--sections soak`), connection churn with the
+//! processes' memory, descriptors and warnings sampled. Prints a table (or JSON with `--json`) with medians over
 //! `--runs` and ratios to the baselines. Progress goes to stderr.
 //!
 //! ```text
@@ -18,10 +19,10 @@ mod dataserver;
 mod forwarder;
 #[path = "../bench/measure.rs"]
 mod measure;
-#[path = "../bench/procfs.rs"]
-mod procfs;
 #[path = "../bench/report.rs"]
 mod report;
+#[path = "../bench/soak.rs"]
+mod soak;
 #[path = "../bench/stats.rs"]
 mod stats;
 #[path = "../bench/tunnel.rs"]
@@ -35,6 +36,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tokio::time::Instant;
+use tunnel_tests::{fdlimit, procfs};
 
 use report::{num, parse_size, Json};
 use stats::{median, percentile, ratio};
@@ -64,7 +66,8 @@ struct Opts {
     /// Bytes per direction of one single-connection throughput measurement (K/M/G suffixes).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     bytes: u64,
-    /// Sections to run, comma-separated: throughput, latency, aggregate, idle.
+    /// Sections to run, comma-separated: throughput, latency, aggregate, idle, soak (not run
+    /// unless named: it churns connections for `--soak-secs`).
     #[arg(
         long,
         value_delimiter = ',',
@@ -103,6 +106,22 @@ struct Opts {
     /// open-file limit requires, two descriptors per connection per client).
     #[arg(long, default_value_t = 0)]
     idle_clients: usize,
+    /// How long the soak section churns connections, in seconds.
+    #[arg(long, default_value_t = 60)]
+    soak_secs: u64,
+    /// Connections the soak section keeps in progress at once (one per worker).
+    #[arg(long, default_value_t = 32)]
+    soak_workers: usize,
+    /// Flavour of the tunnel the soak section churns through: http1, http2 or https.
+    #[arg(long, default_value = "http1")]
+    soak_flavour: String,
+    /// Longest wait after the churn for descriptors to come back to idle, in seconds.
+    #[arg(long, default_value_t = 30)]
+    soak_settle_secs: u64,
+    /// Keep the soak's processes this many seconds after its figures are taken (their pids
+    /// are printed), to inspect them: gdb, malloc_stats, a heap profiler.
+    #[arg(long, default_value_t = 0)]
+    soak_hold_secs: u64,
     /// Internal: run as the data server, listening here.
     #[arg(long, hide = true)]
     serve_data: Option<SocketAddr>,
@@ -230,7 +249,7 @@ fn main() -> std::process::ExitCode {
     if let Some(addr) = opts.serve_data {
         let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
         return match runtime.block_on(async {
-            let _ = procfs::raise_nofile_limit(65_536);
+            let _ = fdlimit::raise_nofile_limit(65_536);
             let _server = dataserver::DataServer::start(addr).await?;
             std::future::pending::<io::Result<()>>().await
         }) {
@@ -268,6 +287,7 @@ async fn run(opts: Opts) -> io::Result<()> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(io::Error::other)?;
     let idle_flavour = parse_flavour(&opts.idle_flavour).map_err(io::Error::other)?;
+    let soak_flavour = parse_flavour(&opts.soak_flavour).map_err(io::Error::other)?;
     let bin_dir = match &opts.bin_dir {
         Some(dir) => dir.clone(),
         None => std::env::current_exe()?
@@ -278,7 +298,7 @@ async fn run(opts: Opts) -> io::Result<()> {
     let machine = procfs::Machine::detect();
     // Each idle connection costs the bench two descriptors (its end and the data server's)
     // and each tunnel process one or two; leave room for the rest.
-    let nofile = procfs::raise_nofile_limit((opts.idle_conns as u64 * 3 + 4096).max(65_536))?;
+    let nofile = fdlimit::raise_nofile_limit((opts.idle_conns as u64 * 3 + 4096).max(65_536))?;
     progress.say(format!(
         "machine: {} cores, {}, Linux {}; binaries from {}; open-file limit {nofile}",
         machine.cores,
@@ -342,13 +362,28 @@ async fn run(opts: Opts) -> io::Result<()> {
         None
     };
 
-    let table = render_table(&opts, &machine, &results, idle.as_ref());
+    let soak = if opts.section("soak") {
+        let options = soak::SoakOptions {
+            flavour: soak_flavour,
+            workers: opts.soak_workers,
+            duration: Duration::from_secs(opts.soak_secs),
+            settle: Duration::from_secs(opts.soak_settle_secs),
+            hold: Duration::from_secs(opts.soak_hold_secs),
+            broker_max_conns: broker_max,
+        };
+        Some(soak::section(&bin_dir, server_addr, &options, |line| progress.say(line)).await?)
+    } else {
+        None
+    };
+
+    let table = render_table(&opts, &machine, &results, idle.as_ref(), soak.as_ref());
     if opts.json {
         eprintln!("{table}");
-        println!(
-            "{}",
-            render_json(&opts, &machine, &results, idle.as_ref()).render()
-        );
+        let mut json = render_json(&opts, &machine, &results, idle.as_ref());
+        if let (Json::Obj(fields), Some(soak)) = (&mut json, &soak) {
+            fields.push(("soak".into(), soak::render_json(soak)));
+        }
+        println!("{}", json.render());
     } else {
         println!("{table}");
     }
@@ -534,8 +569,8 @@ async fn idle_section(
         .iter()
         .find(|(role, _)| role == "relay")
         .and_then(|(_, p)| p.id())
-        .and_then(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok())
-        .map_or(0, |dir| dir.count());
+        .and_then(|pid| procfs::open_fds(pid).ok())
+        .unwrap_or(0);
     path.check_alive()?;
     let result = IdleResults {
         flavour: flavour.label().into(),
@@ -564,6 +599,7 @@ fn render_table(
     machine: &procfs::Machine,
     results: &[PathResults],
     idle: Option<&IdleResults>,
+    soak: Option<&soak::SoakRun>,
 ) -> String {
     use std::fmt::Write;
     let mut t = String::new();
@@ -700,7 +736,13 @@ fn render_table(
             cpu.join(", ")
         );
     }
-    let _ = writeln!(t, "\nTargets:");
+    if let Some(soak) = soak {
+        soak::render_table(soak, &mut t);
+    }
+    let has_targets = base.is_some() || idle.is_some();
+    if has_targets {
+        let _ = writeln!(t, "\nTargets:");
+    }
     if let Some(b) = base {
         for res in results.iter().filter(|r| r.label.starts_with("tunnel")) {
             if opts.section("throughput") {

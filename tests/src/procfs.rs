@@ -1,5 +1,5 @@
-//! What the bench reads from the OS: the machine it runs on, a process's resident memory and
-//! CPU time (Linux /proc), and the open-file limit it raises for itself and its children.
+//! What the bench and the soak read from the OS (Linux /proc): the machine they run on, and a
+//! process's resident memory, CPU time and open descriptors.
 
 use std::io;
 
@@ -82,39 +82,24 @@ fn clock_ticks_per_second() -> f64 {
     }
 }
 
-/// Raises RLIMIT_NOFILE (soft, and hard when allowed, e.g. as root) to at least `wanted` so
-/// the bench and the processes it starts (which inherit it) can hold the idle connections.
-/// Returns the soft limit in force afterwards.
-pub fn raise_nofile_limit(wanted: u64) -> io::Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if limit.rlim_cur >= wanted {
-        return Ok(limit.rlim_cur);
-    }
-    let raised = libc::rlimit {
-        rlim_cur: wanted,
-        rlim_max: limit.rlim_max.max(wanted),
-    };
-    // SAFETY: setrlimit reads the struct we own.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-        return Ok(wanted);
-    }
-    // Not allowed to raise the hard limit: take as much as it allows.
-    let capped = libc::rlimit {
-        rlim_cur: limit.rlim_max,
-        rlim_max: limit.rlim_max,
-    };
-    // SAFETY: as above.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &capped) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(limit.rlim_max)
+/// Descriptors process `pid` holds open (entries of /proc/<pid>/fd).
+pub fn open_fds(pid: u32) -> io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// Resident memory and open descriptors of one process at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub rss_bytes: u64,
+    pub fds: usize,
+}
+
+/// [`rss_bytes`] and [`open_fds`] of process `pid`.
+pub fn usage(pid: u32) -> io::Result<Usage> {
+    Ok(Usage {
+        rss_bytes: rss_bytes(pid)?,
+        fds: open_fds(pid)?,
+    })
 }
 
 #[cfg(test)]
@@ -129,9 +114,17 @@ mod tests {
     }
 
     #[test]
-    fn own_process_has_rss_and_cpu() {
+    fn own_process_has_rss_cpu_and_descriptors() {
         let pid = std::process::id();
         assert!(rss_bytes(pid).unwrap() > 0);
         assert!(cpu_seconds(pid).unwrap() >= 0.0);
+        let before = open_fds(pid).unwrap();
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        assert_eq!(open_fds(pid).unwrap(), before + 1);
+        drop(file);
+        assert!(
+            usage(pid).unwrap().fds >= 3,
+            "stdin, stdout, stderr at least"
+        );
     }
 }
