@@ -84,6 +84,7 @@ async fn dial_inner(
         server_name: config.server_name.clone(),
         secret: config.link_secret.clone(),
         connections,
+        extension: None,
     };
     let mut out = BytesMut::new();
     Packet::new(PacketType::LinkInit, 0, init.encode()).encode(&mut out);
