@@ -57,6 +57,10 @@ pub struct RelayConfig {
     pub max_client_inactivity_timeout: Duration,
     /// How long a broker's connections are kept after its link is lost. Default 30 s.
     pub broker_grace: Duration,
+    /// How long after a name last had a linked broker instance, or after the relay started,
+    /// a connect that no instance can take gets 503 with `Retry-After` instead of 404, so
+    /// clients retry through a re-link or a rolling restart. Default 30 s.
+    pub name_grace: Duration,
     /// How long an ended connection (CONN_ABORT/CONN_REJECTED/CONN_SHUTDOWN queued) waits for
     /// its client to fetch the rest of its queue before it is forgotten. Default 30 s.
     pub ending_linger: Duration,
@@ -134,6 +138,7 @@ impl Default for RelayConfig {
             client_inactivity_timeout: Duration::from_secs(60),
             max_client_inactivity_timeout: Duration::from_secs(3600),
             broker_grace: Duration::from_secs(30),
+            name_grace: Duration::from_secs(30),
             ending_linger: Duration::from_secs(30),
             link_keepalive: Duration::from_secs(10),
             link_handshake_timeout: Duration::from_secs(10),
@@ -177,6 +182,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("queue_limit", &self.queue_limit)
             .field("client_inactivity_timeout", &self.client_inactivity_timeout)
             .field("broker_grace", &self.broker_grace)
+            .field("name_grace", &self.name_grace)
             .field("link_keepalive", &self.link_keepalive)
             .field("http_tls", &self.http_tls)
             .field("link_tls", &self.link_tls)

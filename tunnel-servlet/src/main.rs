@@ -60,6 +60,10 @@ struct Args {
     /// How long a broker's connections wait for it to link again, in ms.
     #[arg(long, env = "TUNNEL_BROKER_GRACE_MS", default_value = "30000", value_parser = millis)]
     broker_grace_ms: Duration,
+    /// How long after a name last had a linked broker instance (or after the relay started)
+    /// connects to it get 503 with Retry-After instead of 404, in ms.
+    #[arg(long, env = "TUNNEL_NAME_GRACE_MS", default_value = "30000", value_parser = millis)]
+    name_grace_ms: Duration,
     /// Link keepalive interval in ms; a link silent for three is dead.
     #[arg(long, env = "TUNNEL_LINK_KEEPALIVE_MS", default_value = "10000", value_parser = millis)]
     link_keepalive_ms: Duration,
@@ -181,6 +185,7 @@ impl Args {
             queue_limit: self.queue_limit,
             client_inactivity_timeout: self.inactivity_ms,
             broker_grace: self.broker_grace_ms,
+            name_grace: self.name_grace_ms,
             link_keepalive: self.link_keepalive_ms,
             link_handshake_timeout: self.link_handshake_ms,
             header_read_timeout: self.header_timeout_ms,
