@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tunnel_proto::packet::DEFAULT_MAX_PACKET_SIZE;
 
-use crate::auth::ClientAuth;
+use crate::auth::{ClientAuth, LinkSecrets};
 use crate::cidr::Cidr;
 
 /// PEM files of a TLS certificate chain and its private key.
@@ -29,8 +29,12 @@ pub struct RelayConfig {
     pub link_listen: SocketAddr,
     /// Path the tunnel requests go to. Default `/tunnel`.
     pub base_path: String,
-    /// The secret every broker must present in LINK_INIT. No default: must not be empty.
+    /// The secret every broker must present in LINK_INIT, unless its name has its own in
+    /// `link_secrets`. No default: must not be empty.
     pub link_secret: Vec<u8>,
+    /// Names with their own link secret (`--link-secrets-file`); a broker of a listed name
+    /// must present that one, and the shared secret is refused for it. Default: none.
+    pub link_secrets: LinkSecrets,
     /// How long a pull is held while nothing is queued. Default 20 s.
     pub pull_wait: Duration,
     /// Most bytes of packets put into one push or pull response (at least one packet is
@@ -128,6 +132,7 @@ impl Default for RelayConfig {
             link_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             base_path: "/tunnel".to_string(),
             link_secret: Vec::new(),
+            link_secrets: LinkSecrets::new(),
             pull_wait: Duration::from_secs(20),
             response_limit: 1024 * 1024,
             max_body_size: 4 * 1024 * 1024,
@@ -174,6 +179,7 @@ impl std::fmt::Debug for RelayConfig {
                 "link_secret",
                 &format_args!("<{} bytes>", self.link_secret.len()),
             )
+            .field("link_secrets", &self.link_secrets)
             .field("pull_wait", &self.pull_wait)
             .field("response_limit", &self.response_limit)
             .field("max_body_size", &self.max_body_size)

@@ -186,7 +186,10 @@ async fn serve_link<S>(
     };
     // Hashed before the constant-time comparison, so a wrong length is not answered faster
     // than a wrong content (slices' `ct_eq` returns early on a length mismatch).
-    let secret_ok = crate::auth::secret_eq(init.secret.as_ref(), &config.link_secret);
+    let secret_ok =
+        config
+            .link_secrets
+            .check(&init.server_name, init.secret.as_ref(), &config.link_secret);
     if !secret_ok {
         shared.metrics.auth_failure();
         tracing::warn!(%peer, server = %init.server_name, "link authentication failed");

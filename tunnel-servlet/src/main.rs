@@ -33,6 +33,10 @@ struct Args {
     /// File holding the secret brokers must present (trailing newline ignored).
     #[arg(long, env = "TUNNEL_LINK_SECRET_FILE")]
     link_secret_file: PathBuf,
+    /// File of `name:secret` lines: brokers of a listed name must present that secret (the
+    /// shared one is refused for it); other names use --link-secret-file.
+    #[arg(long, env = "TUNNEL_LINK_SECRETS_FILE")]
+    link_secrets_file: Option<PathBuf>,
     /// Path of the tunnel requests.
     #[arg(long, env = "TUNNEL_BASE_PATH", default_value = "/tunnel")]
     base_path: String,
@@ -172,11 +176,16 @@ impl Args {
         let secret = tunnel_proto::secret::read_link_secret_file(&self.link_secret_file)
             .map_err(|e| e.to_string())?
             .to_vec();
+        let mut link_secrets = tunnel_servlet::LinkSecrets::new();
+        if let Some(path) = &self.link_secrets_file {
+            link_secrets.load_file(path).map_err(|e| e.to_string())?;
+        }
         Ok(RelayConfig {
             http_listen: self.listen,
             link_listen: self.link_listen,
             base_path: self.base_path,
             link_secret: secret,
+            link_secrets,
             pull_wait: self.pull_wait_ms,
             response_limit: self.response_limit,
             max_body_size: self.max_body,

@@ -237,6 +237,10 @@ impl StatusSnapshot {
                 value: SettingValue::Bool(config.client_auth.is_some()),
             },
             Setting {
+                name: "names_with_own_link_secret",
+                value: SettingValue::Number(config.link_secrets.len() as u64),
+            },
+            Setting {
                 name: "link_tls",
                 value: SettingValue::Bool(config.link_tls.is_some()),
             },
