@@ -140,8 +140,7 @@ async fn unknown_server_name() {
 
 /// Reads the chain's link secret as the binaries do (trailing newline ignored).
 fn chain_secret(chain: &Chain) -> Bytes {
-    let raw = std::fs::read_to_string(chain.dir().join("link-secret")).unwrap();
-    Bytes::from(raw.trim_end().to_string())
+    chain.link_secret()
 }
 
 /// An in-process broker on the real relay that never accepts: its backlog (1) fills, and
