@@ -490,3 +490,45 @@ async fn mismatched_keepalives_do_not_flap() {
     );
     assert_eq!(chain.relay_metric("tunnel_links_up").await, "1");
 }
+
+/// Connects with the same `Affinity` key all go to one instance of an evenly loaded pool;
+/// connects without one are spread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_with_one_affinity_key_share_an_instance() {
+    init_tracing();
+    let mut options = ChainOptions::echo();
+    options.broker_args = broker_args(1, 100);
+    let chain = Chain::start(options).await;
+    let mut args = broker_args(2, 100);
+    args.extend(["--drain-timeout-secs".to_string(), "1".to_string()]);
+    let mut second = chain
+        .spawn_broker("broker-2", &args)
+        .expect("second broker");
+    wait_links(&chain, 2).await;
+    let before = per_instance(&chain, "tunnel_broker_placements_total").await;
+    let http = direct_http_client();
+    let init = tunnel_proto::Packet::new(tunnel_proto::PacketType::ConnInit, 0, Default::default())
+        .with_window(16)
+        .to_bytes();
+    for _ in 0..6 {
+        let url = format!(
+            "{}?Type=connect&ServerName=e2e&Affinity=room%2D7",
+            chain.relay_url()
+        );
+        let resp = http
+            .post(url)
+            .body(init.clone())
+            .send()
+            .await
+            .expect("connect");
+        assert_eq!(resp.status(), 200);
+    }
+    let after = per_instance(&chain, "tunnel_broker_placements_total").await;
+    let delta = |n: u8| after[&instance(n)] - before.get(&instance(n)).copied().unwrap_or(0);
+    println!("affinity: 6 connects placed {} and {}", delta(1), delta(2));
+    assert!(
+        (delta(1), delta(2)) == (6, 0) || (delta(1), delta(2)) == (0, 6),
+        "{before:?} -> {after:?}"
+    );
+    second.terminate(STEP).await.expect("second broker stops");
+}
