@@ -7,7 +7,8 @@ use tunnel_proto::codec::{decode_all, encode_all, Decoder};
 use tunnel_proto::packet::HEADER_LEN;
 use tunnel_proto::payload::{
     decode_listen_state, decode_reason, decode_sack, decode_token, encode_listen_state,
-    encode_sack, encode_token, BrokerConnInit, ConnOption, LinkInit, Token, MAX_SACK_BLOCKS,
+    encode_sack, encode_token, BrokerConnInit, ConnOption, LinkInit, ListenMode, ListenState,
+    Token, MAX_SACK_BLOCKS,
 };
 
 /// Input layout: byte 0 = chunk size for the streaming decoder (0 read as 1), byte 1 = packet
@@ -62,7 +63,8 @@ pub fn check_packets(data: &[u8]) {
     assert_eq!(&prefix[..], &body[..prefix.len()], "re-encoding differs");
 }
 
-/// Every payload decoder on the whole input: no panic, and whatever decodes re-encodes to the
+/// Every payload decoder (LINK_INIT with and without its pool extension, LISTEN_STATE in both
+/// forms, ...) on the whole input: no panic, and whatever decodes re-encodes to the
 /// same bytes (each format has exactly one encoding).
 pub fn check_payloads(data: &[u8]) {
     let b = Bytes::copy_from_slice(data);
@@ -77,6 +79,15 @@ pub fn check_payloads(data: &[u8]) {
     }
     if let Ok(accepting) = decode_listen_state(b.clone()) {
         assert_eq!(encode_listen_state(accepting), b);
+    }
+    if let Ok(state) = ListenState::decode(b.clone()) {
+        assert_eq!(state.encode(), b);
+        // The 1-byte form is the version-1 payload: both decoders agree on it.
+        if b.len() == 1 {
+            if let Ok(accepting) = decode_listen_state(b.clone()) {
+                assert_eq!(accepting, state.mode == ListenMode::Accepting);
+            }
+        }
     }
     if let Ok(blocks) = decode_sack(b.clone()) {
         assert!(blocks.len() <= MAX_SACK_BLOCKS);

@@ -1,4 +1,5 @@
-//! Every typed payload decoder (LINK_INIT, CONN_INIT to the broker, CONN_OPTION, LISTEN_STATE,
+//! Every typed payload decoder (LINK_INIT with its pool extension, CONN_INIT to the broker,
+//! CONN_OPTION, LISTEN_STATE in its 1- and 9-byte forms,
 //! selective acks, token, reason) on arbitrary bytes (see `checks.rs`).
 #![no_main]
 

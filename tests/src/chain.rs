@@ -292,9 +292,25 @@ impl Chain {
         self.start_relay().await
     }
 
-    /// Starts the broker (again); it links to the relay on its own.
-    pub fn start_broker(&mut self) -> io::Result<()> {
-        assert!(self.broker.is_none(), "broker already running");
+    /// The link secret the chain's relay expects (as the broker reads it from its file).
+    pub fn link_secret(&self) -> bytes::Bytes {
+        tunnel_proto::secret::read_link_secret_file(self.secret_path())
+            .expect("reading the chain's link secret")
+    }
+
+    /// Starts one more broker process for the chain's name (another instance of its pool,
+    /// docs/protocol.md §5.1), with the chain's target and `args` (instead of the chain's
+    /// `broker_args`). The caller owns it; it does not count in [`Chain::assert_alive`].
+    pub fn spawn_broker(&self, label: &str, args: &[String]) -> io::Result<ChildProcess> {
+        let mut all = self.broker_base_args();
+        all.extend(args.iter().cloned());
+        let args = all;
+        let env = self.env_for(&self.options.broker_env);
+        ChildProcess::spawn(label, &bin_path(BROKER_BIN), args, &env, self.dir.path())
+    }
+
+    /// Relay, name, secret and target of a broker, without `broker_args`.
+    fn broker_base_args(&self) -> Vec<String> {
         let mut args = vec![
             "--relay".to_string(),
             self.relay_link.to_string(),
@@ -310,6 +326,13 @@ impl Chain {
                 args.push(addr.to_string());
             }
         }
+        args
+    }
+
+    /// Starts the broker (again); it links to the relay on its own.
+    pub fn start_broker(&mut self) -> io::Result<()> {
+        assert!(self.broker.is_none(), "broker already running");
+        let mut args = self.broker_base_args();
         args.extend(self.options.broker_args.iter().cloned());
         let label = self.next_label(1, "broker");
         let env = self.env_for(&self.options.broker_env);

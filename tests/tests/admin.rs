@@ -189,6 +189,19 @@ async fn status_json_reports_the_brokers_traffic_and_limits() {
     assert_eq!(alpha["linked"], true, "{alpha:#}");
     assert_eq!(alpha["listening"], true, "{alpha:#}");
     assert_eq!(alpha["connections_opened"], ALPHA_CONNECTIONS, "{alpha:#}");
+    // One instance per broker process, with a random id, its capacity and its placements.
+    let id = alpha["instance"].as_str().unwrap();
+    assert!(
+        id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()) && id != "0".repeat(32),
+        "{alpha:#}"
+    );
+    assert_eq!(alpha["mode"], "accepting", "{alpha:#}");
+    assert_eq!(
+        alpha["capacity"], 1024,
+        "the broker's default --max-connections: {alpha:#}"
+    );
+    assert_eq!(alpha["placements"], ALPHA_CONNECTIONS, "{alpha:#}");
+    assert_eq!(alpha["punts"], 0, "{alpha:#}");
     // Each round trip pushed ECHO_BYTES of payload, plus packet headers.
     let up = alpha["bytes_up"].as_u64().unwrap();
     let down = alpha["bytes_down"].as_u64().unwrap();
@@ -260,8 +273,14 @@ async fn status_page_in_headless_chromium_lists_the_brokers() {
         "page text: {text}"
     );
     for name in [ALPHA, BRAVO, HOSTILE] {
+        // Name, the instance's first 8 hex digits, then the state.
+        let linked = text.split(&format!(" {name} ")).skip(1).any(|rest| {
+            rest.get(..8)
+                .is_some_and(|id| id.chars().all(|c| c.is_ascii_hexdigit()))
+                && rest.get(8..).is_some_and(|r| r.starts_with(" linked "))
+        });
         assert!(
-            text.contains(&format!(" {name} linked ")),
+            linked,
             "broker {name:?} not listed as linked; page text: {text}"
         );
     }

@@ -101,6 +101,10 @@ impl LinkRig {
             self.chain.dir().join("link-secret").display().to_string(),
             "--forward".into(),
             self.server.addr().to_string(),
+            // The same instance at every start, so a restarted broker replaces its old link
+            // (docs/protocol.md §5.1) instead of joining the pool next to it.
+            "--instance-id".into(),
+            "0123456789abcdef0123456789abcdef".into(),
         ];
         let env = vec![("RUST_LOG".to_string(), self.chain.options.rust_log.clone())];
         let label = format!("broker-via-cutter-{}", self.broker_starts);
@@ -348,8 +352,8 @@ async fn long_link_cut_aborts_clients_after_the_grace_period() {
     }
 }
 
-/// (c) The broker killed with SIGKILL and started again: the new broker knows none of the
-/// old connections. Client packets for them reach it through the relay and it answers
+/// (c) The broker killed with SIGKILL and started again with the same `--instance-id`: the
+/// new broker knows none of the old connections. Client packets for them reach it through the relay and it answers
 /// CONN_ABORT, so busy clients see their connection reset soon after the new broker
 /// links; idle ones at their next packet (the connection's keepalive, 15 s by default).
 /// The relay's grace period is left at its default (30 s) so that it is not what ends them.

@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tunnel_proto::payload::InstanceId;
 use tunnel_proto::ConnectionConfig;
 
 use crate::tls::LinkTls;
@@ -51,6 +52,16 @@ pub struct BrokerConfig {
     /// Tunables of each accepted connection (windows, buffers, retransmission, idle timeout).
     /// Default: [`ConnectionConfig::default`].
     pub connection: ConnectionConfig,
+    /// This broker's identity among the instances serving `server_name` (docs/protocol.md
+    /// §5.1): links with the same id replace each other, links with another id join the
+    /// name's pool. Default: 16 random bytes drawn when the configuration is made, so every
+    /// process (and every `BrokerConfig::new`) is its own instance and keeps its id across
+    /// redials. Must not be all zero (the id of brokers without the pool extension).
+    pub instance_id: InstanceId,
+    /// Capacity reported to the relay: how many connections this instance serves at once.
+    /// The relay places new connections by unused capacity and sends none beyond it. 0 means
+    /// not limited (the relay then treats the instance as having room). Default: 0.
+    pub max_connections: u32,
 }
 
 impl BrokerConfig {
@@ -119,6 +130,9 @@ impl BrokerConfig {
                 "keepalive interval and handshake timeout must be non-zero".into(),
             ));
         }
+        if self.instance_id == InstanceId::LEGACY {
+            return Err(invalid("instance id must not be all zero".into()));
+        }
         if self.link_write_queue == 0 || self.accept_backlog == 0 {
             return Err(invalid(
                 "link write queue and accept backlog must be non-zero".into(),
@@ -150,6 +164,8 @@ impl Default for BrokerConfig {
             max_packet_size: tunnel_proto::packet::DEFAULT_MAX_PACKET_SIZE,
             accept_backlog: 1024,
             connection: ConnectionConfig::default(),
+            instance_id: InstanceId::random(),
+            max_connections: 0,
         }
     }
 }
@@ -175,6 +191,8 @@ impl fmt::Debug for BrokerConfig {
             .field("max_packet_size", &self.max_packet_size)
             .field("accept_backlog", &self.accept_backlog)
             .field("connection", &self.connection)
+            .field("instance_id", &self.instance_id)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }

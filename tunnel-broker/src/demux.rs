@@ -156,6 +156,7 @@ async fn on_conn_init(shared: &Arc<Shared>, link: &mpsc::Sender<Packet>, packet:
             client_window: packet.window,
         },
     );
+    shared.load_changed();
     watch_end(shared, handle);
     // The answer goes out before the application can write, so the relay sees
     // CONN_INIT_ACK ahead of any data of this connection.

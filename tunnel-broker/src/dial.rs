@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tunnel_proto::payload::{decode_reason, AnnouncedConn, LinkInit};
+use tunnel_proto::payload::{decode_reason, AnnouncedConn, LinkExtension, LinkInit, ListenState};
 use tunnel_proto::{Decoder, Packet, PacketType};
 
 use crate::config::BrokerConfig;
@@ -45,14 +45,15 @@ fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> DialError {
     move |source| DialError::Io { context, source }
 }
 
-/// Dials the relay and authenticates, announcing `connections`; all of it within the
-/// configured handshake timeout.
+/// Dials the relay and authenticates, announcing `connections` and this instance (`state`:
+/// its listen mode and load now); all of it within the configured handshake timeout.
 pub(crate) async fn dial(
     config: &BrokerConfig,
     connections: Vec<AnnouncedConn>,
+    state: ListenState,
 ) -> Result<Link, DialError> {
     let limit = config.handshake_timeout;
-    tokio::time::timeout(limit, dial_inner(config, connections))
+    tokio::time::timeout(limit, dial_inner(config, connections, state))
         .await
         .unwrap_or(Err(DialError::Timeout(limit)))
 }
@@ -60,6 +61,7 @@ pub(crate) async fn dial(
 async fn dial_inner(
     config: &BrokerConfig,
     connections: Vec<AnnouncedConn>,
+    state: ListenState,
 ) -> Result<Link, DialError> {
     let tcp = TcpStream::connect(config.relay_addr.as_str())
         .await
@@ -84,6 +86,11 @@ async fn dial_inner(
         server_name: config.server_name.clone(),
         secret: config.link_secret.clone(),
         connections,
+        extension: Some(LinkExtension {
+            instance: config.instance_id,
+            keepalive_ms: u32::try_from(config.keepalive_interval.as_millis()).unwrap_or(u32::MAX),
+            state,
+        }),
     };
     let mut out = BytesMut::new();
     Packet::new(PacketType::LinkInit, 0, init.encode()).encode(&mut out);

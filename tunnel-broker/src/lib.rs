@@ -85,8 +85,10 @@ mod tls;
 
 pub use config::BrokerConfig;
 pub use listener::{ClientInfo, TunnelListener, SHUTDOWN_REASON};
+pub use shared::CAPACITY_UPDATE_INTERVAL;
 pub use tls::LinkTls;
 pub use tunnel_proto::connection::{Stats, StreamError};
 pub use tunnel_proto::driver::TunnelStream;
+pub use tunnel_proto::payload::InstanceId;
 pub use tunnel_proto::secret::read_link_secret_file;
 pub use tunnel_proto::ConnectionConfig;

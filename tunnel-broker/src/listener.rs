@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tunnel_proto::connection::StreamError;
 use tunnel_proto::driver::TunnelStream;
+use tunnel_proto::payload::{Capacity, InstanceId, ListenMode, ListenState};
 
 use crate::config::BrokerConfig;
 use crate::dial::{dial, DialError, Link};
@@ -59,10 +60,12 @@ impl TunnelListener {
     pub async fn bind(config: BrokerConfig) -> io::Result<TunnelListener> {
         config.validate()?;
         let link = first_link(&config).await?;
-        tracing::info!(relay = %config.relay_addr, name = %config.server_name, "link up");
+        tracing::info!(relay = %config.relay_addr, name = %config.server_name,
+            instance = %config.instance_id, capacity = config.max_connections, "link up");
         let (accept_tx, accept_rx) = mpsc::channel(config.accept_backlog);
         let shared = Shared::new(config, accept_tx);
         let queue = crate::link::install(&shared);
+        tokio::spawn(Arc::clone(&shared).report_capacity());
         let supervisor = tokio::spawn(supervise(Arc::clone(&shared), link, queue));
         Ok(TunnelListener {
             shared,
@@ -86,6 +89,11 @@ impl TunnelListener {
     /// The server name clients use to reach this listener.
     pub fn local_name(&self) -> &str {
         &self.shared.config.server_name
+    }
+
+    /// This listener's instance id among the brokers serving its name (docs/protocol.md §5.1).
+    pub fn instance_id(&self) -> InstanceId {
+        self.shared.config.instance_id
     }
 
     /// The relay's link address this listener dials.
@@ -113,6 +121,38 @@ impl TunnelListener {
     /// Connections accepted (or waiting in the backlog) and not yet ended.
     pub fn live_connections(&self) -> usize {
         self.shared.table.len()
+    }
+
+    /// Drains this instance for planned maintenance and stops: tells the relay it is
+    /// draining (LISTEN_STATE mode 2, so the relay places new connections on the name's other
+    /// instances and answers 503 with `Retry-After`, not 404, while there are none), lets
+    /// live connections go on until they end or `limit` passes, then [`shutdown`]s (which
+    /// aborts the ones left). Returns whether every connection ended by itself.
+    ///
+    /// [`shutdown`]: Self::shutdown
+    pub async fn drain(&self, limit: Duration) -> bool {
+        self.start_drain();
+        let all_closed = self.wait_connections_closed(limit).await;
+        if !all_closed {
+            tracing::warn!(
+                live = self.live_connections(),
+                "drain time over; aborting the remaining connections"
+            );
+        }
+        self.shutdown().await;
+        all_closed
+    }
+
+    /// Starts a drain without waiting: no new connections (LISTEN_STATE mode 2), live ones go
+    /// on. Undo with `set_accepting(true)`; finish with [`drain`](Self::drain) or
+    /// [`shutdown`](Self::shutdown).
+    pub fn start_drain(&self) {
+        self.shared.set_mode(ListenMode::Draining);
+    }
+
+    /// Whether the listener is draining (see [`drain`](Self::drain)).
+    pub fn is_draining(&self) -> bool {
+        self.shared.mode() == ListenMode::Draining
     }
 
     /// Waits until every live connection has ended, at most `limit`; true if they all did.
@@ -187,7 +227,14 @@ async fn first_link(config: &BrokerConfig) -> io::Result<Link> {
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let last = match tokio::time::timeout_at(deadline, dial(config, Vec::new())).await {
+        let state = ListenState {
+            mode: ListenMode::Accepting,
+            capacity: Some(Capacity {
+                max_connections: config.max_connections,
+                live_connections: 0,
+            }),
+        };
+        let last = match tokio::time::timeout_at(deadline, dial(config, Vec::new(), state)).await {
             Ok(Ok(link)) => return Ok(link),
             Ok(Err(DialError::Rejected(reason))) => {
                 return Err(io::Error::new(

@@ -14,7 +14,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tracing_subscriber::EnvFilter;
 use tunnel_broker::{
-    read_link_secret_file, BrokerConfig, ClientInfo, LinkTls, TunnelListener, TunnelStream,
+    read_link_secret_file, BrokerConfig, ClientInfo, InstanceId, LinkTls, TunnelListener,
+    TunnelStream,
 };
 use tunnel_proto::splice::{splice, COPY_BUFFER};
 
@@ -63,10 +64,18 @@ struct Args {
     )]
     forward_connect_timeout_ms: u64,
 
-    /// Most tunnel connections served at once; beyond it new ones wait in the accept
-    /// backlog, and the relay is told "backlog full" when that is full too.
+    /// Most tunnel connections served at once, reported to the relay as this instance's
+    /// capacity (the relay places connections on a name's instances by unused capacity and
+    /// sends none beyond it); beyond it new ones wait in the accept backlog, and the relay is
+    /// told "backlog full" when that is full too.
     #[arg(long, env = "TUNNEL_MAX_CONNECTIONS", default_value_t = 1024)]
-    max_connections: usize,
+    max_connections: u32,
+
+    /// This instance's id among the brokers serving --name, 32 hex digits (default: random
+    /// at each start). Brokers with the same id replace each other's link; with different
+    /// ids they form a pool.
+    #[arg(long, env = "TUNNEL_INSTANCE_ID", value_parser = instance_id)]
+    instance_id: Option<InstanceId>,
 
     /// Connections opened by clients and not yet served.
     #[arg(long, env = "TUNNEL_ACCEPT_BACKLOG", default_value_t = 1024)]
@@ -76,8 +85,9 @@ struct Args {
     #[arg(long, env = "TUNNEL_LINK_KEEPALIVE_SECS", default_value_t = 10)]
     keepalive_secs: u64,
 
-    /// On Ctrl-C, time given to live connections to finish before they are aborted, in
-    /// seconds (a second Ctrl-C aborts at once).
+    /// On SIGTERM or Ctrl-C the broker drains: no new connections (the relay sends them to
+    /// the name's other instances), and live ones get this long to finish before they are
+    /// aborted, in seconds (a second signal aborts at once).
     #[arg(long, env = "TUNNEL_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     drain_timeout_secs: u64,
 
@@ -139,7 +149,7 @@ async fn run(args: Args) -> io::Result<()> {
     let listener = Arc::new(TunnelListener::bind(config).await?);
     tracing::info!(relay = %listener.relay_addr(), name = %listener.local_name(), ?service, "accepting tunnel connections");
 
-    let slots = Arc::new(Semaphore::new(args.max_connections.max(1)));
+    let slots = Arc::new(Semaphore::new(args.max_connections.max(1) as usize));
     let accept_loop = {
         let listener = Arc::clone(&listener);
         async move {
@@ -169,19 +179,15 @@ async fn run(args: Args) -> io::Result<()> {
     // The accept loop keeps running through a drain, so connections already in the backlog
     // are still served; it ends when `shutdown` closes the listener.
     let mut accept_task = tokio::spawn(accept_loop);
+    let mut signals = StopSignals::new()?;
     tokio::select! {
         _ = &mut accept_task => {}
-        _ = tokio::signal::ctrl_c() => {
+        signal = signals.next() => {
             let drain = Duration::from_secs(args.drain_timeout_secs);
-            tracing::info!(live = listener.live_connections(), "Ctrl-C: no longer accepting; waiting up to {drain:?} for live connections (Ctrl-C again to abort them)");
-            listener.set_accepting(false);
+            tracing::info!(live = listener.live_connections(), "{signal}: draining; waiting up to {drain:?} for live connections (signal again to abort them)");
             tokio::select! {
-                all_closed = listener.wait_connections_closed(drain) => {
-                    if !all_closed {
-                        tracing::warn!(live = listener.live_connections(), "drain timeout; aborting the remaining connections");
-                    }
-                }
-                _ = tokio::signal::ctrl_c() => tracing::warn!("second Ctrl-C; aborting live connections"),
+                _ = listener.drain(drain) => {}
+                signal = signals.next() => tracing::warn!("second {signal}; aborting live connections"),
             }
         }
     }
@@ -203,6 +209,10 @@ fn broker_config(args: &Args) -> io::Result<BrokerConfig> {
     };
     let mut config = BrokerConfig::new(args.relay.clone(), args.name.clone(), secret);
     config.accept_backlog = args.accept_backlog;
+    config.max_connections = args.max_connections;
+    if let Some(id) = args.instance_id {
+        config.instance_id = id;
+    }
     config.keepalive_interval = Duration::from_secs(args.keepalive_secs.max(1));
     if args.tls {
         let server_name = match &args.tls_server_name {
@@ -217,6 +227,46 @@ fn broker_config(args: &Args) -> io::Result<BrokerConfig> {
         )?);
     }
     Ok(config)
+}
+
+/// Parses `--instance-id`: 32 hex digits, not all zero.
+fn instance_id(s: &str) -> Result<InstanceId, String> {
+    match InstanceId::from_hex(s) {
+        Some(InstanceId::LEGACY) => Err("the all-zero id is reserved".into()),
+        Some(id) => Ok(id),
+        None => Err("expected 32 hex digits".into()),
+    }
+}
+
+/// SIGTERM (service managers, `kill`) and Ctrl-C (SIGINT), both of which drain the broker.
+struct StopSignals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> io::Result<StopSignals> {
+        Ok(StopSignals {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        })
+    }
+
+    /// Waits for the next stop signal; returns its name.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => "Ctrl-C",
+                _ = self.term.recv() => "SIGTERM",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
+    }
 }
 
 /// The host part of HOST:PORT, without the brackets of an IPv6 literal.

@@ -3,26 +3,32 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tunnel_proto::driver::TunnelStream;
-use tunnel_proto::payload::{encode_listen_state, encode_reason, ConnOption};
+use tunnel_proto::payload::{encode_reason, Capacity, ConnOption, ListenMode, ListenState};
 use tunnel_proto::{Packet, PacketType};
 
 use crate::config::BrokerConfig;
 use crate::table::ConnTable;
 use crate::ClientInfo;
 
+/// Shortest time between two LISTEN_STATE packets sent because the live count changed: at
+/// high connection rates one update per this interval carries the latest count, instead of
+/// one per connection (docs/protocol.md §5). Mode changes are sent at once.
+pub const CAPACITY_UPDATE_INTERVAL: Duration = Duration::from_millis(100);
+
 /// A connection waiting in the accept backlog.
 pub(crate) type Accepted = (TunnelStream, ClientInfo);
 
 /// The writer queue of the link that is up now, if any, and the listen state; one lock so a
 /// new link always starts with the current listen state (see `install_link`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct LinkSlot {
     tx: Option<mpsc::Sender<Packet>>,
-    accepting: bool,
+    mode: ListenMode,
 }
 
 #[derive(Debug)]
@@ -38,6 +44,8 @@ pub(crate) struct Shared {
     pub listener_dropped: AtomicBool,
     /// Where background tasks are spawned from synchronous code.
     pub runtime: tokio::runtime::Handle,
+    /// Woken when the live count changed; the capacity reporter sends it, coalesced.
+    load_changed: Notify,
 }
 
 impl Shared {
@@ -49,11 +57,12 @@ impl Shared {
             accept_tx,
             slot: Mutex::new(LinkSlot {
                 tx: None,
-                accepting: true,
+                mode: ListenMode::Accepting,
             }),
             stop_tx,
             listener_dropped: AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),
+            load_changed: Notify::new(),
         })
     }
 
@@ -69,7 +78,7 @@ impl Shared {
     pub fn install_link(&self, tx: &mpsc::Sender<Packet>) {
         let mut slot = self.slot();
         // The queue is new and empty, so this cannot fail for lack of room.
-        let _ = tx.try_send(listen_state_packet(slot.accepting));
+        let _ = tx.try_send(listen_state_packet(self.state_with(slot.mode)));
         slot.tx = Some(tx.clone());
     }
 
@@ -107,29 +116,73 @@ impl Shared {
     // ---- listen state ----
 
     pub fn is_accepting(&self) -> bool {
-        self.slot().accepting && !self.is_stopped()
+        self.slot().mode == ListenMode::Accepting && !self.is_stopped()
     }
 
-    /// Records the listen state and tells the relay. The packet is queued from a task that,
-    /// once it has room, sends the state current at that moment, so racing calls still leave
-    /// the relay with the last state set.
-    pub fn set_accepting(self: &Arc<Self>, accepting: bool) {
+    pub fn mode(&self) -> ListenMode {
+        self.slot().mode
+    }
+
+    /// The listen mode and load to report now.
+    pub fn listen_state(&self) -> ListenState {
+        self.state_with(self.mode())
+    }
+
+    fn state_with(&self, mode: ListenMode) -> ListenState {
+        ListenState {
+            mode,
+            capacity: Some(Capacity {
+                max_connections: self.config.max_connections,
+                live_connections: u32::try_from(self.table.len()).unwrap_or(u32::MAX),
+            }),
+        }
+    }
+
+    /// Records the listen mode and tells the relay at once. The packet is queued from a task
+    /// that, once it has room, sends the state current at that moment, so racing calls still
+    /// leave the relay with the last state set.
+    pub fn set_mode(self: &Arc<Self>, mode: ListenMode) {
         let tx = {
             let mut slot = self.slot();
-            if slot.accepting == accepting {
+            if slot.mode == mode {
                 return;
             }
-            slot.accepting = accepting;
+            slot.mode = mode;
             slot.tx.clone()
         };
-        let Some(tx) = tx else { return };
-        let shared = Arc::clone(self);
-        self.runtime.spawn(async move {
-            let deadline = shared.config.link_write_timeout;
-            if let Ok(Ok(permit)) = tokio::time::timeout(deadline, tx.reserve()).await {
-                permit.send(listen_state_packet(shared.slot().accepting));
-            }
+        if let Some(tx) = tx {
+            self.runtime.spawn(send_state(Arc::clone(self), tx));
+        }
+    }
+
+    pub fn set_accepting(self: &Arc<Self>, accepting: bool) {
+        self.set_mode(if accepting {
+            ListenMode::Accepting
+        } else {
+            ListenMode::NotAccepting
         });
+    }
+
+    /// The live count changed: the capacity reporter sends an update soon.
+    pub fn load_changed(&self) {
+        self.load_changed.notify_one();
+    }
+
+    /// Sends the live count to the relay whenever it changed, at most once per
+    /// [`CAPACITY_UPDATE_INTERVAL`], until the broker stops.
+    pub async fn report_capacity(self: Arc<Self>) {
+        let mut stop = self.stop_signal();
+        loop {
+            tokio::select! {
+                _ = self.load_changed.notified() => {}
+                _ = stopped(&mut stop) => return,
+            }
+            // Changes during the pause are carried by this one update.
+            tokio::time::sleep(CAPACITY_UPDATE_INTERVAL).await;
+            if let Some(tx) = self.current_link() {
+                send_state(Arc::clone(&self), tx).await;
+            }
+        }
     }
 
     // ---- stop ----
@@ -152,6 +205,7 @@ impl Shared {
         if self.table.remove(conn_id).is_none() {
             return; // already taken out by shutdown
         }
+        self.load_changed();
         self.send_on_link(Packet::new(PacketType::ConnShutdown, conn_id, Bytes::new()))
             .await;
         self.stop_if_orphaned();
@@ -175,8 +229,17 @@ impl Shared {
     }
 }
 
-pub(crate) fn listen_state_packet(accepting: bool) -> Packet {
-    Packet::new(PacketType::ListenState, 0, encode_listen_state(accepting))
+pub(crate) fn listen_state_packet(state: ListenState) -> Packet {
+    Packet::new(PacketType::ListenState, 0, state.encode())
+}
+
+/// Queues LISTEN_STATE with the state current once `tx` has room (waiting at most the link
+/// write timeout).
+async fn send_state(shared: Arc<Shared>, tx: mpsc::Sender<Packet>) {
+    let deadline = shared.config.link_write_timeout;
+    if let Ok(Ok(permit)) = tokio::time::timeout(deadline, tx.reserve()).await {
+        permit.send(listen_state_packet(shared.listen_state()));
+    }
 }
 
 pub(crate) fn abort_packet(conn_id: u32, reason: &str) -> Packet {

@@ -45,7 +45,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, first: Link, queue: LinkQueue
         let announced = shared.table.announce();
         let count = announced.len();
         let attempt = tokio::select! {
-            attempt = dial(config, announced) => attempt,
+            attempt = dial(config, announced, shared.listen_state()) => attempt,
             _ = crate::shared::stopped(&mut stop) => return,
         };
         match attempt {

@@ -3,6 +3,7 @@
 //! connections with its own `tunnel_proto::Connection`. Every wait has a timeout.
 
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -10,7 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tunnel_broker::{BrokerConfig, ClientInfo, TunnelListener, TunnelStream};
 use tunnel_proto::payload::{
-    decode_listen_state, decode_reason, encode_reason, BrokerConnInit, ConnOption, LinkInit,
+    decode_reason, encode_reason, BrokerConnInit, Capacity, ConnOption, InstanceId, LinkInit,
+    ListenMode, ListenState,
 };
 use tunnel_proto::{Connection, ConnectionConfig, Decoder, Packet, PacketType, Token};
 
@@ -208,11 +210,90 @@ async fn link_init_carries_name_and_secret_then_listen_state() {
 
     let state = link.recv().await.unwrap();
     assert_eq!(state.kind, PacketType::ListenState);
-    assert!(decode_listen_state(state.payload).unwrap());
+    assert_eq!(
+        ListenState::decode(state.payload).unwrap().mode,
+        ListenMode::Accepting
+    );
 
     listener.set_accepting(false);
     let state = link.expect(PacketType::ListenState).await;
-    assert!(!decode_listen_state(state.payload).unwrap());
+    assert_eq!(
+        ListenState::decode(state.payload).unwrap().mode,
+        ListenMode::NotAccepting
+    );
+}
+
+/// The pool extension (docs/protocol.md §5): LINK_INIT names the instance, its keepalive and
+/// capacity; the same id comes back on a redial; the live count follows connections in
+/// coalesced LISTEN_STATE updates; a drain says mode 2 and ends with the link closed.
+#[tokio::test]
+async fn link_init_names_the_instance_and_capacity_updates_follow_the_load() {
+    let (relay, addr) = FakeRelay::start().await;
+    let mut config = test_config(&addr);
+    config.max_connections = 7;
+    config.keepalive_interval = Duration::from_millis(2500);
+    let binding = tokio::spawn(TunnelListener::bind(config));
+    let (mut link, init) = relay.accept_link().await;
+    let ext = init.extension.expect("pool extension");
+    assert_ne!(ext.instance, InstanceId::LEGACY);
+    assert_eq!(ext.keepalive_ms, 2500);
+    assert_eq!(ext.state.mode, ListenMode::Accepting);
+    assert_eq!(
+        ext.state.capacity,
+        Some(Capacity {
+            max_connections: 7,
+            live_connections: 0
+        })
+    );
+    link.ack().await;
+    let listener = within("bind", binding).await.unwrap().unwrap();
+    assert_eq!(listener.instance_id(), ext.instance);
+    let _ = link.expect(PacketType::ListenState).await;
+
+    // Three connections at once: updates are coalesced, and the last one says 3.
+    let mut streams = Vec::new();
+    for id in [31, 32, 33] {
+        streams.push(open(&listener, &mut link, id).await);
+    }
+    let started = Instant::now();
+    let mut updates = 0;
+    loop {
+        let state = link.expect(PacketType::ListenState).await;
+        updates += 1;
+        let state = ListenState::decode(state.payload).unwrap();
+        if state.capacity.unwrap().live_connections == 3 {
+            break;
+        }
+    }
+    assert!(updates <= 2, "{updates} updates for 3 connections");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // A redial keeps the id and announces the live count.
+    drop(link);
+    let (mut link, init) = relay.accept_link().await;
+    let again = init.extension.expect("pool extension");
+    assert_eq!(again.instance, ext.instance);
+    assert_eq!(again.state.capacity.unwrap().live_connections, 3);
+    link.ack().await;
+    let _ = link.expect(PacketType::ListenState).await;
+
+    // Drain: mode 2 at once; the connections left are aborted when the time is up.
+    let listener = Arc::new(listener);
+    let draining = {
+        let listener = Arc::clone(&listener);
+        tokio::spawn(async move { listener.drain(Duration::from_millis(300)).await })
+    };
+    let state = link.expect(PacketType::ListenState).await;
+    assert_eq!(
+        ListenState::decode(state.payload).unwrap().mode,
+        ListenMode::Draining
+    );
+    assert!(
+        !within("drain", draining).await.unwrap(),
+        "connections were left"
+    );
+    assert!(!listener.is_link_up());
+    drop(streams);
 }
 
 #[tokio::test]
@@ -372,7 +453,10 @@ async fn lost_link_is_redialed_and_live_connections_are_reannounced() {
     assert_eq!(announced.client_window, 32);
     link.ack().await;
     let state = link.expect(PacketType::ListenState).await;
-    assert!(decode_listen_state(state.payload).unwrap());
+    assert_eq!(
+        ListenState::decode(state.payload).unwrap().mode,
+        ListenMode::Accepting
+    );
 
     // The connection survived: data still flows over the new link.
     let server = tokio::spawn(async move {

@@ -111,10 +111,14 @@ impl Reader {
     }
 
     fn token(&mut self) -> Result<Token, PayloadError> {
-        let b = self.bytes(TOKEN_LEN)?;
-        let mut t = [0u8; TOKEN_LEN];
+        Ok(Token(self.array()?))
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], PayloadError> {
+        let b = self.bytes(N)?;
+        let mut t = [0u8; N];
         t.copy_from_slice(&b);
-        Ok(Token(t))
+        Ok(t)
     }
 
     /// A u16 length followed by that many bytes, the length within `min..=max`.
@@ -225,6 +229,10 @@ pub struct LinkInit {
     pub secret: Bytes,
     /// The connections the broker still holds, for the relay to re-install.
     pub connections: Vec<AnnouncedConn>,
+    /// The pool extension (docs/protocol.md §5): who this broker instance is, its keepalive
+    /// and its capacity. `None` is a version-1 LINK_INIT, which a relay treats as the single
+    /// instance [`InstanceId::LEGACY`] of its name, with unknown capacity.
+    pub extension: Option<LinkExtension>,
 }
 
 impl LinkInit {
@@ -245,11 +253,18 @@ impl LinkInit {
             out.put_u32(c.pull_period_ms);
             out.put_u16(c.client_window);
         }
+        if let Some(ext) = &self.extension {
+            out.put_slice(&ext.instance.0);
+            out.put_u32(ext.keepalive_ms);
+            out.put_u8(ext.state.mode as u8);
+            ext.state.capacity.unwrap_or_default().put(&mut out);
+        }
         out.freeze()
     }
 
     /// Parses the payload; rejects a name or secret outside its length range, a name that is
-    /// not UTF-8, a connection count larger than the bytes present, and trailing bytes.
+    /// not UTF-8, a connection count larger than the bytes present, an extension that is not
+    /// exactly [`LINK_EXTENSION_LEN`] bytes or has an unknown listen mode, and trailing bytes.
     pub fn decode(payload: Bytes) -> Result<LinkInit, PayloadError> {
         let mut r = Reader::new("LINK_INIT", payload);
         let server_name = r.prefixed_str(1, MAX_SERVER_NAME_LEN)?;
@@ -266,16 +281,196 @@ impl LinkInit {
                 client_window: r.u16()?,
             });
         }
+        let extension = if r.buf.is_empty() {
+            None
+        } else {
+            let instance = InstanceId(r.array()?);
+            let keepalive_ms = r.u32()?;
+            let mode = ListenMode::from_wire(r.u8()?, "LINK_INIT")?;
+            let capacity = Capacity::read(&mut r)?;
+            Some(LinkExtension {
+                instance,
+                keepalive_ms,
+                state: ListenState {
+                    mode,
+                    capacity: Some(capacity),
+                },
+            })
+        };
         r.end()?;
         Ok(LinkInit {
             server_name,
             secret,
             connections,
+            extension,
         })
     }
 }
 
-/// Payload of LISTEN_STATE: whether the broker accepts new connections.
+/// Length of a broker instance identity, in bytes.
+pub const INSTANCE_ID_LEN: usize = 16;
+
+/// Bytes the pool extension adds at the end of LINK_INIT: instance id, u32 keepalive in
+/// milliseconds, u8 listen mode, u32 maximum connections, u32 live connections.
+pub const LINK_EXTENSION_LEN: usize = INSTANCE_ID_LEN + 4 + 1 + 4 + 4;
+
+/// The stable identity of one broker instance among the instances serving a name
+/// (docs/protocol.md §5). Chosen once per process (16 random bytes) or configured; a new link
+/// with the same identity replaces the old link of that instance, a link with another joins
+/// the name's pool.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct InstanceId(pub [u8; INSTANCE_ID_LEN]);
+
+impl InstanceId {
+    /// The identity a relay gives a version-1 LINK_INIT (without the extension): all zero.
+    pub const LEGACY: InstanceId = InstanceId([0; INSTANCE_ID_LEN]);
+
+    /// A fresh identity from a cryptographic generator (never [`InstanceId::LEGACY`]).
+    #[cfg(feature = "driver")]
+    pub fn random() -> InstanceId {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        loop {
+            let id = InstanceId(rng.random());
+            if id != InstanceId::LEGACY {
+                return id;
+            }
+        }
+    }
+
+    /// The identity as 32 lowercase hex digits (logs, status page, metric labels).
+    pub fn to_hex(&self) -> String {
+        Token(self.0).to_hex()
+    }
+
+    /// Parses exactly 32 hex digits (either case).
+    pub fn from_hex(s: &str) -> Option<InstanceId> {
+        Token::from_hex(s).map(|t| InstanceId(t.0))
+    }
+
+    /// The first 8 hex digits: enough to tell a pool's instances apart in a log line.
+    pub fn short(&self) -> String {
+        let mut hex = self.to_hex();
+        hex.truncate(8);
+        hex
+    }
+}
+
+impl fmt::Debug for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "InstanceId({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Whether a broker instance takes new connections (docs/protocol.md §5, LISTEN_STATE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ListenMode {
+    /// 0: takes no new connections (paused); a relay with no other instance answers 404.
+    NotAccepting = 0,
+    /// 1: takes new connections.
+    Accepting = 1,
+    /// 2: takes no new connections and is going away (planned maintenance); a relay with no
+    /// other instance answers 503 with `Retry-After`, since another instance is expected.
+    Draining = 2,
+}
+
+impl ListenMode {
+    fn from_wire(v: u8, what: &'static str) -> Result<ListenMode, PayloadError> {
+        match v {
+            0 => Ok(ListenMode::NotAccepting),
+            1 => Ok(ListenMode::Accepting),
+            2 => Ok(ListenMode::Draining),
+            other => Err(PayloadError::BadValue {
+                what,
+                value: u32::from(other),
+            }),
+        }
+    }
+}
+
+/// A broker instance's capacity and load as it reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct Capacity {
+    /// Most connections the instance serves at once; 0 means not limited (or not known).
+    pub max_connections: u32,
+    /// Connections the instance holds now (accepted or waiting to be accepted).
+    pub live_connections: u32,
+}
+
+impl Capacity {
+    fn put(&self, out: &mut BytesMut) {
+        out.put_u32(self.max_connections);
+        out.put_u32(self.live_connections);
+    }
+
+    fn read(r: &mut Reader) -> Result<Capacity, PayloadError> {
+        Ok(Capacity {
+            max_connections: r.u32()?,
+            live_connections: r.u32()?,
+        })
+    }
+}
+
+/// The pool extension at the end of LINK_INIT (docs/protocol.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkExtension {
+    /// Which instance of the name this link belongs to (never [`InstanceId::LEGACY`] from a
+    /// broker that sends the extension; a relay treats it as any other identity).
+    pub instance: InstanceId,
+    /// The broker's link keepalive interval in milliseconds. The relay declares the link
+    /// dead only after three of the longer of this and its own interval.
+    pub keepalive_ms: u32,
+    /// The listen mode and capacity at link time; `capacity` is always `Some` here.
+    pub state: ListenState,
+}
+
+/// Length of the extended LISTEN_STATE payload: u8 mode, u32 maximum, u32 live.
+pub const LISTEN_STATE_EXTENDED_LEN: usize = 1 + 4 + 4;
+
+/// A LISTEN_STATE payload (docs/protocol.md §5): the listen mode alone (1 byte, version 1),
+/// or the mode and the capacity (9 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenState {
+    /// Whether the instance takes new connections.
+    pub mode: ListenMode,
+    /// Capacity and load; `None` in the 1-byte form.
+    pub capacity: Option<Capacity>,
+}
+
+impl ListenState {
+    /// The wire payload: 1 byte without capacity, 9 bytes with it.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(LISTEN_STATE_EXTENDED_LEN);
+        out.put_u8(self.mode as u8);
+        if let Some(capacity) = &self.capacity {
+            capacity.put(&mut out);
+        }
+        out.freeze()
+    }
+
+    /// Parses exactly 1 or exactly 9 bytes; a mode other than 0, 1 or 2 is
+    /// [`PayloadError::BadValue`], any other length truncated or trailing.
+    pub fn decode(payload: Bytes) -> Result<ListenState, PayloadError> {
+        let mut r = Reader::new("LISTEN_STATE", payload);
+        let mode = ListenMode::from_wire(r.u8()?, "LISTEN_STATE")?;
+        let capacity = if r.buf.is_empty() {
+            None
+        } else {
+            Some(Capacity::read(&mut r)?)
+        };
+        r.end()?;
+        Ok(ListenState { mode, capacity })
+    }
+}
+
+/// Payload of a version-1 LISTEN_STATE: whether the broker accepts new connections (the
+/// 1-byte form of [`ListenState`]).
 pub fn encode_listen_state(accepting: bool) -> Bytes {
     Bytes::from_static(if accepting { &[1] } else { &[0] })
 }

@@ -15,6 +15,10 @@ use tunnel_proto::payload::{
     encode_reason, encode_sack, encode_token, AnnouncedConn, BrokerConnInit, ConnOption, LinkInit,
     SackBlock, Token, MAX_CLIENT_ADDR_LEN, MAX_SACK_BLOCKS, MAX_SERVER_NAME_LEN,
 };
+use tunnel_proto::payload::{
+    Capacity, InstanceId, LinkExtension, ListenMode, ListenState, LINK_EXTENSION_LEN,
+    LISTEN_STATE_EXTENDED_LEN,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Allocation accounting: lets a test assert that a decoder did not reserve memory for a length
@@ -653,6 +657,7 @@ fn token(seed: u8) -> Token {
 
 fn sample_link_init(conns: usize) -> LinkInit {
     LinkInit {
+        extension: None,
         server_name: "mqtt-broker.example".to_string(),
         secret: Bytes::from_static(b"s3cret\x00\xff"),
         connections: (0..conns)
@@ -679,12 +684,14 @@ fn link_init_round_trips() {
     }
     // Extremes of the allowed lengths.
     let li = LinkInit {
+        extension: None,
         server_name: "x".repeat(MAX_SERVER_NAME_LEN),
         secret: Bytes::new(),
         connections: vec![],
     };
     assert_eq!(LinkInit::decode(li.encode()).unwrap(), li);
     let li = LinkInit {
+        extension: None,
         server_name: "é".to_string(),
         secret: Bytes::from(vec![0xaa; 1024]),
         connections: vec![],
@@ -794,13 +801,15 @@ fn link_init_bad_utf8_name() {
 
 #[test]
 fn link_init_trailing_bytes() {
+    // Bytes after the connections are the pool extension, which must be whole (trailing
+    // bytes after a whole extension: `link_init_extension_cut_or_padded_is_rejected`).
     let mut wire = sample_link_init(1).encode().to_vec();
     wire.extend_from_slice(&[0, 0, 0]);
     assert_eq!(
         LinkInit::decode(Bytes::from(wire)),
-        Err(PayloadError::TrailingBytes {
+        Err(PayloadError::Truncated {
             what: "LINK_INIT",
-            extra: 3
+            needed: 13
         })
     );
 }
@@ -1072,4 +1081,138 @@ fn payload_errors_name_what_failed() {
     assert!(err.to_string().contains("LINK_INIT"), "{err}");
     let err = ConnOption::decode(Bytes::new()).unwrap_err();
     assert!(err.to_string().contains("CONN_OPTION"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pool extension of LINK_INIT and the extended LISTEN_STATE (docs/protocol.md §5).
+
+fn extension() -> LinkExtension {
+    LinkExtension {
+        instance: InstanceId(std::array::from_fn(|i| i as u8 + 1)),
+        keepalive_ms: 5000,
+        state: ListenState {
+            mode: ListenMode::Accepting,
+            capacity: Some(Capacity {
+                max_connections: 300,
+                live_connections: 12,
+            }),
+        },
+    }
+}
+
+#[test]
+fn link_init_extension_round_trips_after_the_connections() {
+    let v1 = sample_link_init(2);
+    let li = LinkInit {
+        extension: Some(extension()),
+        ..v1.clone()
+    };
+    let wire = li.encode();
+    assert_eq!(wire.len(), v1.encode().len() + LINK_EXTENSION_LEN);
+    // The version-1 payload is a prefix: the extension is only appended.
+    assert_eq!(&wire[..v1.encode().len()], &v1.encode()[..]);
+    let tail = &wire[v1.encode().len()..];
+    assert_eq!(&tail[..16], &extension().instance.0);
+    assert_eq!(&tail[16..20], &5000u32.to_be_bytes());
+    assert_eq!(tail[20], 1);
+    assert_eq!(&tail[21..25], &300u32.to_be_bytes());
+    assert_eq!(&tail[25..29], &12u32.to_be_bytes());
+    assert_eq!(LinkInit::decode(wire).unwrap(), li);
+    // Without the extension: a version-1 broker.
+    assert_eq!(LinkInit::decode(v1.encode()).unwrap().extension, None);
+}
+
+#[test]
+fn link_init_extension_cut_or_padded_is_rejected() {
+    let li = LinkInit {
+        extension: Some(extension()),
+        ..sample_link_init(1)
+    };
+    let wire = li.encode();
+    let v1_len = wire.len() - LINK_EXTENSION_LEN;
+    // Every cut inside the extension is truncated (a cut at its start is version 1).
+    for cut in v1_len + 1..wire.len() {
+        assert!(
+            matches!(
+                LinkInit::decode(wire.slice(..cut)),
+                Err(PayloadError::Truncated { .. })
+            ),
+            "cut at {cut}"
+        );
+    }
+    let mut padded = BytesMut::from(&wire[..]);
+    padded.put_u8(0);
+    assert_eq!(
+        LinkInit::decode(padded.freeze()),
+        Err(PayloadError::TrailingBytes {
+            what: "LINK_INIT",
+            extra: 1
+        })
+    );
+    let mut bad_mode = BytesMut::from(&wire[..]);
+    bad_mode[v1_len + 20] = 3;
+    assert_eq!(
+        LinkInit::decode(bad_mode.freeze()),
+        Err(PayloadError::BadValue {
+            what: "LINK_INIT",
+            value: 3
+        })
+    );
+}
+
+#[test]
+fn listen_state_has_a_one_byte_and_a_nine_byte_form() {
+    let short = ListenState {
+        mode: ListenMode::Accepting,
+        capacity: None,
+    };
+    assert_eq!(&short.encode()[..], &[1]);
+    assert_eq!(ListenState::decode(Bytes::from_static(&[1])), Ok(short));
+    // The version-1 decoder reads the 1-byte form the same way.
+    assert_eq!(decode_listen_state(short.encode()), Ok(true));
+    let long = ListenState {
+        mode: ListenMode::Draining,
+        capacity: Some(Capacity {
+            max_connections: 7,
+            live_connections: 9,
+        }),
+    };
+    let wire = long.encode();
+    assert_eq!(&wire[..], &[2, 0, 0, 0, 7, 0, 0, 0, 9]);
+    assert_eq!(wire.len(), LISTEN_STATE_EXTENDED_LEN);
+    assert_eq!(ListenState::decode(wire.clone()), Ok(long));
+    for cut in 2..wire.len() {
+        assert!(
+            matches!(
+                ListenState::decode(wire.slice(..cut)),
+                Err(PayloadError::Truncated { .. })
+            ),
+            "cut at {cut}"
+        );
+    }
+    assert!(matches!(
+        ListenState::decode(Bytes::new()),
+        Err(PayloadError::Truncated { .. })
+    ));
+    assert!(matches!(
+        ListenState::decode(Bytes::from_static(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0])),
+        Err(PayloadError::TrailingBytes { extra: 1, .. })
+    ));
+    assert_eq!(
+        ListenState::decode(Bytes::from_static(&[3])),
+        Err(PayloadError::BadValue {
+            what: "LISTEN_STATE",
+            value: 3
+        })
+    );
+}
+
+#[test]
+fn instance_ids_print_as_hex() {
+    let id = extension().instance;
+    assert_eq!(id.to_hex(), "0102030405060708090a0b0c0d0e0f10");
+    assert_eq!(id.short(), "01020304");
+    assert_eq!(InstanceId::from_hex(&id.to_hex()), Some(id));
+    assert_eq!(InstanceId::from_hex("xyz"), None);
+    assert_eq!(InstanceId::LEGACY.to_hex(), "0".repeat(32));
 }

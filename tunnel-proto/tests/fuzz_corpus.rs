@@ -14,7 +14,8 @@ use tunnel_proto::codec::encode_all;
 use tunnel_proto::packet::{Packet, PacketType};
 use tunnel_proto::payload::{
     encode_listen_state, encode_reason, encode_sack, encode_token, AnnouncedConn, BrokerConnInit,
-    ConnOption, LinkInit, SackBlock, Token,
+    Capacity, ConnOption, InstanceId, LinkExtension, LinkInit, ListenMode, ListenState, SackBlock,
+    Token,
 };
 
 #[path = "../../fuzz/fuzz_targets/checks.rs"]
@@ -40,6 +41,7 @@ fn token(n: u8) -> Token {
 
 fn link_init(conns: u32) -> LinkInit {
     LinkInit {
+        extension: None,
         server_name: "mqtt".to_string(),
         secret: Bytes::from_static(b"link-secret"),
         connections: (0..conns)
@@ -168,6 +170,35 @@ fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
         ),
         ("listen-on", encode_listen_state(true)),
         ("listen-off", encode_listen_state(false)),
+        (
+            "listen-capacity",
+            ListenState {
+                mode: ListenMode::Draining,
+                capacity: Some(Capacity {
+                    max_connections: 100,
+                    live_connections: 7,
+                }),
+            }
+            .encode(),
+        ),
+        (
+            "link-init-extension",
+            LinkInit {
+                extension: Some(LinkExtension {
+                    instance: InstanceId([0xab; 16]),
+                    keepalive_ms: 5000,
+                    state: ListenState {
+                        mode: ListenMode::Accepting,
+                        capacity: Some(Capacity {
+                            max_connections: 10,
+                            live_connections: 2,
+                        }),
+                    },
+                }),
+                ..link_init(2)
+            }
+            .encode(),
+        ),
         ("sack", sack()),
         ("token", encode_token(&token(9))),
         ("token-hex", Bytes::from(token(9).to_hex())),

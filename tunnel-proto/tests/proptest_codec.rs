@@ -131,6 +131,7 @@ fn arb_link_init() -> impl Strategy<Value = LinkInit> {
         ),
     )
         .prop_map(|(server_name, secret, connections)| LinkInit {
+            extension: None,
             server_name,
             secret: Bytes::from(secret),
             connections,

@@ -44,6 +44,76 @@ pub fn secret_eq(presented: &[u8], expected: &[u8]) -> bool {
     digest(presented).ct_eq(&digest(expected)).into()
 }
 
+/// Per-name link secrets (`--link-secrets-file`): a broker linking a listed name must present
+/// that name's secret, and the shared link secret is not accepted for it; names not listed
+/// use the shared secret. Only SHA-256 digests are kept, compared in constant time.
+#[derive(Clone, Default)]
+pub struct LinkSecrets {
+    by_name: std::collections::HashMap<String, Digest32>,
+}
+
+impl fmt::Debug for LinkSecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Names are not secret, digests are kept out of logs all the same.
+        f.debug_struct("LinkSecrets")
+            .field("names", &self.by_name.len())
+            .finish()
+    }
+}
+
+impl LinkSecrets {
+    /// An empty set: every name uses the shared secret.
+    pub fn new() -> LinkSecrets {
+        LinkSecrets::default()
+    }
+
+    /// Requires `secret` for links of `name` (replacing an earlier entry of that name).
+    pub fn add(&mut self, name: &str, secret: &[u8]) -> Result<(), String> {
+        if name.is_empty() || name.len() > tunnel_proto::payload::MAX_SERVER_NAME_LEN {
+            return Err("server name must be 1..=255 bytes".into());
+        }
+        if secret.is_empty() {
+            return Err("the secret must not be empty".into());
+        }
+        self.by_name.insert(name.to_string(), digest(secret));
+        Ok(())
+    }
+
+    /// Loads `name:secret` lines (split at the first `:`, so names cannot hold `:` but
+    /// secrets may); blank lines and `#` comments are skipped; only the line ending is
+    /// stripped from the secret. Errors name the line, never its content.
+    pub fn load_file(&mut self, path: &Path) -> io::Result<()> {
+        let text = read_secret_file(path)?;
+        for (number, line) in meaningful_lines(&text) {
+            let Some((name, secret)) = line.split_once(':') else {
+                return Err(invalid(path, number, "expected name:secret"));
+            };
+            self.add(name.trim(), secret.as_bytes())
+                .map_err(|e| invalid(path, number, &e))?;
+        }
+        Ok(())
+    }
+
+    /// Whether `presented` is the secret for links of `name`: the name's own if it is
+    /// listed, otherwise `shared`.
+    pub fn check(&self, name: &str, presented: &[u8], shared: &[u8]) -> bool {
+        match self.by_name.get(name) {
+            Some(expected) => digest(presented).ct_eq(expected).into(),
+            None => secret_eq(presented, shared),
+        }
+    }
+
+    /// Number of names with their own secret.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Whether no name has its own secret.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
 /// Credentials the relay accepts from clients. Build with [`ClientAuth::new`] and the
 /// `add_*`/`load_*` methods; an empty one refuses everybody, so [`ClientAuth::validate`]
 /// rejects it.
@@ -372,5 +442,42 @@ mod tests {
         assert!(secret_eq(b"abc", b"abc"));
         assert!(!secret_eq(b"abc", b"abcd"));
         assert!(!secret_eq(b"", b"abc"));
+    }
+
+    #[test]
+    fn a_listed_name_needs_its_own_secret_and_others_the_shared_one() {
+        let dir = std::env::temp_dir().join(format!("link-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secrets");
+        std::fs::write(
+            &path,
+            "# pool secrets\nredis: s3cret:with:colons\r\n\nmqtt:m\n",
+        )
+        .unwrap();
+        let mut secrets = LinkSecrets::new();
+        secrets.load_file(&path).unwrap();
+        assert_eq!(secrets.len(), 2);
+        assert!(secrets.check("redis", b" s3cret:with:colons", b"shared"));
+        assert!(
+            !secrets.check("redis", b"shared", b"shared"),
+            "shared secret for a listed name"
+        );
+        assert!(
+            !secrets.check("redis", b"m", b"shared"),
+            "another name's secret"
+        );
+        assert!(secrets.check("mqtt", b"m", b"shared"));
+        assert!(secrets.check("other", b"shared", b"shared"));
+        assert!(!secrets.check("other", b"m", b"shared"));
+        std::fs::write(&path, "redis\n").unwrap();
+        let err = LinkSecrets::new().load_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("line 1") && err.contains("name:secret"),
+            "{err}"
+        );
+        std::fs::write(&path, "redis:\n").unwrap();
+        assert!(LinkSecrets::new().load_file(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(!format!("{secrets:?}").contains("s3cret"));
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tunnel_proto::packet::DEFAULT_MAX_PACKET_SIZE;
 
-use crate::auth::ClientAuth;
+use crate::auth::{ClientAuth, LinkSecrets};
 use crate::cidr::Cidr;
 
 /// PEM files of a TLS certificate chain and its private key.
@@ -29,8 +29,12 @@ pub struct RelayConfig {
     pub link_listen: SocketAddr,
     /// Path the tunnel requests go to. Default `/tunnel`.
     pub base_path: String,
-    /// The secret every broker must present in LINK_INIT. No default: must not be empty.
+    /// The secret every broker must present in LINK_INIT, unless its name has its own in
+    /// `link_secrets`. No default: must not be empty.
     pub link_secret: Vec<u8>,
+    /// Names with their own link secret (`--link-secrets-file`); a broker of a listed name
+    /// must present that one, and the shared secret is refused for it. Default: none.
+    pub link_secrets: LinkSecrets,
     /// How long a pull is held while nothing is queued. Default 20 s.
     pub pull_wait: Duration,
     /// Most bytes of packets put into one push or pull response (at least one packet is
@@ -57,6 +61,10 @@ pub struct RelayConfig {
     pub max_client_inactivity_timeout: Duration,
     /// How long a broker's connections are kept after its link is lost. Default 30 s.
     pub broker_grace: Duration,
+    /// How long after a name last had a linked broker instance, or after the relay started,
+    /// a connect that no instance can take gets 503 with `Retry-After` instead of 404, so
+    /// clients retry through a re-link or a rolling restart. Default 30 s.
+    pub name_grace: Duration,
     /// How long an ended connection (CONN_ABORT/CONN_REJECTED/CONN_SHUTDOWN queued) waits for
     /// its client to fetch the rest of its queue before it is forgotten. Default 30 s.
     pub ending_linger: Duration,
@@ -124,6 +132,7 @@ impl Default for RelayConfig {
             link_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             base_path: "/tunnel".to_string(),
             link_secret: Vec::new(),
+            link_secrets: LinkSecrets::new(),
             pull_wait: Duration::from_secs(20),
             response_limit: 1024 * 1024,
             max_body_size: 4 * 1024 * 1024,
@@ -134,6 +143,7 @@ impl Default for RelayConfig {
             client_inactivity_timeout: Duration::from_secs(60),
             max_client_inactivity_timeout: Duration::from_secs(3600),
             broker_grace: Duration::from_secs(30),
+            name_grace: Duration::from_secs(30),
             ending_linger: Duration::from_secs(30),
             link_keepalive: Duration::from_secs(10),
             link_handshake_timeout: Duration::from_secs(10),
@@ -169,6 +179,7 @@ impl std::fmt::Debug for RelayConfig {
                 "link_secret",
                 &format_args!("<{} bytes>", self.link_secret.len()),
             )
+            .field("link_secrets", &self.link_secrets)
             .field("pull_wait", &self.pull_wait)
             .field("response_limit", &self.response_limit)
             .field("max_body_size", &self.max_body_size)
@@ -177,6 +188,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("queue_limit", &self.queue_limit)
             .field("client_inactivity_timeout", &self.client_inactivity_timeout)
             .field("broker_grace", &self.broker_grace)
+            .field("name_grace", &self.name_grace)
             .field("link_keepalive", &self.link_keepalive)
             .field("http_tls", &self.http_tls)
             .field("link_tls", &self.link_tls)

@@ -12,7 +12,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{
+    HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::oneshot;
 use tunnel_proto::payload::{encode_token, BrokerConnInit, ConnOption};
@@ -24,7 +26,7 @@ use crate::query::{self, Kind};
 use crate::sender::SendError;
 use crate::state::Shared;
 use crate::status::StatusSnapshot;
-use crate::table::{Waiter, Wake};
+use crate::table::{NoPlace, Waiter, Wake};
 
 pub(crate) type Body = Full<Bytes>;
 
@@ -131,7 +133,7 @@ async fn tunnel(req: Request<Incoming>, peer: SocketAddr, shared: &Shared) -> Re
         if method != Method::POST {
             return error(StatusCode::METHOD_NOT_ALLOWED, "connect must be a POST");
         }
-        return connect(req, peer, shared, &server).await;
+        return connect(req, peer, shared, &server, params.affinity.as_deref()).await;
     }
     let Some(conn_id) = params.conn_id else {
         return error(StatusCode::BAD_REQUEST, "ConnId is missing or invalid");
@@ -194,6 +196,7 @@ async fn connect(
     peer: SocketAddr,
     shared: &Shared,
     server: &str,
+    affinity: Option<&str>,
 ) -> Response<Body> {
     let config = &shared.config;
     let client = forwarded::client_addr(req.headers(), peer, &config.trusted_proxies).to_string();
@@ -232,12 +235,24 @@ async fn connect(
             );
         }
     };
-    let (link, conn_id, token) = {
+    let (link, instance, conn_id, token) = {
         let mut table = shared.table();
-        let Some(link) = table.listening_link(server).cloned() else {
+        let Some((instance, link)) = table.choose(server, affinity, &[]) else {
+            let why = table.no_place(server, Instant::now(), config.name_grace);
             drop(table);
-            shared.metrics.rejected(RejectReason::NoServer);
-            return error(StatusCode::NOT_FOUND, "no broker of that name is listening");
+            return match why {
+                NoPlace::Gone => {
+                    shared.metrics.rejected(RejectReason::NoServer);
+                    error(StatusCode::NOT_FOUND, "no broker of that name is listening")
+                }
+                NoPlace::Retry => {
+                    shared.metrics.rejected(RejectReason::NoInstance);
+                    tracing::debug!(%client, server, "no instance takes connections right now; 503");
+                    retry_later(
+                        "no broker instance of that name takes connections right now; retry",
+                    )
+                }
+            };
         };
         if table.connection_count() >= config.max_connections {
             drop(table);
@@ -250,11 +265,14 @@ async fn connect(
         }
         let (conn_id, token) = table.open(
             server,
+            instance,
+            affinity,
+            init.window,
             &client,
             Instant::now(),
             config.client_inactivity_timeout,
         );
-        (link, conn_id, token)
+        (link, instance, conn_id, token)
     };
     let to_broker = Packet::new(
         PacketType::ConnInit,
@@ -278,8 +296,20 @@ async fn connect(
         return error(StatusCode::SERVICE_UNAVAILABLE, link_error_text(err));
     }
     shared.metrics.connect();
-    tracing::info!(conn_id, server, client = %client, window = init.window, "connection opened");
+    tracing::info!(conn_id, server, instance = %instance.short(), client = %client, window = init.window, "connection opened");
     packets(Packet::new(PacketType::ConnInit, conn_id, encode_token(&token)).to_bytes())
+}
+
+/// Seconds a client is asked to wait (`Retry-After`) when a name has no instance that takes
+/// connections right now (docs/protocol.md §2).
+pub(crate) const RETRY_AFTER_SECS: u32 = 1;
+
+/// 503 with `Retry-After`: the name is expected back soon.
+fn retry_later(msg: &str) -> Response<Body> {
+    let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, msg);
+    resp.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    resp
 }
 
 fn link_error_text(err: SendError) -> &'static str {
@@ -335,12 +365,22 @@ async fn push(
     let client_aborts = list.iter().any(|p| p.kind == PacketType::ConnAbort);
     let sender = {
         let mut table = shared.table();
-        // Checked before the connection: after a relay restart the broker's announcement
-        // may not have arrived yet, and the client must retry rather than give up.
-        let Some(link) = table.link(server).cloned() else {
+        // Without a link the relay cannot tell an unknown connection from one not
+        // re-announced yet (after a relay restart): the client must retry, not give up.
+        if !table.has_link(server) {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no link to that broker right now",
+            );
+        }
+        if table.authorize(conn_id, server, &token).is_none() {
+            return error(StatusCode::NOT_FOUND, "unknown connection");
+        }
+        // The link of the instance the connection is on; it may be re-linking.
+        let Some(link) = table.conn_link(conn_id).cloned() else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no link to that broker instance right now",
             );
         };
         let Some(entry) = table.authorize(conn_id, server, &token) else {
@@ -382,7 +422,7 @@ async fn pull(shared: &Shared, server: &str, conn_id: u32, token: Token) -> Resp
     loop {
         let (pull_id, woken, wake_at): (u64, oneshot::Receiver<Wake>, tokio::time::Instant) = {
             let mut table = shared.table();
-            let has_link = table.link(server).is_some();
+            let has_link = table.has_link(server);
             let pull_id = table.next_id();
             let Some(entry) = table.authorize(conn_id, server, &token) else {
                 // Without a link the relay cannot tell "unknown" from "not re-announced yet".

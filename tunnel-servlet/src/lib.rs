@@ -34,7 +34,7 @@ mod status_json;
 mod table;
 pub mod tls;
 
-pub use auth::ClientAuth;
+pub use auth::{ClientAuth, LinkSecrets};
 pub use cidr::Cidr;
 pub use config::{RelayConfig, TlsFiles};
 pub use metrics::MetricsSnapshot;

@@ -17,13 +17,60 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tunnel_proto::payload::{
-    decode_listen_state, decode_reason, encode_reason, ConnOption, LinkInit,
+    decode_reason, encode_reason, Capacity, ConnOption, InstanceId, LinkInit, ListenMode,
+    ListenState,
 };
 use tunnel_proto::{Decoder, Packet, PacketType};
 
 use crate::sender::{self, LinkSender};
 use crate::state::{accept_until_stopped, stopped, Shared};
-use crate::table::{LinkHandle, Table};
+use crate::table::{LinkHandle, LinkInfo, Offer, Table};
+
+/// Longest broker keepalive the relay honours: a broker announcing more cannot keep a dead
+/// link counted as alive for longer than three of these.
+pub(crate) const MAX_BROKER_KEEPALIVE: Duration = Duration::from_secs(600);
+
+/// What the relay knows of a link's broker from LINK_INIT: its instance, its listen state
+/// and capacity, and its keepalive (docs/protocol.md §5). A version-1 LINK_INIT is the
+/// legacy instance, accepting, with unknown capacity and the relay's own keepalive; it
+/// still sends LISTEN_STATE at once.
+fn link_info(init: &LinkInit, relay_keepalive: Duration) -> (LinkInfo, Duration) {
+    match &init.extension {
+        Some(ext) => {
+            let broker = Duration::from_millis(u64::from(ext.keepalive_ms));
+            (
+                LinkInfo {
+                    instance: ext.instance,
+                    state: ext.state,
+                },
+                broker.min(MAX_BROKER_KEEPALIVE),
+            )
+        }
+        None => (
+            LinkInfo {
+                instance: InstanceId::LEGACY,
+                state: ListenState {
+                    mode: ListenMode::NotAccepting,
+                    capacity: Some(Capacity::default()),
+                },
+            },
+            relay_keepalive,
+        ),
+    }
+}
+
+/// Sends the CONN_INITs of punted connections; a link that cannot take one at once leaves
+/// its connection to the client's connect timeout (logged).
+fn send_offers(offers: Vec<Offer>) {
+    for (sender, packet) in offers {
+        if sender.try_send_packet(&packet).is_err() {
+            tracing::warn!(
+                conn_id = packet.conn_id,
+                "link busy; punted CONN_INIT not sent"
+            );
+        }
+    }
+}
 
 /// Room kept free in the read buffer so each read can take a good share of a burst.
 const READ_CHUNK: usize = 64 * 1024;
@@ -139,7 +186,10 @@ async fn serve_link<S>(
     };
     // Hashed before the constant-time comparison, so a wrong length is not answered faster
     // than a wrong content (slices' `ct_eq` returns early on a length mismatch).
-    let secret_ok = crate::auth::secret_eq(init.secret.as_ref(), &config.link_secret);
+    let secret_ok =
+        config
+            .link_secrets
+            .check(&init.server_name, init.secret.as_ref(), &config.link_secret);
     if !secret_ok {
         shared.metrics.auth_failure();
         tracing::warn!(%peer, server = %init.server_name, "link authentication failed");
@@ -148,6 +198,8 @@ async fn serve_link<S>(
     }
     drop(handshake_permit);
 
+    let (info, broker_keepalive) = link_info(&init, config.link_keepalive);
+    let instance = info.instance;
     let name = init.server_name;
     let (reader, writer) = tokio::io::split(io);
     let (sender, receiver) = sender::channel(config.link_write_buffer);
@@ -167,6 +219,7 @@ async fn serve_link<S>(
         };
         let (old, refused) = table.link_up(
             &name,
+            info,
             handle,
             &init.connections,
             Instant::now(),
@@ -175,7 +228,7 @@ async fn serve_link<S>(
             config.ending_linger,
         );
         if let Some(old) = old {
-            tracing::info!(server = %name, "link replaced by a newer one");
+            tracing::info!(server = %name, instance = %instance.short(), "link replaced by a newer one of the same instance");
             old.close();
         }
         for conn_id in refused {
@@ -190,7 +243,9 @@ async fn serve_link<S>(
         link_id
     };
     shared.metrics.link_accepted();
-    tracing::info!(server = %name, %peer, announced = init.connections.len(), "link up");
+    tracing::info!(server = %name, instance = %instance.short(), %peer, announced = init.connections.len(),
+        mode = ?info.state.mode, capacity = info.state.capacity.map_or(0, |c| c.max_connections),
+        keepalive_ms = broker_keepalive.as_millis() as u64, "link up");
 
     tokio::spawn(sender::run_writer(
         writer,
@@ -198,27 +253,49 @@ async fn serve_link<S>(
         config.link_keepalive,
         closed.clone(),
     ));
-    let why = read_link(reader, decoder, &name, link_id, &sender, &closed, &shared).await;
+    // Dead after three of the longer keepalive: a broker that keeps quiet for its own
+    // (longer) interval is alive, and so is one that is quiet for the relay's.
+    let dead_after = config.link_keepalive.max(broker_keepalive) * 3;
+    let link = ReadLink {
+        name: &name,
+        instance,
+        link_id,
+        sender: &sender,
+        dead_after,
+    };
+    let why = read_link(reader, decoder, &link, &closed, &shared).await;
     closed.send_replace(true);
     drop(sender);
-    if shared.table().link_down(&name, link_id, Instant::now()) {
-        tracing::info!(server = %name, %peer, reason = why, "link down; grace period started");
+    let (current, offers) = shared
+        .table()
+        .link_down(&name, instance, link_id, Instant::now());
+    if current {
+        tracing::info!(server = %name, instance = %instance.short(), %peer, reason = why, punted = offers.len(), "link down; grace period started");
     } else {
-        tracing::info!(server = %name, %peer, reason = why, "old link closed");
+        tracing::info!(server = %name, instance = %instance.short(), %peer, reason = why, "old link closed");
     }
+    send_offers(offers);
+}
+
+/// Which link packets are read from.
+struct ReadLink<'a> {
+    name: &'a str,
+    instance: InstanceId,
+    link_id: u64,
+    sender: &'a LinkSender,
+    /// Silence after which the link is dead.
+    dead_after: Duration,
 }
 
 /// Reads packets until the link ends; returns why it ended.
 async fn read_link<R: AsyncRead + Unpin>(
     mut io: R,
     mut decoder: Decoder,
-    name: &str,
-    link_id: u64,
-    sender: &LinkSender,
+    link: &ReadLink<'_>,
     closed: &watch::Sender<bool>,
     shared: &Shared,
 ) -> &'static str {
-    let dead_after = shared.config.link_keepalive * 3;
+    let (name, dead_after) = (link.name, link.dead_after);
     let mut closed_rx = closed.subscribe();
     let mut stopping = shared.stopping.clone();
     let mut batch = Vec::new();
@@ -234,10 +311,14 @@ async fn read_link<R: AsyncRead + Unpin>(
             }
         }
         if !batch.is_empty() {
-            let mut table = shared.table();
-            for packet in batch.drain(..) {
-                route(&mut table, shared, name, link_id, sender, packet);
+            let mut offers = Vec::new();
+            {
+                let mut table = shared.table();
+                for packet in batch.drain(..) {
+                    offers.extend(route(&mut table, shared, link, packet));
+                }
             }
+            send_offers(offers);
         }
         if decoder.buffer_mut().capacity() - decoder.buffered() < READ_CHUNK / 4 {
             decoder.buffer_mut().reserve(READ_CHUNK);
@@ -248,7 +329,9 @@ async fn read_link<R: AsyncRead + Unpin>(
             read = tokio::time::timeout(dead_after, io.read_buf(decoder.buffer_mut())) => read,
         };
         match read {
-            Err(_) => return "silent for three keepalive intervals",
+            Err(_) => {
+                return "silent for three keepalive intervals (the longer of relay's and broker's)"
+            }
             Ok(Ok(0)) => return "closed by broker",
             Ok(Ok(_)) => {}
             Ok(Err(err)) => {
@@ -259,36 +342,31 @@ async fn read_link<R: AsyncRead + Unpin>(
     }
 }
 
-/// Sorts one packet from the broker `name` into the table.
-fn route(
-    table: &mut Table,
-    shared: &Shared,
-    name: &str,
-    link_id: u64,
-    sender: &LinkSender,
-    packet: Packet,
-) {
+/// Sorts one packet from a broker's link into the table; returns the CONN_INIT to send if
+/// the packet made the relay punt a connection to another instance.
+fn route(table: &mut Table, shared: &Shared, link: &ReadLink<'_>, packet: Packet) -> Option<Offer> {
     let config = &shared.config;
+    let (name, sender) = (link.name, link.sender);
     let id = packet.conn_id;
     match packet.kind {
-        PacketType::NoOp if id == 0 => return,
+        PacketType::NoOp if id == 0 => return None,
         PacketType::ListenState => {
-            match decode_listen_state(packet.payload) {
-                Ok(listening) => {
-                    tracing::info!(server = name, listening, "listen state");
-                    table.set_listening(name, link_id, listening);
+            match ListenState::decode(packet.payload) {
+                Ok(state) => {
+                    tracing::debug!(server = name, instance = %link.instance.short(), mode = ?state.mode, capacity = ?state.capacity, "listen state");
+                    table.set_listen_state(name, link.instance, link.link_id, state);
                 }
                 Err(err) => tracing::warn!(server = name, error = %err, "bad LISTEN_STATE ignored"),
             }
-            return;
+            return None;
         }
         PacketType::ConnInit | PacketType::LinkInit | PacketType::LinkInitAck => {
             tracing::warn!(server = name, kind = ?packet.kind, conn_id = id, "unexpected packet from broker ignored");
-            return;
+            return None;
         }
         _ => {}
     }
-    if !table.belongs_to(id, name) {
+    if !table.belongs_to(id, name, link.instance) {
         // Tell the broker to drop a connection the relay does not know, unless the packet
         // is itself an ending.
         let is_ending = matches!(
@@ -304,21 +382,22 @@ fn route(
             );
             let _ = sender.try_send_packet(&abort);
         }
-        return;
+        return None;
     }
     let forget_at = Instant::now() + config.ending_linger;
     match packet.kind {
         PacketType::ConnShutdown => table.end_after_delivery(id, "shutdown by broker", forget_at),
-        PacketType::ConnRejected | PacketType::ConnAbort => {
-            let reason = format!(
-                "{} by broker: {}",
-                if packet.kind == PacketType::ConnAbort {
-                    "aborted"
-                } else {
-                    "rejected"
-                },
-                decode_reason(&packet.payload)
-            );
+        PacketType::ConnRejected => {
+            // Refused before it was accepted: try another instance before the client hears
+            // of it (docs/protocol.md §5.1).
+            if let Some(offer) = table.punt(id) {
+                return Some(offer);
+            }
+            let reason = format!("rejected by broker: {}", decode_reason(&packet.payload));
+            table.end_with(id, packet, &reason, forget_at);
+        }
+        PacketType::ConnAbort => {
+            let reason = format!("aborted by broker: {}", decode_reason(&packet.payload));
             table.end_with(id, packet, &reason, forget_at);
         }
         PacketType::ConnOption => {
@@ -331,8 +410,13 @@ fn route(
             }
             table.enqueue(id, packet, shared.queue_limits(), false);
         }
+        PacketType::ConnInitAck => {
+            table.accepted(id);
+            table.enqueue(id, packet, shared.queue_limits(), false);
+        }
         _ => {
             table.enqueue(id, packet, shared.queue_limits(), false);
         }
     }
+    None
 }

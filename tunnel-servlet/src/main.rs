@@ -33,6 +33,10 @@ struct Args {
     /// File holding the secret brokers must present (trailing newline ignored).
     #[arg(long, env = "TUNNEL_LINK_SECRET_FILE")]
     link_secret_file: PathBuf,
+    /// File of `name:secret` lines: brokers of a listed name must present that secret (the
+    /// shared one is refused for it); other names use --link-secret-file.
+    #[arg(long, env = "TUNNEL_LINK_SECRETS_FILE")]
+    link_secrets_file: Option<PathBuf>,
     /// Path of the tunnel requests.
     #[arg(long, env = "TUNNEL_BASE_PATH", default_value = "/tunnel")]
     base_path: String,
@@ -60,6 +64,10 @@ struct Args {
     /// How long a broker's connections wait for it to link again, in ms.
     #[arg(long, env = "TUNNEL_BROKER_GRACE_MS", default_value = "30000", value_parser = millis)]
     broker_grace_ms: Duration,
+    /// How long after a name last had a linked broker instance (or after the relay started)
+    /// connects to it get 503 with Retry-After instead of 404, in ms.
+    #[arg(long, env = "TUNNEL_NAME_GRACE_MS", default_value = "30000", value_parser = millis)]
+    name_grace_ms: Duration,
     /// Link keepalive interval in ms; a link silent for three is dead.
     #[arg(long, env = "TUNNEL_LINK_KEEPALIVE_MS", default_value = "10000", value_parser = millis)]
     link_keepalive_ms: Duration,
@@ -168,11 +176,16 @@ impl Args {
         let secret = tunnel_proto::secret::read_link_secret_file(&self.link_secret_file)
             .map_err(|e| e.to_string())?
             .to_vec();
+        let mut link_secrets = tunnel_servlet::LinkSecrets::new();
+        if let Some(path) = &self.link_secrets_file {
+            link_secrets.load_file(path).map_err(|e| e.to_string())?;
+        }
         Ok(RelayConfig {
             http_listen: self.listen,
             link_listen: self.link_listen,
             base_path: self.base_path,
             link_secret: secret,
+            link_secrets,
             pull_wait: self.pull_wait_ms,
             response_limit: self.response_limit,
             max_body_size: self.max_body,
@@ -181,6 +194,7 @@ impl Args {
             queue_limit: self.queue_limit,
             client_inactivity_timeout: self.inactivity_ms,
             broker_grace: self.broker_grace_ms,
+            name_grace: self.name_grace_ms,
             link_keepalive: self.link_keepalive_ms,
             link_handshake_timeout: self.link_handshake_ms,
             header_read_timeout: self.header_timeout_ms,

@@ -17,14 +17,17 @@ pub enum RejectReason {
     Limit,
     /// 503: the broker's link did not take the CONN_INIT in time.
     LinkBusy,
+    /// 503 with `Retry-After`: the name's instances are re-linking, draining or full.
+    NoInstance,
 }
 
 impl RejectReason {
-    const ALL: [RejectReason; 4] = [
+    const ALL: [RejectReason; 5] = [
         RejectReason::BadRequest,
         RejectReason::NoServer,
         RejectReason::Limit,
         RejectReason::LinkBusy,
+        RejectReason::NoInstance,
     ];
 
     fn label(self) -> &'static str {
@@ -33,6 +36,7 @@ impl RejectReason {
             RejectReason::NoServer => "no_server",
             RejectReason::Limit => "limit",
             RejectReason::LinkBusy => "link_busy",
+            RejectReason::NoInstance => "no_instance",
         }
     }
 }
@@ -41,7 +45,7 @@ impl RejectReason {
 #[derive(Debug, Default)]
 pub struct Metrics {
     connects_total: AtomicU64,
-    rejected: [AtomicU64; 4],
+    rejected: [AtomicU64; 5],
     pushes_total: AtomicU64,
     pulls_total: AtomicU64,
     bytes_up: AtomicU64,
@@ -70,6 +74,9 @@ pub struct MetricsSnapshot {
     pub connects_rejected_limit: u64,
     /// Connect requests refused with 503 because the broker's link could not take them.
     pub connects_rejected_link_busy: u64,
+    /// Connects answered 503 with `Retry-After`: no instance of the name takes connections
+    /// right now (re-linking, draining or full).
+    pub connects_rejected_no_instance: u64,
     /// Push requests served.
     pub pushes_total: u64,
     /// Pull requests served.
@@ -138,6 +145,7 @@ impl Metrics {
             connects_rejected_no_server: get(&self.rejected[RejectReason::NoServer as usize]),
             connects_rejected_limit: get(&self.rejected[RejectReason::Limit as usize]),
             connects_rejected_link_busy: get(&self.rejected[RejectReason::LinkBusy as usize]),
+            connects_rejected_no_instance: get(&self.rejected[RejectReason::NoInstance as usize]),
             pushes_total: get(&self.pushes_total),
             pulls_total: get(&self.pulls_total),
             bytes_up: get(&self.bytes_up),
@@ -293,6 +301,7 @@ impl MetricsSnapshot {
                     RejectReason::NoServer => self.connects_rejected_no_server,
                     RejectReason::Limit => self.connects_rejected_limit,
                     RejectReason::LinkBusy => self.connects_rejected_link_busy,
+                    RejectReason::NoInstance => self.connects_rejected_no_instance,
                 };
                 (labels(&[("reason", reason.label())]), value)
             }),

@@ -7,6 +7,9 @@ use tunnel_proto::Token;
 /// Name of the header carrying the per-connection token as 32 hex digits.
 pub const TOKEN_HEADER: &str = "tunnel-token";
 
+/// Longest `Affinity` key, in bytes of UTF-8; a longer one is ignored.
+pub const MAX_AFFINITY_LEN: usize = 255;
+
 /// The three request kinds of the tunnel interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -21,6 +24,9 @@ pub(crate) struct Params {
     pub(crate) kind: Option<Kind>,
     pub(crate) server: Option<String>,
     pub(crate) conn_id: Option<u32>,
+    /// `Affinity` of a connect: connections with the same key go to the same broker
+    /// instance while it takes connections (docs/protocol.md §2, §5.1).
+    pub(crate) affinity: Option<String>,
 }
 
 /// Parses the query; unknown keys are ignored, bad values leave the field `None`.
@@ -42,6 +48,9 @@ pub(crate) fn parse(query: Option<&str>) -> Params {
             }
             "ServerName" if !value.is_empty() && value.len() <= 255 => params.server = Some(value),
             "ConnId" => params.conn_id = value.parse().ok().filter(|id| *id != 0),
+            "Affinity" if !value.is_empty() && value.len() <= MAX_AFFINITY_LEN => {
+                params.affinity = Some(value)
+            }
             _ => {}
         }
     }

@@ -102,6 +102,7 @@ pub(crate) async fn accept_until_stopped(
 pub(crate) async fn run_sweeper(shared: Arc<Shared>) {
     let rules = SweepRules {
         broker_grace: shared.config.broker_grace,
+        name_grace: shared.config.name_grace,
         ending_linger: shared.config.ending_linger,
     };
     let mut stopping = shared.stopping.clone();

@@ -8,6 +8,7 @@ use std::time::{Instant, UNIX_EPOCH};
 
 use crate::metrics::{family, labels, MetricsSnapshot};
 use crate::state::Shared;
+use tunnel_proto::payload::ListenMode;
 
 /// The relay's version, as built.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -40,19 +41,42 @@ pub struct StatusSnapshot {
 pub struct BrokerStatus {
     /// The server name the broker registered.
     pub name: String,
+    /// The broker instance among those serving the name, 32 hex digits (all zero for a
+    /// broker that does not send the pool extension, docs/protocol.md §5).
+    pub instance: String,
+    /// The instance's listen mode: `accepting`, `not_accepting` or `draining`.
+    pub mode: &'static str,
+    /// The capacity the instance reported (0: not limited or not known).
+    pub capacity: u64,
+    /// The live connections the instance reported.
+    pub reported_live: u64,
+    /// Connections placed on the instance (punted ones included).
+    pub placements: u64,
+    /// Connects the instance refused (or lost with its link) before accepting them, which
+    /// the relay offered to another instance.
+    pub punts: u64,
     /// The live link, or `None` while the relay waits out the grace period.
     pub link: Option<LinkStatus>,
     /// Seconds left of the grace period, when the link is lost.
     pub grace_left_seconds: Option<u64>,
-    /// Connections the relay holds for this broker now.
+    /// Connections the relay holds for this instance now.
     pub connections: u64,
     /// Connections opened to it, and packet bytes its clients pushed (up) and fetched
-    /// (down), since the name was first linked or last forgotten after its grace period.
+    /// (down), since the instance first linked.
     pub connections_opened: u64,
     /// Packet bytes pushed by this broker's clients (see `connections_opened`).
     pub bytes_up: u64,
     /// Packet bytes fetched by this broker's clients (see `connections_opened`).
     pub bytes_down: u64,
+}
+
+impl BrokerStatus {
+    /// Metric labels of this instance (`server`, `instance` as 32 hex digits), then `extra`.
+    fn labels(&self, extra: &[(&str, &str)]) -> String {
+        let mut pairs = vec![("server", self.name.as_str()), ("instance", &self.instance)];
+        pairs.extend_from_slice(extra);
+        labels(&pairs)
+    }
 }
 
 /// A broker's live link.
@@ -115,6 +139,16 @@ impl StatusSnapshot {
             .iter()
             .map(|row| BrokerStatus {
                 name: row.name.to_string(),
+                instance: row.instance.to_hex(),
+                mode: match row.mode {
+                    ListenMode::Accepting => "accepting",
+                    ListenMode::NotAccepting => "not_accepting",
+                    ListenMode::Draining => "draining",
+                },
+                capacity: u64::from(row.capacity.max_connections),
+                reported_live: u64::from(row.capacity.live_connections),
+                placements: row.traffic.placements,
+                punts: row.traffic.punts,
                 link: row.link.map(|(peer, since)| LinkStatus {
                     peer,
                     age_seconds: now.saturating_duration_since(since).as_secs(),
@@ -183,6 +217,10 @@ impl StatusSnapshot {
                 value: ms(config.broker_grace),
             },
             Setting {
+                name: "name_grace_ms",
+                value: ms(config.name_grace),
+            },
+            Setting {
                 name: "link_keepalive_ms",
                 value: ms(config.link_keepalive),
             },
@@ -197,6 +235,10 @@ impl StatusSnapshot {
             Setting {
                 name: "client_auth",
                 value: SettingValue::Bool(config.client_auth.is_some()),
+            },
+            Setting {
+                name: "names_with_own_link_secret",
+                value: SettingValue::Number(config.link_secrets.len() as u64),
             },
             Setting {
                 name: "link_tls",
@@ -280,45 +322,61 @@ impl StatusSnapshot {
             &mut out,
             "tunnel_broker_link_up",
             "gauge",
-            "1 if the broker's link is up, 0 during its grace period, by broker name.",
+            "1 if the broker instance's link is up, 0 during its grace period, by broker name \
+             and instance.",
             self.brokers
                 .iter()
-                .map(|b| (labels(&[("server", &b.name)]), u64::from(b.link.is_some()))),
+                .map(|b| (b.labels(&[]), u64::from(b.link.is_some()))),
+        );
+        family(
+            &mut out,
+            "tunnel_broker_capacity",
+            "gauge",
+            "Most connections the broker instance serves at once, as it reported (0: not \
+             limited or not known), by broker name and instance.",
+            self.brokers.iter().map(|b| (b.labels(&[]), b.capacity)),
+        );
+        family(
+            &mut out,
+            "tunnel_broker_placements_total",
+            "counter",
+            "Connections placed on the broker instance, by broker name and instance.",
+            self.brokers.iter().map(|b| (b.labels(&[]), b.placements)),
+        );
+        family(
+            &mut out,
+            "tunnel_broker_punts_total",
+            "counter",
+            "Connects the broker instance refused before accepting them and the relay offered \
+             to another instance, by broker name and instance.",
+            self.brokers.iter().map(|b| (b.labels(&[]), b.punts)),
         );
         family(
             &mut out,
             "tunnel_broker_open_connections",
             "gauge",
-            "Virtual connections held, by broker name.",
-            self.brokers
-                .iter()
-                .map(|b| (labels(&[("server", &b.name)]), b.connections)),
+            "Virtual connections held, by broker name and instance.",
+            self.brokers.iter().map(|b| (b.labels(&[]), b.connections)),
         );
         family(
             &mut out,
             "tunnel_broker_connects_total",
             "counter",
-            "Connections opened, by broker name.",
+            "Connections opened, by broker name and instance.",
             self.brokers
                 .iter()
-                .map(|b| (labels(&[("server", &b.name)]), b.connections_opened)),
+                .map(|b| (b.labels(&[]), b.connections_opened)),
         );
         family(
             &mut out,
             "tunnel_broker_bytes_total",
             "counter",
-            "Packet bytes exchanged with clients, by broker name and direction (up = pushed \
-             by clients, down = fetched by clients).",
+            "Packet bytes exchanged with clients, by broker name, instance and direction (up = \
+             pushed by clients, down = fetched by clients).",
             self.brokers.iter().flat_map(|b| {
                 [
-                    (
-                        labels(&[("server", &b.name), ("direction", "up")]),
-                        b.bytes_up,
-                    ),
-                    (
-                        labels(&[("server", &b.name), ("direction", "down")]),
-                        b.bytes_down,
-                    ),
+                    (b.labels(&[("direction", "up")]), b.bytes_up),
+                    (b.labels(&[("direction", "down")]), b.bytes_down),
                 ]
             }),
         );

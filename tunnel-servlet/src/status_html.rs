@@ -90,10 +90,10 @@ th{background:#eef1f4;font-weight:600}td.n{text-align:right;font-variant-numeric
 fn broker_row(out: &mut String, b: &BrokerStatus) {
     let (state, peer, age) = match &b.link {
         Some(link) => (
-            if link.listening {
-                "<span class=\"up\">linked</span>".to_string()
-            } else {
-                "<span class=\"up\">linked</span>, not listening".to_string()
+            match b.mode {
+                "accepting" => "<span class=\"up\">linked</span>".to_string(),
+                "draining" => "<span class=\"up\">linked</span>, draining".to_string(),
+                _ => "<span class=\"up\">linked</span>, not listening".to_string(),
             },
             escape(&link.peer.to_string()),
             duration(link.age_seconds),
@@ -109,12 +109,22 @@ fn broker_row(out: &mut String, b: &BrokerStatus) {
     };
     let _ = write!(
         out,
-        "<tr><td class=\"name\">{}</td><td>{state}</td><td>{peer}</td><td class=\"n\">{age}</td>\
-         <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\" title=\"{} bytes\">{}</td>\
-         <td class=\"n\" title=\"{} bytes\">{}</td></tr>",
+        "<tr><td class=\"name\">{}</td><td title=\"{}\">{}</td><td>{state}</td><td>{peer}</td>\
+         <td class=\"n\">{age}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
+         <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
+         <td class=\"n\" title=\"{} bytes\">{}</td><td class=\"n\" title=\"{} bytes\">{}</td></tr>",
         escape(&b.name),
+        b.instance,
+        &b.instance[..8.min(b.instance.len())],
         b.connections,
+        if b.capacity == 0 {
+            "&ndash;".to_string()
+        } else {
+            b.capacity.to_string()
+        },
         b.connections_opened,
+        b.placements,
+        b.punts,
         b.bytes_up,
         bytes(b.bytes_up),
         b.bytes_down,
@@ -170,8 +180,9 @@ impl StatusSnapshot {
             out.push_str("<p class=\"empty\">No broker is linked.</p>");
         } else {
             out.push_str(
-                "<table><thead><tr><th>Name</th><th>State</th><th>Link peer</th>\
-                 <th>Link age</th><th>Live connections</th><th>Opened</th><th>Bytes up</th>\
+                "<table><thead><tr><th>Name</th><th>Instance</th><th>State</th>\
+                 <th>Link peer</th><th>Link age</th><th>Live connections</th><th>Capacity</th>\
+                 <th>Opened</th><th>Placed</th><th>Punted</th><th>Bytes up</th>\
                  <th>Bytes down</th></tr></thead><tbody>",
             );
             for b in &self.brokers {
@@ -185,7 +196,8 @@ impl StatusSnapshot {
         let rejected = t.connects_rejected_bad_request
             + t.connects_rejected_no_server
             + t.connects_rejected_limit
-            + t.connects_rejected_link_busy;
+            + t.connects_rejected_link_busy
+            + t.connects_rejected_no_instance;
         let totals: [(&str, String); 10] = [
             ("Open connections", t.open_connections.to_string()),
             ("Connections opened", t.connects_total.to_string()),
@@ -193,11 +205,13 @@ impl StatusSnapshot {
             (
                 "Connects refused",
                 format!(
-                    "{rejected} (bad request {}, no broker {}, limit {}, link busy {})",
+                    "{rejected} (bad request {}, no broker {}, limit {}, link busy {}, \
+                     no instance now {})",
                     t.connects_rejected_bad_request,
                     t.connects_rejected_no_server,
                     t.connects_rejected_limit,
-                    t.connects_rejected_link_busy
+                    t.connects_rejected_link_busy,
+                    t.connects_rejected_no_instance
                 ),
             ),
             (
@@ -305,6 +319,12 @@ mod tests {
             http_connections: 0,
             brokers: vec![BrokerStatus {
                 name: "<img src=x onerror=alert(1)>".into(),
+                instance: "0".repeat(32),
+                mode: "accepting",
+                capacity: 0,
+                reported_live: 0,
+                placements: 2,
+                punts: 0,
                 link: Some(LinkStatus {
                     peer: "127.0.0.1:1".parse().unwrap(),
                     age_seconds: 3,

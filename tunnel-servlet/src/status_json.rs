@@ -82,6 +82,12 @@ fn array(items: impl Iterator<Item = String>) -> String {
 fn broker(b: &BrokerStatus) -> String {
     let obj = Object::new()
         .text("name", &b.name)
+        .text("instance", &b.instance)
+        .text("mode", b.mode)
+        .num("capacity", b.capacity)
+        .num("reported_live", b.reported_live)
+        .num("placements", b.placements)
+        .num("punts", b.punts)
         .flag("linked", b.link.is_some());
     let obj = match &b.link {
         Some(link) => obj
@@ -135,6 +141,7 @@ impl StatusSnapshot {
                     .num("no_server", t.connects_rejected_no_server)
                     .num("limit", t.connects_rejected_limit)
                     .num("link_busy", t.connects_rejected_link_busy)
+                    .num("no_instance", t.connects_rejected_no_instance)
                     .end(),
             )
             .num("pushes_total", t.pushes_total)

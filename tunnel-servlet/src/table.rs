@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{oneshot, watch};
-use tunnel_proto::payload::{encode_reason, AnnouncedConn};
+use tunnel_proto::payload::{
+    encode_reason, AnnouncedConn, BrokerConnInit, Capacity, InstanceId, ListenMode, ListenState,
+};
 use tunnel_proto::{Packet, PacketType, Token};
 
 use crate::metrics::Metrics;
@@ -64,9 +66,25 @@ struct Ending {
 /// How long an ended connection's last word stays available after it was first handed out.
 const LAST_WORD_KEPT: Duration = Duration::from_secs(5);
 
+/// Where an unanswered connect stands: the broker instances that were offered it, so a
+/// refusal can be punted to another (docs/protocol.md §5.1). Dropped once an instance
+/// answers CONN_INIT_ACK.
+struct Pending {
+    /// The client's window from its CONN_INIT, to offer the connection again.
+    window: u16,
+    /// Instances offered the connection so far, the current one last.
+    tried: Vec<InstanceId>,
+}
+
 /// One virtual connection.
 pub(crate) struct ConnEntry {
     pub(crate) server: Arc<str>,
+    /// The instance of `server` the connection is placed on.
+    pub(crate) instance: InstanceId,
+    /// Set until the instance accepts the connection.
+    pending: Option<Box<Pending>>,
+    /// The affinity key the client gave, if any.
+    affinity: Option<Box<str>>,
     pub(crate) token: Token,
     client_addr: Box<str>,
     queue: VecDeque<Packet>,
@@ -83,6 +101,7 @@ pub(crate) struct ConnEntry {
 impl ConnEntry {
     fn new(
         server: Arc<str>,
+        instance: InstanceId,
         token: Token,
         client_addr: &str,
         now: Instant,
@@ -90,6 +109,9 @@ impl ConnEntry {
     ) -> Self {
         ConnEntry {
             server,
+            instance,
+            pending: None,
+            affinity: None,
             token,
             client_addr: client_addr.into(),
             queue: VecDeque::new(),
@@ -154,36 +176,112 @@ impl LinkHandle {
     }
 }
 
-/// A broker name the relay knows: linked, or within its grace period after losing its link.
+/// A broker name the relay knows: the pool of its instances (docs/protocol.md §5.1).
 struct BrokerEntry {
+    instances: HashMap<InstanceId, Instance>,
+    /// When an instance of the name was last linked; connects within the name grace after it
+    /// get 503 instead of 404.
+    last_seen: Instant,
+    /// Turns taken among instances that tie for a placement.
+    next_turn: u64,
+}
+
+/// One broker instance of a name: linked, or within its grace period after losing its link.
+struct Instance {
     link: Option<LinkHandle>,
-    listening: bool,
+    mode: ListenMode,
+    /// What the instance last reported (`max_connections` 0: not limited or not known).
+    capacity: Capacity,
     lost_at: Option<Instant>,
-    /// Connections opened to this broker, and packet bytes its clients pushed (up) and
-    /// fetched (down), since the name was first linked or last forgotten after its grace.
+    /// Connections the table holds on this instance (ending ones included); the relay's own
+    /// count, so a placement sees the one before it at once.
+    held: u32,
     traffic: BrokerTraffic,
 }
 
-/// Counters of one broker name, for the status page and per-broker metrics.
+impl Instance {
+    fn new() -> Instance {
+        Instance {
+            link: None,
+            mode: ListenMode::NotAccepting,
+            capacity: Capacity::default(),
+            lost_at: None,
+            held: 0,
+            traffic: BrokerTraffic::default(),
+        }
+    }
+
+    /// Whether a new connection may be placed here now.
+    fn takes_new(&self) -> bool {
+        self.link.is_some() && self.mode == ListenMode::Accepting && !self.is_full()
+    }
+
+    fn is_full(&self) -> bool {
+        let max = self.capacity.max_connections;
+        max != 0 && self.held >= max
+    }
+
+    /// Capacity for the placement rule; "not limited" counts as u32::MAX.
+    fn effective_max(&self) -> u64 {
+        match self.capacity.max_connections {
+            0 => u64::from(u32::MAX),
+            max => u64::from(max),
+        }
+    }
+
+    fn unused(&self) -> u64 {
+        self.effective_max().saturating_sub(u64::from(self.held))
+    }
+}
+
+/// Counters of one broker instance, for the status page and per-instance metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct BrokerTraffic {
     pub(crate) connections_opened: u64,
     pub(crate) bytes_up: u64,
     pub(crate) bytes_down: u64,
+    /// Connections placed on the instance (punted ones included).
+    pub(crate) placements: u64,
+    /// Connections the instance refused (or lost with its link) before accepting them, which
+    /// the relay offered to another instance.
+    pub(crate) punts: u64,
 }
 
-/// One broker name as the status snapshot shows it.
+/// One broker instance as the status snapshot shows it.
 #[derive(Debug, Clone)]
 pub(crate) struct BrokerRow {
     pub(crate) name: Arc<str>,
+    pub(crate) instance: InstanceId,
     /// The live link's peer and start, or `None` during the grace period.
     pub(crate) link: Option<(SocketAddr, Instant)>,
     pub(crate) listening: bool,
+    pub(crate) mode: ListenMode,
+    pub(crate) capacity: Capacity,
     pub(crate) lost_at: Option<Instant>,
     pub(crate) traffic: BrokerTraffic,
-    /// Connections the table holds for this name (ending ones included).
+    /// Connections the table holds on this instance (ending ones included).
     pub(crate) connections: u64,
 }
+
+/// Why a connect could not be placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoPlace {
+    /// The name is known (or may be: the relay just started) but no instance takes it now:
+    /// all draining, full, or re-linking. 503 with `Retry-After`.
+    Retry,
+    /// No instance of that name is listening, and none was seen within the name grace: 404.
+    Gone,
+}
+
+/// What a new link says about itself (LINK_INIT and its pool extension).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LinkInfo {
+    pub(crate) instance: InstanceId,
+    pub(crate) state: ListenState,
+}
+
+/// A CONN_INIT to send on a link (a punt to another instance).
+pub(crate) type Offer = (LinkSender, Packet);
 
 /// What the table holds, copied in one pass under its lock.
 #[derive(Debug, Clone, Default)]
@@ -214,6 +312,7 @@ pub(crate) enum Admit {
 pub(crate) struct SweepRules {
     pub(crate) broker_grace: Duration,
     pub(crate) ending_linger: Duration,
+    pub(crate) name_grace: Duration,
 }
 
 /// Whether a packet type must not be dropped on overflow: losing it would stall or confuse
@@ -223,12 +322,29 @@ fn is_control(kind: PacketType) -> bool {
     !matches!(kind, PacketType::Data | PacketType::Ack | PacketType::NoOp)
 }
 
+/// Compares the room left on two instances: the greater unused share of capacity first
+/// (so instances fill in proportion to their capacities), then the greater unused count.
+fn compare_room(a: &Instance, b: &Instance) -> std::cmp::Ordering {
+    let share_a = u128::from(a.unused()) * u128::from(b.effective_max());
+    let share_b = u128::from(b.unused()) * u128::from(a.effective_max());
+    share_a
+        .cmp(&share_b)
+        .then_with(|| a.unused().cmp(&b.unused()))
+}
+
 /// The connections and the brokers.
 pub(crate) struct Table {
     conns: HashMap<u32, ConnEntry>,
     brokers: HashMap<Arc<str>, BrokerEntry>,
+    /// Affinity key of a name → the instance its connections go to, and how many live
+    /// connections carry the key (the pin goes with the last of them, so the map is bounded
+    /// by the connections).
+    affinity: HashMap<(Arc<str>, Box<str>), (InstanceId, u32)>,
     next_id: u64,
     metrics: Arc<Metrics>,
+    /// When the relay started: until the name grace has passed, every name may be one whose
+    /// brokers are re-linking after a restart of the relay.
+    started: Instant,
 }
 
 impl Table {
@@ -236,8 +352,10 @@ impl Table {
         Table {
             conns: HashMap::new(),
             brokers: HashMap::new(),
+            affinity: HashMap::new(),
             next_id: 1,
             metrics,
+            started: Instant::now(),
         }
     }
 
@@ -252,20 +370,119 @@ impl Table {
     }
 
     pub(crate) fn links_up(&self) -> usize {
-        self.brokers.values().filter(|b| b.link.is_some()).count()
+        self.brokers
+            .values()
+            .flat_map(|b| b.instances.values())
+            .filter(|i| i.link.is_some())
+            .count()
     }
 
-    /// The live link of `server`, if any.
-    pub(crate) fn link(&self, server: &str) -> Option<&LinkHandle> {
-        self.brokers.get(server).and_then(|b| b.link.as_ref())
-    }
-
-    /// The live link of `server` if its broker also accepts new connections.
-    pub(crate) fn listening_link(&self, server: &str) -> Option<&LinkHandle> {
+    /// Whether any instance of `server` is linked now.
+    pub(crate) fn has_link(&self, server: &str) -> bool {
         self.brokers
             .get(server)
-            .filter(|b| b.listening)
-            .and_then(|b| b.link.as_ref())
+            .is_some_and(|b| b.instances.values().any(|i| i.link.is_some()))
+    }
+
+    /// The live link of the instance connection `id` is placed on, if any.
+    pub(crate) fn conn_link(&self, id: u32) -> Option<&LinkHandle> {
+        let entry = self.conns.get(&id)?;
+        self.instance_link(&entry.server, entry.instance)
+    }
+
+    fn instance_link(&self, server: &str, instance: InstanceId) -> Option<&LinkHandle> {
+        self.brokers
+            .get(server)?
+            .instances
+            .get(&instance)?
+            .link
+            .as_ref()
+    }
+
+    /// Picks the instance of `server` for a new connection (docs/protocol.md §5.1): the one
+    /// pinned to `affinity` if it still takes connections; otherwise the accepting instance
+    /// with the greatest unused share of its capacity, then the greatest unused capacity,
+    /// ties taken in turn; instances in `exclude` are skipped.
+    pub(crate) fn choose(
+        &mut self,
+        server: &str,
+        affinity: Option<&str>,
+        exclude: &[InstanceId],
+    ) -> Option<(InstanceId, LinkHandle)> {
+        let pinned = affinity.and_then(|key| {
+            self.affinity
+                .get(&(Arc::<str>::from(server), Box::<str>::from(key)))
+                .map(|(instance, _)| *instance)
+        });
+        let broker = self.brokers.get_mut(server)?;
+        if let Some(instance) = pinned.filter(|i| !exclude.contains(i)) {
+            if let Some(inst) = broker.instances.get(&instance).filter(|i| i.takes_new()) {
+                return inst.link.clone().map(|l| (instance, l));
+            }
+        }
+        let mut best: Vec<(InstanceId, &Instance)> = Vec::new();
+        for (id, inst) in &broker.instances {
+            if !inst.takes_new() || exclude.contains(id) {
+                continue;
+            }
+            let order = match best.first() {
+                None => std::cmp::Ordering::Greater,
+                Some((_, b)) => compare_room(inst, b),
+            };
+            match order {
+                std::cmp::Ordering::Greater => {
+                    best.clear();
+                    best.push((*id, inst));
+                }
+                std::cmp::Ordering::Equal => best.push((*id, inst)),
+                std::cmp::Ordering::Less => {}
+            }
+        }
+        if best.is_empty() {
+            return None;
+        }
+        // A stable order, so taking turns spreads ties evenly.
+        best.sort_by_key(|(id, _)| *id);
+        let turn = (broker.next_turn % best.len() as u64) as usize;
+        let (id, inst) = best[turn];
+        let link = inst.link.clone()?;
+        broker.next_turn = broker.next_turn.wrapping_add(1);
+        Some((id, link))
+    }
+
+    /// Why nothing could be placed for `server` (after [`Table::choose`] found nothing).
+    pub(crate) fn no_place(&self, server: &str, now: Instant, name_grace: Duration) -> NoPlace {
+        let starting = now.saturating_duration_since(self.started) < name_grace;
+        let Some(broker) = self.brokers.get(server) else {
+            return if starting {
+                NoPlace::Retry
+            } else {
+                NoPlace::Gone
+            };
+        };
+        let linked: Vec<&Instance> = broker
+            .instances
+            .values()
+            .filter(|i| i.link.is_some())
+            .collect();
+        let comes_back = linked
+            .iter()
+            .any(|i| i.mode == ListenMode::Draining || i.mode == ListenMode::Accepting);
+        if comes_back {
+            // Draining (another instance is expected) or full.
+            return NoPlace::Retry;
+        }
+        if !linked.is_empty() {
+            // Linked and paused on purpose: as if nobody listened.
+            return NoPlace::Gone;
+        }
+        let recently = now.saturating_duration_since(broker.last_seen) < name_grace;
+        let in_grace = broker.instances.values().any(|i| i.lost_at.is_some());
+        if recently || in_grace || starting {
+            NoPlace::Retry
+        } else {
+            NoPlace::Gone
+        }
     }
 
     /// The entry `id` if it belongs to `server` and `token` matches; `None` for an unknown id
@@ -290,9 +507,13 @@ impl Table {
     }
 
     /// Creates a connection with a random unused non-zero id and a random token.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn open(
         &mut self,
         server: &str,
+        instance: InstanceId,
+        affinity: Option<&str>,
+        window: u16,
         client_addr: &str,
         now: Instant,
         timeout: Duration,
@@ -308,12 +529,79 @@ impl Table {
             }
         };
         let server = self.server_name(server);
-        if let Some(broker) = self.brokers.get_mut(&server) {
-            broker.traffic.connections_opened += 1;
+        if let Some(inst) = self.instance_mut(&server, instance) {
+            inst.traffic.connections_opened += 1;
+            inst.traffic.placements += 1;
+            inst.held += 1;
         }
-        self.conns
-            .insert(id, ConnEntry::new(server, token, client_addr, now, timeout));
+        let mut entry = ConnEntry::new(server.clone(), instance, token, client_addr, now, timeout);
+        entry.pending = Some(Box::new(Pending {
+            window,
+            tried: vec![instance],
+        }));
+        if let Some(key) = affinity {
+            let pin = self
+                .affinity
+                .entry((server, key.into()))
+                .or_insert((instance, 0));
+            pin.0 = instance;
+            pin.1 += 1;
+            entry.affinity = Some(key.into());
+        }
+        self.conns.insert(id, entry);
         (id, token)
+    }
+
+    fn instance_mut(&mut self, server: &str, instance: InstanceId) -> Option<&mut Instance> {
+        self.brokers.get_mut(server)?.instances.get_mut(&instance)
+    }
+
+    /// The instance of connection `id` accepted it: no more punts.
+    pub(crate) fn accepted(&mut self, id: u32) {
+        if let Some(entry) = self.conns.get_mut(&id) {
+            entry.pending = None;
+        }
+    }
+
+    /// Connection `id` was refused by its instance (or lost with its link) before it was
+    /// accepted: offers it to another instance of its name. Returns the CONN_INIT to send, or
+    /// `None` when the connection was accepted already or no other instance takes it.
+    pub(crate) fn punt(&mut self, id: u32) -> Option<Offer> {
+        let entry = self.conns.get(&id)?;
+        let pending = entry.pending.as_ref()?;
+        let (server, old) = (entry.server.clone(), entry.instance);
+        let affinity = entry.affinity.clone();
+        let tried = pending.tried.clone();
+        let (new, link) = self.choose(&server, affinity.as_deref(), &tried)?;
+        if let Some(inst) = self.instance_mut(&server, old) {
+            inst.held = inst.held.saturating_sub(1);
+            inst.traffic.punts += 1;
+        }
+        if let Some(inst) = self.instance_mut(&server, new) {
+            inst.held += 1;
+            inst.traffic.placements += 1;
+        }
+        if let Some(key) = affinity {
+            if let Some(pin) = self.affinity.get_mut(&(server.clone(), key)) {
+                pin.0 = new;
+            }
+        }
+        let entry = self.conns.get_mut(&id)?;
+        entry.instance = new;
+        let pending = entry.pending.as_mut()?;
+        pending.tried.push(new);
+        let init = Packet::new(
+            PacketType::ConnInit,
+            id,
+            BrokerConnInit {
+                token: entry.token,
+                client_addr: entry.client_addr.to_string(),
+            }
+            .encode(),
+        )
+        .with_window(pending.window);
+        tracing::info!(conn_id = id, server = %server, from = %old.short(), to = %new.short(), "connect punted to another instance");
+        Some((link.sender, init))
     }
 
     /// Counts `bytes` pushed by the client of `id` on its entry and its broker.
@@ -322,15 +610,16 @@ impl Table {
             return;
         };
         entry.bytes_up += bytes as u64;
-        if let Some(broker) = self.brokers.get_mut(&*entry.server) {
-            broker.traffic.bytes_up += bytes as u64;
+        let (server, instance) = (entry.server.clone(), entry.instance);
+        if let Some(inst) = self.instance_mut(&server, instance) {
+            inst.traffic.bytes_up += bytes as u64;
         }
     }
 
-    /// Counts `bytes` handed to the client of a connection of `server`, on the broker.
-    fn count_down(&mut self, server: &str, bytes: usize) {
-        if let Some(broker) = self.brokers.get_mut(server) {
-            broker.traffic.bytes_down += bytes as u64;
+    /// Counts `bytes` handed to the client of a connection of `server`, on its instance.
+    fn count_down(&mut self, server: &str, instance: InstanceId, bytes: usize) {
+        if let Some(inst) = self.instance_mut(server, instance) {
+            inst.traffic.bytes_down += bytes as u64;
         }
     }
 
@@ -341,13 +630,19 @@ impl Table {
         let mut brokers: Vec<BrokerRow> = self
             .brokers
             .iter()
-            .map(|(name, b)| BrokerRow {
-                name: name.clone(),
-                link: b.link.as_ref().map(|l| (l.peer, l.since)),
-                listening: b.listening,
-                lost_at: b.lost_at,
-                traffic: b.traffic,
-                connections: 0,
+            .flat_map(|(name, b)| {
+                b.instances.iter().map(|(id, i)| BrokerRow {
+                    name: name.clone(),
+                    instance: *id,
+                    link: i.link.as_ref().map(|l| (l.peer, l.since)),
+                    listening: i.link.is_some() && i.mode == ListenMode::Accepting,
+                    mode: i.mode,
+                    capacity: i.capacity,
+                    lost_at: i.lost_at,
+                    traffic: i.traffic,
+                    // The relay's own count, kept up to date on open, punt and remove.
+                    connections: u64::from(i.held),
+                })
             })
             .collect();
         let mut view = TableView {
@@ -355,18 +650,11 @@ impl Table {
             ..TableView::default()
         };
         for entry in self.conns.values() {
-            // Entries share their broker's name (`server_name`), so the pointer test hits.
-            if let Some(row) = brokers
-                .iter_mut()
-                .find(|r| Arc::ptr_eq(&r.name, &entry.server) || r.name == entry.server)
-            {
-                row.connections += 1;
-            }
             let queued = entry.queued_bytes as u64;
             view.queued_bytes += queued;
             view.largest_queue_bytes = view.largest_queue_bytes.max(queued);
         }
-        brokers.sort_by(|a, b| a.name.cmp(&b.name));
+        brokers.sort_by(|a, b| (&a.name, a.instance).cmp(&(&b.name, b.instance)));
         view.brokers = brokers;
         view
     }
@@ -458,16 +746,16 @@ impl Table {
                 None => {
                     let reason = ending.reason.clone();
                     entry.bytes_down += out.len() as u64;
-                    let server = entry.server.clone();
-                    self.count_down(&server, out.len());
+                    let (server, instance) = (entry.server.clone(), entry.instance);
+                    self.count_down(&server, instance, out.len());
                     self.remove(id, &reason);
                     return out.freeze();
                 }
             }
         }
         entry.bytes_down += out.len() as u64;
-        let server = entry.server.clone();
-        self.count_down(&server, out.len());
+        let (server, instance) = (entry.server.clone(), entry.instance);
+        self.count_down(&server, instance, out.len());
         out.freeze()
     }
 
@@ -478,6 +766,18 @@ impl Table {
         };
         entry.wake(Wake::Closed);
         self.metrics.closed();
+        if let Some(inst) = self.instance_mut(&entry.server, entry.instance) {
+            inst.held = inst.held.saturating_sub(1);
+        }
+        if let Some(key) = entry.affinity.take() {
+            let pin_key = (entry.server.clone(), key);
+            if let Some(pin) = self.affinity.get_mut(&pin_key) {
+                pin.1 = pin.1.saturating_sub(1);
+                if pin.1 == 0 {
+                    self.affinity.remove(&pin_key);
+                }
+            }
+        }
         tracing::info!(
             conn_id = id,
             server = %entry.server,
@@ -534,17 +834,20 @@ impl Table {
         }
     }
 
-    /// Installs an authenticated link for `name`, replacing (and returning) the previous one,
-    /// and (re)installs the connections the broker announced. Returns the announced ids the
-    /// relay refused (owned by another broker, id 0, or over the connection limit).
+    /// Installs an authenticated link for instance `info.instance` of `name`, replacing (and
+    /// returning) that instance's previous link, and (re)installs the connections the broker
+    /// announced. Other instances of the name and their connections are not touched. Returns
+    /// the announced ids the relay refused (owned by another name or instance, id 0, or over
+    /// the connection limit).
     ///
-    /// Connections of `name` that the broker did not announce are aborted towards their
-    /// clients: the broker restarted and forgot them, and without this an idle client would
-    /// only find out at its next keepalive.
+    /// Connections of this instance that the broker did not announce are aborted towards
+    /// their clients: the broker restarted and forgot them, and without this an idle client
+    /// would only find out at its next keepalive.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn link_up(
         &mut self,
         name: &str,
+        info: LinkInfo,
         handle: LinkHandle,
         announced: &[AnnouncedConn],
         now: Instant,
@@ -554,19 +857,27 @@ impl Table {
     ) -> (Option<LinkHandle>, Vec<u32>) {
         let key = self.server_name(name);
         let broker = self.brokers.entry(key.clone()).or_insert(BrokerEntry {
-            link: None,
-            listening: false,
-            lost_at: None,
-            traffic: BrokerTraffic::default(),
+            instances: HashMap::new(),
+            last_seen: now,
+            next_turn: 0,
         });
-        let old = broker.link.replace(handle);
-        broker.listening = false;
-        broker.lost_at = None;
+        broker.last_seen = now;
+        let inst = broker
+            .instances
+            .entry(info.instance)
+            .or_insert_with(Instance::new);
+        let old = inst.link.replace(handle);
+        inst.mode = info.state.mode;
+        if let Some(capacity) = info.state.capacity {
+            inst.capacity = capacity;
+        }
+        inst.lost_at = None;
         let mut refused = Vec::new();
+        let mut installed = 0u32;
         for conn in announced {
             let full = self.conns.len() >= max_connections;
             match self.conns.get_mut(&conn.conn_id) {
-                Some(entry) if entry.server == key => {
+                Some(entry) if entry.server == key && entry.instance == info.instance => {
                     // Link replaced: keep the queue. The relay's token is the one it gave out;
                     // a broker announcing another is confused, and the relay's wins.
                     if !entry.token.ct_eq(&conn.token) {
@@ -577,21 +888,38 @@ impl Table {
                         );
                     }
                     entry.last_activity = now;
+                    // It was accepted by this instance before (it announces it).
+                    entry.pending = None;
                 }
                 Some(_) => refused.push(conn.conn_id),
                 None if conn.conn_id == 0 || full => refused.push(conn.conn_id),
                 None => {
-                    let entry =
-                        ConnEntry::new(key.clone(), conn.token, "(re-announced)", now, timeout);
+                    let entry = ConnEntry::new(
+                        key.clone(),
+                        info.instance,
+                        conn.token,
+                        "(re-announced)",
+                        now,
+                        timeout,
+                    );
                     self.conns.insert(conn.conn_id, entry);
+                    installed += 1;
                 }
             }
+        }
+        if let Some(inst) = self.instance_mut(&key, info.instance) {
+            inst.held += installed;
         }
         let listed: HashSet<u32> = announced.iter().map(|c| c.conn_id).collect();
         let forgotten: Vec<u32> = self
             .conns
             .iter()
-            .filter(|(id, e)| e.server == key && e.ending.is_none() && !listed.contains(id))
+            .filter(|(id, e)| {
+                e.server == key
+                    && e.instance == info.instance
+                    && e.ending.is_none()
+                    && !listed.contains(id)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in forgotten {
@@ -610,54 +938,103 @@ impl Table {
         self.end_with(id, abort, reason, forget_at);
     }
 
-    /// Records LISTEN_STATE from the link `link_id` of `name`.
-    pub(crate) fn set_listening(&mut self, name: &str, link_id: u64, listening: bool) {
-        if let Some(broker) = self.brokers.get_mut(name) {
-            if broker.link.as_ref().is_some_and(|l| l.id == link_id) {
-                broker.listening = listening;
+    /// Records LISTEN_STATE from the link `link_id` of instance `instance` of `name`.
+    pub(crate) fn set_listen_state(
+        &mut self,
+        name: &str,
+        instance: InstanceId,
+        link_id: u64,
+        state: ListenState,
+    ) {
+        if let Some(inst) = self.instance_mut(name, instance) {
+            if inst.link.as_ref().is_some_and(|l| l.id == link_id) {
+                inst.mode = state.mode;
+                if let Some(capacity) = state.capacity {
+                    inst.capacity = capacity;
+                }
             }
         }
     }
 
-    /// The link `link_id` of `name` is gone: start the grace period, unless a newer link has
-    /// replaced it already. Returns whether it was the current link.
-    pub(crate) fn link_down(&mut self, name: &str, link_id: u64, now: Instant) -> bool {
+    /// The link `link_id` of `instance` of `name` is gone: start the instance's grace period,
+    /// unless a newer link has replaced it already, and offer the connections it had not
+    /// accepted yet to other instances. Returns whether it was the current link, and the
+    /// CONN_INITs to send.
+    pub(crate) fn link_down(
+        &mut self,
+        name: &str,
+        instance: InstanceId,
+        link_id: u64,
+        now: Instant,
+    ) -> (bool, Vec<Offer>) {
         let Some(broker) = self.brokers.get_mut(name) else {
-            return false;
+            return (false, Vec::new());
         };
-        let current = broker.link.as_ref().is_some_and(|l| l.id == link_id);
+        broker.last_seen = now;
+        let Some(inst) = broker.instances.get_mut(&instance) else {
+            return (false, Vec::new());
+        };
+        let current = inst.link.as_ref().is_some_and(|l| l.id == link_id);
         if !current {
-            return false;
+            return (false, Vec::new());
         }
-        broker.link = None;
-        broker.listening = false;
-        broker.lost_at = Some(now);
-        true
+        inst.link = None;
+        inst.mode = ListenMode::NotAccepting;
+        inst.lost_at = Some(now);
+        let unanswered: Vec<u32> = self
+            .conns
+            .iter()
+            .filter(|(_, e)| &*e.server == name && e.instance == instance && e.pending.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        let offers = unanswered
+            .into_iter()
+            .filter_map(|id| self.punt(id))
+            .collect();
+        (true, offers)
     }
 
-    /// Whether connection `id` belongs to `server`.
-    pub(crate) fn belongs_to(&self, id: u32, server: &str) -> bool {
-        self.conns.get(&id).is_some_and(|e| &*e.server == server)
+    /// Whether connection `id` belongs to instance `instance` of `server`.
+    pub(crate) fn belongs_to(&self, id: u32, server: &str, instance: InstanceId) -> bool {
+        self.conns
+            .get(&id)
+            .is_some_and(|e| &*e.server == server && e.instance == instance)
     }
 
     /// Applies every deadline: grace periods of lost links, lingering ended connections,
     /// client inactivity. Returns what to tell brokers: (link, CONN_ABORT packet).
     pub(crate) fn sweep(&mut self, now: Instant, rules: &SweepRules) -> Vec<(LinkSender, Packet)> {
-        let expired_brokers: Vec<Arc<str>> = self
-            .brokers
-            .iter()
-            .filter(|(_, b)| {
-                b.link.is_none() && b.lost_at.is_some_and(|t| now >= t + rules.broker_grace)
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in &expired_brokers {
-            self.brokers.remove(name);
-            tracing::info!(server = %name, "broker grace period over; aborting its connections");
+        let mut expired: Vec<(Arc<str>, InstanceId)> = Vec::new();
+        let mut forgotten_names = Vec::new();
+        for (name, broker) in &mut self.brokers {
+            if broker.instances.values().any(|i| i.link.is_some()) {
+                broker.last_seen = now;
+            }
+            for (id, inst) in &broker.instances {
+                if inst.link.is_none()
+                    && inst.lost_at.is_some_and(|t| now >= t + rules.broker_grace)
+                {
+                    expired.push((name.clone(), *id));
+                }
+            }
+            if broker.instances.is_empty() && now >= broker.last_seen + rules.name_grace {
+                forgotten_names.push(name.clone());
+            }
+        }
+        for name in forgotten_names {
+            self.brokers.remove(&name);
+            tracing::info!(server = %name, "name grace over; connects now get 404");
+        }
+        for (name, instance) in &expired {
+            if let Some(broker) = self.brokers.get_mut(name) {
+                broker.instances.remove(instance);
+                broker.last_seen = now;
+            }
+            tracing::info!(server = %name, instance = %instance.short(), "broker grace period over; aborting its connections");
             let ids: Vec<u32> = self
                 .conns
                 .iter()
-                .filter(|(_, e)| e.server == *name)
+                .filter(|(_, e)| e.server == *name && e.instance == *instance)
                 .map(|(id, _)| *id)
                 .collect();
             for id in ids {
@@ -692,8 +1069,8 @@ impl Table {
         }
         let mut to_brokers = Vec::new();
         for id in inactive {
-            if let Some(server) = self.conns.get(&id).map(|e| e.server.clone()) {
-                if let Some(link) = self.link(&server) {
+            if self.conns.contains_key(&id) {
+                if let Some(link) = self.conn_link(id) {
                     let abort =
                         Packet::new(PacketType::ConnAbort, id, encode_reason("client inactive"));
                     to_brokers.push((link.sender.clone(), abort));
@@ -721,13 +1098,19 @@ mod tests {
         // The relay must hold 10,000 idle connections at < 32 KiB each; the entry itself
         // (no queued packets, no held pull) is a few hundred bytes.
         assert!(
-            std::mem::size_of::<ConnEntry>() <= 256,
+            // 264 with the pool fields (instance, pending, affinity).
+            std::mem::size_of::<ConnEntry>() <= 288,
             "{}",
             std::mem::size_of::<ConnEntry>()
         );
     }
 
     fn link(table: &mut Table, name: &str) -> LinkHandle {
+        instance(table, name, InstanceId::LEGACY, 0)
+    }
+
+    /// Links instance `id` of `name`, accepting, with capacity `max`.
+    fn instance(table: &mut Table, name: &str, id: InstanceId, max: u32) -> LinkHandle {
         let handle = LinkHandle {
             id: table.next_id(),
             sender: crate::sender::channel(1 << 20).0,
@@ -735,8 +1118,19 @@ mod tests {
             peer: "127.0.0.1:9".parse().unwrap(),
             since: Instant::now(),
         };
+        let info = LinkInfo {
+            instance: id,
+            state: ListenState {
+                mode: ListenMode::Accepting,
+                capacity: Some(Capacity {
+                    max_connections: max,
+                    live_connections: 0,
+                }),
+            },
+        };
         let out = table.link_up(
             name,
+            info,
             handle.clone(),
             &[],
             Instant::now(),
@@ -755,11 +1149,11 @@ mod tests {
         let _b = link(&mut table, "b");
         let now = Instant::now();
         let timeout = Duration::from_secs(60);
+        let legacy = InstanceId::LEGACY;
         let ids: Vec<u32> = (0..20_000)
             .map(|i| {
-                table
-                    .open(if i % 4 == 0 { "b" } else { "a" }, "c", now, timeout)
-                    .0
+                let name = if i % 4 == 0 { "b" } else { "a" };
+                table.open(name, legacy, None, 16, "c", now, timeout).0
             })
             .collect();
         table.count_up(ids[0], 100);
@@ -770,7 +1164,7 @@ mod tests {
         };
         table.enqueue(ids[1], data, limits, false);
         // Not b's current link: no effect.
-        assert!(!table.link_down("b", u64::MAX, now));
+        assert!(!table.link_down("b", legacy, u64::MAX, now).0);
 
         let started = Instant::now();
         let view = table.view();
@@ -809,7 +1203,15 @@ mod tests {
     fn overflow_drops_data_but_keeps_control_within_slack() {
         let metrics = Arc::new(Metrics::default());
         let mut table = Table::new(metrics.clone());
-        let (id, _) = table.open("s", "addr", Instant::now(), Duration::from_secs(60));
+        let (id, _) = table.open(
+            "s",
+            InstanceId::LEGACY,
+            None,
+            16,
+            "addr",
+            Instant::now(),
+            Duration::from_secs(60),
+        );
         let limits = QueueLimits {
             limit: 100,
             control_slack: 100,
@@ -823,5 +1225,156 @@ mod tests {
         assert_eq!(metrics.snapshot(0, 0).packets_dropped, 1);
         let out = table.drain(id, 1 << 20);
         assert_eq!(out.len(), 24 + 50 + 24);
+    }
+
+    fn place(table: &mut Table, name: &str, affinity: Option<&str>) -> (u32, InstanceId) {
+        let (instance, _) = table.choose(name, affinity, &[]).expect("placed");
+        let now = Instant::now();
+        let timeout = Duration::from_secs(60);
+        let (id, _) = table.open(name, instance, affinity, 16, "c", now, timeout);
+        (id, instance)
+    }
+
+    fn count_on(placed: &[(u32, InstanceId)], instance: InstanceId) -> usize {
+        placed.iter().filter(|(_, i)| *i == instance).count()
+    }
+
+    #[test]
+    fn placement_fills_instances_in_proportion_to_capacity() {
+        let mut table = Table::new(Arc::new(Metrics::default()));
+        let (a, b) = (InstanceId([1; 16]), InstanceId([2; 16]));
+        instance(&mut table, "s", a, 10);
+        instance(&mut table, "s", b, 30);
+        let placed: Vec<_> = (0..20).map(|_| place(&mut table, "s", None)).collect();
+        assert_eq!((count_on(&placed, a), count_on(&placed, b)), (5, 15));
+        // Full: nothing placed, and the connect is told to retry (503), not 404.
+        let more: Vec<_> = (0..20).map(|_| place(&mut table, "s", None)).collect();
+        assert_eq!((count_on(&more, a), count_on(&more, b)), (5, 15));
+        assert!(table.choose("s", None, &[]).is_none());
+        let later = Instant::now() + Duration::from_secs(3600);
+        assert_eq!(
+            table.no_place("s", later, Duration::from_secs(30)),
+            NoPlace::Retry
+        );
+        // A closed connection frees its room at once.
+        table.remove(placed[0].0, "test");
+        assert_eq!(table.choose("s", None, &[]).map(|p| p.0), Some(placed[0].1));
+    }
+
+    #[test]
+    fn ties_take_turns_and_affinity_sticks() {
+        let mut table = Table::new(Arc::new(Metrics::default()));
+        let ids = [
+            InstanceId([1; 16]),
+            InstanceId([2; 16]),
+            InstanceId([3; 16]),
+        ];
+        for id in ids {
+            instance(&mut table, "s", id, 0);
+        }
+        let placed: Vec<_> = (0..30).map(|_| place(&mut table, "s", None)).collect();
+        for id in ids {
+            assert_eq!(count_on(&placed, id), 10, "{placed:?}");
+        }
+        let (_, first) = place(&mut table, "s", Some("room-7"));
+        for _ in 0..5 {
+            assert_eq!(place(&mut table, "s", Some("room-7")).1, first);
+        }
+        // The pinned instance drains: the key moves to another one.
+        let link_id = table.instance_link("s", first).unwrap().id;
+        let draining = ListenState {
+            mode: ListenMode::Draining,
+            capacity: None,
+        };
+        table.set_listen_state("s", first, link_id, draining);
+        let (_, moved) = place(&mut table, "s", Some("room-7"));
+        assert_ne!(moved, first);
+        assert_eq!(place(&mut table, "s", Some("room-7")).1, moved);
+    }
+
+    #[test]
+    fn a_refused_connect_is_punted_to_the_next_instance_once() {
+        let mut table = Table::new(Arc::new(Metrics::default()));
+        let (a, b) = (InstanceId([1; 16]), InstanceId([2; 16]));
+        instance(&mut table, "s", a, 0);
+        instance(&mut table, "s", b, 0);
+        let (id, first) = place(&mut table, "s", None);
+        let (_, packet) = table.punt(id).expect("punted");
+        assert_eq!(packet.kind, PacketType::ConnInit);
+        assert_eq!(packet.conn_id, id);
+        assert_eq!(packet.window, 16);
+        let second = table.conns[&id].instance;
+        assert_ne!(second, first);
+        assert!(table.belongs_to(id, "s", second) && !table.belongs_to(id, "s", first));
+        // Both tried: the refusal goes to the client.
+        assert!(table.punt(id).is_none());
+        // Once accepted, a connection is never punted.
+        let (id2, _) = place(&mut table, "s", None);
+        table.accepted(id2);
+        assert!(table.punt(id2).is_none());
+        let view = table.view();
+        let punts: u64 = view.brokers.iter().map(|r| r.traffic.punts).sum();
+        let placements: u64 = view.brokers.iter().map(|r| r.traffic.placements).sum();
+        assert_eq!((punts, placements), (1, 3));
+    }
+
+    #[test]
+    fn losing_one_instance_touches_only_its_connections() {
+        let mut table = Table::new(Arc::new(Metrics::default()));
+        let (a, b) = (InstanceId([1; 16]), InstanceId([2; 16]));
+        let link_a = instance(&mut table, "s", a, 0);
+        instance(&mut table, "s", b, 0);
+        let placed: Vec<_> = (0..4).map(|_| place(&mut table, "s", None)).collect();
+        for (id, _) in &placed {
+            table.accepted(*id);
+        }
+        let now = Instant::now();
+        let (current, offers) = table.link_down("s", a, link_a.id, now);
+        assert!(current && offers.is_empty());
+        // New connects go to b at once.
+        assert_eq!(table.choose("s", None, &[]).map(|p| p.0), Some(b));
+        let rules = SweepRules {
+            broker_grace: Duration::from_secs(30),
+            ending_linger: Duration::from_secs(30),
+            name_grace: Duration::from_secs(30),
+        };
+        table.sweep(now + Duration::from_secs(31), &rules);
+        for (id, inst) in &placed {
+            let ended = table.conns[id].ending.is_some();
+            assert_eq!(ended, *inst == a, "conn {id} on {inst:?}");
+        }
+    }
+
+    #[test]
+    fn a_name_without_instances_gets_503_for_the_name_grace_then_404() {
+        let mut table = Table::new(Arc::new(Metrics::default()));
+        let grace = Duration::from_secs(30);
+        let start = table.started;
+        // Just started: any name may be re-linking.
+        assert_eq!(table.no_place("x", start, grace), NoPlace::Retry);
+        assert_eq!(
+            table.no_place("x", start + Duration::from_secs(31), grace),
+            NoPlace::Gone
+        );
+        let a = InstanceId([1; 16]);
+        let link_a = instance(&mut table, "s", a, 0);
+        let now = start + Duration::from_secs(100);
+        table.link_down("s", a, link_a.id, now);
+        assert_eq!(table.no_place("s", now, grace), NoPlace::Retry);
+        let rules = SweepRules {
+            broker_grace: Duration::from_secs(10),
+            ending_linger: Duration::from_secs(30),
+            name_grace: grace,
+        };
+        table.sweep(now + Duration::from_secs(11), &rules);
+        assert_eq!(
+            table.no_place("s", now + Duration::from_secs(12), grace),
+            NoPlace::Retry
+        );
+        table.sweep(now + Duration::from_secs(45), &rules);
+        assert_eq!(
+            table.no_place("s", now + Duration::from_secs(45), grace),
+            NoPlace::Gone
+        );
     }
 }

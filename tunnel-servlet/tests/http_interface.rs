@@ -9,14 +9,34 @@ use bytes::Bytes;
 use common::*;
 use tunnel_proto::payload::{encode_reason, BrokerConnInit, ConnOption};
 use tunnel_proto::{Packet, PacketType, Token};
+use tunnel_servlet::RelayConfig;
 
 #[tokio::test]
 async fn connect_to_unknown_server_is_404() {
-    let relay = start(config()).await;
+    // Without a name grace, an unknown name is 404 at once.
+    let relay = start(RelayConfig {
+        name_grace: Duration::ZERO,
+        ..config()
+    })
+    .await;
     let client = http();
     let (status, _) = try_connect(&client, &relay, "nobody", 8).await;
     assert_eq!(status, 404);
     assert_eq!(relay.metrics().connects_rejected_no_server, 1);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn connect_to_a_name_not_linked_yet_after_start_is_503_with_retry_after() {
+    // A relay that just started cannot know whether the name's brokers are re-linking.
+    let relay = start(config()).await;
+    let client = http();
+    let url = format!("{}?Type=connect&ServerName=nobody", relay.tunnel_url());
+    let init = Packet::new(PacketType::ConnInit, 0, Bytes::new()).to_bytes();
+    let resp = client.post(url).body(init).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(relay.metrics().connects_rejected_no_instance, 1);
     relay.shutdown().await;
 }
 

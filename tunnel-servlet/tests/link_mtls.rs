@@ -94,6 +94,7 @@ async fn try_link(
             .await
             .map_err(|e| format!("handshake: {e}"))?;
         let init = LinkInit {
+            extension: None,
             server_name: SERVER.into(),
             secret: Bytes::from_static(SECRET),
             connections: vec![],

@@ -81,6 +81,7 @@ async fn https_with_alpn_and_a_tls_link() {
     .unwrap()
     .unwrap();
     let init = LinkInit {
+        extension: None,
         server_name: SERVER.into(),
         secret: Bytes::from_static(SECRET),
         connections: vec![],

@@ -60,6 +60,7 @@ impl FakeBroker {
             decoder: Decoder::default(),
         };
         let init = LinkInit {
+            extension: None,
             server_name: name.to_string(),
             secret: Bytes::copy_from_slice(secret),
             connections: conns,
