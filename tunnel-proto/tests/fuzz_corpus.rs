@@ -24,9 +24,10 @@ mod checks;
 /// A fuzz target's check: panics when the input breaks a property.
 type Check = fn(&[u8]);
 
-const TARGETS: [(&str, Check); 2] = [
+const TARGETS: [(&str, Check); 3] = [
     ("decode_packets", checks::check_packets),
     ("decode_payloads", checks::check_payloads),
+    ("decode_link", checks::check_link),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -211,6 +212,10 @@ fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
     huge_count.put_u32(u32::MAX);
     payloads.push(("link-init-huge-count", huge_count.freeze()));
     for (name, bytes) in payloads {
+        // The link's messages seed the link target too.
+        if name.starts_with("link-") || name.starts_with("listen-") {
+            seeds.push(("decode_link", format!("seed-{name}"), bytes.to_vec()));
+        }
         seeds.push(("decode_payloads", format!("seed-{name}"), bytes.to_vec()));
     }
     seeds
