@@ -23,6 +23,10 @@ impl DocRelay {
             http_listen: ([127, 0, 0, 1], 0).into(),
             link_listen: ([127, 0, 0, 1], 0).into(),
             link_secret: LINK_SECRET.to_vec(),
+            // A fresh relay answers unknown names 503 (retry) during its name grace, since a
+            // broker may not have re-linked yet; the examples show the 404 of a name that is
+            // not served.
+            name_grace: std::time::Duration::ZERO,
             ..RelayConfig::default()
         };
         Ok(DocRelay {

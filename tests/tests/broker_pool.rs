@@ -398,6 +398,14 @@ async fn a_refused_connect_is_punted_to_another_instance() {
     let mut options = ChainOptions::echo();
     options.broker_args = broker_args(2, 100);
     let chain = Chain::start(options).await;
+    let client = client(&chain);
+    // One connection held on instance 2 (the only one yet) makes its unused share 99 %, so
+    // the relay deterministically prefers the instance below. (Connections closed both ways,
+    // like the chain's readiness checks, no longer count.)
+    let mut held = within("connect", client.connect()).await.expect("connect");
+    echo(&mut held, &SeededBytes::new(99).take_vec(10))
+        .await
+        .expect("held connection echoes");
     // An instance that never accepts, with a backlog of one and no capacity limit: the relay
     // prefers it (all its capacity is unused) until it refuses.
     let mut config = BrokerConfig::new(
@@ -411,8 +419,6 @@ async fn a_refused_connect_is_punted_to_another_instance() {
         .await
         .expect("bind");
     wait_links(&chain, 2).await;
-    let client = client(&chain);
-    // The chain's readiness checks placed connections on instance 2 already.
     let before = per_instance(&chain, "tunnel_broker_placements_total").await[&instance(2)];
     let mut streams = Vec::new();
     for _ in 0..5 {
@@ -506,22 +512,19 @@ async fn connects_with_one_affinity_key_share_an_instance() {
         .expect("second broker");
     wait_links(&chain, 2).await;
     let before = per_instance(&chain, "tunnel_broker_placements_total").await;
-    let http = direct_http_client();
-    let init = tunnel_proto::Packet::new(tunnel_proto::PacketType::ConnInit, 0, Default::default())
-        .with_window(16)
-        .to_bytes();
-    for _ in 0..6 {
-        let url = format!(
-            "{}?Type=connect&ServerName=e2e&Affinity=room%2D7",
-            chain.relay_url()
-        );
-        let resp = http
-            .post(url)
-            .body(init.clone())
-            .send()
-            .await
-            .expect("connect");
-        assert_eq!(resp.status(), 200);
+    // The library's connects, with the key in the client's configuration.
+    let mut config = tunnel_client::ClientConfig::new(chain.relay_url(), "e2e");
+    config.env_proxy = false;
+    config.affinity = Some("room-7".into());
+    let client = tunnel_client::TunnelClient::new(config).expect("client");
+    let mut streams = Vec::new();
+    for i in 0..6u8 {
+        let mut stream = client.connect().await.expect("connect");
+        stream.write_all(&[i]).await.expect("write");
+        let mut echo = [0u8; 1];
+        stream.read_exact(&mut echo).await.expect("echo");
+        assert_eq!(echo, [i]);
+        streams.push(stream);
     }
     let after = per_instance(&chain, "tunnel_broker_placements_total").await;
     let delta = |n: u8| after[&instance(n)] - before.get(&instance(n)).copied().unwrap_or(0);

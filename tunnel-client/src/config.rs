@@ -114,6 +114,11 @@ pub struct ClientConfig {
     /// The reliable connection's tunables. Default: `ConnectionConfig::default()` except
     /// `recv_window` = [`DEFAULT_CLIENT_RECV_WINDOW`].
     pub connection: ConnectionConfig,
+    /// Affinity key sent with every connect (`Affinity=` in the query; docs/protocol.md §2):
+    /// when several broker instances serve the name, the relay places connections with the
+    /// same key on the same instance while it lives (a room, a tenant, a user). It travels in
+    /// the URL, so it must not be a secret; at most 255 bytes. Default: none.
+    pub affinity: Option<String>,
     /// The stream driver's tunables (its batch size is capped at `max_push_body`).
     pub stream: StreamConfig,
 }
@@ -139,6 +144,7 @@ impl Default for ClientConfig {
             push_attempts: 3,
             max_response_body: 4 * 1024 * 1024,
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
+            affinity: None,
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
             transient_failure_timeout: Duration::from_secs(60),

@@ -11,6 +11,9 @@ use tunnel_proto::{Packet, Token};
 use crate::config::{ClientConfig, HttpVersion};
 use crate::error::ConnectError;
 
+/// Longest affinity key the relay takes (a longer one would be ignored there).
+const MAX_AFFINITY_LEN: usize = 255;
+
 /// Header carrying the per-connection secret.
 pub const TOKEN_HEADER: &str = "Tunnel-Token";
 
@@ -165,6 +168,8 @@ pub struct Relay {
     auth: Option<reqwest::header::HeaderValue>,
     base: Url,
     server_name: String,
+    /// `ClientConfig::affinity`, sent with connects only.
+    affinity: Option<String>,
     pull_timeout: Duration,
     request_timeout: Duration,
     max_response_body: usize,
@@ -184,6 +189,14 @@ impl Relay {
         }
         if config.server_name.is_empty() {
             return Err(ConnectError::InvalidConfig("empty server name".into()));
+        }
+        if let Some(key) = &config.affinity {
+            if key.is_empty() || key.len() > MAX_AFFINITY_LEN {
+                return Err(ConnectError::InvalidConfig(format!(
+                    "affinity key must be 1..={MAX_AFFINITY_LEN} bytes, got {}",
+                    key.len()
+                )));
+            }
         }
         let mut builder = reqwest::Client::builder()
             .connect_timeout(config.tcp_connect_timeout)
@@ -238,6 +251,7 @@ impl Relay {
             auth,
             base,
             server_name: config.server_name.clone(),
+            affinity: config.affinity.clone(),
             pull_timeout: config.pull_timeout,
             request_timeout: config.request_timeout,
             max_response_body: config.max_response_body,
@@ -262,6 +276,9 @@ impl Relay {
             q.append_pair("ServerName", &self.server_name);
             if let Some(id) = conn_id {
                 q.append_pair("ConnId", &id.to_string());
+            }
+            if let (Some(key), "connect") = (&self.affinity, kind) {
+                q.append_pair("Affinity", key);
             }
         }
         url

@@ -113,6 +113,12 @@ struct Args {
     #[arg(long, env = "TUNNEL_CLIENT_RECV_WINDOW", default_value_t = tunnel_client::DEFAULT_CLIENT_RECV_WINDOW)]
     recv_window: u16,
 
+    /// Affinity key sent with every connect: where several broker instances serve the name,
+    /// connections with the same key go to the same instance (a room, a tenant). Not a secret:
+    /// it travels in the URL.
+    #[arg(long, env = "TUNNEL_CLIENT_AFFINITY")]
+    affinity: Option<String>,
+
     /// Seconds after Ctrl-C during which open connections may finish before they are aborted.
     #[arg(long, env = "TUNNEL_CLIENT_SHUTDOWN_GRACE", default_value_t = 10)]
     shutdown_grace: u64,
@@ -170,6 +176,7 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
             HttpVersion::Auto
         },
         connect_timeout: Duration::from_secs(args.connect_timeout),
+        affinity: args.affinity.clone(),
         ..ClientConfig::new(args.relay.clone(), args.server.clone())
     };
     config.connection.recv_window = args.recv_window;

@@ -396,6 +396,9 @@ async fn push(
             }
         }
         table.count_up(conn_id, body.len());
+        if list.iter().any(|p| p.kind == PacketType::ConnClose) {
+            table.note_close(conn_id, true);
+        }
         link.sender
     };
     shared.metrics.push(body.len());

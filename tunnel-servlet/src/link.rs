@@ -414,6 +414,10 @@ fn route(table: &mut Table, shared: &Shared, link: &ReadLink<'_>, packet: Packet
             table.accepted(id);
             table.enqueue(id, packet, shared.queue_limits(), false);
         }
+        PacketType::ConnClose => {
+            table.note_close(id, false);
+            table.enqueue(id, packet, shared.queue_limits(), false);
+        }
         _ => {
             table.enqueue(id, packet, shared.queue_limits(), false);
         }

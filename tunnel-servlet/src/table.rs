@@ -96,6 +96,18 @@ pub(crate) struct ConnEntry {
     bytes_down: u64,
     ending: Option<Ending>,
     unconfirmed: Option<UnconfirmedAccept>,
+    /// Which CONN_CLOSEs passed through, and whether the connection still takes a place in
+    /// its instance's capacity (see [`Table::note_close`]).
+    closes: Closes,
+}
+
+/// The two half-closes of a connection as the relay saw them pass.
+#[derive(Debug, Clone, Copy, Default)]
+struct Closes {
+    from_client: bool,
+    from_broker: bool,
+    /// Both were seen: the connection no longer counts in its instance's `held`.
+    released: bool,
 }
 
 impl ConnEntry {
@@ -123,6 +135,7 @@ impl ConnEntry {
             bytes_down: 0,
             ending: None,
             unconfirmed: None,
+            closes: Closes::default(),
         }
     }
 
@@ -193,8 +206,8 @@ struct Instance {
     /// What the instance last reported (`max_connections` 0: not limited or not known).
     capacity: Capacity,
     lost_at: Option<Instant>,
-    /// Connections the table holds on this instance (ending ones included); the relay's own
-    /// count, so a placement sees the one before it at once.
+    /// Connections the table holds on this instance, less those closed both ways; the
+    /// relay's own count, so a placement sees the one before it at once.
     held: u32,
     traffic: BrokerTraffic,
 }
@@ -640,7 +653,8 @@ impl Table {
                     capacity: i.capacity,
                     lost_at: i.lost_at,
                     traffic: i.traffic,
-                    // The relay's own count, kept up to date on open, punt and remove.
+                    // The relay's own count, kept up to date on open, punt, both closes and
+                    // remove.
                     connections: u64::from(i.held),
                 })
             })
@@ -759,6 +773,33 @@ impl Table {
         out.freeze()
     }
 
+    /// A CONN_CLOSE of connection `id` passed through the relay, from its client or from its
+    /// broker. Once both have, the connection stops counting against its instance's
+    /// capacity: both applications are done with it, and what is left is the close's
+    /// acknowledgements and the broker's TIME-WAIT (5 s), then CONN_SHUTDOWN. Counting those
+    /// would cap a churning name at `capacity / 5 s` new connections per second (the soak
+    /// test saw connects refused with 503 after its first 1,024 at the broker's default
+    /// capacity). Retransmitted CONN_CLOSEs change nothing.
+    pub(crate) fn note_close(&mut self, id: u32, from_client: bool) {
+        let Some(entry) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let closes = &mut entry.closes;
+        if from_client {
+            closes.from_client = true;
+        } else {
+            closes.from_broker = true;
+        }
+        if closes.released || !(closes.from_client && closes.from_broker) {
+            return;
+        }
+        closes.released = true;
+        let (server, instance) = (entry.server.clone(), entry.instance);
+        if let Some(inst) = self.instance_mut(&server, instance) {
+            inst.held = inst.held.saturating_sub(1);
+        }
+    }
+
     /// Forgets connection `id`, logging its close line and waking its held pull.
     pub(crate) fn remove(&mut self, id: u32, reason: &str) -> bool {
         let Some(mut entry) = self.conns.remove(&id) else {
@@ -766,8 +807,10 @@ impl Table {
         };
         entry.wake(Wake::Closed);
         self.metrics.closed();
-        if let Some(inst) = self.instance_mut(&entry.server, entry.instance) {
-            inst.held = inst.held.saturating_sub(1);
+        if !entry.closes.released {
+            if let Some(inst) = self.instance_mut(&entry.server, entry.instance) {
+                inst.held = inst.held.saturating_sub(1);
+            }
         }
         if let Some(key) = entry.affinity.take() {
             let pin_key = (entry.server.clone(), key);
@@ -1140,6 +1183,36 @@ mod tests {
         );
         assert!(out.0.is_none() && out.1.is_empty());
         handle
+    }
+
+    #[test]
+    fn a_connection_closed_both_ways_frees_its_place_in_the_capacity() {
+        let mut table = Table::new(Arc::new(Metrics::default()));
+        let one = InstanceId([1; 16]);
+        let _link = instance(&mut table, "svc", one, 1);
+        let (now, timeout) = (Instant::now(), Duration::from_secs(60));
+        let (first, _) = table.open("svc", one, None, 16, "c", now, timeout);
+        assert!(
+            table.choose("svc", None, &[]).is_none(),
+            "capacity 1 is full"
+        );
+        // One half-close (even repeated) is not the end: the applications still talk.
+        table.note_close(first, true);
+        table.note_close(first, true);
+        assert!(table.choose("svc", None, &[]).is_none());
+        // Both closes: only acknowledgements and the broker's TIME-WAIT are left.
+        table.note_close(first, false);
+        assert!(table.choose("svc", None, &[]).is_some());
+        let (second, _) = table.open("svc", one, None, 16, "c", now, timeout);
+        assert!(
+            table.choose("svc", None, &[]).is_none(),
+            "the new one counts"
+        );
+        // Forgetting the first (CONN_SHUTDOWN later) does not free the place twice.
+        assert!(table.remove(first, "shutdown by broker"));
+        assert!(table.choose("svc", None, &[]).is_none());
+        assert!(table.remove(second, "aborted by client"));
+        assert!(table.choose("svc", None, &[]).is_some());
     }
 
     #[test]
