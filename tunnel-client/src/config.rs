@@ -16,6 +16,10 @@ use tunnel_proto::driver::StreamConfig;
 /// retransmits. Measured on loopback: 16 moves 50 MB each way in ~0.2 s, 64 takes 3–7 s.
 pub const DEFAULT_CLIENT_RECV_WINDOW: u16 = 16;
 
+/// Default of [`ClientConfig::outage_grace`]: long enough for a laptop's short sleep, a move
+/// to another network or a proxy restart.
+pub const DEFAULT_OUTAGE_GRACE: Duration = Duration::from_secs(5 * 60);
+
 /// Which HTTP versions to speak to the relay (or the proxy).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum HttpVersion {
@@ -108,9 +112,12 @@ pub struct ClientConfig {
     pub retry_initial: Duration,
     /// Ceiling of the retry delay. Default: 5 s.
     pub retry_max: Duration,
-    /// Give up on an established connection after this long of continuous transient
-    /// failures (5xx, time-outs, network errors). Default: 60 s.
-    pub transient_failure_timeout: Duration,
+    /// How long an established connection survives without any path to the relay (laptop
+    /// sleep, network change, proxy restart): the client gives up after this long of
+    /// continuous transient failures (5xx, time-outs, network errors) of its pulls or pushes.
+    /// The relay and the broker are told to wait as long (see
+    /// [`ClientConfig::peer_silence_allowance`]). Default: 5 min ([`DEFAULT_OUTAGE_GRACE`]).
+    pub outage_grace: Duration,
     /// The reliable connection's tunables. Default: `ConnectionConfig::default()` except
     /// `recv_window` = [`DEFAULT_CLIENT_RECV_WINDOW`].
     pub connection: ConnectionConfig,
@@ -141,7 +148,7 @@ impl Default for ClientConfig {
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
-            transient_failure_timeout: Duration::from_secs(60),
+            outage_grace: DEFAULT_OUTAGE_GRACE,
             connection: ConnectionConfig {
                 recv_window: DEFAULT_CLIENT_RECV_WINDOW,
                 ..ConnectionConfig::default()
@@ -159,5 +166,16 @@ impl ClientConfig {
             server_name: server_name.into(),
             ..ClientConfig::default()
         }
+    }
+
+    /// How long the other ends must tolerate hearing nothing from this client: the outage
+    /// grace plus one pull timeout (an outage may begin right after a request the relay
+    /// counted as activity). Sent as CONN_OPTION 2 (docs/protocol.md §6), which sets the
+    /// relay's inactivity timeout for the connection (capped by the relay's maximum, 1 h by
+    /// default) and raises the broker's idle timeout; the client's own connection idle
+    /// timeout is raised to it too. So the client, which sees the outage, is the one that
+    /// decides when to give up.
+    pub fn peer_silence_allowance(&self) -> Duration {
+        self.outage_grace.saturating_add(self.pull_timeout)
     }
 }

@@ -51,7 +51,9 @@ mod push;
 mod session;
 
 pub use auth::RelayAuth;
-pub use config::{ClientConfig, HttpVersion, ProxyConfig, DEFAULT_CLIENT_RECV_WINDOW};
+pub use config::{
+    ClientConfig, HttpVersion, ProxyConfig, DEFAULT_CLIENT_RECV_WINDOW, DEFAULT_OUTAGE_GRACE,
+};
 pub use connect::{connect, TunnelClient};
 pub use error::ConnectError;
 pub use tunnel_proto::connection::{Stats, StreamError};

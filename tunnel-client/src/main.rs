@@ -12,6 +12,29 @@ use tokio::task::JoinSet;
 use tunnel_client::{ClientConfig, HttpVersion, ProxyConfig, RelayAuth, TunnelClient};
 use tunnel_proto::splice::splice_until;
 
+/// Parses a duration flag: a whole number with an optional unit (`ms`, `s`, `m`, `h`); no
+/// unit means seconds, as the client's flags always took.
+fn duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number with an optional unit (ms, s, m, h)"))?;
+    let millis_per_unit = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        other => return Err(format!("{text:?}: unknown unit {other:?} (ms, s, m, h)")),
+    };
+    n.checked_mul(millis_per_unit)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{text:?}: too long"))
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tunnel-client",
@@ -103,9 +126,29 @@ struct Args {
     #[arg(long, env = "TUNNEL_CLIENT_HTTP1")]
     http1: bool,
 
-    /// Seconds to wait for the relay and the server to accept a new connection.
-    #[arg(long, env = "TUNNEL_CLIENT_CONNECT_TIMEOUT", default_value_t = 30)]
-    connect_timeout: u64,
+    /// How long to wait for the relay and the server to accept a new connection. Durations
+    /// are a number with an optional unit: ms, s (the default), m or h ("90", "5m").
+    #[arg(long, env = "TUNNEL_CLIENT_CONNECT_TIMEOUT", default_value = "30s", value_parser = duration)]
+    connect_timeout: Duration,
+
+    /// How long an open connection survives without any path to the relay (laptop sleep,
+    /// network change, proxy restart). The relay and the server are told to wait as long
+    /// (the relay caps it at its maximum inactivity timeout, 1 h by default).
+    #[arg(long, env = "TUNNEL_CLIENT_OUTAGE_GRACE", default_value = "5m", value_parser = duration)]
+    outage_grace: Duration,
+
+    /// Deadline of one pull request; must exceed the relay's pull wait (20 s by default),
+    /// and a proxy in between must let a request last that long.
+    #[arg(long, env = "TUNNEL_CLIENT_PULL_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pull_timeout: Duration,
+
+    /// Deadline of one connect or push request.
+    #[arg(long, env = "TUNNEL_CLIENT_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
+    request_timeout: Duration,
+
+    /// Deadline for opening one TCP (and TLS) connection to the relay or the proxy.
+    #[arg(long, env = "TUNNEL_CLIENT_TCP_CONNECT_TIMEOUT", default_value = "10s", value_parser = duration)]
+    tcp_connect_timeout: Duration,
 
     /// Receive window announced to the server, in packets of up to 64 KiB. Keep the bytes it
     /// stands for within the relay's per-connection queue limit, or the relay drops packets
@@ -169,7 +212,11 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
         } else {
             HttpVersion::Auto
         },
-        connect_timeout: Duration::from_secs(args.connect_timeout),
+        connect_timeout: args.connect_timeout,
+        outage_grace: args.outage_grace,
+        pull_timeout: args.pull_timeout,
+        request_timeout: args.request_timeout,
+        tcp_connect_timeout: args.tcp_connect_timeout,
         ..ClientConfig::new(args.relay.clone(), args.server.clone())
     };
     config.connection.recv_window = args.recv_window;
@@ -298,4 +345,21 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_an_optional_unit_and_default_to_seconds() {
+        assert_eq!(duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration("20s"), Ok(Duration::from_secs(20)));
+        assert_eq!(duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(duration("5 minutes").is_err());
+        assert!(duration("m").is_err());
+        assert!(duration("-1s").is_err());
+    }
 }

@@ -136,6 +136,7 @@ fn config(rng: &mut StdRng, recv_window: u16, max_data_payload: usize) -> Connec
         rto_max: Duration::from_secs(rng.random_range(1..=5)),
         keepalive_interval: Duration::from_millis(rng.random_range(500..=2000)),
         idle_timeout: Duration::from_secs(rng.random_range(20..=40)),
+        ..ConnectionConfig::default()
     }
 }
 
@@ -1316,6 +1317,7 @@ fn transfer_resumes_promptly_after_a_zero_window_stall() {
             rto_max: Duration::from_secs(8),
             keepalive_interval: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(60),
+            ..ConnectionConfig::default()
         };
         let p = Params {
             test: "zero_window_stall",
@@ -1410,6 +1412,7 @@ fn rtt_estimate_ignores_packets_held_behind_a_hole() {
         rto_max: Duration::from_secs(10),
         keepalive_interval: Duration::from_secs(600),
         idle_timeout: Duration::from_secs(3600),
+        ..ConnectionConfig::default()
     };
     let base = Instant::now();
     let mut t = base;
