@@ -8,6 +8,7 @@ use tunnel_proto::packet::DEFAULT_MAX_PACKET_SIZE;
 use tunnel_proto::ConnectionConfig;
 
 use crate::auth::RelayAuth;
+use crate::pac::PacSource;
 use tunnel_proto::driver::StreamConfig;
 
 /// The client's default receive window, in packets: 16 × 64 KiB = 1 MiB, the relay's default
@@ -64,7 +65,15 @@ pub struct ClientConfig {
     /// Explicit proxy. `None` (default): the standard environment variables apply
     /// (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`).
     pub proxy: Option<ProxyConfig>,
-    /// With no explicit `proxy`: whether the environment's proxy variables apply (default:
+    /// With no explicit `proxy`: a PAC script whose `FindProxyForURL` picks the proxies for
+    /// the relay URL, tried in the order it gives (`PROXY a; PROXY b; DIRECT`: the next one
+    /// when a proxy does not answer). Replaces the environment's proxy variables. Evaluated
+    /// once, when the client is made. Default: none.
+    pub pac: Option<PacSource>,
+    /// Deadline for downloading the PAC script and, separately, for running it (a script
+    /// that loops is stopped). Default: 5 s.
+    pub pac_timeout: Duration,
+    /// With no explicit `proxy` and no `pac`: whether the environment's proxy variables apply (default:
     /// true). False connects directly.
     pub env_proxy: bool,
     /// Credentials for a relay that requires client authentication, sent as the
@@ -131,6 +140,8 @@ impl Default for ClientConfig {
             relay_url: "http://127.0.0.1:8080/tunnel".to_string(),
             server_name: "echo".to_string(),
             proxy: None,
+            pac: None,
+            pac_timeout: Duration::from_secs(5),
             env_proxy: true,
             relay_auth: None,
             ca_file: None,

@@ -88,6 +88,13 @@ impl TunnelClient {
         &self.config
     }
 
+    /// How requests reach the relay now: `direct`, `environment proxy variables`, or the
+    /// proxy and how it was chosen (`--proxy`, PAC script). With a PAC script this follows
+    /// its fail-over list as proxies stop answering.
+    pub fn route(&self) -> &str {
+        self.relay.route_label()
+    }
+
     /// Opens one connection; see [`connect`](crate::connect).
     pub async fn connect(&self) -> Result<TunnelStream, ConnectError> {
         connect_with(self.relay.clone(), self.config.clone()).await

@@ -9,7 +9,7 @@ use clap::Parser;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tunnel_client::{ClientConfig, HttpVersion, ProxyConfig, RelayAuth, TunnelClient};
+use tunnel_client::{ClientConfig, HttpVersion, PacSource, ProxyConfig, RelayAuth, TunnelClient};
 use tunnel_proto::splice::splice_until;
 
 /// Parses a duration flag: a whole number with an optional unit (`ms`, `s`, `m`, `h`); no
@@ -61,6 +61,19 @@ struct Args {
     /// HTTP proxy URL. Without it, HTTP_PROXY / HTTPS_PROXY / NO_PROXY from the environment apply.
     #[arg(long, env = "TUNNEL_CLIENT_PROXY")]
     proxy: Option<String>,
+
+    /// PAC file whose FindProxyForURL chooses the proxies for the relay URL, tried in its
+    /// order (PROXY a; PROXY b; DIRECT). Replaces HTTP_PROXY / HTTPS_PROXY / NO_PROXY.
+    #[arg(long, env = "TUNNEL_CLIENT_PAC_FILE", conflicts_with_all = ["proxy", "pac_url"])]
+    pac_file: Option<PathBuf>,
+
+    /// Like --pac-file, fetched from an http:// URL (directly, not through a proxy) at start.
+    #[arg(long, env = "TUNNEL_CLIENT_PAC_URL", conflicts_with = "proxy")]
+    pac_url: Option<String>,
+
+    /// Deadline for fetching the PAC script and, separately, for running it.
+    #[arg(long, env = "TUNNEL_CLIENT_PAC_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pac_timeout: Duration,
 
     /// Ignore HTTP_PROXY / HTTPS_PROXY / ALL_PROXY from the environment and connect directly.
     #[arg(long, env = "TUNNEL_CLIENT_NO_ENV_PROXY", conflicts_with = "proxy")]
@@ -200,8 +213,15 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
         username: args.proxy_user.clone(),
         password,
     });
+    let pac = match (&args.pac_file, &args.pac_url) {
+        (Some(path), _) => Some(PacSource::File(path.clone())),
+        (None, Some(url)) => Some(PacSource::Url(url.clone())),
+        (None, None) => None,
+    };
     let mut config = ClientConfig {
         proxy,
+        pac,
+        pac_timeout: args.pac_timeout,
         env_proxy: !args.no_env_proxy,
         relay_auth: relay_auth_from(args)?,
         ca_file: args.ca_file.clone(),
@@ -251,7 +271,7 @@ async fn run(args: Args) -> Result<(), String> {
     let listener = listen(args.listen, LISTEN_BACKLOG)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     tracing::info!(listen = %args.listen, relay = %args.relay, server = %args.server,
-        "forwarding local connections through the tunnel");
+        route = client.route(), "forwarding local connections through the tunnel");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
