@@ -447,4 +447,32 @@ mod tests {
         .unwrap_err();
         assert!(error.contains("nope"), "{error}");
     }
+
+    /// Serves one HTTP answer on a loopback port; returns the URL of `/proxy.pac` on it.
+    fn serve_once(answer: &'static str) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            if let Ok((mut socket, _)) = listener.accept() {
+                let mut request = [0u8; 1024];
+                let _ = socket.read(&mut request);
+                let _ = socket.write_all(answer.as_bytes());
+            }
+        });
+        format!("http://{addr}/proxy.pac")
+    }
+
+    #[test]
+    fn pac_urls_are_fetched_and_bad_answers_named() {
+        let url = serve_once(
+            "HTTP/1.0 200 OK\r\nContent-Type: application/x-ns-proxy-autoconfig\r\n\r\nfunction FindProxyForURL(u, h) { return 'DIRECT'; }",
+        );
+        let script = load(&PacSource::Url(url), 5 * SECOND).unwrap();
+        assert!(script.starts_with("function FindProxyForURL"), "{script}");
+        let url = serve_once("HTTP/1.0 404 Not Found\r\n\r\n");
+        let error = load(&PacSource::Url(url), 5 * SECOND).unwrap_err();
+        assert!(error.contains("404 Not Found"), "{error}");
+        let error = load(&PacSource::Url("https://wpad/wpad.dat".into()), SECOND).unwrap_err();
+        assert!(error.contains("--pac-file"), "{error}");
+    }
 }
