@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use tunnel_client::{ClientConfig, ConnectError, ProxyConfig};
 use tunnel_proto::ConnectionConfig;
-use tunnel_servlet::TlsFiles;
-use tunnel_tests::certs::{TestCa, Usage, LOOPBACK_NAMES};
 use tunnel_tests::inproc::{InProcessOptions, InProcessTunnel, SERVER_NAME};
 use tunnel_tests::services::{wait_for_log, Nginx, NginxOptions, ProxyUser, Squid, Tinyproxy};
 use tunnel_tests::{
@@ -59,17 +57,13 @@ fn proxy(url: String, user: Option<&ProxyUser>) -> Option<ProxyConfig> {
 /// A relay serving HTTPS with a certificate for 127.0.0.1/localhost from a fresh CA; returns
 /// the tunnel and the CA file clients must trust.
 async fn https_tunnel(dir: &TestDir) -> (InProcessTunnel, std::path::PathBuf) {
-    let ca = TestCa::new("tunnel-tests proxies CA").unwrap();
-    let ca_file = ca.write_cert(&dir.path().join("ca.pem")).unwrap();
-    let relay_cert = ca
-        .issue(LOOPBACK_NAMES, Usage::Server, dir.path(), "relay")
-        .unwrap();
-    let mut options = InProcessOptions::default();
-    options.relay.http_tls = Some(TlsFiles {
-        cert: relay_cert.cert,
-        key: relay_cert.key,
-    });
-    (InProcessTunnel::start(options).await.unwrap(), ca_file)
+    InProcessTunnel::start_https(
+        dir.path(),
+        "tunnel-tests proxies CA",
+        InProcessOptions::default(),
+    )
+    .await
+    .unwrap()
 }
 
 fn test_user() -> ProxyUser {

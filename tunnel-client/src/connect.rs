@@ -228,7 +228,7 @@ fn permanent_error(error: &RequestError) -> ConnectError {
     ConnectError::Refused { status, hint }
 }
 
-fn parse_connect_answer(packets: Vec<Packet>) -> Result<(u32, Token), ConnectError> {
+pub(crate) fn parse_connect_answer(packets: Vec<Packet>) -> Result<(u32, Token), ConnectError> {
     let Some(init) = packets.into_iter().find(|p| p.kind != PacketType::NoOp) else {
         return Err(ConnectError::BadResponse(
             "connect answer holds no CONN_INIT".into(),

@@ -156,6 +156,15 @@ fn is_certificate_rejection(rustls_error: &rustls::Error) -> bool {
     )
 }
 
+/// What one request of `tunnel-client --check` saw: the HTTP version, the relay's
+/// certificate (https:// only) and the answer's packets.
+pub struct ProbeAnswer {
+    pub version: reqwest::Version,
+    /// DER of the certificate the TLS connection presented (an intercepting proxy's own).
+    pub peer_certificate: Option<Vec<u8>>,
+    pub packets: Result<Vec<Packet>, RequestError>,
+}
+
 /// One way to reach the relay: directly or through one proxy, with its HTTP client (and so
 /// its own connection pool).
 #[derive(Debug)]
@@ -189,6 +198,8 @@ fn client_builder(config: &ClientConfig) -> Result<reqwest::ClientBuilder, Conne
         .tcp_nodelay(true)
         .pool_max_idle_per_host(config.http_pool_max_idle)
         .pool_idle_timeout(config.http_pool_idle_timeout)
+        // Keeps the relay's certificate with each response, for `tunnel-client --check`.
+        .tls_info(true)
         .user_agent(concat!("tunnel-client/", env!("CARGO_PKG_VERSION")));
     builder = match config.http_version {
         HttpVersion::Auto => builder,
@@ -390,13 +401,69 @@ impl Relay {
         .await
     }
 
-    /// Sends the request `make` builds, on the route in use; when the route's proxy does not
-    /// answer (no connection to it), moves on to the next route (PAC fail-over) and tries
-    /// again, each route at most once per request.
+    /// `POST Type=connect` as [`Relay::connect`], keeping what `--check` reports.
+    pub async fn probe_connect(&self, init: &Packet) -> Result<ProbeAnswer, RequestError> {
+        let url = self.url("connect", None);
+        let body = init.to_bytes();
+        let response = self
+            .send(|client| {
+                client
+                    .post(url.clone())
+                    .timeout(self.request_timeout)
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body.clone())
+            })
+            .await?;
+        Ok(self.probe_answer(response).await)
+    }
+
+    /// `GET Type=pull` as [`Relay::pull`], keeping what `--check` reports.
+    pub async fn probe_pull(
+        &self,
+        conn_id: u32,
+        token: &Token,
+    ) -> Result<ProbeAnswer, RequestError> {
+        let url = self.url("pull", Some(conn_id));
+        let response = self
+            .send(|client| {
+                client
+                    .get(url.clone())
+                    .timeout(self.pull_timeout)
+                    .header(TOKEN_HEADER, token.to_hex())
+            })
+            .await?;
+        Ok(self.probe_answer(response).await)
+    }
+
+    async fn probe_answer(&self, response: reqwest::Response) -> ProbeAnswer {
+        let version = response.version();
+        let peer_certificate = response
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|info| info.peer_certificate())
+            .map(<[u8]>::to_vec);
+        ProbeAnswer {
+            version,
+            peer_certificate,
+            packets: self.packets_of(response).await,
+        }
+    }
+
     async fn exchange(
         &self,
         make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     ) -> Result<Vec<Packet>, RequestError> {
+        let response = self.send(make).await?;
+        self.packets_of(response).await
+    }
+
+    /// Sends the request `make` builds, on the route in use; when the route's proxy does not
+    /// answer (no connection to it), moves on to the next route (PAC fail-over) and tries
+    /// again, each route at most once per request.
+    async fn send(
+        &self,
+        make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, RequestError> {
         use std::sync::atomic::Ordering;
         let mut index = self.current.load(Ordering::Relaxed) % self.routes.len();
         let mut tries = 1;
@@ -430,6 +497,11 @@ impl Relay {
                 Err(e) => return Err(network_error(e)),
             }
         };
+        Ok(response)
+    }
+
+    /// A 200 answer's packets; any other status is an error.
+    async fn packets_of(&self, response: reqwest::Response) -> Result<Vec<Packet>, RequestError> {
         let status = response.status();
         if status != StatusCode::OK {
             return Err(RequestError::Status { status });

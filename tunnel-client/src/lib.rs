@@ -43,6 +43,7 @@
 #![warn(missing_docs)]
 
 mod auth;
+mod check;
 mod config;
 mod connect;
 mod error;
@@ -53,6 +54,7 @@ mod push;
 mod session;
 
 pub use auth::RelayAuth;
+pub use check::{check, CheckReport};
 pub use config::{
     ClientConfig, HttpVersion, ProxyConfig, DEFAULT_CLIENT_RECV_WINDOW, DEFAULT_OUTAGE_GRACE,
 };

@@ -169,6 +169,12 @@ struct Args {
     #[arg(long, env = "TUNNEL_CLIENT_RECV_WINDOW", default_value_t = tunnel_client::DEFAULT_CLIENT_RECV_WINDOW)]
     recv_window: u16,
 
+    /// Probe the path to the relay with one connection to --server, print a report (route
+    /// and how it was chosen, HTTP version, the relay certificate's issuer, how long a held
+    /// pull lasted and whether it came back intact) and exit: 0 if the path works.
+    #[arg(long)]
+    check: bool,
+
     /// Seconds after Ctrl-C during which open connections may finish before they are aborted.
     #[arg(long, env = "TUNNEL_CLIENT_SHUTDOWN_GRACE", default_value_t = 10)]
     shutdown_grace: u64,
@@ -265,6 +271,17 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let config = config_from(&args)?;
+    if args.check {
+        let report = tunnel_client::check(config)
+            .await
+            .map_err(|e| e.to_string())?;
+        println!("{report}");
+        return if report.ok {
+            Ok(())
+        } else {
+            Err("the path to the relay does not work (see the report)".into())
+        };
+    }
     // Fail at start, not on the first connection, when the configuration cannot work. One
     // client for all connections: they share its pool of HTTP connections to the relay.
     let client = TunnelClient::new(config).map_err(|e| e.to_string())?;
