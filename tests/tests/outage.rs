@@ -6,7 +6,9 @@
 //! connection idle timeout, all 60 s by default. The surviving test keeps every one of them at
 //! its default and cuts the path for 75 s, longer than any of them, with `--outage-grace 2m`:
 //! only the grace (announced to the relay and the broker with CONN_OPTION 2) can keep the
-//! connection alive. Scaling the timeouts down instead would need a flag for the broker's idle
+//! connection alive. (Checked by hand: with the client sending 0 in the option, this test
+//! fails after 60 s of outage with "connection aborted by peer: idle for 60s", the broker's
+//! idle timeout.) Scaling the timeouts down instead would need a flag for the broker's idle
 //! timeout, which the broker binary does not have, and would leave the real defaults
 //! untested. The companion test shows the same outage mechanism ending a connection whose
 //! grace is shorter than the outage (5 s against 15 s, to stay quick).
