@@ -15,7 +15,11 @@
 //!
 //! Needs the binaries: `cargo build --workspace --bins && cargo test -p tunnel-tests --test outage`.
 
+mod support_raw;
+
 use std::time::{Duration, Instant};
+
+use support_raw::vm_rss_kib;
 
 use tunnel_tests::{
     free_addr, init_tracing, sink_source_exchange, Chain, ChainOptions, DropStyle, ExchangeSpec,
@@ -24,6 +28,12 @@ use tunnel_tests::{
 
 /// Bytes each way: enough that the transfer is still running when the outage begins.
 const TRANSFER_BYTES: u64 = 16 << 20;
+
+/// Most a process's resident memory may grow during the outage: what the client may buffer
+/// (4 MiB send buffer, 1 MiB receive window, pushes in flight) and the relay's 1 MiB queue
+/// per connection, with room for the allocator; a queue or retry list that grew with the
+/// outage's length would pass it.
+const MAX_RSS_GROWTH_KIB: u64 = 32 * 1024;
 
 /// Requests the proxy must have delivered after the transfer began before the path is cut,
 /// so the outage falls in the middle of the transfer.
@@ -47,10 +57,24 @@ async fn chain_behind_proxy(client_args: &[&str]) -> (SinkSourceServer, FaultPro
     (server, proxy, chain)
 }
 
+/// Resident memory of the client and the relay (KiB) at the start of the outage and at its
+/// peak, sampled every second.
+#[derive(Debug, Default)]
+struct OutageMemory {
+    client_start: u64,
+    client_peak: u64,
+    relay_start: u64,
+    relay_peak: u64,
+}
+
 /// Waits until the transfer has made progress through the proxy, then drops every request
 /// (the connection is closed without an answer) for `outage`, then lets traffic through again.
-/// Returns when the outage began.
-async fn cut_path_mid_transfer(proxy: &FaultProxy, outage: Duration) -> Instant {
+/// Returns when the outage began and the memory of the client and relay during it.
+async fn cut_path_mid_transfer(
+    proxy: &FaultProxy,
+    chain: &Chain,
+    outage: Duration,
+) -> (Instant, OutageMemory) {
     let before = proxy.stats().delivered;
     let deadline = Instant::now() + Duration::from_secs(30);
     while proxy.stats().delivered < before + REQUESTS_BEFORE_OUTAGE {
@@ -67,19 +91,33 @@ async fn cut_path_mid_transfer(proxy: &FaultProxy, outage: Duration) -> Instant 
         ..FaultConfig::none(14)
     });
     let began = Instant::now();
-    tokio::time::sleep(outage).await;
+    let pid = |p: &Option<tunnel_tests::ChildProcess>| p.as_ref().and_then(|p| p.id()).unwrap();
+    let (client, relay) = (pid(&chain.client), pid(&chain.relay));
+    let rss = |pid| vm_rss_kib(pid).unwrap_or(0);
+    let mut memory = OutageMemory {
+        client_start: rss(client),
+        relay_start: rss(relay),
+        ..OutageMemory::default()
+    };
+    while began.elapsed() < outage {
+        memory.client_peak = memory.client_peak.max(rss(client));
+        memory.relay_peak = memory.relay_peak.max(rss(relay));
+        let left = outage.saturating_sub(began.elapsed());
+        tokio::time::sleep(Duration::from_secs(1).min(left)).await;
+    }
     proxy.set_config(FaultConfig::none(15));
     eprintln!(
-        "path restored after {:?}: {:?}",
+        "path restored after {:?}: {:?}; memory (KiB) {memory:?}",
         began.elapsed(),
         proxy.stats()
     );
-    began
+    (began, memory)
 }
 
 /// 75 s without any path to the relay, mid-transfer, with every other timeout at its 60 s
 /// default: the connection survives and both directions arrive intact (the sink/source
-/// exchange checks length and SHA-256 each way).
+/// exchange checks length and SHA-256 each way), and neither the client's nor the relay's
+/// memory grows by more than what they may buffer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_survives_an_outage_longer_than_the_default_timeouts() {
     init_tracing();
@@ -92,7 +130,7 @@ async fn a_transfer_survives_an_outage_longer_than_the_default_timeouts() {
         tokio::spawn(
             async move { sink_source_exchange(stream, &spec, Duration::from_secs(240)).await },
         );
-    let outage_began = cut_path_mid_transfer(&proxy, OUTAGE).await;
+    let (outage_began, memory) = cut_path_mid_transfer(&proxy, &chain, OUTAGE).await;
     let report = exchange
         .await
         .expect("exchange task panicked")
@@ -107,6 +145,11 @@ async fn a_transfer_survives_an_outage_longer_than_the_default_timeouts() {
     assert!(
         proxy.stats().dropped_requests > 0,
         "no request was dropped: the outage tested nothing"
+    );
+    assert!(
+        memory.client_peak <= memory.client_start + MAX_RSS_GROWTH_KIB
+            && memory.relay_peak <= memory.relay_start + MAX_RSS_GROWTH_KIB,
+        "memory grew during the outage (KiB): {memory:?}"
     );
     chain.assert_alive();
 }
@@ -124,7 +167,7 @@ async fn a_transfer_fails_when_the_outage_outlasts_the_grace() {
         tokio::spawn(
             async move { sink_source_exchange(stream, &spec, Duration::from_secs(120)).await },
         );
-    cut_path_mid_transfer(&proxy, OUTAGE).await;
+    cut_path_mid_transfer(&proxy, &chain, OUTAGE).await;
     let result = exchange.await.expect("exchange task panicked");
     assert!(
         result.is_err(),
