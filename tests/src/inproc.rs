@@ -81,6 +81,24 @@ impl std::fmt::Debug for InProcessTunnel {
 }
 
 impl InProcessTunnel {
+    /// Starts a tunnel whose relay serves HTTPS with a certificate for 127.0.0.1/localhost
+    /// from a fresh CA named `ca_name`; returns it and the CA file clients must trust.
+    pub async fn start_https(
+        dir: &std::path::Path,
+        ca_name: &str,
+        mut options: InProcessOptions,
+    ) -> io::Result<(InProcessTunnel, std::path::PathBuf)> {
+        use crate::certs::{TestCa, Usage, LOOPBACK_NAMES};
+        let ca = TestCa::new(ca_name)?;
+        let ca_file = ca.write_cert(&dir.join("ca.pem"))?;
+        let relay_cert = ca.issue(LOOPBACK_NAMES, Usage::Server, dir, "relay")?;
+        options.relay.http_tls = Some(tunnel_servlet::TlsFiles {
+            cert: relay_cert.cert,
+            key: relay_cert.key,
+        });
+        Ok((InProcessTunnel::start(options).await?, ca_file))
+    }
+
     /// Starts the relay, links the broker to it (within [`LINK_TIMEOUT`]) and serves every
     /// accepted tunnel connection by splicing it to the sink/source server.
     pub async fn start(options: InProcessOptions) -> io::Result<InProcessTunnel> {

@@ -16,6 +16,25 @@ use crate::process::ChildProcess;
 /// Time a proxy has to start accepting connections.
 pub const SERVICE_START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Time a proxy has to write the log line of a request that ended (squid logs a request, or
+/// a CONNECT tunnel, when it ends).
+pub const LOG_WAIT: Duration = Duration::from_secs(15);
+
+/// Waits until `read()` (a proxy's log) contains `needle`, or panics showing what it had.
+pub async fn wait_for_log(what: &str, read: impl Fn() -> String, needle: &str) {
+    let deadline = std::time::Instant::now() + LOG_WAIT;
+    loop {
+        let text = read();
+        if text.contains(needle) {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            panic!("{what} has no line with {needle:?} after {LOG_WAIT:?}:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Where squid's helpers live on Debian.
 const SQUID_HELPER_DIRS: &[&str] = &["/usr/lib/squid", "/usr/lib64/squid", "/usr/libexec/squid"];
 

@@ -11,10 +11,8 @@ use std::time::{Duration, Instant};
 
 use tunnel_client::{ClientConfig, ConnectError, ProxyConfig};
 use tunnel_proto::ConnectionConfig;
-use tunnel_servlet::TlsFiles;
-use tunnel_tests::certs::{TestCa, Usage, LOOPBACK_NAMES};
 use tunnel_tests::inproc::{InProcessOptions, InProcessTunnel, SERVER_NAME};
-use tunnel_tests::services::{Nginx, NginxOptions, ProxyUser, Squid, Tinyproxy};
+use tunnel_tests::services::{wait_for_log, Nginx, NginxOptions, ProxyUser, Squid, Tinyproxy};
 use tunnel_tests::{
     bin_path, free_addr, init_tracing, sink_source_exchange, wait_for_tcp, ChildProcess,
     ExchangeSpec, TestDir,
@@ -24,8 +22,6 @@ use tunnel_tests::{
 const BULK_BYTES: u64 = 4 << 20;
 /// Deadline of one bulk exchange (two shared cores, a proxy in the path).
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Time a proxy has to write a log line for a request that ended.
-const LOG_WAIT: Duration = Duration::from_secs(15);
 
 /// Connects with `config` and moves `BULK_BYTES` each way, verified with SHA-256 on both
 /// ends; prints the case's line of the report.
@@ -50,21 +46,6 @@ async fn bulk_exchange(case: &str, config: ClientConfig, seed: u64) {
     );
 }
 
-/// Waits until `read()` contains `needle`, or panics showing what it had.
-async fn wait_for_log(what: &str, read: impl Fn() -> String, needle: &str) {
-    let deadline = Instant::now() + LOG_WAIT;
-    loop {
-        let text = read();
-        if text.contains(needle) {
-            return;
-        }
-        if Instant::now() >= deadline {
-            panic!("{what} has no line with {needle:?} after {LOG_WAIT:?}:\n{text}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn proxy(url: String, user: Option<&ProxyUser>) -> Option<ProxyConfig> {
     Some(ProxyConfig {
         url,
@@ -76,17 +57,13 @@ fn proxy(url: String, user: Option<&ProxyUser>) -> Option<ProxyConfig> {
 /// A relay serving HTTPS with a certificate for 127.0.0.1/localhost from a fresh CA; returns
 /// the tunnel and the CA file clients must trust.
 async fn https_tunnel(dir: &TestDir) -> (InProcessTunnel, std::path::PathBuf) {
-    let ca = TestCa::new("tunnel-tests proxies CA").unwrap();
-    let ca_file = ca.write_cert(&dir.path().join("ca.pem")).unwrap();
-    let relay_cert = ca
-        .issue(LOOPBACK_NAMES, Usage::Server, dir.path(), "relay")
-        .unwrap();
-    let mut options = InProcessOptions::default();
-    options.relay.http_tls = Some(TlsFiles {
-        cert: relay_cert.cert,
-        key: relay_cert.key,
-    });
-    (InProcessTunnel::start(options).await.unwrap(), ca_file)
+    InProcessTunnel::start_https(
+        dir.path(),
+        "tunnel-tests proxies CA",
+        InProcessOptions::default(),
+    )
+    .await
+    .unwrap()
 }
 
 fn test_user() -> ProxyUser {

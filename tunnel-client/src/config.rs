@@ -8,6 +8,7 @@ use tunnel_proto::packet::DEFAULT_MAX_PACKET_SIZE;
 use tunnel_proto::ConnectionConfig;
 
 use crate::auth::RelayAuth;
+use crate::pac::PacSource;
 use tunnel_proto::driver::StreamConfig;
 
 /// The client's default receive window, in packets: 16 × 64 KiB = 1 MiB, the relay's default
@@ -15,6 +16,10 @@ use tunnel_proto::driver::StreamConfig;
 /// more than the relay will hold for the client; the relay then drops and the connection
 /// retransmits. Measured on loopback: 16 moves 50 MB each way in ~0.2 s, 64 takes 3–7 s.
 pub const DEFAULT_CLIENT_RECV_WINDOW: u16 = 16;
+
+/// Default of [`ClientConfig::outage_grace`]: long enough for a laptop's short sleep, a move
+/// to another network or a proxy restart.
+pub const DEFAULT_OUTAGE_GRACE: Duration = Duration::from_secs(5 * 60);
 
 /// Which HTTP versions to speak to the relay (or the proxy).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -60,7 +65,15 @@ pub struct ClientConfig {
     /// Explicit proxy. `None` (default): the standard environment variables apply
     /// (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`).
     pub proxy: Option<ProxyConfig>,
-    /// With no explicit `proxy`: whether the environment's proxy variables apply (default:
+    /// With no explicit `proxy`: a PAC script whose `FindProxyForURL` picks the proxies for
+    /// the relay URL, tried in the order it gives (`PROXY a; PROXY b; DIRECT`: the next one
+    /// when a proxy does not answer). Replaces the environment's proxy variables. Evaluated
+    /// once, when the client is made. Default: none.
+    pub pac: Option<PacSource>,
+    /// Deadline for downloading the PAC script and, separately, for running it (a script
+    /// that loops is stopped). Default: 5 s.
+    pub pac_timeout: Duration,
+    /// With no explicit `proxy` and no `pac`: whether the environment's proxy variables apply (default:
     /// true). False connects directly.
     pub env_proxy: bool,
     /// Credentials for a relay that requires client authentication, sent as the
@@ -108,9 +121,12 @@ pub struct ClientConfig {
     pub retry_initial: Duration,
     /// Ceiling of the retry delay. Default: 5 s.
     pub retry_max: Duration,
-    /// Give up on an established connection after this long of continuous transient
-    /// failures (5xx, time-outs, network errors). Default: 60 s.
-    pub transient_failure_timeout: Duration,
+    /// How long an established connection survives without any path to the relay (laptop
+    /// sleep, network change, proxy restart): the client gives up after this long of
+    /// continuous transient failures (5xx, time-outs, network errors) of its pulls or pushes.
+    /// The relay and the broker are told to wait as long (see
+    /// [`ClientConfig::peer_silence_allowance`]). Default: 5 min ([`DEFAULT_OUTAGE_GRACE`]).
+    pub outage_grace: Duration,
     /// The reliable connection's tunables. Default: `ConnectionConfig::default()` except
     /// `recv_window` = [`DEFAULT_CLIENT_RECV_WINDOW`].
     pub connection: ConnectionConfig,
@@ -129,6 +145,8 @@ impl Default for ClientConfig {
             relay_url: "http://127.0.0.1:8080/tunnel".to_string(),
             server_name: "echo".to_string(),
             proxy: None,
+            pac: None,
+            pac_timeout: Duration::from_secs(5),
             env_proxy: true,
             relay_auth: None,
             ca_file: None,
@@ -147,7 +165,7 @@ impl Default for ClientConfig {
             affinity: None,
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
-            transient_failure_timeout: Duration::from_secs(60),
+            outage_grace: DEFAULT_OUTAGE_GRACE,
             connection: ConnectionConfig {
                 recv_window: DEFAULT_CLIENT_RECV_WINDOW,
                 ..ConnectionConfig::default()
@@ -165,5 +183,16 @@ impl ClientConfig {
             server_name: server_name.into(),
             ..ClientConfig::default()
         }
+    }
+
+    /// How long the other ends must tolerate hearing nothing from this client: the outage
+    /// grace plus one pull timeout (an outage may begin right after a request the relay
+    /// counted as activity). Sent as CONN_OPTION 2 (docs/protocol.md §6), which sets the
+    /// relay's inactivity timeout for the connection (capped by the relay's maximum, 1 h by
+    /// default) and raises the broker's idle timeout; the client's own connection idle
+    /// timeout is raised to it too. So the client, which sees the outage, is the one that
+    /// decides when to give up.
+    pub fn peer_silence_allowance(&self) -> Duration {
+        self.outage_grace.saturating_add(self.pull_timeout)
     }
 }

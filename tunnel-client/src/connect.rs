@@ -5,7 +5,7 @@
 use std::sync::{Arc, OnceLock};
 
 use tokio::time::Instant;
-use tunnel_proto::payload::{decode_reason, decode_token, encode_reason};
+use tunnel_proto::payload::{decode_reason, decode_token, encode_reason, ConnOption};
 use tunnel_proto::{Connection, Packet, PacketType, Token};
 
 use crate::config::ClientConfig;
@@ -88,6 +88,13 @@ impl TunnelClient {
         &self.config
     }
 
+    /// How requests reach the relay now: `direct`, `environment proxy variables`, or the
+    /// proxy and how it was chosen (`--proxy`, PAC script). With a PAC script this follows
+    /// its fail-over list as proxies stop answering.
+    pub fn route(&self) -> &str {
+        self.relay.route_label()
+    }
+
     /// Opens one connection; see [`connect`](crate::connect).
     pub async fn connect(&self) -> Result<TunnelStream, ConnectError> {
         connect_with(self.relay.clone(), self.config.clone()).await
@@ -132,14 +139,18 @@ async fn connect_with(relay: Relay, config: ClientConfig) -> Result<TunnelStream
         }
     };
 
-    let mut conn = Connection::new(
-        conn_id,
-        peer_window,
-        session.config.connection.clone(),
-        driver::now(),
-    );
+    let allowance = session.config.peer_silence_allowance();
+    let mut conn_config = session.config.connection.clone();
+    conn_config.idle_timeout = conn_config.idle_timeout.max(allowance);
+    let mut conn = Connection::new(conn_id, peer_window, conn_config, driver::now());
     // Our first push tells the relay we have the CONN_INIT_ACK, so it stops resending it.
     conn.send_ack_now();
+    // Ride out outages up to the grace: the relay's inactivity timeout and the broker's idle
+    // timeout follow this option (docs/protocol.md §6).
+    let allowance_ms = u32::try_from(allowance.as_millis()).unwrap_or(u32::MAX);
+    if let Err(e) = conn.send_option(ConnOption::InactivityTimeoutMs(allowance_ms)) {
+        tracing::debug!(conn_id, "could not queue the inactivity option: {e}");
+    }
     let mut stream_config = session.config.stream.clone();
     stream_config.max_batch_bytes = stream_config
         .max_batch_bytes
@@ -217,7 +228,7 @@ fn permanent_error(error: &RequestError) -> ConnectError {
     ConnectError::Refused { status, hint }
 }
 
-fn parse_connect_answer(packets: Vec<Packet>) -> Result<(u32, Token), ConnectError> {
+pub(crate) fn parse_connect_answer(packets: Vec<Packet>) -> Result<(u32, Token), ConnectError> {
     let Some(init) = packets.into_iter().find(|p| p.kind != PacketType::NoOp) else {
         return Err(ConnectError::BadResponse(
             "connect answer holds no CONN_INIT".into(),

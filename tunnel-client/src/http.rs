@@ -159,11 +159,31 @@ fn is_certificate_rejection(rustls_error: &rustls::Error) -> bool {
     )
 }
 
-/// The HTTP side of one relay: a `reqwest` client and the URLs of the three requests.
-/// Cloning is cheap and shares the client's connection pool.
+/// What one request of `tunnel-client --check` saw: the HTTP version, the relay's
+/// certificate (https:// only) and the answer's packets.
+pub struct ProbeAnswer {
+    pub version: reqwest::Version,
+    /// DER of the certificate the TLS connection presented (an intercepting proxy's own).
+    pub peer_certificate: Option<Vec<u8>>,
+    pub packets: Result<Vec<Packet>, RequestError>,
+}
+
+/// One way to reach the relay: directly or through one proxy, with its HTTP client (and so
+/// its own connection pool).
+#[derive(Debug)]
+struct Route {
+    client: reqwest::Client,
+    /// For log lines: "direct", or the proxy URL and how it was chosen.
+    label: String,
+}
+
+/// The HTTP side of one relay: the routes to it (one, or a PAC script's fail-over list) and
+/// the URLs of the three requests. Cloning is cheap and shares the connection pools.
 #[derive(Debug, Clone)]
 pub struct Relay {
-    client: reqwest::Client,
+    routes: std::sync::Arc<[Route]>,
+    /// Index of the route in use; requests move to the next one when a proxy does not answer.
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// `Authorization` for the relay (sensitive: never logged, never HPACK-indexed).
     auth: Option<reqwest::header::HeaderValue>,
     base: Url,
@@ -174,6 +194,110 @@ pub struct Relay {
     request_timeout: Duration,
     max_response_body: usize,
     max_packet_size: usize,
+}
+
+/// The settings every route's HTTP client shares: time-outs, pool, HTTP version, CA file.
+fn client_builder(config: &ClientConfig) -> Result<reqwest::ClientBuilder, ConnectError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(config.tcp_connect_timeout)
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(config.http_pool_max_idle)
+        .pool_idle_timeout(config.http_pool_idle_timeout)
+        // Keeps the relay's certificate with each response, for `tunnel-client --check`.
+        .tls_info(true)
+        .user_agent(concat!("tunnel-client/", env!("CARGO_PKG_VERSION")));
+    builder = match config.http_version {
+        HttpVersion::Auto => builder,
+        HttpVersion::Http1Only => builder.http1_only(),
+        HttpVersion::Http2PriorKnowledge => builder.http2_prior_knowledge(),
+    };
+    if let Some(path) = &config.ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| ConnectError::InvalidConfig(format!("CA file {}: {e}", path.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| ConnectError::InvalidConfig(format!("CA file {}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(ConnectError::InvalidConfig(format!(
+                "CA file {}: no PEM certificate in it",
+                path.display()
+            )));
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder)
+}
+
+fn build_client(builder: reqwest::ClientBuilder) -> Result<reqwest::Client, ConnectError> {
+    builder
+        .build()
+        .map_err(|e| ConnectError::InvalidConfig(format!("HTTP client: {e}")))
+}
+
+fn proxy_of(url: &str, user: Option<(&str, &str)>) -> Result<reqwest::Proxy, ConnectError> {
+    let mut p = reqwest::Proxy::all(url)
+        .map_err(|e| ConnectError::InvalidConfig(format!("proxy URL {url:?}: {e}")))?;
+    if let Some((user, password)) = user {
+        p = p.basic_auth(user, password);
+    }
+    Ok(p)
+}
+
+/// The routes to the relay, in the order to try them. Precedence: an explicit proxy, then a
+/// PAC script, then the environment's proxy variables (or direct without them).
+fn routes(config: &ClientConfig, base: &Url) -> Result<Vec<Route>, ConnectError> {
+    if let Some(proxy) = &config.proxy {
+        let user = proxy
+            .username
+            .as_deref()
+            .map(|u| (u, proxy.password.as_deref().unwrap_or("")));
+        // An explicit proxy replaces the environment's.
+        let builder = client_builder(config)?
+            .no_proxy()
+            .proxy(proxy_of(&proxy.url, user)?);
+        return Ok(vec![Route {
+            client: build_client(builder)?,
+            label: format!("proxy {} (--proxy)", proxy.url),
+        }]);
+    }
+    if let Some(source) = &config.pac {
+        let script = crate::pac::load(source, config.pac_timeout)
+            .map_err(|e| ConnectError::InvalidConfig(format!("PAC script: {e}")))?;
+        let chosen = crate::pac::find_proxy(&script, base, config.pac_timeout)
+            .map_err(|e| ConnectError::InvalidConfig(format!("PAC script: {e}")))?;
+        tracing::info!(relay = %base, "PAC script chose {chosen:?}");
+        return chosen
+            .into_iter()
+            .map(|route| {
+                let (builder, label) = match route {
+                    crate::pac::PacRoute::Direct => (
+                        client_builder(config)?.no_proxy(),
+                        "direct (PAC script)".to_string(),
+                    ),
+                    crate::pac::PacRoute::Proxy(url) => (
+                        client_builder(config)?
+                            .no_proxy()
+                            .proxy(proxy_of(&url, None)?),
+                        format!("proxy {url} (PAC script)"),
+                    ),
+                };
+                Ok(Route {
+                    client: build_client(builder)?,
+                    label,
+                })
+            })
+            .collect();
+    }
+    let (builder, label) = if config.env_proxy {
+        (client_builder(config)?, "environment proxy variables")
+    } else {
+        (client_builder(config)?.no_proxy(), "direct")
+    };
+    Ok(vec![Route {
+        client: build_client(builder)?,
+        label: label.to_string(),
+    }])
 }
 
 impl Relay {
@@ -198,56 +322,15 @@ impl Relay {
                 )));
             }
         }
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(config.tcp_connect_timeout)
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(config.http_pool_max_idle)
-            .pool_idle_timeout(config.http_pool_idle_timeout)
-            .user_agent(concat!("tunnel-client/", env!("CARGO_PKG_VERSION")));
-        builder = match config.http_version {
-            HttpVersion::Auto => builder,
-            HttpVersion::Http1Only => builder.http1_only(),
-            HttpVersion::Http2PriorKnowledge => builder.http2_prior_knowledge(),
-        };
-        if let Some(proxy) = &config.proxy {
-            let mut p = reqwest::Proxy::all(&proxy.url).map_err(|e| {
-                ConnectError::InvalidConfig(format!("proxy URL {:?}: {e}", proxy.url))
-            })?;
-            if let Some(user) = &proxy.username {
-                p = p.basic_auth(user, proxy.password.as_deref().unwrap_or(""));
-            }
-            // An explicit proxy replaces the environment's.
-            builder = builder.no_proxy().proxy(p);
-        } else if !config.env_proxy {
-            builder = builder.no_proxy();
-        }
-        if let Some(path) = &config.ca_file {
-            let pem = std::fs::read(path).map_err(|e| {
-                ConnectError::InvalidConfig(format!("CA file {}: {e}", path.display()))
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                ConnectError::InvalidConfig(format!("CA file {}: {e}", path.display()))
-            })?;
-            if certs.is_empty() {
-                return Err(ConnectError::InvalidConfig(format!(
-                    "CA file {}: no PEM certificate in it",
-                    path.display()
-                )));
-            }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let client = builder
-            .build()
-            .map_err(|e| ConnectError::InvalidConfig(format!("HTTP client: {e}")))?;
+        let routes = routes(config, &base)?;
         let auth = config
             .relay_auth
             .as_ref()
             .map(crate::auth::RelayAuth::header_value)
             .transpose()?;
         Ok(Relay {
-            client,
+            routes: routes.into(),
+            current: Default::default(),
             auth,
             base,
             server_name: config.server_name.clone(),
@@ -257,6 +340,12 @@ impl Relay {
             max_response_body: config.max_response_body,
             max_packet_size: config.max_packet_size,
         })
+    }
+
+    /// How requests reach the relay now: "direct", or the proxy and how it was chosen.
+    pub fn route_label(&self) -> &str {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        &self.routes[i % self.routes.len()].label
     }
 
     /// The relay URL without credentials or query, for log lines.
@@ -286,23 +375,28 @@ impl Relay {
 
     /// `POST Type=connect` with one CONN_INIT; the answer's packets.
     pub async fn connect(&self, init: &Packet) -> Result<Vec<Packet>, RequestError> {
-        let request = self
-            .client
-            .post(self.url("connect", None))
-            .timeout(self.request_timeout)
-            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(init.to_bytes());
-        self.exchange(request).await
+        let url = self.url("connect", None);
+        let body = init.to_bytes();
+        self.exchange(|client| {
+            client
+                .post(url.clone())
+                .timeout(self.request_timeout)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body.clone())
+        })
+        .await
     }
 
     /// `GET Type=pull`: the queued packets (at least a NO_OP when the relay's wait ran out).
     pub async fn pull(&self, conn_id: u32, token: &Token) -> Result<Vec<Packet>, RequestError> {
-        let request = self
-            .client
-            .get(self.url("pull", Some(conn_id)))
-            .timeout(self.pull_timeout)
-            .header(TOKEN_HEADER, token.to_hex());
-        self.exchange(request).await
+        let url = self.url("pull", Some(conn_id));
+        self.exchange(|client| {
+            client
+                .get(url.clone())
+                .timeout(self.pull_timeout)
+                .header(TOKEN_HEADER, token.to_hex())
+        })
+        .await
     }
 
     /// `POST Type=push` with encoded packets; the packets piggybacked on the answer.
@@ -312,26 +406,119 @@ impl Relay {
         token: &Token,
         body: Bytes,
     ) -> Result<Vec<Packet>, RequestError> {
-        let request = self
-            .client
-            .post(self.url("push", Some(conn_id)))
-            .timeout(self.request_timeout)
-            .header(TOKEN_HEADER, token.to_hex())
-            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(body);
-        self.exchange(request).await
+        let url = self.url("push", Some(conn_id));
+        self.exchange(|client| {
+            client
+                .post(url.clone())
+                .timeout(self.request_timeout)
+                .header(TOKEN_HEADER, token.to_hex())
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body.clone())
+        })
+        .await
+    }
+
+    /// `POST Type=connect` as [`Relay::connect`], keeping what `--check` reports.
+    pub async fn probe_connect(&self, init: &Packet) -> Result<ProbeAnswer, RequestError> {
+        let url = self.url("connect", None);
+        let body = init.to_bytes();
+        let response = self
+            .send(|client| {
+                client
+                    .post(url.clone())
+                    .timeout(self.request_timeout)
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body.clone())
+            })
+            .await?;
+        Ok(self.probe_answer(response).await)
+    }
+
+    /// `GET Type=pull` as [`Relay::pull`], keeping what `--check` reports.
+    pub async fn probe_pull(
+        &self,
+        conn_id: u32,
+        token: &Token,
+    ) -> Result<ProbeAnswer, RequestError> {
+        let url = self.url("pull", Some(conn_id));
+        let response = self
+            .send(|client| {
+                client
+                    .get(url.clone())
+                    .timeout(self.pull_timeout)
+                    .header(TOKEN_HEADER, token.to_hex())
+            })
+            .await?;
+        Ok(self.probe_answer(response).await)
+    }
+
+    async fn probe_answer(&self, response: reqwest::Response) -> ProbeAnswer {
+        let version = response.version();
+        let peer_certificate = response
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|info| info.peer_certificate())
+            .map(<[u8]>::to_vec);
+        ProbeAnswer {
+            version,
+            peer_certificate,
+            packets: self.packets_of(response).await,
+        }
     }
 
     async fn exchange(
         &self,
-        request: reqwest::RequestBuilder,
+        make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     ) -> Result<Vec<Packet>, RequestError> {
-        // Every request carries the credentials: the relay checks each one.
-        let request = match &self.auth {
-            Some(value) => request.header(reqwest::header::AUTHORIZATION, value.clone()),
-            None => request,
+        let response = self.send(make).await?;
+        self.packets_of(response).await
+    }
+
+    /// Sends the request `make` builds, on the route in use; when the route's proxy does not
+    /// answer (no connection to it), moves on to the next route (PAC fail-over) and tries
+    /// again, each route at most once per request.
+    async fn send(
+        &self,
+        make: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, RequestError> {
+        use std::sync::atomic::Ordering;
+        let mut index = self.current.load(Ordering::Relaxed) % self.routes.len();
+        let mut tries = 1;
+        let response = loop {
+            let request = make(&self.routes[index].client);
+            // Every request carries the credentials: the relay checks each one.
+            let request = match &self.auth {
+                Some(value) => request.header(reqwest::header::AUTHORIZATION, value.clone()),
+                None => request,
+            };
+            match request.send().await {
+                Ok(response) => break response,
+                Err(e) if e.is_connect() && tries < self.routes.len() => {
+                    let next = (index + 1) % self.routes.len();
+                    // Another request may have moved on already; only one logs the move.
+                    if self
+                        .current
+                        .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        tracing::warn!(
+                            "{} does not answer ({}); trying {}",
+                            self.routes[index].label,
+                            network_error(e),
+                            self.routes[next].label
+                        );
+                    }
+                    index = next;
+                    tries += 1;
+                }
+                Err(e) => return Err(network_error(e)),
+            }
         };
-        let response = request.send().await.map_err(network_error)?;
+        Ok(response)
+    }
+
+    /// A 200 answer's packets; any other status is an error.
+    async fn packets_of(&self, response: reqwest::Response) -> Result<Vec<Packet>, RequestError> {
         let status = response.status();
         if status != StatusCode::OK {
             return Err(RequestError::Status { status });

@@ -6,7 +6,8 @@
 //!   share one pool of HTTP connections (and TLS sessions) to the relay.
 //! - [`ClientConfig`] holds every tunable with its default: the relay URL and server name,
 //!   proxies ([`ProxyConfig`], or the environment's `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY`),
-//!   relay credentials ([`RelayAuth`]), TLS trust, timeouts and bounds.
+//!   a PAC script ([`PacSource`]), relay credentials ([`RelayAuth`]), TLS trust, timeouts
+//!   and bounds.
 //! - A failed connect is a [`ConnectError`]; it converts into `std::io::Error` for `?`.
 //!
 //! The wire protocol is described in the repository's `docs/protocol.md` (§2: the relay's
@@ -42,18 +43,24 @@
 #![warn(missing_docs)]
 
 mod auth;
+mod check;
 mod config;
 mod connect;
 mod error;
 mod http;
+mod pac;
 mod pull;
 mod push;
 mod session;
 
 pub use auth::RelayAuth;
-pub use config::{ClientConfig, HttpVersion, ProxyConfig, DEFAULT_CLIENT_RECV_WINDOW};
+pub use check::{check, CheckReport};
+pub use config::{
+    ClientConfig, HttpVersion, ProxyConfig, DEFAULT_CLIENT_RECV_WINDOW, DEFAULT_OUTAGE_GRACE,
+};
 pub use connect::{connect, TunnelClient};
 pub use error::ConnectError;
+pub use pac::PacSource;
 pub use tunnel_proto::connection::{Stats, StreamError};
 pub use tunnel_proto::driver::{StreamConfig, TunnelStream};
 pub use tunnel_proto::ConnectionConfig;

@@ -9,8 +9,31 @@ use clap::Parser;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tunnel_client::{ClientConfig, HttpVersion, ProxyConfig, RelayAuth, TunnelClient};
+use tunnel_client::{ClientConfig, HttpVersion, PacSource, ProxyConfig, RelayAuth, TunnelClient};
 use tunnel_proto::splice::splice_until;
+
+/// Parses a duration flag: a whole number with an optional unit (`ms`, `s`, `m`, `h`); no
+/// unit means seconds, as the client's flags always took.
+fn duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number with an optional unit (ms, s, m, h)"))?;
+    let millis_per_unit = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        other => return Err(format!("{text:?}: unknown unit {other:?} (ms, s, m, h)")),
+    };
+    n.checked_mul(millis_per_unit)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{text:?}: too long"))
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +61,19 @@ struct Args {
     /// HTTP proxy URL. Without it, HTTP_PROXY / HTTPS_PROXY / NO_PROXY from the environment apply.
     #[arg(long, env = "TUNNEL_CLIENT_PROXY")]
     proxy: Option<String>,
+
+    /// PAC file whose FindProxyForURL chooses the proxies for the relay URL, tried in its
+    /// order (PROXY a; PROXY b; DIRECT). Replaces HTTP_PROXY / HTTPS_PROXY / NO_PROXY.
+    #[arg(long, env = "TUNNEL_CLIENT_PAC_FILE", conflicts_with_all = ["proxy", "pac_url"])]
+    pac_file: Option<PathBuf>,
+
+    /// Like --pac-file, fetched from an http:// URL (directly, not through a proxy) at start.
+    #[arg(long, env = "TUNNEL_CLIENT_PAC_URL", conflicts_with = "proxy")]
+    pac_url: Option<String>,
+
+    /// Deadline for fetching the PAC script and, separately, for running it.
+    #[arg(long, env = "TUNNEL_CLIENT_PAC_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pac_timeout: Duration,
 
     /// Ignore HTTP_PROXY / HTTPS_PROXY / ALL_PROXY from the environment and connect directly.
     #[arg(long, env = "TUNNEL_CLIENT_NO_ENV_PROXY", conflicts_with = "proxy")]
@@ -103,9 +139,29 @@ struct Args {
     #[arg(long, env = "TUNNEL_CLIENT_HTTP1")]
     http1: bool,
 
-    /// Seconds to wait for the relay and the server to accept a new connection.
-    #[arg(long, env = "TUNNEL_CLIENT_CONNECT_TIMEOUT", default_value_t = 30)]
-    connect_timeout: u64,
+    /// How long to wait for the relay and the server to accept a new connection. Durations
+    /// are a number with an optional unit: ms, s (the default), m or h ("90", "5m").
+    #[arg(long, env = "TUNNEL_CLIENT_CONNECT_TIMEOUT", default_value = "30s", value_parser = duration)]
+    connect_timeout: Duration,
+
+    /// How long an open connection survives without any path to the relay (laptop sleep,
+    /// network change, proxy restart). The relay and the server are told to wait as long
+    /// (the relay caps it at its maximum inactivity timeout, 1 h by default).
+    #[arg(long, env = "TUNNEL_CLIENT_OUTAGE_GRACE", default_value = "5m", value_parser = duration)]
+    outage_grace: Duration,
+
+    /// Deadline of one pull request; must exceed the relay's pull wait (20 s by default),
+    /// and a proxy in between must let a request last that long.
+    #[arg(long, env = "TUNNEL_CLIENT_PULL_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pull_timeout: Duration,
+
+    /// Deadline of one connect or push request.
+    #[arg(long, env = "TUNNEL_CLIENT_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
+    request_timeout: Duration,
+
+    /// Deadline for opening one TCP (and TLS) connection to the relay or the proxy.
+    #[arg(long, env = "TUNNEL_CLIENT_TCP_CONNECT_TIMEOUT", default_value = "10s", value_parser = duration)]
+    tcp_connect_timeout: Duration,
 
     /// Receive window announced to the server, in packets of up to 64 KiB. Keep the bytes it
     /// stands for within the relay's per-connection queue limit, or the relay drops packets
@@ -118,6 +174,12 @@ struct Args {
     /// it travels in the URL.
     #[arg(long, env = "TUNNEL_CLIENT_AFFINITY")]
     affinity: Option<String>,
+
+    /// Probe the path to the relay with one connection to --server, print a report (route
+    /// and how it was chosen, HTTP version, the relay certificate's issuer, how long a held
+    /// pull lasted and whether it came back intact) and exit: 0 if the path works.
+    #[arg(long)]
+    check: bool,
 
     /// Seconds after Ctrl-C during which open connections may finish before they are aborted.
     #[arg(long, env = "TUNNEL_CLIENT_SHUTDOWN_GRACE", default_value_t = 10)]
@@ -163,8 +225,15 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
         username: args.proxy_user.clone(),
         password,
     });
+    let pac = match (&args.pac_file, &args.pac_url) {
+        (Some(path), _) => Some(PacSource::File(path.clone())),
+        (None, Some(url)) => Some(PacSource::Url(url.clone())),
+        (None, None) => None,
+    };
     let mut config = ClientConfig {
         proxy,
+        pac,
+        pac_timeout: args.pac_timeout,
         env_proxy: !args.no_env_proxy,
         relay_auth: relay_auth_from(args)?,
         ca_file: args.ca_file.clone(),
@@ -175,7 +244,11 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
         } else {
             HttpVersion::Auto
         },
-        connect_timeout: Duration::from_secs(args.connect_timeout),
+        connect_timeout: args.connect_timeout,
+        outage_grace: args.outage_grace,
+        pull_timeout: args.pull_timeout,
+        request_timeout: args.request_timeout,
+        tcp_connect_timeout: args.tcp_connect_timeout,
         affinity: args.affinity.clone(),
         ..ClientConfig::new(args.relay.clone(), args.server.clone())
     };
@@ -205,13 +278,24 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let config = config_from(&args)?;
+    if args.check {
+        let report = tunnel_client::check(config)
+            .await
+            .map_err(|e| e.to_string())?;
+        println!("{report}");
+        return if report.ok {
+            Ok(())
+        } else {
+            Err("the path to the relay does not work (see the report)".into())
+        };
+    }
     // Fail at start, not on the first connection, when the configuration cannot work. One
     // client for all connections: they share its pool of HTTP connections to the relay.
     let client = TunnelClient::new(config).map_err(|e| e.to_string())?;
     let listener = listen(args.listen, LISTEN_BACKLOG)
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     tracing::info!(listen = %args.listen, relay = %args.relay, server = %args.server,
-        "forwarding local connections through the tunnel");
+        route = client.route(), "forwarding local connections through the tunnel");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -305,4 +389,21 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_an_optional_unit_and_default_to_seconds() {
+        assert_eq!(duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration("20s"), Ok(Duration::from_secs(20)));
+        assert_eq!(duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(duration("5 minutes").is_err());
+        assert!(duration("m").is_err());
+        assert!(duration("-1s").is_err());
+    }
 }

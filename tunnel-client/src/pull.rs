@@ -142,7 +142,7 @@ pub async fn run(session: Arc<Session>, handle: ConnHandle) {
                 Failure::Transient => {
                     let since = *failing_since.get_or_insert_with(Instant::now);
                     let failing = since.elapsed();
-                    if failing > config.transient_failure_timeout {
+                    if failing > config.outage_grace {
                         tracing::error!(
                             conn_id = session.conn_id,
                             "pull failing for {failing:?} ({error}); giving up on the connection"

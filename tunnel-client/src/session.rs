@@ -36,12 +36,12 @@ impl Session {
     }
 
     /// Records a transient push failure; `Some(duration)` once pushes have failed for longer
-    /// than the transient-failure timeout.
+    /// than the outage grace.
     pub fn push_failed(&self) -> Option<Duration> {
         let now = Instant::now();
         let since = *self.lock_failing().get_or_insert(now);
         let failing = now - since;
-        (failing > self.config.transient_failure_timeout).then_some(failing)
+        (failing > self.config.outage_grace).then_some(failing)
     }
 
     fn lock_failing(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {

@@ -47,8 +47,13 @@ pub struct ConnectionConfig {
     /// Send an ACK as keepalive when nothing was sent for this long. Default 15 s.
     pub keepalive_interval: Duration,
     /// Fail the connection with [`StreamError::TimedOut`] (and send CONN_ABORT) when nothing
-    /// was received from the peer for this long. Default 60 s.
+    /// was received from the peer for this long. Default 60 s. A peer's CONN_OPTION 2
+    /// (inactivity timeout, docs/protocol.md §6) raises it for this connection: the peer
+    /// announced that it may be silent that long (a client riding out an outage).
     pub idle_timeout: Duration,
+    /// Ceiling of what a peer's CONN_OPTION 2 can raise `idle_timeout` to, so a peer cannot
+    /// keep this end's state alive forever. Default 1 h (the relay's own ceiling).
+    pub max_peer_idle_timeout: Duration,
 }
 
 impl Default for ConnectionConfig {
@@ -62,6 +67,7 @@ impl Default for ConnectionConfig {
             rto_max: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(60),
+            max_peer_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -524,12 +530,29 @@ impl Connection {
                 self.check_finished();
             }
             PacketType::ConnOption => match ConnOption::decode(packet.payload) {
-                Ok(option) => self.events.push_back(Event::Option(option)),
+                Ok(option) => {
+                    if let ConnOption::InactivityTimeoutMs(ms) = option {
+                        self.allow_peer_silence(ms);
+                    }
+                    self.events.push_back(Event::Option(option));
+                }
                 Err(err) => {
                     tracing::warn!(conn_id = self.conn_id, %err, "ignoring malformed CONN_OPTION")
                 }
             },
             _ => {}
+        }
+    }
+
+    /// The peer announced (CONN_OPTION 2) that it may be silent for `ms` milliseconds: raise
+    /// the idle timeout to that, within `max_peer_idle_timeout`. Never lowers it; 0 (the
+    /// relay's default) changes nothing.
+    fn allow_peer_silence(&mut self, ms: u32) {
+        let asked = Duration::from_millis(u64::from(ms)).min(self.config.max_peer_idle_timeout);
+        if asked > self.config.idle_timeout {
+            tracing::debug!(conn_id = self.conn_id, idle_timeout = ?asked,
+                "the peer may be silent longer: idle timeout raised");
+            self.config.idle_timeout = asked;
         }
     }
 

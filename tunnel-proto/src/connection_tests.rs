@@ -329,3 +329,39 @@ fn a_late_original_widens_the_reorder_window() {
     assert_eq!(a.reorder_quarters, INITIAL_REORDER_QUARTERS + 1);
     assert_eq!(read_all(&mut b), vec![6u8; 6000]);
 }
+
+#[test]
+fn peer_announced_silence_raises_the_idle_timeout_within_its_ceiling() {
+    let now = Instant::now();
+    let (mut client, mut broker) = pair(now);
+    let default_idle = broker.config.idle_timeout;
+    // A client that may be cut off for 5 minutes says so; the broker must not give up after
+    // its own 60 s.
+    client
+        .send_option(ConnOption::InactivityTimeoutMs(300_000))
+        .unwrap();
+    exchange(&mut client, &mut broker, now);
+    assert_eq!(
+        broker.poll_event(),
+        Some(Event::Option(ConnOption::InactivityTimeoutMs(300_000)))
+    );
+    assert_eq!(broker.config.idle_timeout, Duration::from_secs(300));
+    broker.handle_timeout(now + default_idle + Duration::from_secs(1));
+    assert_eq!(broker.error(), None, "timed out at the old idle timeout");
+    broker.handle_timeout(now + Duration::from_secs(301));
+    assert!(matches!(broker.error(), Some(StreamError::TimedOut(_))));
+
+    // Beyond the ceiling, the ceiling applies; a shorter value never lowers the timeout.
+    let (mut client, mut broker) = pair(now);
+    client
+        .send_option(ConnOption::InactivityTimeoutMs(u32::MAX))
+        .unwrap();
+    client
+        .send_option(ConnOption::InactivityTimeoutMs(1_000))
+        .unwrap();
+    exchange(&mut client, &mut broker, now);
+    assert_eq!(
+        broker.config.idle_timeout,
+        broker.config.max_peer_idle_timeout
+    );
+}

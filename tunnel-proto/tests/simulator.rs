@@ -16,7 +16,8 @@
 //!   advertised right edge never moves backwards;
 //! - close on both sides ends both (`is_finished`, one `Event::Finished`) within a virtual-time
 //!   bound; an abort reaches the peer as `AbortedByPeer`, or, when the network lost it, the
-//!   peer ends by idle timeout within `idle_timeout` plus slack;
+//!   peer ends by idle timeout within `idle_timeout` (as raised by the options it received)
+//!   plus slack;
 //! - the API's own promises: `is_readable` agrees with `read`, `write` never takes more than
 //!   `send_capacity`, writes after close fail, reads after a failure fail.
 //!
@@ -125,7 +126,7 @@ impl Params {
 }
 
 fn config(rng: &mut StdRng, recv_window: u16, max_data_payload: usize) -> ConnectionConfig {
-    ConnectionConfig {
+    let mut config = ConnectionConfig {
         recv_window,
         max_data_payload,
         send_buffer: rng.random_range(max_data_payload.max(64)..=64 * 1024),
@@ -136,7 +137,26 @@ fn config(rng: &mut StdRng, recv_window: u16, max_data_payload: usize) -> Connec
         rto_max: Duration::from_secs(rng.random_range(1..=5)),
         keepalive_interval: Duration::from_millis(rng.random_range(500..=2000)),
         idle_timeout: Duration::from_secs(rng.random_range(20..=40)),
-    }
+        ..ConnectionConfig::default()
+    };
+    // The peer's random CONN_OPTION 2 values may raise the idle timeout, to twice at most, so
+    // an abort the network lost still ends within the run's time limit.
+    config.max_peer_idle_timeout = config.idle_timeout * 2;
+    config
+}
+
+/// The idle timeout a connection with `config` has after receiving `options`: a peer's
+/// CONN_OPTION 2 raises it, up to `max_peer_idle_timeout`.
+fn effective_idle_timeout(config: &ConnectionConfig, options: &[ConnOption]) -> Duration {
+    options
+        .iter()
+        .filter_map(|option| match option {
+            ConnOption::InactivityTimeoutMs(ms) => {
+                Some(Duration::from_millis(u64::from(*ms)).min(config.max_peer_idle_timeout))
+            }
+            _ => None,
+        })
+        .fold(config.idle_timeout, Duration::max)
 }
 
 fn loss_max() -> f64 {
@@ -1033,7 +1053,7 @@ impl Sim {
             Some((_, StreamError::AbortedLocally(r))) if r == "simulated abort" => {}
             other => return self.fail(format!("{a}: after abort, Failed event is {other:?}")),
         }
-        let idle = self.p.configs[peer].idle_timeout;
+        let idle = effective_idle_timeout(&self.p.configs[peer], &self.apps[peer].options_received);
         let deadline = aborted_at + self.p.max_one_way_delay() + idle + Duration::from_secs(1);
         match self.apps[peer].failed.clone() {
             None => {
@@ -1316,6 +1336,7 @@ fn transfer_resumes_promptly_after_a_zero_window_stall() {
             rto_max: Duration::from_secs(8),
             keepalive_interval: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(60),
+            ..ConnectionConfig::default()
         };
         let p = Params {
             test: "zero_window_stall",
@@ -1410,6 +1431,7 @@ fn rtt_estimate_ignores_packets_held_behind_a_hole() {
         rto_max: Duration::from_secs(10),
         keepalive_interval: Duration::from_secs(600),
         idle_timeout: Duration::from_secs(3600),
+        ..ConnectionConfig::default()
     };
     let base = Instant::now();
     let mut t = base;
