@@ -16,6 +16,9 @@ const PULL_WAIT: Duration = Duration::from_secs(2);
 fn options() -> InProcessOptions {
     let mut options = InProcessOptions::default();
     options.relay.pull_wait = PULL_WAIT;
+    // The unknown-server case wants the relay's 404: a fresh relay answers names it has not
+    // seen with 503 (retry) during its name grace, in case their broker is re-linking.
+    options.relay.name_grace = std::time::Duration::ZERO;
     options
 }
 
