@@ -82,7 +82,7 @@ fn clock_ticks_per_second() -> f64 {
     }
 }
 
-/// Descriptors process `pid` holds open (entries of /proc/<pid>/fd).
+/// Descriptors process `pid` holds open (entries of `/proc/<pid>/fd`).
 pub fn open_fds(pid: u32) -> io::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::time::Instant;
+use tunnel_proto::warn_limit::WarningLimit;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -126,7 +127,9 @@ async fn on_conn_init(shared: &Arc<Shared>, link: &mpsc::Sender<Packet>, packet:
     let permit = match shared.accept_tx.try_reserve() {
         Ok(permit) => permit,
         Err(TrySendError::Full(())) => {
-            tracing::warn!(conn_id, client = %init.client_addr, "connection refused: accept backlog full");
+            static BACKLOG_FULL: WarningLimit =
+                WarningLimit::new(std::time::Duration::from_secs(10));
+            tunnel_proto::warn_limited!(BACKLOG_FULL, conn_id, client = %init.client_addr, "connection refused: accept backlog full");
             reply(shared, link, rejected_packet(conn_id, "backlog full")).await;
             return;
         }

@@ -6,6 +6,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tunnel_proto::warn_limit::WarningLimit;
 
 use bytes::Bytes;
 use clap::Parser;
@@ -275,6 +276,9 @@ fn relay_host(addr: &str) -> &str {
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
+/// While the forward target is down, every connection fails alike: one warning per 10 s.
+static TARGET_FAILURES: WarningLimit = WarningLimit::new(Duration::from_secs(10));
+
 /// Serves one tunnel connection and logs its end with byte counts.
 async fn serve(stream: TunnelStream, client: ClientInfo, service: Service) {
     let started = Instant::now();
@@ -289,12 +293,12 @@ async fn serve(stream: TunnelStream, client: ClientInfo, service: Service) {
             let tcp = match connect {
                 Ok(Ok(tcp)) => tcp,
                 Ok(Err(e)) => {
-                    tracing::warn!(conn_id = client.conn_id, client = %client.client_addr, %target, error = %e, "forward target refused; tunnel connection aborted");
+                    tunnel_proto::warn_limited!(TARGET_FAILURES, conn_id = client.conn_id, client = %client.client_addr, %target, error = %e, "forward target refused; tunnel connection aborted");
                     stream.abort("forward target refused the connection");
                     return;
                 }
                 Err(_) => {
-                    tracing::warn!(conn_id = client.conn_id, client = %client.client_addr, %target, "forward target did not answer within {connect_timeout:?}; tunnel connection aborted");
+                    tunnel_proto::warn_limited!(TARGET_FAILURES, conn_id = client.conn_id, client = %client.client_addr, %target, "forward target did not answer within {connect_timeout:?}; tunnel connection aborted");
                     stream.abort("forward target did not answer");
                     return;
                 }

@@ -3,6 +3,7 @@
 //! sink and the pull loop.
 
 use std::sync::{Arc, OnceLock};
+use tunnel_proto::warn_limit::WarningLimit;
 
 use tokio::time::Instant;
 use tunnel_proto::payload::{decode_reason, decode_token, encode_reason, ConnOption};
@@ -205,8 +206,11 @@ async fn open(
             }
             (Failure::Transient, _) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(server = %config.server_name, relay = %relay.display_url(),
-                    "connect failed: {error}; retrying in {delay:?}");
+                // Every connect retries while the relay is unreachable: one warning per 10 s.
+                static RETRIES: WarningLimit =
+                    WarningLimit::new(std::time::Duration::from_secs(10));
+                tunnel_proto::warn_limited!(RETRIES, server = %config.server_name,
+                    relay = %relay.display_url(), "connect failed: {error}; retrying in {delay:?}");
                 *last_error = error.to_string();
                 tokio::time::sleep(delay).await;
             }

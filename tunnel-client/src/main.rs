@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use tunnel_proto::warn_limit::WarningLimit;
 
 use clap::Parser;
 use tokio::net::{TcpListener, TcpStream};
@@ -309,7 +310,8 @@ async fn run(args: Args) -> Result<(), String> {
                 }
                 Err(e) => {
                     // Typically out of file descriptors: wait a little instead of spinning.
-                    tracing::warn!("accept failed: {e}");
+                    static ACCEPT_FAILURES: WarningLimit = WarningLimit::new(Duration::from_secs(10));
+                    tunnel_proto::warn_limited!(ACCEPT_FAILURES, "accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
@@ -351,7 +353,9 @@ async fn handle(
     let tunnel = match client.connect().await {
         Ok(t) => t,
         Err(e) => {
-            tracing::warn!(%peer, "could not open a tunnel connection: {e}");
+            // While the relay or the server is down, every local connection fails alike.
+            static OPEN_FAILURES: WarningLimit = WarningLimit::new(Duration::from_secs(10));
+            tunnel_proto::warn_limited!(OPEN_FAILURES, %peer, "could not open a tunnel connection: {e}");
             return;
         }
     };

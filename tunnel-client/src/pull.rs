@@ -18,6 +18,7 @@ use crate::http::{Failure, RequestError};
 use crate::session::Session;
 use tunnel_proto::backoff::Backoff;
 use tunnel_proto::driver::ConnHandle;
+use tunnel_proto::warn_limit::WarningLimit;
 
 type PullResult = Result<Vec<Packet>, RequestError>;
 
@@ -28,34 +29,6 @@ type PullResult = Result<Vec<Packet>, RequestError>;
 const RETRY_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 static RETRY_WARNINGS: WarningLimit = WarningLimit::new(RETRY_WARNING_INTERVAL);
-
-/// A process-wide rate limit for one kind of warning.
-struct WarningLimit {
-    interval: Duration,
-    /// When the last warning was let through, and how many were held back since.
-    state: std::sync::Mutex<(Option<Instant>, u64)>,
-}
-
-impl WarningLimit {
-    const fn new(interval: Duration) -> WarningLimit {
-        WarningLimit {
-            interval,
-            state: std::sync::Mutex::new((None, 0)),
-        }
-    }
-
-    /// `Some(held back since the last one)` if a warning may be logged now.
-    fn due(&self, now: Instant) -> Option<u64> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (last, held) = &mut *state;
-        if last.is_some_and(|t| now.saturating_duration_since(t) < self.interval) {
-            *held += 1;
-            return None;
-        }
-        *last = Some(now);
-        Some(std::mem::take(held))
-    }
-}
 
 fn start_pull(session: &Arc<Session>) -> JoinHandle<PullResult> {
     let session = session.clone();
@@ -151,18 +124,11 @@ pub async fn run(session: Arc<Session>, handle: ConnHandle) {
                         break;
                     }
                     let delay = backoff.next_delay();
-                    match RETRY_WARNINGS.due(Instant::now()) {
-                        Some(suppressed) => tracing::warn!(
-                            conn_id = session.conn_id,
-                            suppressed,
-                            "pull failed ({error}); retrying in {delay:?} (pull failures \
-                             logged at debug since the last such warning: {suppressed})"
-                        ),
-                        None => tracing::debug!(
-                            conn_id = session.conn_id,
-                            "pull failed ({error}); retrying in {delay:?}"
-                        ),
-                    }
+                    tunnel_proto::warn_limited!(
+                        RETRY_WARNINGS,
+                        conn_id = session.conn_id,
+                        "pull failed ({error}); retrying in {delay:?}"
+                    );
                     tokio::select! {
                         _ = handle.closed() => break,
                         _ = tokio::time::sleep(delay) => {}
@@ -193,21 +159,5 @@ fn pull_period(handle: &ConnHandle) -> Option<Duration> {
     match handle.peer_options().pull_period_ms {
         Some(ms) if ms > 0 => Some(Duration::from_millis(u64::from(ms))),
         _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_warning_per_interval_counts_the_rest() {
-        let limit = WarningLimit::new(Duration::from_secs(10));
-        let t0 = Instant::now();
-        assert_eq!(limit.due(t0), Some(0));
-        assert_eq!(limit.due(t0 + Duration::from_secs(1)), None);
-        assert_eq!(limit.due(t0 + Duration::from_secs(9)), None);
-        assert_eq!(limit.due(t0 + Duration::from_secs(10)), Some(2));
-        assert_eq!(limit.due(t0 + Duration::from_secs(11)), None);
     }
 }

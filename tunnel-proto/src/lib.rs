@@ -8,6 +8,7 @@
 //!   (§4, §6): time and packets go in as arguments, packets to send and bytes come out.
 //! - [`seq`]: serial-number arithmetic on sequence numbers.
 //! - [`secret`]: reading a link secret file the way the relay and broker binaries do.
+//! - [`warn_limit`]: at most one warning of a kind per interval ([`warn_limited!`]).
 //! - With the `driver` feature: [`driver`] ([`TunnelStream`], a tokio `AsyncRead` +
 //!   `AsyncWrite` over any packet transport), [`splice`] (joining two streams with
 //!   half-close) and [`backoff`] (retry delays).
@@ -34,6 +35,7 @@ pub mod packet;
 pub mod payload;
 pub mod secret;
 pub mod seq;
+pub mod warn_limit;
 
 #[cfg(feature = "driver")]
 pub mod backoff;

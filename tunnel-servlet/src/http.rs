@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
+use tunnel_proto::warn_limit::WarningLimit;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -106,7 +107,13 @@ fn refuse_unauthenticated(
     let auth = shared.config.client_auth.as_ref()?;
     let failure = auth.check(req.headers()).err()?;
     shared.metrics.client_auth_failure();
-    tracing::warn!(%peer, reason = failure.as_str(), "client authentication failed; 401");
+    static AUTH_FAILURES: WarningLimit = WarningLimit::new(std::time::Duration::from_secs(10));
+    tunnel_proto::warn_limited!(
+        AUTH_FAILURES,
+        %peer,
+        reason = failure.as_str(),
+        "client authentication failed; 401"
+    );
     let mut resp = error(StatusCode::UNAUTHORIZED, "client authentication required");
     for challenge in auth.challenges() {
         resp.headers_mut().append(WWW_AUTHENTICATE, challenge);
@@ -257,7 +264,13 @@ async fn connect(
         if table.connection_count() >= config.max_connections {
             drop(table);
             shared.metrics.rejected(RejectReason::Limit);
-            tracing::warn!(%client, server, "connection limit reached; connect refused");
+            static AT_LIMIT: WarningLimit = WarningLimit::new(std::time::Duration::from_secs(10));
+            tunnel_proto::warn_limited!(
+                AT_LIMIT,
+                %client,
+                server,
+                "connection limit reached; connect refused"
+            );
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "relay at its connection limit",

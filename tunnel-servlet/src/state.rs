@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
+use tunnel_proto::warn_limit::WarningLimit;
 
 use tokio::sync::{watch, Semaphore};
 
@@ -90,7 +91,10 @@ pub(crate) async fn accept_until_stopped(
         match accepted {
             Ok(pair) => return Some(pair),
             Err(err) => {
-                tracing::warn!(error = %err, "{what} accept failed");
+                // Typically out of descriptors, which lasts: one warning per 10 s.
+                static ACCEPT_FAILURES: WarningLimit =
+                    WarningLimit::new(std::time::Duration::from_secs(10));
+                tunnel_proto::warn_limited!(ACCEPT_FAILURES, error = %err, "{what} accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
