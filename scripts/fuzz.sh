@@ -15,7 +15,7 @@ seconds="${1:-30}"
 shift || true
 targets=("$@")
 if [ "${#targets[@]}" -eq 0 ]; then
-    targets=(decode_packets decode_payloads decode_link)
+    targets=(decode_packets decode_payloads decode_link decode_session)
 fi
 
 host="$(rustc -vV | sed -n 's/^host: //p')"

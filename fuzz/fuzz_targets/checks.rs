@@ -7,8 +7,8 @@ use tunnel_proto::codec::{decode_all, encode_all, Decoder};
 use tunnel_proto::packet::HEADER_LEN;
 use tunnel_proto::payload::{
     decode_listen_state, decode_reason, decode_sack, decode_token, encode_listen_state,
-    encode_sack, encode_token, BrokerConnInit, ConnOption, LinkInit, ListenMode, ListenState,
-    Token, MAX_SACK_BLOCKS,
+    encode_sack, encode_token, Attach, BrokerConnInit, ConnOption, LinkInit, ListenMode,
+    ListenState, SessionRequest, Token, MAX_SACK_BLOCKS, MAX_SERVER_NAME_LEN,
 };
 
 /// Input layout: byte 0 = chunk size for the streaming decoder (0 read as 1), byte 1 = packet
@@ -85,11 +85,26 @@ pub fn check_link(data: &[u8]) {
     }
 }
 
+/// The session's own messages (docs/protocol.md §2.1): the SESSION_INIT request and ATTACH.
+/// No panic, whatever decodes re-encodes to the same bytes, and an ATTACH's server name is
+/// within its bounds.
+pub fn check_session(data: &[u8]) {
+    let b = Bytes::copy_from_slice(data);
+    if let Ok(request) = SessionRequest::decode(b.clone()) {
+        assert_eq!(request.encode(), b);
+    }
+    if let Ok(attach) = Attach::decode(b.clone()) {
+        assert!(!attach.server.is_empty() && attach.server.len() <= MAX_SERVER_NAME_LEN);
+        assert_eq!(attach.encode(), b);
+    }
+}
+
 /// Every payload decoder (LINK_INIT with and without its pool extension, LISTEN_STATE in both
 /// forms, ...) on the whole input: no panic, and whatever decodes re-encodes to the
 /// same bytes (each format has exactly one encoding).
 pub fn check_payloads(data: &[u8]) {
     check_link(data);
+    check_session(data);
     let b = Bytes::copy_from_slice(data);
     if let Ok(init) = BrokerConnInit::decode(b.clone()) {
         assert_eq!(init.encode(), b);

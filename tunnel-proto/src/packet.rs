@@ -76,11 +76,19 @@ pub enum PacketType {
     NoOp = 12,
     /// 13: relay→broker: the link is authenticated. Empty payload.
     LinkInitAck = 13,
+    /// 14: opens a session (docs/protocol.md §2.1). Client→relay: conn_id 0, payload the
+    /// idle timeout asked for ([`SessionRequest`](crate::payload::SessionRequest));
+    /// relay→client: conn_id = the session id, payload the 16-byte session token.
+    SessionInit = 14,
+    /// 15: moves a connection into the session of the push that carries it (docs/protocol.md
+    /// §2.1). Client→relay: the connection's token and server name
+    /// ([`Attach`](crate::payload::Attach)); relay→client: empty payload, "attached".
+    Attach = 15,
 }
 
 impl PacketType {
     /// Every type, in code order.
-    pub const ALL: [PacketType; 13] = [
+    pub const ALL: [PacketType; 15] = [
         PacketType::ConnInit,
         PacketType::ConnInitAck,
         PacketType::ConnRejected,
@@ -94,17 +102,19 @@ impl PacketType {
         PacketType::ListenState,
         PacketType::NoOp,
         PacketType::LinkInitAck,
+        PacketType::SessionInit,
+        PacketType::Attach,
     ];
 
-    /// The type with wire code `code`, or `None` outside 1–13.
+    /// The type with wire code `code`, or `None` outside 1–15.
     pub fn from_code(code: u16) -> Option<PacketType> {
         match code {
-            1..=13 => Some(Self::ALL[usize::from(code) - 1]),
+            1..=15 => Some(Self::ALL[usize::from(code) - 1]),
             _ => None,
         }
     }
 
-    /// The wire code, 1–13, written in header bytes 2–3.
+    /// The wire code, 1–15, written in header bytes 2–3.
     pub fn code(self) -> u16 {
         self as u16
     }

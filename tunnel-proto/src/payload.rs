@@ -204,6 +204,60 @@ impl BrokerConnInit {
     }
 }
 
+/// Payload of the client's SESSION_INIT (docs/protocol.md §2.1): the idle timeout the client
+/// asks the relay to keep its session for, in milliseconds; 0 means the relay's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionRequest {
+    /// Asked idle timeout in ms; the relay caps it at its maximum.
+    pub idle_timeout_ms: u32,
+}
+
+impl SessionRequest {
+    /// The wire payload: one u32.
+    pub fn encode(&self) -> Bytes {
+        Bytes::copy_from_slice(&self.idle_timeout_ms.to_be_bytes())
+    }
+
+    /// Parses the payload: exactly 4 bytes.
+    pub fn decode(payload: Bytes) -> Result<SessionRequest, PayloadError> {
+        let mut r = Reader::new("SESSION_INIT request", payload);
+        let idle_timeout_ms = r.u32()?;
+        r.end()?;
+        Ok(SessionRequest { idle_timeout_ms })
+    }
+}
+
+/// Payload of a client's ATTACH (docs/protocol.md §2.1): the connection's token and its
+/// server name, which proves the client owns the connection and tells the relay which
+/// brokers' re-announcements to wait for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attach {
+    /// The connection's token, as the relay gave it in the connect answer.
+    pub token: Token,
+    /// The server name the connection was opened to, 1 ..= [`MAX_SERVER_NAME_LEN`] bytes.
+    pub server: String,
+}
+
+impl Attach {
+    /// The wire payload: token, then the u16-prefixed server name.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(TOKEN_LEN + 2 + self.server.len());
+        out.put_slice(&self.token.0);
+        put_prefixed(&mut out, self.server.as_bytes());
+        out.freeze()
+    }
+
+    /// Parses the payload; rejects a server name that is empty, too long or not UTF-8, and
+    /// truncated or trailing input.
+    pub fn decode(payload: Bytes) -> Result<Attach, PayloadError> {
+        let mut r = Reader::new("ATTACH", payload);
+        let token = r.token()?;
+        let server = r.prefixed_str(1, MAX_SERVER_NAME_LEN)?;
+        r.end()?;
+        Ok(Attach { token, server })
+    }
+}
+
 /// One connection a broker still holds, announced in LINK_INIT so the relay can re-install it.
 /// On the wire it takes 26 bytes (docs/protocol.md §5).
 #[derive(Debug, Clone, PartialEq, Eq)]

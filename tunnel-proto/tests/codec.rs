@@ -16,8 +16,8 @@ use tunnel_proto::payload::{
     SackBlock, Token, MAX_CLIENT_ADDR_LEN, MAX_SACK_BLOCKS, MAX_SERVER_NAME_LEN,
 };
 use tunnel_proto::payload::{
-    Capacity, InstanceId, LinkExtension, ListenMode, ListenState, LINK_EXTENSION_LEN,
-    LISTEN_STATE_EXTENDED_LEN,
+    Attach, Capacity, InstanceId, LinkExtension, ListenMode, ListenState, SessionRequest,
+    LINK_EXTENSION_LEN, LISTEN_STATE_EXTENDED_LEN,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ fn every_packet_type_round_trips() {
         d.finish().unwrap();
     }
     assert_eq!(PacketType::from_code(0), None);
-    assert_eq!(PacketType::from_code(14), None);
+    assert_eq!(PacketType::from_code(16), None);
 }
 
 #[test]
@@ -256,7 +256,7 @@ fn malformed_packets_give_their_own_error() {
     let mut bad_sum = good.clone();
     bad_sum.checksum = Some(good_sum ^ 1);
     let mut unknown_type = good.clone();
-    unknown_type.kind = 14;
+    unknown_type.kind = 16;
     let mut type_zero = good.clone();
     type_zero.kind = 0;
     let mut type_max = good.clone();
@@ -298,7 +298,7 @@ fn malformed_packets_give_their_own_error() {
         (
             "type 14",
             unknown_type.bytes(),
-            DecodeError::UnknownType(14),
+            DecodeError::UnknownType(16),
         ),
         ("type 0", type_zero.bytes(), DecodeError::UnknownType(0)),
         (
@@ -1215,4 +1215,50 @@ fn instance_ids_print_as_hex() {
     assert_eq!(InstanceId::from_hex(&id.to_hex()), Some(id));
     assert_eq!(InstanceId::from_hex("xyz"), None);
     assert_eq!(InstanceId::LEGACY.to_hex(), "0".repeat(32));
+}
+
+#[test]
+fn session_messages_round_trip_and_reject() {
+    let request = SessionRequest {
+        idle_timeout_ms: 330_000,
+    };
+    assert_eq!(request.encode().len(), 4);
+    assert_eq!(SessionRequest::decode(request.encode()).unwrap(), request);
+    assert!(matches!(
+        SessionRequest::decode(Bytes::from_static(&[0, 0, 1])),
+        Err(PayloadError::Truncated { .. })
+    ));
+    assert!(matches!(
+        SessionRequest::decode(Bytes::from_static(&[0, 0, 1, 0, 9])),
+        Err(PayloadError::TrailingBytes { extra: 1, .. })
+    ));
+
+    let attach = Attach {
+        token: token(3),
+        server: "echo".into(),
+    };
+    let wire = attach.encode();
+    assert_eq!(wire.len(), 16 + 2 + 4);
+    assert_eq!(Attach::decode(wire.clone()).unwrap(), attach);
+    for cut in 0..wire.len() {
+        assert!(matches!(
+            Attach::decode(wire.slice(..cut)),
+            Err(PayloadError::Truncated { .. })
+        ));
+    }
+    // An empty or over-long server name is refused.
+    for len in [0usize, MAX_SERVER_NAME_LEN + 1] {
+        let mut bad = BytesMut::new();
+        bad.put_slice(&token(3).0);
+        bad.put_u16(len as u16);
+        bad.put_slice(&vec![b'a'; len]);
+        assert!(matches!(
+            Attach::decode(bad.freeze()),
+            Err(PayloadError::BadLength { .. })
+        ));
+    }
+    // The new packet types have their codes.
+    assert_eq!(PacketType::from_code(14), Some(PacketType::SessionInit));
+    assert_eq!(PacketType::from_code(15), Some(PacketType::Attach));
+    assert_eq!(PacketType::from_code(16), None);
 }

@@ -13,9 +13,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tunnel_proto::codec::encode_all;
 use tunnel_proto::packet::{Packet, PacketType};
 use tunnel_proto::payload::{
-    encode_listen_state, encode_reason, encode_sack, encode_token, AnnouncedConn, BrokerConnInit,
-    Capacity, ConnOption, InstanceId, LinkExtension, LinkInit, ListenMode, ListenState, SackBlock,
-    Token,
+    encode_listen_state, encode_reason, encode_sack, encode_token, AnnouncedConn, Attach,
+    BrokerConnInit, Capacity, ConnOption, InstanceId, LinkExtension, LinkInit, ListenMode,
+    ListenState, SackBlock, SessionRequest, Token,
 };
 
 #[path = "../../fuzz/fuzz_targets/checks.rs"]
@@ -24,10 +24,11 @@ mod checks;
 /// A fuzz target's check: panics when the input breaks a property.
 type Check = fn(&[u8]);
 
-const TARGETS: [(&str, Check); 3] = [
+const TARGETS: [(&str, Check); 4] = [
     ("decode_packets", checks::check_packets),
     ("decode_payloads", checks::check_payloads),
     ("decode_link", checks::check_link),
+    ("decode_session", checks::check_session),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -204,6 +205,21 @@ fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
         ("token", encode_token(&token(9))),
         ("token-hex", Bytes::from(token(9).to_hex())),
         ("reason", encode_reason("relay shutting down")),
+        (
+            "session-request",
+            SessionRequest {
+                idle_timeout_ms: 330_000,
+            }
+            .encode(),
+        ),
+        (
+            "session-attach",
+            Attach {
+                token: token(4),
+                server: "echo".into(),
+            }
+            .encode(),
+        ),
     ];
     let mut huge_count = BytesMut::new();
     huge_count.put_u16(4);
@@ -215,6 +231,9 @@ fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
         // The link's messages seed the link target too.
         if name.starts_with("link-") || name.starts_with("listen-") {
             seeds.push(("decode_link", format!("seed-{name}"), bytes.to_vec()));
+        }
+        if name.starts_with("session-") {
+            seeds.push(("decode_session", format!("seed-{name}"), bytes.to_vec()));
         }
         seeds.push(("decode_payloads", format!("seed-{name}"), bytes.to_vec()));
     }
