@@ -96,8 +96,9 @@ pub struct ClientConfig {
     pub pull_timeout: Duration,
     /// Deadline of one connect or push request. Default: 30 s.
     pub request_timeout: Duration,
-    /// Push requests in flight at once; the driver waits for a free slot (back-pressure).
-    /// Default: 4.
+    /// Push requests in flight at once: per connection, or in a session (see
+    /// [`ClientConfig::session`]) for all connections together; the driver waits for a free
+    /// slot (back-pressure). Default: 4.
     pub max_pushes_in_flight: usize,
     /// Idle HTTP connections kept open to the relay for reuse (shared by all connections of
     /// a `TunnelClient`). Over HTTP/1.1 each held pull occupies a connection of its own; without
@@ -137,6 +138,18 @@ pub struct ClientConfig {
     pub affinity: Option<String>,
     /// The stream driver's tunables (its batch size is capped at `max_push_body`).
     pub stream: StreamConfig,
+    /// Carry all connections of a [`TunnelClient`](crate::TunnelClient) in one session
+    /// (docs/protocol.md §2.1): one held pull and at most `max_pushes_in_flight` pushes for
+    /// all of them, so that hundreds of connections need a handful of HTTP connections to
+    /// the proxy and the relay. `false` uses the per-connection requests (one held pull per
+    /// connection), which relays of every version serve. Default: `true`.
+    pub session: bool,
+    /// In a session: connect requests in flight at once; further connects wait their turn,
+    /// so opening many connections at once needs no HTTP connection each. Default: 8.
+    pub max_connects_in_flight: usize,
+    /// In a session: bytes of packets waiting for a push slot, over all connections; a
+    /// connection's driver waits while it is full (back-pressure). Default: 4 MiB.
+    pub session_outbox: usize,
 }
 
 impl Default for ClientConfig {
@@ -171,6 +184,9 @@ impl Default for ClientConfig {
                 ..ConnectionConfig::default()
             },
             stream: StreamConfig::default(),
+            session: true,
+            max_connects_in_flight: 8,
+            session_outbox: 4 * 1024 * 1024,
         }
     }
 }

@@ -13,7 +13,8 @@ use crate::config::ClientConfig;
 use crate::error::ConnectError;
 use crate::http::{status_hint, Failure, Relay, RequestError};
 use crate::push::HttpSink;
-use crate::session::Session;
+use crate::per_conn::PerConn;
+use crate::session::ClientSession;
 use tunnel_proto::backoff::Backoff;
 use tunnel_proto::driver::{self, ConnHandle, TunnelStream};
 
@@ -72,15 +73,22 @@ pub async fn connect(config: ClientConfig) -> Result<TunnelStream, ConnectError>
 pub struct TunnelClient {
     relay: Relay,
     config: ClientConfig,
+    /// The session all connections share (`ClientConfig::session`).
+    session: Option<Arc<ClientSession>>,
 }
 
 impl TunnelClient {
     /// Checks the configuration and builds the HTTP client; no request is made yet. Fails
     /// with [`ConnectError::InvalidConfig`] (bad URL, proxy or CA file).
     pub fn new(config: ClientConfig) -> Result<TunnelClient, ConnectError> {
+        let relay = Relay::new(&config)?;
+        let session = config
+            .session
+            .then(|| Arc::new(ClientSession::new(relay.clone(), config.clone())));
         Ok(TunnelClient {
-            relay: Relay::new(&config)?,
+            relay,
             config,
+            session,
         })
     }
 
@@ -98,6 +106,11 @@ impl TunnelClient {
 
     /// Opens one connection; see [`connect`](crate::connect).
     pub async fn connect(&self) -> Result<TunnelStream, ConnectError> {
+        if let Some(session) = self.session.as_ref().filter(|s| !s.unsupported()) {
+            if let Some(stream) = crate::session::connect(session).await? {
+                return Ok(stream);
+            }
+        }
         connect_with(self.relay.clone(), self.config.clone()).await
     }
 }
@@ -118,30 +131,53 @@ async fn connect_with(relay: Relay, config: ClientConfig) -> Result<TunnelStream
             });
         }
     };
-    let session = Arc::new(Session::new(relay, config, conn_id, token));
+    let per_conn = Arc::new(PerConn::new(relay, config, conn_id, token));
 
-    let handshake = tokio::time::timeout_at(deadline, handshake(&session, &mut last_error)).await;
+    let handshake = tokio::time::timeout_at(deadline, handshake(&per_conn, &mut last_error)).await;
     let (peer_window, early) = match handshake {
         Ok(Ok(accepted)) => accepted,
         Ok(Err(e)) => {
             if !matches!(e, ConnectError::Rejected(_) | ConnectError::Aborted(_)) {
-                abort_at_relay(&session, "client gave up during the handshake");
+                abort_at_relay(&per_conn, "client gave up during the handshake");
             }
             return Err(e);
         }
         Err(_) => {
-            tracing::warn!(conn_id, server = %session.config.server_name,
-                "no answer from the server within {:?}: {last_error}", session.config.connect_timeout);
-            abort_at_relay(&session, "client connect timed out");
+            tracing::warn!(conn_id, server = %per_conn.config.server_name,
+                "no answer from the server within {:?}: {last_error}", per_conn.config.connect_timeout);
+            abort_at_relay(&per_conn, "client connect timed out");
             return Err(ConnectError::TimedOut {
-                after: session.config.connect_timeout,
+                after: per_conn.config.connect_timeout,
                 last_error,
             });
         }
     };
 
-    let allowance = session.config.peer_silence_allowance();
-    let mut conn_config = session.config.connection.clone();
+    let handle_cell = Arc::new(OnceLock::new());
+    let sink = Arc::new(HttpSink::new(per_conn.clone(), handle_cell.clone()));
+    let (stream, handle) = start_driver(conn_id, peer_window, &per_conn.config, sink);
+    let _ = handle_cell.set(handle.clone());
+    if !early.is_empty() {
+        handle.deliver_all(early);
+    }
+    tracing::info!(conn_id, relay = %per_conn.relay.display_url(),
+        server = %per_conn.config.server_name, "tunnel connection established");
+    tokio::spawn(crate::pull::run(per_conn.clone(), handle.clone()));
+    tokio::spawn(log_close(handle));
+    Ok(stream)
+}
+
+/// Starts the driver of an accepted connection (both transports): the connection with the
+/// broker's first window, its first ACK (which tells the relay the CONN_INIT_ACK arrived) and
+/// the outage option, handing its packets to `sink`.
+pub(crate) fn start_driver(
+    conn_id: u32,
+    peer_window: u16,
+    config: &ClientConfig,
+    sink: Arc<dyn driver::PacketSink>,
+) -> (TunnelStream, ConnHandle) {
+    let allowance = config.peer_silence_allowance();
+    let mut conn_config = config.connection.clone();
     conn_config.idle_timeout = conn_config.idle_timeout.max(allowance);
     let mut conn = Connection::new(conn_id, peer_window, conn_config, driver::now());
     // Our first push tells the relay we have the CONN_INIT_ACK, so it stops resending it.
@@ -152,22 +188,9 @@ async fn connect_with(relay: Relay, config: ClientConfig) -> Result<TunnelStream
     if let Err(e) = conn.send_option(ConnOption::InactivityTimeoutMs(allowance_ms)) {
         tracing::debug!(conn_id, "could not queue the inactivity option: {e}");
     }
-    let mut stream_config = session.config.stream.clone();
-    stream_config.max_batch_bytes = stream_config
-        .max_batch_bytes
-        .min(session.config.max_push_body);
-    let handle_cell = Arc::new(OnceLock::new());
-    let sink = Arc::new(HttpSink::new(session.clone(), handle_cell.clone()));
-    let (stream, handle) = driver::spawn_with_config(conn, sink, stream_config);
-    let _ = handle_cell.set(handle.clone());
-    if !early.is_empty() {
-        handle.deliver_all(early);
-    }
-    tracing::info!(conn_id, relay = %session.relay.display_url(),
-        server = %session.config.server_name, "tunnel connection established");
-    tokio::spawn(crate::pull::run(session.clone(), handle.clone()));
-    tokio::spawn(log_close(handle));
-    Ok(stream)
+    let mut stream_config = config.stream.clone();
+    stream_config.max_batch_bytes = stream_config.max_batch_bytes.min(config.max_push_body);
+    driver::spawn_with_config(conn, sink, stream_config)
 }
 
 /// POSTs CONN_INIT until the relay assigns a connection id and token.
@@ -219,7 +242,7 @@ async fn open(
 }
 
 /// The connect error for a request failure that retrying cannot fix.
-fn permanent_error(error: &RequestError) -> ConnectError {
+pub(crate) fn permanent_error(error: &RequestError) -> ConnectError {
     if let RequestError::Tls(msg) = error {
         return ConnectError::Tls(msg.clone());
     }
@@ -257,13 +280,13 @@ pub(crate) fn parse_connect_answer(packets: Vec<Packet>) -> Result<(u32, Token),
 /// Pulls until the broker's answer arrives: its receive window, and the packets that came
 /// after CONN_INIT_ACK in the same body (they belong to the connection).
 async fn handshake(
-    session: &Session,
+    per_conn: &PerConn,
     last_error: &mut String,
 ) -> Result<(u16, Vec<Packet>), ConnectError> {
-    let config = &session.config;
+    let config = &per_conn.config;
     let mut backoff = Backoff::new(config.retry_initial, config.retry_max);
     loop {
-        let error = match session.relay.pull(session.conn_id, &session.token).await {
+        let error = match per_conn.relay.pull(per_conn.conn_id, &per_conn.token).await {
             Ok(packets) => {
                 backoff.reset();
                 let mut packets = packets.into_iter();
@@ -275,21 +298,21 @@ async fn handshake(
                         }
                         PacketType::ConnRejected => {
                             let reason = decode_reason(&p.payload);
-                            tracing::warn!(conn_id = session.conn_id, server = %config.server_name,
+                            tracing::warn!(conn_id = per_conn.conn_id, server = %config.server_name,
                                 "connection rejected by the server: {reason}");
                             return Err(ConnectError::Rejected(reason));
                         }
                         PacketType::ConnAbort => {
                             let reason = decode_reason(&p.payload);
                             tracing::warn!(
-                                conn_id = session.conn_id,
+                                conn_id = per_conn.conn_id,
                                 "connection aborted during the handshake: {reason}"
                             );
                             return Err(ConnectError::Aborted(reason));
                         }
                         PacketType::NoOp => {}
                         other => tracing::debug!(
-                            conn_id = session.conn_id,
+                            conn_id = per_conn.conn_id,
                             "ignoring {other:?} before CONN_INIT_ACK"
                         ),
                     }
@@ -309,7 +332,7 @@ async fn handshake(
             Failure::Transient => {
                 let delay = backoff.next_delay();
                 tracing::warn!(
-                    conn_id = session.conn_id,
+                    conn_id = per_conn.conn_id,
                     "handshake pull failed: {error}; retrying in {delay:?}"
                 );
                 *last_error = error.to_string();
@@ -321,26 +344,26 @@ async fn handshake(
 
 /// Best effort: tells the relay (and through it the broker) that this client is gone, so the
 /// connection does not wait for an inactivity timeout.
-fn abort_at_relay(session: &Arc<Session>, reason: &str) {
+fn abort_at_relay(per_conn: &Arc<PerConn>, reason: &str) {
     let packet = Packet::new(
         PacketType::ConnAbort,
-        session.conn_id,
+        per_conn.conn_id,
         encode_reason(reason),
     );
-    let session = session.clone();
+    let per_conn = per_conn.clone();
     tokio::spawn(async move {
         let body = packet.to_bytes();
-        if let Err(e) = session
+        if let Err(e) = per_conn
             .relay
-            .push(session.conn_id, &session.token, body)
+            .push(per_conn.conn_id, &per_conn.token, body)
             .await
         {
-            tracing::debug!(conn_id = session.conn_id, "could not send CONN_ABORT: {e}");
+            tracing::debug!(conn_id = per_conn.conn_id, "could not send CONN_ABORT: {e}");
         }
     });
 }
 
-async fn log_close(handle: ConnHandle) {
+pub(crate) async fn log_close(handle: ConnHandle) {
     handle.closed().await;
     let stats = handle.stats();
     match handle.error() {

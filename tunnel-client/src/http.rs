@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use reqwest::{StatusCode, Url};
-use tunnel_proto::{Packet, Token};
+use tunnel_proto::{Packet, PacketType, Token};
 
 use crate::config::{ClientConfig, HttpVersion};
 use crate::error::ConnectError;
@@ -16,6 +16,21 @@ const MAX_AFFINITY_LEN: usize = 255;
 
 /// Header carrying the per-connection secret.
 pub const TOKEN_HEADER: &str = "Tunnel-Token";
+
+/// Header carrying the session's secret (docs/protocol.md §2.1).
+pub const SESSION_TOKEN_HEADER: &str = "Tunnel-Session-Token";
+
+/// One session at the relay as the client names it in requests: its id and token, and which
+/// of the client's sessions (their count, from 1) it is.
+#[derive(Debug)]
+pub struct SessionKey {
+    pub id: u32,
+    /// The session's secret; `Token`'s `Debug` never shows it.
+    pub token: Token,
+    /// 1 for the first session this client opened, then 2, ...: a connection attached in an
+    /// older session must be attached again in a newer one.
+    pub generation: u64,
+}
 
 /// Why one request did not produce a 200 answer with a readable body.
 #[derive(Debug, thiserror::Error)]
@@ -416,6 +431,102 @@ impl Relay {
                 .body(body.clone())
         })
         .await
+    }
+
+    /// URL of a request in session `id`: `Type` and `Session`, plus `ServerName` (and the
+    /// affinity key) on connect.
+    fn session_url(&self, kind: &str, id: u32) -> Url {
+        let mut url = self.base.clone();
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("Type", kind);
+            if kind == "connect" {
+                q.append_pair("ServerName", &self.server_name);
+                if let Some(key) = &self.affinity {
+                    q.append_pair("Affinity", key);
+                }
+            }
+            q.append_pair("Session", &id.to_string());
+        }
+        url
+    }
+
+    /// `POST Type=session` with one SESSION_INIT: the new session's id and token.
+    pub async fn open_session(&self, init: &Packet) -> Result<(u32, Token), RequestError> {
+        let mut url = self.base.clone();
+        url.query_pairs_mut().append_pair("Type", "session");
+        let body = init.to_bytes();
+        let packets = self
+            .exchange(|client| {
+                client
+                    .post(url.clone())
+                    .timeout(self.request_timeout)
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body.clone())
+            })
+            .await?;
+        let answer = packets
+            .into_iter()
+            .find(|p| p.kind == PacketType::SessionInit && p.conn_id != 0)
+            .ok_or_else(|| RequestError::BadBody("session answer holds no SESSION_INIT".into()))?;
+        let token = tunnel_proto::payload::decode_token(answer.payload)
+            .map_err(|e| RequestError::BadBody(format!("session answer: {e}")))?;
+        Ok((answer.conn_id, token))
+    }
+
+    /// `POST Type=connect` in a session; the answer's packets.
+    pub async fn session_connect(
+        &self,
+        key: &SessionKey,
+        init: &Packet,
+    ) -> Result<Vec<Packet>, RequestError> {
+        let url = self.session_url("connect", key.id);
+        let body = init.to_bytes();
+        self.exchange(|client| {
+            client
+                .post(url.clone())
+                .timeout(self.request_timeout)
+                .header(SESSION_TOKEN_HEADER, key.token.to_hex())
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body.clone())
+        })
+        .await
+    }
+
+    /// `GET Type=pull` of a session: packets of any of its connections.
+    pub async fn session_pull(&self, key: &SessionKey) -> Result<Vec<Packet>, RequestError> {
+        let url = self.session_url("pull", key.id);
+        self.exchange(|client| {
+            client
+                .get(url.clone())
+                .timeout(self.pull_timeout)
+                .header(SESSION_TOKEN_HEADER, key.token.to_hex())
+        })
+        .await
+    }
+
+    /// `POST Type=push` of a session with packets of any of its connections (and ATTACHes);
+    /// the packets of the answer.
+    pub async fn session_push(
+        &self,
+        key: &SessionKey,
+        body: Bytes,
+    ) -> Result<Vec<Packet>, RequestError> {
+        let url = self.session_url("push", key.id);
+        self.exchange(|client| {
+            client
+                .post(url.clone())
+                .timeout(self.request_timeout)
+                .header(SESSION_TOKEN_HEADER, key.token.to_hex())
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body.clone())
+        })
+        .await
+    }
+
+    /// The server name connections are opened to.
+    pub fn server_name(&self) -> &str {
+        &self.server_name
     }
 
     /// `POST Type=connect` as [`Relay::connect`], keeping what `--check` reports.

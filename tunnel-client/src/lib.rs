@@ -51,6 +51,7 @@ mod http;
 mod pac;
 mod pull;
 mod push;
+mod per_conn;
 mod session;
 
 pub use auth::RelayAuth;

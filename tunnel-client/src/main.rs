@@ -176,6 +176,16 @@ struct Args {
     #[arg(long, env = "TUNNEL_CLIENT_AFFINITY")]
     affinity: Option<String>,
 
+    /// Use one pull request per connection (the per-connection requests every relay
+    /// version serves) instead of one session for all of them. A session needs a handful of
+    /// HTTP connections to the proxy and the relay however many tunnel connections are open.
+    #[arg(long, env = "TUNNEL_CLIENT_NO_SESSION")]
+    no_session: bool,
+
+    /// In a session: connect requests in flight at once (more wait their turn).
+    #[arg(long, env = "TUNNEL_CLIENT_MAX_CONNECTS_IN_FLIGHT", default_value_t = 8)]
+    max_connects_in_flight: usize,
+
     /// Probe the path to the relay with one connection to --server, print a report (route
     /// and how it was chosen, HTTP version, the relay certificate's issuer, how long a held
     /// pull lasted and whether it came back intact) and exit: 0 if the path works.
@@ -251,6 +261,8 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
         request_timeout: args.request_timeout,
         tcp_connect_timeout: args.tcp_connect_timeout,
         affinity: args.affinity.clone(),
+        session: !args.no_session,
+        max_connects_in_flight: args.max_connects_in_flight.max(1),
         ..ClientConfig::new(args.relay.clone(), args.server.clone())
     };
     config.connection.recv_window = args.recv_window;

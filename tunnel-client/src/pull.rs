@@ -15,7 +15,7 @@ use tunnel_proto::connection::StreamError;
 use tunnel_proto::{Packet, PacketType};
 
 use crate::http::{Failure, RequestError};
-use crate::session::Session;
+use crate::per_conn::PerConn;
 use tunnel_proto::backoff::Backoff;
 use tunnel_proto::driver::ConnHandle;
 use tunnel_proto::warn_limit::WarningLimit;
@@ -30,9 +30,9 @@ const RETRY_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 static RETRY_WARNINGS: WarningLimit = WarningLimit::new(RETRY_WARNING_INTERVAL);
 
-fn start_pull(session: &Arc<Session>) -> JoinHandle<PullResult> {
-    let session = session.clone();
-    tokio::spawn(async move { session.relay.pull(session.conn_id, &session.token).await })
+fn start_pull(per_conn: &Arc<PerConn>) -> JoinHandle<PullResult> {
+    let per_conn = per_conn.clone();
+    tokio::spawn(async move { per_conn.relay.pull(per_conn.conn_id, &per_conn.token).await })
 }
 
 /// Aborts the held pull if the loop is dropped before it ends (the runtime is stopping).
@@ -47,13 +47,13 @@ impl Drop for HeldPull {
 }
 
 /// Runs until the connection's driver has ended or the relay is given up on.
-pub async fn run(session: Arc<Session>, handle: ConnHandle) {
-    let config = &session.config;
+pub async fn run(per_conn: Arc<PerConn>, handle: ConnHandle) {
+    let config = &per_conn.config;
     let mut backoff = Backoff::new(config.retry_initial, config.retry_max);
     let mut failing_since: Option<Instant> = None;
     let mut held = HeldPull(None);
     loop {
-        let mut task = held.0.take().unwrap_or_else(|| start_pull(&session));
+        let mut task = held.0.take().unwrap_or_else(|| start_pull(&per_conn));
         let result = tokio::select! {
             _ = handle.closed() => {
                 // Let the held pull end on its own, detached: the relay answers it when it
@@ -81,7 +81,7 @@ pub async fn run(session: Arc<Session>, handle: ConnHandle) {
                 let period = pull_period(&handle);
                 if period.is_none() {
                     // Re-arm first, so the relay always has a pull to answer.
-                    held.0 = Some(start_pull(&session));
+                    held.0 = Some(start_pull(&per_conn));
                 }
                 let empty = packets.iter().all(|p| p.kind == PacketType::NoOp);
                 if !empty {
@@ -104,7 +104,7 @@ pub async fn run(session: Arc<Session>, handle: ConnHandle) {
                 }
                 Failure::Permanent => {
                     tracing::error!(
-                        conn_id = session.conn_id,
+                        conn_id = per_conn.conn_id,
                         "pull refused: {error}; giving up"
                     );
                     handle.fail(StreamError::AbortedLocally(format!(
@@ -117,7 +117,7 @@ pub async fn run(session: Arc<Session>, handle: ConnHandle) {
                     let failing = since.elapsed();
                     if failing > config.outage_grace {
                         tracing::error!(
-                            conn_id = session.conn_id,
+                            conn_id = per_conn.conn_id,
                             "pull failing for {failing:?} ({error}); giving up on the connection"
                         );
                         handle.fail(StreamError::TimedOut(failing));
@@ -126,7 +126,7 @@ pub async fn run(session: Arc<Session>, handle: ConnHandle) {
                     let delay = backoff.next_delay();
                     tunnel_proto::warn_limited!(
                         RETRY_WARNINGS,
-                        conn_id = session.conn_id,
+                        conn_id = per_conn.conn_id,
                         "pull failed ({error}); retrying in {delay:?}"
                     );
                     tokio::select! {

@@ -11,12 +11,12 @@ use tunnel_proto::connection::StreamError;
 use tunnel_proto::Packet;
 
 use crate::http::Failure;
-use crate::session::Session;
+use crate::per_conn::PerConn;
 use tunnel_proto::backoff::Backoff;
 use tunnel_proto::driver::{ConnHandle, PacketSink};
 
 pub struct HttpSink {
-    session: Arc<Session>,
+    per_conn: Arc<PerConn>,
     /// One permit per push request in flight.
     in_flight: Arc<Semaphore>,
     /// Set right after the driver is spawned (the handle does not exist before).
@@ -24,10 +24,10 @@ pub struct HttpSink {
 }
 
 impl HttpSink {
-    pub fn new(session: Arc<Session>, handle: Arc<OnceLock<ConnHandle>>) -> HttpSink {
-        let permits = session.config.max_pushes_in_flight.max(1);
+    pub fn new(per_conn: Arc<PerConn>, handle: Arc<OnceLock<ConnHandle>>) -> HttpSink {
+        let permits = per_conn.config.max_pushes_in_flight.max(1);
         HttpSink {
-            session,
+            per_conn,
             in_flight: Arc::new(Semaphore::new(permits)),
             handle,
         }
@@ -37,13 +37,13 @@ impl HttpSink {
 impl PacketSink for HttpSink {
     fn send(&self, packets: Vec<Packet>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
-            for body in split_bodies(&packets, self.session.config.max_push_body) {
+            for body in split_bodies(&packets, self.per_conn.config.max_push_body) {
                 // Waiting for a free slot is the back-pressure on the driver.
                 let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
                     return;
                 };
                 tokio::spawn(push_body(
-                    self.session.clone(),
+                    self.per_conn.clone(),
                     self.handle.clone(),
                     body,
                     permit,
@@ -73,12 +73,12 @@ fn split_bodies(packets: &[Packet], max: usize) -> Vec<Bytes> {
 }
 
 async fn push_body(
-    session: Arc<Session>,
+    per_conn: Arc<PerConn>,
     handle: Arc<OnceLock<ConnHandle>>,
     body: Bytes,
     _permit: OwnedSemaphorePermit,
 ) {
-    let config = &session.config;
+    let config = &per_conn.config;
     let mut backoff = Backoff::new(config.retry_initial, config.retry_max);
     let attempts = config.push_attempts.max(1);
     for attempt in 1..=attempts {
@@ -88,18 +88,18 @@ async fn push_body(
         if attempt > 1 && handle.get().is_some_and(ConnHandle::is_closed) {
             return;
         }
-        let result = session
+        let result = per_conn
             .relay
-            .push(session.conn_id, &session.token, body.clone())
+            .push(per_conn.conn_id, &per_conn.token, body.clone())
             .await;
         let error = match result {
             Ok(packets) => {
-                session.push_succeeded();
+                per_conn.push_succeeded();
                 if !packets.is_empty() {
                     match handle.get() {
                         Some(h) => h.deliver_all(packets),
                         None => tracing::debug!(
-                            conn_id = session.conn_id,
+                            conn_id = per_conn.conn_id,
                             "packets piggybacked before the driver started; dropped"
                         ),
                     }
@@ -118,7 +118,7 @@ async fn push_body(
                         crate::pull::log_gone(h, "push", &error);
                     }
                     None => tracing::info!(
-                        conn_id = session.conn_id,
+                        conn_id = per_conn.conn_id,
                         "push: {error}; the connection is gone"
                     ),
                 }
@@ -128,16 +128,16 @@ async fn push_body(
                 // 413 included: batches are built under the limit, so this is a bug or a
                 // misconfigured relay; the connection retransmits, possibly in vain.
                 tracing::error!(
-                    conn_id = session.conn_id,
+                    conn_id = per_conn.conn_id,
                     bytes = body.len(),
                     "push refused: {error}; body dropped"
                 );
                 return;
             }
             Failure::Transient => {
-                if let Some(after) = session.push_failed() {
+                if let Some(after) = per_conn.push_failed() {
                     tracing::error!(
-                        conn_id = session.conn_id,
+                        conn_id = per_conn.conn_id,
                         "push failing for {after:?} ({error}); giving up on the connection"
                     );
                     if let Some(h) = handle.get() {
@@ -147,14 +147,14 @@ async fn push_body(
                 }
                 if attempt == attempts {
                     tracing::debug!(
-                        conn_id = session.conn_id,
+                        conn_id = per_conn.conn_id,
                         bytes = body.len(),
                         "push failed {attempts} times ({error}); body dropped, will be retransmitted"
                     );
                     return;
                 }
                 tracing::debug!(
-                    conn_id = session.conn_id,
+                    conn_id = per_conn.conn_id,
                     attempt,
                     "push failed ({error}); retrying"
                 );

@@ -1,5 +1,6 @@
-//! What the pull loop and the push sink of one connection share: the relay, the connection's
-//! id and token, the configuration, and the push side's failure clock.
+//! The per-connection transport (docs/protocol.md §2): what the pull loop and the push sink of
+//! one connection share: the relay, the connection's id and token, the configuration, and the
+//! push side's failure clock.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use tunnel_proto::Token;
 use crate::config::ClientConfig;
 use crate::http::Relay;
 
-pub struct Session {
+pub struct PerConn {
     pub relay: Relay,
     pub config: ClientConfig,
     pub conn_id: u32,
@@ -20,9 +21,9 @@ pub struct Session {
     push_failing_since: Mutex<Option<Instant>>,
 }
 
-impl Session {
-    pub fn new(relay: Relay, config: ClientConfig, conn_id: u32, token: Token) -> Session {
-        Session {
+impl PerConn {
+    pub fn new(relay: Relay, config: ClientConfig, conn_id: u32, token: Token) -> PerConn {
+        PerConn {
             relay,
             config,
             conn_id,
