@@ -49,9 +49,9 @@ mod connect;
 mod error;
 mod http;
 mod pac;
+mod per_conn;
 mod pull;
 mod push;
-mod per_conn;
 mod session;
 
 pub use auth::RelayAuth;

@@ -183,7 +183,11 @@ struct Args {
     no_session: bool,
 
     /// In a session: connect requests in flight at once (more wait their turn).
-    #[arg(long, env = "TUNNEL_CLIENT_MAX_CONNECTS_IN_FLIGHT", default_value_t = 8)]
+    #[arg(
+        long,
+        env = "TUNNEL_CLIENT_MAX_CONNECTS_IN_FLIGHT",
+        default_value_t = 8
+    )]
     max_connects_in_flight: usize,
 
     /// Probe the path to the relay with one connection to --server, print a report (route

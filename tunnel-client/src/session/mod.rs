@@ -145,8 +145,11 @@ impl ClientSession {
         *self.key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key.clone());
         if generation > 1 {
             let count = self.lock_registry().note_new_session();
-            tracing::info!(session = id, connections = count,
-                "opened a new session at the relay; re-attaching the live connections");
+            tracing::info!(
+                session = id,
+                connections = count,
+                "opened a new session at the relay; re-attaching the live connections"
+            );
             self.pusher_wake.notify_one();
         } else {
             tracing::debug!(session = id, relay = %self.relay.display_url(), "session opened");
@@ -268,9 +271,14 @@ impl ClientSession {
             Failure::Permanent => {
                 let connections = self.lock_registry().len();
                 if connections > 0 {
-                    tracing::error!(connections, "{what} refused: {error}; giving up on the session's connections");
+                    tracing::error!(
+                        connections,
+                        "{what} refused: {error}; giving up on the session's connections"
+                    );
                 }
-                self.fail_all(StreamError::AbortedLocally(format!("{what} refused: {error}")));
+                self.fail_all(StreamError::AbortedLocally(format!(
+                    "{what} refused: {error}"
+                )));
             }
         }
     }

@@ -179,10 +179,9 @@ fn register(
 ) -> tokio::sync::oneshot::Receiver<Handshake> {
     let current = session.current().map_or(key.generation, |k| k.generation);
     let server: Arc<str> = session.relay.server_name().into();
-    let answer =
-        session
-            .lock_registry()
-            .register(conn_id, token, server, key.generation, current);
+    let answer = session
+        .lock_registry()
+        .register(conn_id, token, server, key.generation, current);
     session.ensure_tasks();
     answer
 }

@@ -327,7 +327,10 @@ mod tests {
         let _rx = registry.register(1, token(), "echo".into(), 1, 1);
         let _rx = registry.register(2, token(), "echo".into(), 1, 1);
         let now = Instant::now();
-        assert!(registry.attaches_due(2, 10, now).0.is_empty(), "no new session yet");
+        assert!(
+            registry.attaches_due(2, 10, now).0.is_empty(),
+            "no new session yet"
+        );
         registry.note_new_session();
         assert!(!registry.may_send(1, 2));
         let (due, next) = registry.attaches_due(2, 10, now);
