@@ -217,9 +217,12 @@ impl ClientSession {
         if packets.iter().all(|p| p.kind == PacketType::NoOp) {
             return;
         }
-        let deliveries = self.lock_registry().route(packets, generation);
-        for (handle, packets) in deliveries {
+        let routed = self.lock_registry().route(packets, generation);
+        for (handle, packets) in routed.deliveries {
             handle.deliver_all(packets);
+        }
+        for handle in routed.attached {
+            handle.path_restored();
         }
     }
 

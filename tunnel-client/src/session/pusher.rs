@@ -45,6 +45,7 @@ impl PacketSink for SessionSink {
 /// Runs while the session exists.
 pub(super) async fn run(session: Weak<ClientSession>, wake: Arc<Notify>, slots: Arc<Semaphore>) {
     let mut next_attach: Option<Instant> = None;
+    let mut open_backoff: Option<Backoff> = None;
     loop {
         let has_work = match session.upgrade() {
             None => return,
@@ -69,12 +70,19 @@ pub(super) async fn run(session: Weak<ClientSession>, wake: Arc<Notify>, slots: 
             return;
         };
         let key = match session.key().await {
-            Ok(key) => key,
+            Ok(key) => {
+                open_backoff = None;
+                key
+            }
             Err(error) => {
                 drop(permit);
                 session.note_failure(&error, "opening a session for a push");
-                tokio::time::sleep(session.config.retry_initial.max(Duration::from_millis(100)))
-                    .await;
+                let config = &session.config;
+                let delay = open_backoff
+                    .get_or_insert_with(|| Backoff::new(config.retry_initial, config.retry_max))
+                    .next_delay();
+                drop(session);
+                tokio::time::sleep(delay).await;
                 continue;
             }
         };

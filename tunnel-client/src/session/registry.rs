@@ -66,6 +66,16 @@ pub(super) struct Registry {
     attach_pending: bool,
 }
 
+/// What [`Registry::route`] leaves to do outside the lock.
+#[derive(Default)]
+pub(super) struct Routed {
+    /// Packets for running drivers, by connection.
+    pub(super) deliveries: Vec<(ConnHandle, Vec<Packet>)>,
+    /// Running connections just attached to a new session: what they sent meanwhile was
+    /// dropped, so they retransmit at once.
+    pub(super) attached: Vec<ConnHandle>,
+}
+
 /// One ATTACH to send: connection id, token, server name.
 pub(super) type AttachRequest = (u32, Token, std::sync::Arc<str>);
 
@@ -205,13 +215,10 @@ impl Registry {
 
     /// Sorts the packets of one answer by connection: what goes to running drivers is
     /// returned (to be delivered outside the lock), the rest is applied here.
-    pub(super) fn route(
-        &mut self,
-        packets: Vec<Packet>,
-        generation: u64,
-    ) -> Vec<(ConnHandle, Vec<Packet>)> {
+    pub(super) fn route(&mut self, packets: Vec<Packet>, generation: u64) -> Routed {
         let now = Instant::now();
-        let mut deliveries: Vec<(ConnHandle, Vec<Packet>)> = Vec::new();
+        let mut routed = Routed::default();
+        let deliveries = &mut routed.deliveries;
         for packet in packets {
             if packet.kind == PacketType::NoOp {
                 continue;
@@ -221,6 +228,11 @@ impl Registry {
                 self.keep_orphan(packet, now);
                 continue;
             };
+            if packet.kind == PacketType::Attach {
+                if let State::Live(handle) = &entry.state {
+                    routed.attached.push(handle.clone());
+                }
+            }
             if let Some(packet) = apply(entry, packet, generation) {
                 if let State::Live(handle) = &entry.state {
                     match deliveries.last_mut() {
@@ -230,7 +242,7 @@ impl Registry {
                 }
             }
         }
-        deliveries
+        routed
     }
 
     fn keep_orphan(&mut self, packet: Packet, now: Instant) {
@@ -313,7 +325,7 @@ mod tests {
             ],
             1,
         );
-        assert!(early.is_empty());
+        assert!(early.deliveries.is_empty());
         let rx = registry.register(5, token(), "echo".into(), 1, 1);
         match rx.await.unwrap() {
             Handshake::Accepted { window } => assert_eq!(window, 9),
