@@ -123,6 +123,16 @@ pub struct RelayConfig {
     /// Most HTTP connections the admin listener serves at once; more wait in the kernel
     /// backlog. Default 16.
     pub admin_max_connections: usize,
+    /// Most sessions (docs/protocol.md §2.1) held at once; openings beyond get 503.
+    /// Default 10,000.
+    pub max_sessions: usize,
+    /// Most connections in one session; connects in it beyond get 503 (and ATTACHes a
+    /// CONN_ABORT). Default 10,000.
+    pub max_session_connections: usize,
+    /// Bytes all the connections of one session may hold queued together; beyond it DATA,
+    /// ACK and NO_OP are dropped as for a full connection queue, and control packets may use
+    /// `queue_control_slack` more. Default 16 MiB.
+    pub max_session_queue: usize,
 }
 
 impl Default for RelayConfig {
@@ -164,6 +174,9 @@ impl Default for RelayConfig {
             admin_listen: None,
             public_metrics: true,
             admin_max_connections: 16,
+            max_sessions: 10_000,
+            max_session_connections: 10_000,
+            max_session_queue: 16 * 1024 * 1024,
         }
     }
 }
@@ -197,13 +210,17 @@ impl std::fmt::Debug for RelayConfig {
             .field("trusted_proxies", &self.trusted_proxies)
             .field("admin_listen", &self.admin_listen)
             .field("public_metrics", &self.public_metrics)
+            .field("max_sessions", &self.max_sessions)
+            .field("max_session_connections", &self.max_session_connections)
+            .field("max_session_queue", &self.max_session_queue)
             .finish_non_exhaustive()
     }
 }
 
 impl RelayConfig {
-    /// The inactivity timeout a CONN_OPTION 2 of `ms` milliseconds asks for: 0 means the
-    /// default, anything else is capped at `max_client_inactivity_timeout`.
+    /// The inactivity timeout a CONN_OPTION 2 (or a session's SESSION_INIT) of `ms`
+    /// milliseconds asks for: 0 means the default, anything else is capped at
+    /// `max_client_inactivity_timeout`.
     pub(crate) fn inactivity_timeout_for(&self, ms: u32) -> Duration {
         if ms == 0 {
             self.client_inactivity_timeout
@@ -245,6 +262,9 @@ impl RelayConfig {
             ("max_pending_links", self.max_pending_links),
             ("max_http_connections", self.max_http_connections),
             ("admin_max_connections", self.admin_max_connections),
+            ("max_sessions", self.max_sessions),
+            ("max_session_connections", self.max_session_connections),
+            ("max_session_queue", self.max_session_queue),
         ];
         for (name, value) in sizes {
             if value == 0 {

@@ -18,13 +18,14 @@ use hyper::header::{
 };
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::oneshot;
-use tunnel_proto::payload::{encode_token, BrokerConnInit, ConnOption};
+use tunnel_proto::payload::{encode_token, BrokerConnInit};
 use tunnel_proto::{decode_all, Packet, PacketType, Token};
 
 use crate::forwarded;
-use crate::metrics::RejectReason;
+use crate::metrics::{RejectReason, SessionRejectReason};
 use crate::query::{self, Kind};
 use crate::sender::SendError;
+use crate::session_http::{self as session, SessionKey};
 use crate::state::Shared;
 use crate::status::StatusSnapshot;
 use crate::table::{NoPlace, Waiter, Wake};
@@ -66,11 +67,11 @@ pub(crate) fn metrics(snapshot: &StatusSnapshot) -> Response<Body> {
 }
 
 /// A 200 whose body is packets.
-fn packets(body: Bytes) -> Response<Body> {
+pub(crate) fn packets(body: Bytes) -> Response<Body> {
     uncached(StatusCode::OK, "application/octet-stream", body)
 }
 
-fn no_op() -> Response<Body> {
+pub(crate) fn no_op() -> Response<Body> {
     packets(Packet::new(PacketType::NoOp, 0, Bytes::new()).to_bytes())
 }
 
@@ -126,21 +127,66 @@ async fn tunnel(req: Request<Incoming>, peer: SocketAddr, shared: &Shared) -> Re
     let Some(kind) = params.kind else {
         return error(
             StatusCode::BAD_REQUEST,
-            "Type must be connect, push or pull",
+            "Type must be connect, push, pull or session",
         );
     };
+    let method = req.method().clone();
+    if kind == Kind::Session {
+        if method != Method::POST {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "session must be a POST");
+        }
+        return session::open(req, peer, shared).await;
+    }
+    let in_session = match (params.session_given, params.session) {
+        (false, _) => None,
+        (true, Some(sid)) => match query::session_token(req.headers()) {
+            Some(token) => Some(SessionKey { id: sid, token }),
+            None => {
+                if kind == Kind::Connect {
+                    shared.metrics.rejected(RejectReason::BadRequest);
+                }
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "Tunnel-Session-Token header missing or not 32 hex digits",
+                );
+            }
+        },
+        (true, None) => {
+            if kind == Kind::Connect {
+                shared.metrics.rejected(RejectReason::BadRequest);
+            }
+            return error(StatusCode::BAD_REQUEST, "Session is invalid");
+        }
+    };
+    if let (Some(key), false) = (in_session, kind == Kind::Connect) {
+        return match kind {
+            Kind::Push if method == Method::POST => session::push(req, shared, key).await,
+            Kind::Push => error(StatusCode::METHOD_NOT_ALLOWED, "push must be a POST"),
+            Kind::Pull if method == Method::GET || method == Method::POST => {
+                session::pull(shared, key).await
+            }
+            _ => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "pull must be a GET or a POST",
+            ),
+        };
+    }
     let Some(server) = params.server else {
         if kind == Kind::Connect {
             shared.metrics.rejected(RejectReason::BadRequest);
         }
         return error(StatusCode::BAD_REQUEST, "ServerName is missing or invalid");
     };
-    let method = req.method().clone();
     if kind == Kind::Connect {
         if method != Method::POST {
             return error(StatusCode::METHOD_NOT_ALLOWED, "connect must be a POST");
         }
-        return connect(req, peer, shared, &server, params.affinity.as_deref()).await;
+        let place = Placement {
+            server: &server,
+            affinity: params.affinity.as_deref(),
+            session: in_session,
+        };
+        return connect(req, peer, shared, place).await;
     }
     let Some(conn_id) = params.conn_id else {
         return error(StatusCode::BAD_REQUEST, "ConnId is missing or invalid");
@@ -161,12 +207,12 @@ async fn tunnel(req: Request<Incoming>, peer: SocketAddr, shared: &Shared) -> Re
             StatusCode::METHOD_NOT_ALLOWED,
             "pull must be a GET or a POST",
         ),
-        Kind::Connect => unreachable!("handled above"),
+        Kind::Connect | Kind::Session => unreachable!("handled above"),
     }
 }
 
 /// Reads the whole body, at most `limit` bytes, within the body deadline.
-async fn read_body(
+pub(crate) async fn read_body(
     req: Request<Incoming>,
     limit: usize,
     shared: &Shared,
@@ -198,13 +244,24 @@ async fn read_body(
     }
 }
 
+/// Where a connect asks to go: the server name, its affinity key and its session, if any.
+struct Placement<'a> {
+    server: &'a str,
+    affinity: Option<&'a str>,
+    session: Option<SessionKey>,
+}
+
 async fn connect(
     req: Request<Incoming>,
     peer: SocketAddr,
     shared: &Shared,
-    server: &str,
-    affinity: Option<&str>,
+    place: Placement<'_>,
 ) -> Response<Body> {
+    let Placement {
+        server,
+        affinity,
+        session,
+    } = place;
     let config = &shared.config;
     let client = forwarded::client_addr(req.headers(), peer, &config.trusted_proxies).to_string();
     let body = match read_body(
@@ -244,6 +301,34 @@ async fn connect(
     };
     let (link, instance, conn_id, token) = {
         let mut table = shared.table();
+        if let Some(key) = &session {
+            if table
+                .session_mut(key.id, &key.token, Instant::now())
+                .is_none()
+            {
+                drop(table);
+                shared.metrics.rejected(RejectReason::BadRequest);
+                return session::unknown();
+            }
+            if table.session_is_full(key.id, config.max_session_connections) {
+                drop(table);
+                shared
+                    .metrics
+                    .session_rejected(SessionRejectReason::ConnectionLimit);
+                static SESSION_FULL: WarningLimit =
+                    WarningLimit::new(std::time::Duration::from_secs(10));
+                tunnel_proto::warn_limited!(
+                    SESSION_FULL,
+                    %client,
+                    session = key.id,
+                    "session at its connection limit; connect refused"
+                );
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "session at its connection limit",
+                );
+            }
+        }
         let Some((instance, link)) = table.choose(server, affinity, &[]) else {
             let why = table.no_place(server, Instant::now(), config.name_grace);
             drop(table);
@@ -285,6 +370,9 @@ async fn connect(
             Instant::now(),
             config.client_inactivity_timeout,
         );
+        if let Some(key) = &session {
+            table.join_session(conn_id, key.id);
+        }
         (link, instance, conn_id, token)
     };
     let to_broker = Packet::new(
@@ -309,7 +397,8 @@ async fn connect(
         return error(StatusCode::SERVICE_UNAVAILABLE, link_error_text(err));
     }
     shared.metrics.connect();
-    tracing::info!(conn_id, server, instance = %instance.short(), client = %client, window = init.window, "connection opened");
+    let session = session.map(|k| k.id);
+    tracing::info!(conn_id, server, instance = %instance.short(), client = %client, window = init.window, session, "connection opened");
     packets(Packet::new(PacketType::ConnInit, conn_id, encode_token(&token)).to_bytes())
 }
 
@@ -318,14 +407,14 @@ async fn connect(
 pub(crate) const RETRY_AFTER_SECS: u32 = 1;
 
 /// 503 with `Retry-After`: the name is expected back soon.
-fn retry_later(msg: &str) -> Response<Body> {
+pub(crate) fn retry_later(msg: &str) -> Response<Body> {
     let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, msg);
     resp.headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
     resp
 }
 
-fn link_error_text(err: SendError) -> &'static str {
+pub(crate) fn link_error_text(err: SendError) -> &'static str {
     match err {
         SendError::Full => "broker link busy",
         SendError::Closed => "broker link closed",
@@ -334,7 +423,7 @@ fn link_error_text(err: SendError) -> &'static str {
 
 /// Packet types a client may push. The others are link-level or broker-only, and a client
 /// sending them is malformed.
-fn client_may_send(kind: PacketType) -> bool {
+pub(crate) fn client_may_send(kind: PacketType) -> bool {
     matches!(
         kind,
         PacketType::Data
@@ -375,8 +464,7 @@ async fn push(
             "push holds a packet of another connection or type",
         );
     }
-    let client_aborts = list.iter().any(|p| p.kind == PacketType::ConnAbort);
-    let sender = {
+    let (sender, client_aborts) = {
         let mut table = shared.table();
         // Without a link the relay cannot tell an unknown connection from one not
         // re-announced yet (after a relay restart): the client must retry, not give up.
@@ -396,23 +484,10 @@ async fn push(
                 "no link to that broker instance right now",
             );
         };
-        let Some(entry) = table.authorize(conn_id, server, &token) else {
-            return error(StatusCode::NOT_FOUND, "unknown connection");
-        };
-        entry.last_activity = Instant::now();
-        entry.confirm_accepted();
-        for packet in list.iter().filter(|p| p.kind == PacketType::ConnOption) {
-            if let Ok(ConnOption::InactivityTimeoutMs(ms)) =
-                ConnOption::decode(packet.payload.clone())
-            {
-                entry.inactivity_timeout = config.inactivity_timeout_for(ms);
-            }
-        }
-        table.count_up(conn_id, body.len());
-        if list.iter().any(|p| p.kind == PacketType::ConnClose) {
-            table.note_close(conn_id, true);
-        }
-        link.sender
+        let client_aborts = table.client_pushed(conn_id, &list, body.len(), Instant::now(), |ms| {
+            config.inactivity_timeout_for(ms)
+        });
+        (link.sender, client_aborts)
     };
     shared.metrics.push(body.len());
     if !body.is_empty() {

@@ -134,6 +134,16 @@ struct Args {
     /// Most HTTP connections the admin listener serves at once.
     #[arg(long, env = "TUNNEL_ADMIN_MAX_CONNECTIONS", default_value_t = 16)]
     admin_max_connections: usize,
+    /// Most sessions held at once; session openings beyond get 503.
+    #[arg(long, env = "TUNNEL_MAX_SESSIONS", default_value_t = 10_000)]
+    max_sessions: usize,
+    /// Most connections in one session; connects in it beyond get 503.
+    #[arg(long, env = "TUNNEL_MAX_SESSION_CONNECTIONS", default_value_t = 10_000)]
+    max_session_connections: usize,
+    /// Bytes all the connections of one session may hold queued together before DATA, ACK
+    /// and NO_OP are dropped.
+    #[arg(long, env = "TUNNEL_MAX_SESSION_QUEUE", default_value_t = 16 * 1024 * 1024)]
+    max_session_queue: usize,
 }
 
 fn tls_pair(cert: Option<PathBuf>, key: Option<PathBuf>) -> Option<TlsFiles> {
@@ -207,6 +217,9 @@ impl Args {
             admin_listen: self.admin_listen,
             public_metrics: self.public_metrics,
             admin_max_connections: self.admin_max_connections,
+            max_sessions: self.max_sessions,
+            max_session_connections: self.max_session_connections,
+            max_session_queue: self.max_session_queue,
             ..RelayConfig::default()
         })
     }

@@ -41,6 +41,33 @@ impl RejectReason {
     }
 }
 
+/// Why a session request was refused (docs/protocol.md §2.1), one counter each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionRejectReason {
+    /// 400: the opening's body was not one SESSION_INIT with conn_id 0 and a u32.
+    BadRequest,
+    /// 503: the relay holds `max_sessions` already.
+    Limit,
+    /// 503: a connect in a session that holds `max_session_connections` already.
+    ConnectionLimit,
+}
+
+impl SessionRejectReason {
+    const ALL: [SessionRejectReason; 3] = [
+        SessionRejectReason::BadRequest,
+        SessionRejectReason::Limit,
+        SessionRejectReason::ConnectionLimit,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            SessionRejectReason::BadRequest => "bad_request",
+            SessionRejectReason::Limit => "limit",
+            SessionRejectReason::ConnectionLimit => "connection_limit",
+        }
+    }
+}
+
 /// The relay's counters.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -55,6 +82,10 @@ pub struct Metrics {
     client_auth_failures: AtomicU64,
     links_accepted: AtomicU64,
     connections_closed: AtomicU64,
+    sessions_opened: AtomicU64,
+    session_rejected: [AtomicU64; 3],
+    session_attaches: AtomicU64,
+    sessions_expired: AtomicU64,
 }
 
 /// A copy of every counter and gauge at one moment, for tests and for rendering.
@@ -95,6 +126,20 @@ pub struct MetricsSnapshot {
     pub links_accepted: u64,
     /// Connections the relay has forgotten (closed, aborted or timed out).
     pub connections_closed: u64,
+    /// Sessions the relay holds now.
+    pub sessions: u64,
+    /// Sessions opened.
+    pub sessions_opened: u64,
+    /// Session openings refused with 400 (malformed).
+    pub session_rejected_bad_request: u64,
+    /// Session openings refused with 503 at `max_sessions`.
+    pub session_rejected_limit: u64,
+    /// Connects in a session refused with 503 at `max_session_connections`.
+    pub session_rejected_connection_limit: u64,
+    /// Connections attached to a session by ATTACH (confirmed).
+    pub session_attaches: u64,
+    /// Sessions forgotten after their idle timeout.
+    pub sessions_expired: u64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -133,13 +178,33 @@ impl Metrics {
     pub(crate) fn closed(&self) {
         bump(&self.connections_closed, 1);
     }
+    pub(crate) fn session_opened(&self) {
+        bump(&self.sessions_opened, 1);
+    }
+    pub(crate) fn session_rejected(&self, reason: SessionRejectReason) {
+        bump(&self.session_rejected[reason as usize], 1);
+    }
+    pub(crate) fn session_attach(&self) {
+        bump(&self.session_attaches, 1);
+    }
+    pub(crate) fn session_expired(&self) {
+        bump(&self.sessions_expired, 1);
+    }
 
     /// Reads every counter; the gauges come from the caller (the connection table).
-    pub fn snapshot(&self, open_connections: u64, links_up: u64) -> MetricsSnapshot {
+    pub fn snapshot(&self, open_connections: u64, links_up: u64, sessions: u64) -> MetricsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let rejected = |r: SessionRejectReason| get(&self.session_rejected[r as usize]);
         MetricsSnapshot {
             open_connections,
             links_up,
+            sessions,
+            sessions_opened: get(&self.sessions_opened),
+            session_rejected_bad_request: rejected(SessionRejectReason::BadRequest),
+            session_rejected_limit: rejected(SessionRejectReason::Limit),
+            session_rejected_connection_limit: rejected(SessionRejectReason::ConnectionLimit),
+            session_attaches: get(&self.session_attaches),
+            sessions_expired: get(&self.sessions_expired),
             connects_total: get(&self.connects_total),
             connects_rejected_bad_request: get(&self.rejected[RejectReason::BadRequest as usize]),
             connects_rejected_no_server: get(&self.rejected[RejectReason::NoServer as usize]),
@@ -306,6 +371,49 @@ impl MetricsSnapshot {
                 (labels(&[("reason", reason.label())]), value)
             }),
         );
+        family(
+            out,
+            "tunnel_sessions",
+            "gauge",
+            "Sessions held (docs/protocol.md §2.1).",
+            single(self.sessions),
+        );
+        family(
+            out,
+            "tunnel_sessions_opened_total",
+            "counter",
+            "Sessions opened.",
+            single(self.sessions_opened),
+        );
+        family(
+            out,
+            "tunnel_session_rejected_total",
+            "counter",
+            "Session requests refused, by reason: bad_request (400 opening), limit (503 at \
+             the session limit), connection_limit (503 connect at the per-session limit).",
+            SessionRejectReason::ALL.map(|reason| {
+                let value = match reason {
+                    SessionRejectReason::BadRequest => self.session_rejected_bad_request,
+                    SessionRejectReason::Limit => self.session_rejected_limit,
+                    SessionRejectReason::ConnectionLimit => self.session_rejected_connection_limit,
+                };
+                (labels(&[("reason", reason.label())]), value)
+            }),
+        );
+        family(
+            out,
+            "tunnel_session_attaches_total",
+            "counter",
+            "Connections attached to a session by ATTACH.",
+            single(self.session_attaches),
+        );
+        family(
+            out,
+            "tunnel_sessions_expired_total",
+            "counter",
+            "Sessions forgotten after their idle timeout.",
+            single(self.sessions_expired),
+        );
     }
 }
 
@@ -342,7 +450,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(families, 10);
+        assert_eq!(families, 15);
         assert!(text.contains("tunnel_bytes_total{direction=\"up\"} 0"));
     }
 }

@@ -1,5 +1,5 @@
-//! Parsing the tunnel request's query string (`Type`, `ServerName`, `ConnId`) and its
-//! `Tunnel-Token` header.
+//! Parsing the tunnel request's query string (`Type`, `ServerName`, `ConnId`, `Session`,
+//! `Affinity`) and its `Tunnel-Token` and `Tunnel-Session-Token` headers.
 
 use hyper::HeaderMap;
 use tunnel_proto::Token;
@@ -7,15 +7,20 @@ use tunnel_proto::Token;
 /// Name of the header carrying the per-connection token as 32 hex digits.
 pub const TOKEN_HEADER: &str = "tunnel-token";
 
+/// Name of the header carrying the session token as 32 hex digits (docs/protocol.md §2.1).
+pub const SESSION_TOKEN_HEADER: &str = "tunnel-session-token";
+
 /// Longest `Affinity` key, in bytes of UTF-8; a longer one is ignored.
 pub const MAX_AFFINITY_LEN: usize = 255;
 
-/// The three request kinds of the tunnel interface.
+/// The request kinds of the tunnel interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     Connect,
     Push,
     Pull,
+    /// Opens a session (docs/protocol.md §2.1).
+    Session,
 }
 
 /// The tunnel parameters of one request.
@@ -24,6 +29,10 @@ pub(crate) struct Params {
     pub(crate) kind: Option<Kind>,
     pub(crate) server: Option<String>,
     pub(crate) conn_id: Option<u32>,
+    /// `Session`: the session the request is made in (non-zero), docs/protocol.md §2.1.
+    pub(crate) session: Option<u32>,
+    /// Whether `Session` was given at all (a bad value is a 400, not a request without one).
+    pub(crate) session_given: bool,
     /// `Affinity` of a connect: connections with the same key go to the same broker
     /// instance while it takes connections (docs/protocol.md §2, §5.1).
     pub(crate) affinity: Option<String>,
@@ -43,11 +52,16 @@ pub(crate) fn parse(query: Option<&str>) -> Params {
                     "connect" => Some(Kind::Connect),
                     "push" => Some(Kind::Push),
                     "pull" => Some(Kind::Pull),
+                    "session" => Some(Kind::Session),
                     _ => None,
                 }
             }
             "ServerName" if !value.is_empty() && value.len() <= 255 => params.server = Some(value),
             "ConnId" => params.conn_id = value.parse().ok().filter(|id| *id != 0),
+            "Session" => {
+                params.session_given = true;
+                params.session = value.parse().ok().filter(|id| *id != 0);
+            }
             "Affinity" if !value.is_empty() && value.len() <= MAX_AFFINITY_LEN => {
                 params.affinity = Some(value)
             }
@@ -86,7 +100,16 @@ fn percent_decode(s: &str) -> Option<String> {
 
 /// The token of the request, if the header is present and well formed.
 pub(crate) fn token(headers: &HeaderMap) -> Option<Token> {
-    let value = headers.get(TOKEN_HEADER)?.to_str().ok()?;
+    header_token(headers, TOKEN_HEADER)
+}
+
+/// The session token of the request, if the header is present and well formed.
+pub(crate) fn session_token(headers: &HeaderMap) -> Option<Token> {
+    header_token(headers, SESSION_TOKEN_HEADER)
+}
+
+fn header_token(headers: &HeaderMap, name: &str) -> Option<Token> {
+    let value = headers.get(name)?.to_str().ok()?;
     Token::from_hex(value.trim())
 }
 
@@ -100,6 +123,12 @@ mod tests {
         assert_eq!(p.kind, Some(Kind::Push));
         assert_eq!(p.server.as_deref(), Some("my broker"));
         assert_eq!(p.conn_id, Some(42));
+        let p = parse(Some("Type=session"));
+        assert_eq!((p.kind, p.session_given), (Some(Kind::Session), false));
+        let p = parse(Some("Type=pull&Session=4294967295"));
+        assert_eq!((p.session, p.session_given), (Some(u32::MAX), true));
+        let p = parse(Some("Type=pull&Session=0"));
+        assert_eq!((p.session, p.session_given), (None, true));
     }
 
     #[test]

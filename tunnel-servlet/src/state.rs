@@ -54,6 +54,7 @@ impl Shared {
         QueueLimits {
             limit: self.config.queue_limit,
             control_slack: self.config.queue_control_slack,
+            session_limit: self.config.max_session_queue,
         }
     }
 
@@ -62,11 +63,16 @@ impl Shared {
     }
 
     pub(crate) fn snapshot(&self) -> MetricsSnapshot {
-        let (open, links) = {
+        let (open, links, sessions) = {
             let table = self.table();
-            (table.connection_count(), table.links_up())
+            (
+                table.connection_count(),
+                table.links_up(),
+                table.session_count(),
+            )
         };
-        self.metrics.snapshot(open as u64, links as u64)
+        self.metrics
+            .snapshot(open as u64, links as u64, sessions as u64)
     }
 }
 

@@ -133,6 +133,7 @@ impl StatusSnapshot {
         let totals = shared.metrics.snapshot(
             view.connections,
             view.brokers.iter().filter(|b| b.link.is_some()).count() as u64,
+            view.sessions,
         );
         let brokers = view
             .brokers
@@ -179,6 +180,12 @@ impl StatusSnapshot {
                 what: "virtual connections held",
                 used: view.connections,
                 max: config.max_connections as u64,
+            },
+            LimitUse {
+                name: "sessions",
+                what: "sessions held",
+                used: view.sessions,
+                max: config.max_sessions as u64,
             },
             LimitUse {
                 name: "http_connections",

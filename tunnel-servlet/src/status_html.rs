@@ -198,8 +198,9 @@ impl StatusSnapshot {
             + t.connects_rejected_limit
             + t.connects_rejected_link_busy
             + t.connects_rejected_no_instance;
-        let totals: [(&str, String); 10] = [
+        let totals: [(&str, String); 11] = [
             ("Open connections", t.open_connections.to_string()),
+            ("Sessions", t.sessions.to_string()),
             ("Connections opened", t.connects_total.to_string()),
             ("Connections closed", t.connections_closed.to_string()),
             (

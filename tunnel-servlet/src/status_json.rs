@@ -133,6 +133,7 @@ impl StatusSnapshot {
         let totals = Object::new()
             .num("open_connections", t.open_connections)
             .num("links_up", t.links_up)
+            .num("sessions", t.sessions)
             .num("connects_total", t.connects_total)
             .raw(
                 "connects_rejected",

@@ -14,12 +14,14 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{oneshot, watch};
 use tunnel_proto::payload::{
-    encode_reason, AnnouncedConn, BrokerConnInit, Capacity, InstanceId, ListenMode, ListenState,
+    encode_reason, AnnouncedConn, Attach, BrokerConnInit, Capacity, ConnOption, InstanceId,
+    ListenMode, ListenState,
 };
 use tunnel_proto::{Packet, PacketType, Token};
 
 use crate::metrics::Metrics;
 use crate::sender::LinkSender;
+use crate::session::{AttachOutcome, Session, VISIT_LIMIT};
 
 /// Why a held pull was woken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +101,11 @@ pub(crate) struct ConnEntry {
     /// Which CONN_CLOSEs passed through, and whether the connection still takes a place in
     /// its instance's capacity (see [`Table::note_close`]).
     closes: Closes,
+    /// The session the connection belongs to (docs/protocol.md §2.1), if any: then only that
+    /// session's requests push and pull it, and its packets wake the session's pull.
+    pub(crate) session: Option<u32>,
+    /// Whether it is on its session's ready list.
+    ready: bool,
 }
 
 /// The two half-closes of a connection as the relay saw them pass.
@@ -136,6 +143,8 @@ impl ConnEntry {
             ending: None,
             unconfirmed: None,
             closes: Closes::default(),
+            session: None,
+            ready: false,
         }
     }
 
@@ -301,6 +310,7 @@ pub(crate) type Offer = (LinkSender, Packet);
 pub(crate) struct TableView {
     pub(crate) brokers: Vec<BrokerRow>,
     pub(crate) connections: u64,
+    pub(crate) sessions: u64,
     /// Bytes queued for clients over all connections, and in the fullest queue.
     pub(crate) queued_bytes: u64,
     pub(crate) largest_queue_bytes: u64,
@@ -311,6 +321,9 @@ pub(crate) struct TableView {
 pub(crate) struct QueueLimits {
     pub(crate) limit: usize,
     pub(crate) control_slack: usize,
+    /// Bytes all the connections of one session may hold together (control packets get
+    /// `control_slack` beyond it too).
+    pub(crate) session_limit: usize,
 }
 
 /// What became of a packet offered to a connection's queue.
@@ -348,6 +361,7 @@ fn compare_room(a: &Instance, b: &Instance) -> std::cmp::Ordering {
 /// The connections and the brokers.
 pub(crate) struct Table {
     conns: HashMap<u32, ConnEntry>,
+    sessions: HashMap<u32, Session>,
     brokers: HashMap<Arc<str>, BrokerEntry>,
     /// Affinity key of a name → the instance its connections go to, and how many live
     /// connections carry the key (the pin goes with the last of them, so the map is bounded
@@ -364,6 +378,7 @@ impl Table {
     pub(crate) fn new(metrics: Arc<Metrics>) -> Table {
         Table {
             conns: HashMap::new(),
+            sessions: HashMap::new(),
             brokers: HashMap::new(),
             affinity: HashMap::new(),
             next_id: 1,
@@ -498,8 +513,9 @@ impl Table {
         }
     }
 
-    /// The entry `id` if it belongs to `server` and `token` matches; `None` for an unknown id
-    /// and a wrong token alike (callers answer 404 to both).
+    /// The entry `id` if it belongs to `server`, `token` matches and it is in no session (a
+    /// connection in a session is pushed and pulled only through it, §2.1); `None` for an
+    /// unknown id and a wrong token alike (callers answer 404 to both).
     pub(crate) fn authorize(
         &mut self,
         id: u32,
@@ -508,7 +524,7 @@ impl Table {
     ) -> Option<&mut ConnEntry> {
         let entry = self.conns.get_mut(&id)?;
         let token_ok = entry.token.ct_eq(token);
-        if token_ok && &*entry.server == server {
+        if token_ok && &*entry.server == server && entry.session.is_none() {
             Some(entry)
         } else {
             None
@@ -661,6 +677,7 @@ impl Table {
             .collect();
         let mut view = TableView {
             connections: self.conns.len() as u64,
+            sessions: self.sessions.len() as u64,
             ..TableView::default()
         };
         for entry in self.conns.values() {
@@ -681,8 +698,9 @@ impl Table {
         }
     }
 
-    /// Offers a packet from the broker to connection `id`'s queue and wakes its held pull.
-    /// With `force`, the bound is ignored (used for the relay's own CONN_ABORT).
+    /// Offers a packet from the broker to connection `id`'s queue and wakes its held pull,
+    /// or, for a connection in a session, lists it as ready and wakes the session's pull.
+    /// With `force`, the bounds are ignored (used for the relay's own CONN_ABORT).
     pub(crate) fn enqueue(
         &mut self,
         id: u32,
@@ -694,12 +712,17 @@ impl Table {
             return Admit::UnknownConn;
         };
         let len = packet.wire_len();
-        let bound = if is_control(packet.kind) {
-            limits.limit + limits.control_slack
+        let slack = if is_control(packet.kind) {
+            limits.control_slack
         } else {
-            limits.limit
+            0
         };
-        if !force && entry.queued_bytes + len > bound {
+        let mut session = entry.session.and_then(|sid| self.sessions.get_mut(&sid));
+        let over_conn = entry.queued_bytes + len > limits.limit + slack;
+        let over_session = session
+            .as_ref()
+            .is_some_and(|s| s.queued_bytes + len > limits.session_limit.saturating_add(slack));
+        if !force && (over_conn || over_session) {
             self.metrics.dropped();
             return Admit::Dropped;
         }
@@ -711,66 +734,105 @@ impl Table {
         }
         entry.queued_bytes += len;
         entry.queue.push_back(packet);
-        entry.wake(Wake::Data);
+        match &mut session {
+            Some(session) => {
+                session.queued_bytes += len;
+                list_ready(id, entry, session);
+            }
+            None => entry.wake(Wake::Data),
+        }
         Admit::Queued
     }
 
     /// Takes queued packets for `id`, encoded back to back, up to `limit` bytes (at least one
     /// packet if any is queued). An ended connection whose queue is now empty is forgotten.
     pub(crate) fn drain(&mut self, id: u32, limit: usize) -> Bytes {
-        let Some(entry) = self.conns.get_mut(&id) else {
-            return Bytes::new();
-        };
         let mut out = BytesMut::new();
-        let now = Instant::now();
+        self.visit(id, &mut out, usize::MAX, limit, true, Instant::now());
+        out.freeze()
+    }
+
+    /// One turn of connection `id` in an answer: appends its packets to `out`, at most
+    /// `visit_max` bytes of them (but at least one packet) and never past `total_max` for
+    /// the whole answer (unless `out` is empty: an answer carries at least one packet). A
+    /// CONN_INIT_ACK due to be resent comes first. With `repeat_last_word`, an ended
+    /// connection's CONN_ABORT or CONN_REJECTED is added again when nothing else is (the
+    /// per-connection pull, §8); a session hands it out once, and again only in answers to
+    /// pushes of that connection (§2.1). An ended connection whose queue is now empty is
+    /// forgotten. Returns whether packets are still queued.
+    fn visit(
+        &mut self,
+        id: u32,
+        out: &mut BytesMut,
+        visit_max: usize,
+        total_max: usize,
+        repeat_last_word: bool,
+        now: Instant,
+    ) -> bool {
+        let Some(entry) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        let start = out.len();
         if entry.init_ack_resend_due(now) {
             if let Some(u) = entry.unconfirmed {
                 Packet::new(PacketType::ConnInitAck, id, Bytes::new())
                     .with_window(u.window)
-                    .encode(&mut out);
+                    .encode(out);
             }
         }
         if let Some(u) = &mut entry.unconfirmed {
             // Handed out now (the original is first in the queue, or the copy above).
             u.resend_at = Some(now + INIT_ACK_RESEND);
         }
+        let mut taken = 0;
         while let Some(front) = entry.queue.front() {
             let len = front.wire_len();
-            if !out.is_empty() && out.len() + len > limit {
+            let this_visit = out.len() - start;
+            if !out.is_empty() && out.len() + len > total_max {
+                break;
+            }
+            if this_visit > 0 && this_visit + len > visit_max {
                 break;
             }
             if let Some(packet) = entry.queue.pop_front() {
-                packet.encode(&mut out);
+                packet.encode(out);
                 entry.queued_bytes -= len;
+                taken += len;
             }
+        }
+        if let Some(session) = entry.session.and_then(|sid| self.sessions.get_mut(&sid)) {
+            session.queued_bytes = session.queued_bytes.saturating_sub(taken);
         }
         if entry.queue.is_empty() {
             // Give back the memory of a burst; an idle entry should stay small.
             entry.queue = VecDeque::new();
         }
+        let added = out.len() - start;
         if let (true, Some(ending)) = (entry.queue.is_empty(), &mut entry.ending) {
             match &ending.last_word {
                 // Delivered (again): keep repeating it for a little while.
                 Some(word) => {
-                    if out.is_empty() {
-                        word.encode(&mut out);
+                    if repeat_last_word && added == 0 {
+                        word.encode(out);
                     }
                     ending.forget_at = ending.forget_at.min(now + LAST_WORD_KEPT);
                 }
                 None => {
                     let reason = ending.reason.clone();
-                    entry.bytes_down += out.len() as u64;
+                    entry.bytes_down += added as u64;
                     let (server, instance) = (entry.server.clone(), entry.instance);
-                    self.count_down(&server, instance, out.len());
+                    self.count_down(&server, instance, added);
                     self.remove(id, &reason);
-                    return out.freeze();
+                    return false;
                 }
             }
         }
-        entry.bytes_down += out.len() as u64;
+        let added = out.len() - start;
+        entry.bytes_down += added as u64;
+        let more = !entry.queue.is_empty();
         let (server, instance) = (entry.server.clone(), entry.instance);
-        self.count_down(&server, instance, out.len());
-        out.freeze()
+        self.count_down(&server, instance, added);
+        more
     }
 
     /// A CONN_CLOSE of connection `id` passed through the relay, from its client or from its
@@ -806,6 +868,7 @@ impl Table {
             return false;
         };
         entry.wake(Wake::Closed);
+        leave_session(&mut self.sessions, id, &mut entry);
         self.metrics.closed();
         if !entry.closes.released {
             if let Some(inst) = self.instance_mut(&entry.server, entry.instance) {
@@ -862,6 +925,7 @@ impl Table {
         let no_bound = QueueLimits {
             limit: 0,
             control_slack: 0,
+            session_limit: 0,
         };
         // Past the bound: the last word must get through.
         self.enqueue(id, last_word.clone(), no_bound, true);
@@ -1085,16 +1149,24 @@ impl Table {
             }
         }
 
+        self.sweep_sessions(now);
         let mut lingered = Vec::new();
         let mut inactive = Vec::new();
         for (id, entry) in &self.conns {
+            // Every request of its session counts as the connection's activity, a held
+            // session pull included.
+            let session = entry.session.and_then(|sid| self.sessions.get(&sid));
+            let last_activity = session
+                .map(|s| s.last_activity.max(entry.last_activity))
+                .unwrap_or(entry.last_activity);
+            let pull_held = session.is_some_and(Session::pull_held)
+                || matches!(&entry.waiter, Some(w) if !w.tx.is_closed());
             match &entry.ending {
                 Some(ending) if now >= ending.forget_at => lingered.push(*id),
                 Some(_) => {}
                 // A held pull counts as activity; one whose client went away does not.
-                None if !matches!(&entry.waiter, Some(w) if !w.tx.is_closed())
-                    && now.saturating_duration_since(entry.last_activity)
-                        >= entry.inactivity_timeout =>
+                None if !pull_held
+                    && now.saturating_duration_since(last_activity) >= entry.inactivity_timeout =>
                 {
                     inactive.push(*id)
                 }
@@ -1128,6 +1200,301 @@ impl Table {
     pub(crate) fn wake_all(&mut self) {
         for entry in self.conns.values_mut() {
             entry.wake(Wake::Closed);
+        }
+        for session in self.sessions.values_mut() {
+            session.wake(Wake::Closed);
+        }
+    }
+}
+
+/// Lists connection `id` as ready in its session (once) and wakes the session's pull.
+fn list_ready(id: u32, entry: &mut ConnEntry, session: &mut Session) {
+    if !entry.ready {
+        entry.ready = true;
+        session.ready.push_back(id);
+    }
+    session.wake(Wake::Data);
+}
+
+/// Takes connection `id` out of its session, if it is in one: off the session's list of
+/// connections and its ready list, its queued bytes off the session's count.
+fn leave_session(sessions: &mut HashMap<u32, Session>, id: u32, entry: &mut ConnEntry) {
+    let Some(sid) = entry.session.take() else {
+        return;
+    };
+    let was_ready = std::mem::take(&mut entry.ready);
+    if let Some(session) = sessions.get_mut(&sid) {
+        session.conns.remove(&id);
+        session.queued_bytes = session.queued_bytes.saturating_sub(entry.queued_bytes);
+        if was_ready {
+            session.unlist(id);
+        }
+    }
+}
+
+/// Sessions (docs/protocol.md §2.1): kept in the same table as the connections, so that a
+/// connection and its session change together under one lock.
+impl Table {
+    pub(crate) fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Opens a session with a random unused non-zero id and a random token; `None` when the
+    /// relay holds `max_sessions` already.
+    pub(crate) fn open_session(
+        &mut self,
+        now: Instant,
+        idle_timeout: Duration,
+        client_addr: &str,
+        max_sessions: usize,
+    ) -> Option<(u32, Token)> {
+        use rand::Rng;
+        if self.sessions.len() >= max_sessions {
+            return None;
+        }
+        // ThreadRng is a CSPRNG (ChaCha, reseeded from the OS), fit for tokens.
+        let mut rng = rand::rng();
+        let token = Token(rng.random());
+        let id = loop {
+            let id: u32 = rng.random();
+            if id != 0 && !self.sessions.contains_key(&id) {
+                break id;
+            }
+        };
+        self.sessions
+            .insert(id, Session::new(token, now, idle_timeout, client_addr));
+        self.metrics.session_opened();
+        Some((id, token))
+    }
+
+    /// Session `sid` if `token` is its token; `None` for an unknown session and a wrong token
+    /// alike (callers answer 404 to both). Counts as the session's activity.
+    pub(crate) fn session_mut(
+        &mut self,
+        sid: u32,
+        token: &Token,
+        now: Instant,
+    ) -> Option<&mut Session> {
+        let session = self.sessions.get_mut(&sid)?;
+        if !session.token.ct_eq(token) {
+            return None;
+        }
+        session.last_activity = now;
+        Some(session)
+    }
+
+    /// Whether session `sid` holds `max` connections already.
+    pub(crate) fn session_is_full(&self, sid: u32, max: usize) -> bool {
+        self.sessions
+            .get(&sid)
+            .is_some_and(|s| s.conns.len() >= max)
+    }
+
+    /// Whether connection `id` belongs to session `sid`.
+    pub(crate) fn in_session(&self, id: u32, sid: u32) -> bool {
+        self.conns.get(&id).is_some_and(|e| e.session == Some(sid))
+    }
+
+    /// Puts connection `id` into session `sid`, taking it from the session it was in. A
+    /// per-connection pull it had is answered (NO_OP): it is fetched through the session
+    /// from now on.
+    pub(crate) fn join_session(&mut self, id: u32, sid: u32) {
+        let Some(entry) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if !self.sessions.contains_key(&sid) {
+            return;
+        }
+        leave_session(&mut self.sessions, id, entry);
+        entry.wake(Wake::Superseded);
+        let Some(session) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        entry.session = Some(sid);
+        session.conns.insert(id);
+        session.queued_bytes += entry.queued_bytes;
+        if !entry.queue.is_empty() {
+            list_ready(id, entry, session);
+        }
+    }
+
+    /// Applies an ATTACH of connection `id` pushed in session `sid` (docs/protocol.md §2.1).
+    pub(crate) fn attach(
+        &mut self,
+        sid: u32,
+        id: u32,
+        attach: &Attach,
+        max_session_connections: usize,
+    ) -> AttachOutcome {
+        let known = self
+            .conns
+            .get(&id)
+            .filter(|e| e.token.ct_eq(&attach.token) && *e.server == *attach.server);
+        match known {
+            Some(entry) if entry.session == Some(sid) => AttachOutcome::Attached,
+            Some(_) if self.session_is_full(sid, max_session_connections) => {
+                AttachOutcome::SessionFull
+            }
+            Some(_) => {
+                self.join_session(id, sid);
+                self.metrics.session_attach();
+                AttachOutcome::Attached
+            }
+            None if self.has_link(&attach.server) => AttachOutcome::Unknown,
+            None => AttachOutcome::NotYet,
+        }
+    }
+
+    /// What a client's push means for its connection `id`, whichever request carried it (a
+    /// per-connection push with all its `packets`, or a session push with those of `id`):
+    /// the client is active, has the CONN_INIT_ACK (no more resends), may set its inactivity
+    /// timeout (CONN_OPTION 2, through `timeout_for`) and half-close; `bytes` are counted
+    /// up. Returns whether the client aborts the connection: the caller forgets it once the
+    /// CONN_ABORT is forwarded.
+    pub(crate) fn client_pushed<'a>(
+        &mut self,
+        id: u32,
+        packets: impl IntoIterator<Item = &'a Packet>,
+        bytes: usize,
+        now: Instant,
+        timeout_for: impl Fn(u32) -> Duration,
+    ) -> bool {
+        let Some(entry) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        entry.last_activity = now;
+        entry.confirm_accepted();
+        let (mut closes, mut aborts) = (false, false);
+        for packet in packets {
+            match packet.kind {
+                PacketType::ConnOption => {
+                    if let Ok(ConnOption::InactivityTimeoutMs(ms)) =
+                        ConnOption::decode(packet.payload.clone())
+                    {
+                        entry.inactivity_timeout = timeout_for(ms);
+                    }
+                }
+                PacketType::ConnClose => closes = true,
+                PacketType::ConnAbort => aborts = true,
+                _ => {}
+            }
+        }
+        self.count_up(id, bytes);
+        if closes {
+            self.note_close(id, true);
+        }
+        aborts
+    }
+
+    /// The CONN_ABORT or CONN_REJECTED that ended connection `id`, once its queue has been
+    /// fetched: handed out again in the answer to a session push that carries packets of
+    /// the connection (§2.1).
+    pub(crate) fn last_word_again(&self, id: u32) -> Option<Packet> {
+        let entry = self.conns.get(&id)?;
+        if !entry.queue.is_empty() {
+            // Still queued: the answer's drain hands it out.
+            return None;
+        }
+        entry.ending.as_ref()?.last_word.as_deref().cloned()
+    }
+
+    /// Whether session `sid` has connections with packets to hand out.
+    pub(crate) fn session_has_ready(&self, sid: u32) -> bool {
+        self.sessions.get(&sid).is_some_and(|s| !s.ready.is_empty())
+    }
+
+    /// Fills a session answer fairly: visits the ready connections in turn, at most
+    /// [`VISIT_LIMIT`] bytes (at least one packet) each per visit, until `limit` bytes (at
+    /// least one packet) or nothing is left. A connection with more goes to the back of the
+    /// list; one whose next packet does not fit keeps its place at the front.
+    /// `out` holds what the answer carries already (a push's answers to its ATTACHes).
+    pub(crate) fn drain_session(&mut self, sid: u32, mut out: BytesMut, limit: usize) -> Bytes {
+        let now = Instant::now();
+        // Every turn takes a packet or shortens the list, so this ends; the bound is a
+        // second guard.
+        let most_turns = self.sessions.get(&sid).map_or(0, |s| s.ready.len()) + limit;
+        for _ in 0..most_turns {
+            let Some(session) = self.sessions.get_mut(&sid) else {
+                break;
+            };
+            let Some(id) = session.ready.pop_front() else {
+                break;
+            };
+            match self.conns.get_mut(&id) {
+                Some(entry) if entry.session == Some(sid) => entry.ready = false,
+                _ => continue,
+            }
+            let before = out.len();
+            let more = self.visit(id, &mut out, VISIT_LIMIT, limit, false, now);
+            if !more {
+                continue;
+            }
+            let full = out.len() == before;
+            if let (Some(entry), Some(session)) =
+                (self.conns.get_mut(&id), self.sessions.get_mut(&sid))
+            {
+                entry.ready = true;
+                if full {
+                    session.ready.push_front(id);
+                } else {
+                    session.ready.push_back(id);
+                }
+            }
+            if full || out.len() >= limit {
+                break;
+            }
+        }
+        out.freeze()
+    }
+
+    /// Forgets session `sid`: its connections stay (with their own inactivity timeouts,
+    /// counting the session's last request as theirs) and can be attached to a new session.
+    pub(crate) fn remove_session(&mut self, sid: u32, reason: &str) -> bool {
+        let Some(mut session) = self.sessions.remove(&sid) else {
+            return false;
+        };
+        session.wake(Wake::Closed);
+        for id in &session.conns {
+            if let Some(entry) = self.conns.get_mut(id) {
+                entry.session = None;
+                entry.ready = false;
+                entry.last_activity = entry.last_activity.max(session.last_activity);
+            }
+        }
+        tracing::debug!(
+            session = sid,
+            client = %session.client_addr,
+            connections = session.conns.len(),
+            reason,
+            "session forgotten"
+        );
+        true
+    }
+
+    /// The sweeper's part for sessions: forgets the idle ones, and lists the connections
+    /// whose CONN_INIT_ACK is due to be handed out again as ready.
+    fn sweep_sessions(&mut self, now: Instant) {
+        let idle: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.is_idle(now))
+            .map(|(id, _)| *id)
+            .collect();
+        for sid in idle {
+            if self.remove_session(sid, "idle timeout") {
+                self.metrics.session_expired();
+            }
+        }
+        for (id, entry) in self.conns.iter_mut() {
+            let Some(sid) = entry.session else {
+                continue;
+            };
+            if entry.ready || !entry.init_ack_resend_due(now) {
+                continue;
+            }
+            if let Some(session) = self.sessions.get_mut(&sid) {
+                list_ready(*id, entry, session);
+            }
         }
     }
 }
@@ -1234,6 +1601,7 @@ mod tests {
         let limits = QueueLimits {
             limit: 1 << 20,
             control_slack: 0,
+            session_limit: usize::MAX,
         };
         table.enqueue(ids[1], data, limits, false);
         // Not b's current link: no effect.
@@ -1288,6 +1656,7 @@ mod tests {
         let limits = QueueLimits {
             limit: 100,
             control_slack: 100,
+            session_limit: usize::MAX,
         };
         let data = |n| Packet::new(PacketType::Data, id, Bytes::from(vec![0; n]));
         assert_eq!(table.enqueue(id, data(50), limits, false), Admit::Queued);
@@ -1295,7 +1664,7 @@ mod tests {
         let abort = Packet::new(PacketType::ConnAbort, id, Bytes::new());
         assert_eq!(table.enqueue(id, abort, limits, false), Admit::Queued);
         assert_eq!(table.enqueue(7, data(1), limits, false), Admit::UnknownConn);
-        assert_eq!(metrics.snapshot(0, 0).packets_dropped, 1);
+        assert_eq!(metrics.snapshot(0, 0, 0).packets_dropped, 1);
         let out = table.drain(id, 1 << 20);
         assert_eq!(out.len(), 24 + 50 + 24);
     }
