@@ -23,7 +23,7 @@ use reqwest::StatusCode;
 use support_raw::{
     ack, data, start_echo_broker, token_forms, EchoSetup, Raw, RawConn, RelayProcess,
 };
-use tunnel_proto::payload::{decode_reason, decode_token, Attach, SessionRequest};
+use tunnel_proto::payload::{decode_reason, decode_token, Attach, ConnOption, SessionRequest};
 use tunnel_proto::{decode_all, encode_all, Packet, PacketType, Token};
 use tunnel_tests::TestDir;
 
@@ -196,6 +196,15 @@ impl RawSession {
             .await;
         assert!(has_data(&got, conn, payload));
     }
+}
+
+/// An ATTACH of `conn` with `token`, to `server`.
+fn attach_packet(conn: RawConn, token: Token, server: &str) -> Packet {
+    let attach = Attach {
+        token,
+        server: server.to_string(),
+    };
+    Packet::new(PacketType::Attach, conn.id, attach.encode())
 }
 
 fn has_data(got: &[Packet], conn: RawConn, payload: &[u8]) -> bool {
@@ -474,15 +483,7 @@ async fn a_connection_is_attached_to_a_new_session_after_a_relay_restart() {
         let (status, _) = old.pull_as(old.id, old.token).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         let new = open_session(&raw).await.expect("new session");
-        let attach = Packet::new(
-            PacketType::Attach,
-            conn.id,
-            Attach {
-                token: conn.token,
-                server: raw.server.clone(),
-            }
-            .encode(),
-        );
+        let attach = attach_packet(conn, conn.token, &raw.server);
         // Unanswered until the broker has re-linked and re-announced the connection.
         let deadline = Instant::now() + Duration::from_secs(20);
         let answer = loop {
@@ -499,21 +500,76 @@ async fn a_connection_is_attached_to_a_new_session_after_a_relay_restart() {
         new.echo(conn, 1, b"after the restart").await;
 
         // A wrong token for a name the relay has a link of: CONN_ABORT.
-        let forged = Packet::new(
-            PacketType::Attach,
-            conn.id,
-            Attach {
-                token: Token(rand::random()),
-                server: raw.server.clone(),
-            }
-            .encode(),
-        );
+        let forged = attach_packet(conn, Token(rand::random()), &raw.server);
         let got = new.push_packets(&[forged]).await;
         assert!(got
             .iter()
             .any(|p| p.kind == PacketType::ConnAbort && p.conn_id == conn.id));
         // The connection itself is untouched.
         new.echo(conn, 2, b"still attached").await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_ack_is_resent_in_the_session_and_an_idle_session_expires() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        // A short idle timeout for sessions (and connections), so the session expires soon.
+        let setup = EchoSetup::start(&relay_args(&["--inactivity-ms", "3000"]), &[], "info").await;
+        let raw = Raw::new(&setup.relay.tunnel_url());
+        let s = open_session(&raw).await.unwrap();
+        let conn = s.connect().await.unwrap();
+        let count_acks = |got: &[Packet]| {
+            got.iter()
+                .filter(|p| p.kind == PacketType::ConnInitAck && p.conn_id == conn.id)
+                .count()
+        };
+        // Not confirmed by a push: handed out again (every 500 ms).
+        let got = s
+            .pull_until(Vec::new(), Duration::from_secs(10), |got| {
+                count_acks(got) >= 2
+            })
+            .await;
+        assert!(count_acks(&got) >= 2);
+        // Confirmed: no more copies. CONN_OPTION 2 keeps the connection longer than its
+        // session, as tunnel-client does with its outage grace.
+        let keep = Packet::new(
+            PacketType::ConnOption,
+            conn.id,
+            ConnOption::InactivityTimeoutMs(60_000).encode(),
+        )
+        .with_seq(0)
+        .with_window(16);
+        s.push_packets(&[ack(conn, u32::MAX), keep]).await;
+        let settle = Instant::now() + Duration::from_millis(1500);
+        let mut later = Vec::new();
+        while Instant::now() < settle {
+            let (status, body) = s.pull_as(s.id, s.token).await;
+            assert_eq!(status, StatusCode::OK);
+            later.extend(decode_all(body, 1 << 21).unwrap());
+        }
+        assert_eq!(count_acks(&later), 0, "{later:?}");
+
+        // No request for the idle timeout: the session is forgotten (404), its connection is
+        // not, and it is attached to a new session.
+        tokio::time::sleep(Duration::from_millis(3600)).await;
+        let (status, _) = s.pull_as(s.id, s.token).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            setup.relay.metric("tunnel_sessions_expired_total").await,
+            Some(1)
+        );
+        assert_eq!(setup.relay.metric("tunnel_sessions").await, Some(0));
+        let new = open_session(&raw).await.unwrap();
+        let attach = attach_packet(conn, conn.token, &raw.server);
+        let got = new.push_packets(&[attach]).await;
+        assert!(
+            got.iter()
+                .any(|p| p.kind == PacketType::Attach && p.conn_id == conn.id),
+            "{got:?}"
+        );
+        new.echo(conn, 1, b"in the new session").await;
     })
     .await
     .expect("test timed out");
