@@ -2084,4 +2084,25 @@ mod tests {
         table.sweep(later, &rules);
         assert!(!table.session_has_ready(sid));
     }
+
+    #[test]
+    fn the_last_word_is_handed_out_once_then_only_to_pushes_of_the_connection() {
+        let (mut table, sid, ids) = session_with(2);
+        let id = ids[0];
+        let abort = Packet::new(PacketType::ConnAbort, id, encode_reason("gone"));
+        let now = Instant::now();
+        table.end_with(id, abort, "aborted by broker: gone", now + MINUTE);
+        // Not repeated while it is still queued (the drain hands it out).
+        assert!(table.last_word_again(id).is_none());
+        let got = ids_in(table.drain_session(sid, BytesMut::new(), 1 << 20));
+        assert_eq!(got, [id]);
+        // Once: the next answers of the session do not repeat it...
+        table.enqueue(ids[1], data_of(ids[1], 10), ROOMY, false);
+        let got = ids_in(table.drain_session(sid, BytesMut::new(), 1 << 20));
+        assert_eq!(got, [ids[1]]);
+        // ...but the answer to a push of that connection does, until it is forgotten.
+        let word = table.last_word_again(id).expect("the last word");
+        assert_eq!((word.kind, word.conn_id), (PacketType::ConnAbort, id));
+        assert!(table.conns[&id].ending.as_ref().unwrap().forget_at <= now + LAST_WORD_KEPT * 2);
+    }
 }
