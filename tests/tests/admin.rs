@@ -238,6 +238,7 @@ async fn status_json_reports_the_brokers_traffic_and_limits() {
     let names: HashSet<&str> = limits.iter().filter_map(|l| l["name"].as_str()).collect();
     for want in [
         "connections",
+        "sessions",
         "http_connections",
         "links_in_handshake",
         "fullest_queue_bytes",

@@ -23,7 +23,9 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use reqwest::StatusCode;
-use support_raw::{ack, client_config, data, echo_transfer, EchoSetup, Raw, RelayProcess};
+use support_raw::{
+    ack, client_config, data, echo_transfer, token_forms, EchoSetup, Raw, RelayProcess,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tunnel_client::{ConnectError, RelayAuth};
@@ -31,18 +33,6 @@ use tunnel_proto::PacketType;
 use tunnel_tests::{bin_path, free_addr, wait_for_tcp, ChildProcess, TestDir};
 
 const TEST_LIMIT: Duration = Duration::from_secs(60);
-
-/// Every text form a token could take in a log: hex either case, and the Rust `Debug` of
-/// its byte array.
-fn token_forms(token: &tunnel_proto::Token) -> Vec<String> {
-    let hex = token.to_hex();
-    vec![
-        hex.clone(),
-        hex.to_uppercase(),
-        format!("{:?}", token.0),
-        format!("{:x?}", token.0),
-    ]
-}
 
 fn assert_absent(what: &str, haystack: &str, needles: &[String], label: &str) {
     for needle in needles {

@@ -435,6 +435,26 @@ pub(crate) fn client_may_send(kind: PacketType) -> bool {
     )
 }
 
+/// Reads a push body (per connection or in a session) and decodes its packets; the answer
+/// to a body over the limit, too slow or not packets otherwise.
+pub(crate) async fn read_push_body(
+    req: Request<Incoming>,
+    shared: &Shared,
+) -> Result<(Bytes, Vec<Packet>), Response<Body>> {
+    let config = &shared.config;
+    let body = read_body(req, config.max_body_size, shared).await?;
+    match decode_all(body.clone(), config.max_packet_size) {
+        Ok(list) => Ok((body, list)),
+        Err(err) => {
+            tracing::debug!(error = %err, "malformed push body");
+            Err(error(
+                StatusCode::BAD_REQUEST,
+                "push body is not valid packets",
+            ))
+        }
+    }
+}
+
 async fn push(
     req: Request<Incoming>,
     shared: &Shared,
@@ -443,16 +463,9 @@ async fn push(
     token: Token,
 ) -> Response<Body> {
     let config = &shared.config;
-    let body = match read_body(req, config.max_body_size, shared).await {
-        Ok(body) => body,
+    let (body, list) = match read_push_body(req, shared).await {
+        Ok(read) => read,
         Err(resp) => return resp,
-    };
-    let list = match decode_all(body.clone(), config.max_packet_size) {
-        Ok(list) => list,
-        Err(err) => {
-            tracing::debug!(conn_id, error = %err, "malformed push body");
-            return error(StatusCode::BAD_REQUEST, "push body is not valid packets");
-        }
     };
     if let Some(bad) = list
         .iter()

@@ -15,7 +15,9 @@ use tunnel_proto::warn_limit::WarningLimit;
 use tunnel_proto::{decode_all, Packet, PacketType, Token};
 
 use crate::forwarded;
-use crate::http::{client_may_send, error, link_error_text, no_op, packets, read_body, Body};
+use crate::http::{
+    client_may_send, error, link_error_text, no_op, packets, read_body, read_push_body, Body,
+};
 use crate::metrics::SessionRejectReason;
 use crate::sender::LinkSender;
 use crate::session::AttachOutcome;
@@ -196,16 +198,9 @@ pub(crate) async fn push(
     key: SessionKey,
 ) -> Response<Body> {
     let config = &shared.config;
-    let body = match read_body(req, config.max_body_size, shared).await {
-        Ok(body) => body,
+    let (body, list) = match read_push_body(req, shared).await {
+        Ok(read) => read,
         Err(resp) => return resp,
-    };
-    let list = match decode_all(body.clone(), config.max_packet_size) {
-        Ok(list) => list,
-        Err(err) => {
-            tracing::debug!(session = key.id, error = %err, "malformed session push body");
-            return error(StatusCode::BAD_REQUEST, "push body is not valid packets");
-        }
     };
     let attaches = match check_push(&list) {
         Ok(attaches) => attaches,

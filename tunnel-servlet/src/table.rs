@@ -1508,7 +1508,9 @@ mod tests {
         // The relay must hold 10,000 idle connections at < 32 KiB each; the entry itself
         // (no queued packets, no held pull) is a few hundred bytes.
         assert!(
-            // 264 with the pool fields (instance, pending, affinity).
+            // 264 with the pool fields (instance, pending, affinity); 280 with the session
+            // fields (session, ready) (issue 9: at most 8 KiB per connection
+            // at the relay, all costs included).
             std::mem::size_of::<ConnEntry>() <= 288,
             "{}",
             std::mem::size_of::<ConnEntry>()
@@ -1818,5 +1820,289 @@ mod tests {
             table.no_place("s", now + Duration::from_secs(45), grace),
             NoPlace::Gone
         );
+    }
+
+    /// A table with a linked "s" and session `sid` holding `n` connections.
+    fn session_with(n: usize) -> (Table, u32, Vec<u32>) {
+        let mut table = Table::new(Arc::new(Metrics::default()));
+        let _link = link(&mut table, "s");
+        let now = Instant::now();
+        let (sid, _) = table
+            .open_session(now, Duration::from_secs(60), "c", 10)
+            .expect("session");
+        let ids = (0..n)
+            .map(|_| {
+                let (id, _) = table.open("s", InstanceId::LEGACY, None, 16, "c", now, MINUTE);
+                table.join_session(id, sid);
+                id
+            })
+            .collect();
+        (table, sid, ids)
+    }
+
+    fn token_of(table: &Table, sid: u32) -> Token {
+        table.sessions[&sid].token
+    }
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    const ROOMY: QueueLimits = QueueLimits {
+        limit: 8 << 20,
+        control_slack: 64 << 10,
+        session_limit: 16 << 20,
+    };
+
+    fn data_of(id: u32, len: usize) -> Packet {
+        Packet::new(PacketType::Data, id, Bytes::from(vec![7; len]))
+    }
+
+    /// The conn ids of the packets of an answer, in order.
+    fn ids_in(answer: Bytes) -> Vec<u32> {
+        tunnel_proto::decode_all(answer, 2 << 20)
+            .unwrap()
+            .iter()
+            .map(|p| p.conn_id)
+            .collect()
+    }
+
+    #[test]
+    fn a_deep_queue_does_not_starve_the_others_of_one_answer() {
+        let (mut table, sid, ids) = session_with(3);
+        let (big, small) = (ids[0], &ids[1..]);
+        // 4 MiB queued on one connection before the others have anything.
+        for _ in 0..64 {
+            assert_eq!(
+                table.enqueue(big, data_of(big, 64 * 1024 - 24), ROOMY, false),
+                Admit::Queued
+            );
+        }
+        for id in small {
+            table.enqueue(*id, data_of(*id, 100), ROOMY, false);
+        }
+        let got = ids_in(table.drain_session(sid, BytesMut::new(), 1 << 20));
+        // One visit of the big one (64 KiB), then the others, then its next turns.
+        assert_eq!(&got[..3], &[big, small[0], small[1]], "{got:?}");
+        assert!(got.iter().filter(|id| **id == big).count() >= 2);
+        // The answer stays within the response limit.
+        let session = &table.sessions[&sid];
+        assert_eq!(session.ready, [big], "only the big one is left");
+        assert_eq!(session.queued_bytes, table.conns[&big].queued_bytes);
+    }
+
+    #[test]
+    fn the_ready_list_holds_each_connection_once_in_order_of_arrival() {
+        let (mut table, sid, ids) = session_with(3);
+        for id in [ids[2], ids[0], ids[2], ids[0], ids[1]] {
+            table.enqueue(id, data_of(id, 10), ROOMY, false);
+        }
+        assert_eq!(table.sessions[&sid].ready, [ids[2], ids[0], ids[1]]);
+        // A small limit: the first packet always goes, the next turn waits at the front.
+        let got = ids_in(table.drain_session(sid, BytesMut::new(), 40));
+        assert_eq!(got, [ids[2]]);
+        // It had its turn: the one whose packet did not fit keeps its place at the front.
+        assert_eq!(table.sessions[&sid].ready, [ids[0], ids[1], ids[2]]);
+        let got = ids_in(table.drain_session(sid, BytesMut::new(), 1 << 20));
+        assert_eq!(got, [ids[0], ids[0], ids[1], ids[2]]);
+        assert!(table.sessions[&sid].ready.is_empty());
+        assert!(!table.session_has_ready(sid));
+        // A connection that goes away leaves the list and the session's byte count.
+        table.enqueue(ids[1], data_of(ids[1], 10), ROOMY, false);
+        table.remove(ids[1], "test");
+        let session = &table.sessions[&sid];
+        assert!(session.ready.is_empty() && session.queued_bytes == 0);
+        assert_eq!(session.conns.len(), 2);
+    }
+
+    #[test]
+    fn attach_moves_known_connections_and_refuses_the_others() {
+        let (mut table, old, ids) = session_with(1);
+        let id = ids[0];
+        let token = table.conns[&id].token;
+        table.enqueue(id, data_of(id, 10), ROOMY, false);
+        let now = Instant::now();
+        let (new, _) = table.open_session(now, MINUTE, "c", 10).unwrap();
+        let attach = |token, server: &str| Attach {
+            token,
+            server: server.into(),
+        };
+        // Wrong token, or the right token with another name: unknown, since "s" is linked.
+        let wrong = Token([9; 16]);
+        assert_eq!(
+            table.attach(new, id, &attach(wrong, "s"), 10),
+            AttachOutcome::Unknown
+        );
+        assert_eq!(
+            table.attach(new, 77, &attach(token, "s"), 10),
+            AttachOutcome::Unknown
+        );
+        // A name without a link: the relay cannot tell yet.
+        assert_eq!(
+            table.attach(new, id, &attach(token, "other"), 10),
+            AttachOutcome::NotYet
+        );
+        assert!(table.in_session(id, old));
+        // Known with its token: moved, with its queue and its place on the ready list.
+        assert_eq!(
+            table.attach(new, id, &attach(token, "s"), 10),
+            AttachOutcome::Attached
+        );
+        assert!(table.in_session(id, new) && !table.in_session(id, old));
+        assert_eq!(table.sessions[&old].queued_bytes, 0);
+        assert!(table.sessions[&old].ready.is_empty());
+        assert_eq!(table.sessions[&new].ready, [id]);
+        assert_eq!(table.sessions[&new].queued_bytes, 34);
+        // Again: still attached, nothing changes.
+        assert_eq!(
+            table.attach(new, id, &attach(token, "s"), 10),
+            AttachOutcome::Attached
+        );
+        // A session at its connection limit takes no more.
+        let (full, _) = table.open_session(now, MINUTE, "c", 10).unwrap();
+        assert_eq!(
+            table.attach(full, id, &attach(token, "s"), 0),
+            AttachOutcome::SessionFull
+        );
+        // The per-connection requests do not reach a connection in a session.
+        assert!(table.authorize(id, "s", &token).is_none());
+    }
+
+    #[test]
+    fn the_session_queue_is_bounded_as_a_whole() {
+        let (mut table, sid, ids) = session_with(2);
+        let limits = QueueLimits {
+            limit: 1000,
+            control_slack: 100,
+            session_limit: 1500,
+        };
+        assert_eq!(
+            table.enqueue(ids[0], data_of(ids[0], 876), limits, false),
+            Admit::Queued
+        );
+        // Below its own bound, above the session's.
+        assert_eq!(
+            table.enqueue(ids[1], data_of(ids[1], 876), limits, false),
+            Admit::Dropped
+        );
+        // Control packets use the slack.
+        let abort = Packet::new(PacketType::ConnAbort, ids[1], Bytes::from(vec![0; 50]));
+        assert_eq!(table.enqueue(ids[1], abort, limits, false), Admit::Queued);
+        assert_eq!(table.sessions[&sid].queued_bytes, 900 + 74);
+        table.drain_session(sid, BytesMut::new(), 1 << 20);
+        assert_eq!(table.sessions[&sid].queued_bytes, 0);
+        assert_eq!(
+            table.enqueue(ids[1], data_of(ids[1], 876), limits, false),
+            Admit::Queued
+        );
+    }
+
+    #[test]
+    fn the_session_limit_and_tokens() {
+        let mut table = Table::new(Arc::new(Metrics::default()));
+        let now = Instant::now();
+        let (a, token) = table.open_session(now, MINUTE, "c", 2).unwrap();
+        let (b, _) = table.open_session(now, MINUTE, "c", 2).unwrap();
+        assert!(a != 0 && b != 0 && a != b);
+        assert!(table.open_session(now, MINUTE, "c", 2).is_none());
+        assert!(table.session_mut(a, &token, now).is_some());
+        assert!(
+            table.session_mut(b, &token, now).is_none(),
+            "another session's token"
+        );
+        assert!(table.session_mut(a, &Token([0; 16]), now).is_none());
+    }
+
+    #[test]
+    fn an_idle_session_expires_and_its_connections_stay() {
+        let (mut table, sid, ids) = session_with(2);
+        let rules = SweepRules {
+            broker_grace: MINUTE,
+            ending_linger: MINUTE,
+            name_grace: MINUTE,
+        };
+        let start = table.sessions[&sid].last_activity;
+        for id in &ids {
+            table.conns.get_mut(id).unwrap().inactivity_timeout = 2 * MINUTE;
+        }
+        // Session requests keep the connections alive beyond their own last activity.
+        let token = table.sessions[&sid].token;
+        table.session_mut(sid, &token, start + Duration::from_secs(50));
+        table.sweep(start + Duration::from_secs(130), &rules);
+        assert!(
+            table.conns.contains_key(&ids[0]),
+            "kept by the session's requests"
+        );
+        assert!(!table.sessions.contains_key(&sid), "idle since 50 s");
+        let (sid, _) = table.open_session(start, MINUTE, "c", 10).unwrap();
+        for id in &ids {
+            table.join_session(*id, sid);
+        }
+        // A held pull counts as activity, of the session and its connections.
+        let (tx, _rx) = oneshot::channel();
+        table.sessions.get_mut(&sid).unwrap().waiter = Some(Waiter { id: 1, tx });
+        table.sweep(start + Duration::from_secs(200), &rules);
+        assert!(table.sessions.contains_key(&sid));
+        assert!(table.conns.contains_key(&ids[0]));
+        table.sessions.get_mut(&sid).unwrap().waiter = None;
+        // Idle: forgotten; its connections are not, and can be attached elsewhere.
+        table.session_mut(
+            sid,
+            &token_of(&table, sid),
+            start + Duration::from_secs(150),
+        );
+        table.sweep(start + Duration::from_secs(211), &rules);
+        assert!(!table.sessions.contains_key(&sid));
+        assert!(ids.iter().all(|id| table.conns[id].session.is_none()));
+        assert_eq!(table.metrics.snapshot(0, 0, 0).sessions_expired, 2);
+        // Their own inactivity timeout then counts from the session's last request.
+        table.sweep(start + Duration::from_secs(269), &rules);
+        assert!(table.conns.contains_key(&ids[0]));
+        table.sweep(start + Duration::from_secs(271), &rules);
+        assert!(!table.conns.contains_key(&ids[0]));
+    }
+
+    #[test]
+    fn an_unconfirmed_accept_is_listed_again_until_the_client_pushes() {
+        let (mut table, sid, ids) = session_with(1);
+        let id = ids[0];
+        let ack = Packet::new(PacketType::ConnInitAck, id, Bytes::new()).with_window(32);
+        table.enqueue(id, ack, ROOMY, false);
+        let got = ids_in(table.drain_session(sid, BytesMut::new(), 1 << 20));
+        assert_eq!(got, [id]);
+        let rules = SweepRules {
+            broker_grace: MINUTE,
+            ending_linger: MINUTE,
+            name_grace: MINUTE,
+        };
+        table.sweep(Instant::now(), &rules);
+        assert!(!table.session_has_ready(sid), "not due yet");
+        table.sweep(Instant::now() + INIT_ACK_RESEND * 2, &rules);
+        assert!(table.session_has_ready(sid), "due: listed");
+        // The client pushes a packet of it: no more copies.
+        table.client_pushed(id, [], 0, Instant::now(), |_| MINUTE);
+        let later = Instant::now() + INIT_ACK_RESEND * 4;
+        table.drain_session(sid, BytesMut::new(), 1 << 20);
+        table.sweep(later, &rules);
+        assert!(!table.session_has_ready(sid));
+    }
+
+    #[test]
+    fn the_last_word_is_handed_out_once_then_only_to_pushes_of_the_connection() {
+        let (mut table, sid, ids) = session_with(2);
+        let id = ids[0];
+        let abort = Packet::new(PacketType::ConnAbort, id, encode_reason("gone"));
+        let now = Instant::now();
+        table.end_with(id, abort, "aborted by broker: gone", now + MINUTE);
+        // Not repeated while it is still queued (the drain hands it out).
+        assert!(table.last_word_again(id).is_none());
+        let got = ids_in(table.drain_session(sid, BytesMut::new(), 1 << 20));
+        assert_eq!(got, [id]);
+        // Once: the next answers of the session do not repeat it...
+        table.enqueue(ids[1], data_of(ids[1], 10), ROOMY, false);
+        let got = ids_in(table.drain_session(sid, BytesMut::new(), 1 << 20));
+        assert_eq!(got, [ids[1]]);
+        // ...but the answer to a push of that connection does, until it is forgotten.
+        let word = table.last_word_again(id).expect("the last word");
+        assert_eq!((word.kind, word.conn_id), (PacketType::ConnAbort, id));
+        assert!(table.conns[&id].ending.as_ref().unwrap().forget_at <= now + LAST_WORD_KEPT * 2);
     }
 }

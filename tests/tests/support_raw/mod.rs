@@ -43,9 +43,22 @@ impl RelayProcess {
         extra_env: &[(&str, &str)],
         rust_log: &str,
     ) -> RelayProcess {
+        let (http, link) = (free_addr(), free_addr());
+        Self::start_on(dir, label, (http, link), extra, extra_env, rust_log).await
+    }
+
+    /// Like [`RelayProcess::start_with_env`], on the given HTTP and link addresses (to start
+    /// a relay again where a killed one was).
+    pub async fn start_on(
+        dir: &Path,
+        label: &str,
+        (http, link): (SocketAddr, SocketAddr),
+        extra: &[String],
+        extra_env: &[(&str, &str)],
+        rust_log: &str,
+    ) -> RelayProcess {
         let secret_file = dir.join("link-secret");
         std::fs::write(&secret_file, format!("{LINK_SECRET}\n")).expect("write secret");
-        let (http, link) = (free_addr(), free_addr());
         let mut args = vec![
             "--listen".to_string(),
             http.to_string(),
@@ -382,4 +395,16 @@ pub async fn echo_transfer(stream: TunnelStream, len: usize, limit: Duration) ->
     }
     let secs = started.elapsed().as_secs_f64().max(1e-6);
     Ok(len as f64 / (1024.0 * 1024.0) / secs)
+}
+
+/// Every text form a token could take in a log: hex either case, and the Rust `Debug` of
+/// its byte array.
+pub fn token_forms(token: &Token) -> Vec<String> {
+    let hex = token.to_hex();
+    vec![
+        hex.clone(),
+        hex.to_uppercase(),
+        format!("{:?}", token.0),
+        format!("{:x?}", token.0),
+    ]
 }
