@@ -70,5 +70,42 @@ async fn twenty_concurrent_connections_move_2_mib_each_way() {
         "relay: tunnel_packets_dropped_total = {}",
         chain.relay_metric("tunnel_packets_dropped_total").await
     );
+    // The client binary is one TunnelClient: all twenty connections (and the chain's
+    // readiness probe) travelled in one session (docs/protocol.md §2.1).
+    assert_eq!(
+        chain.relay_metric("tunnel_sessions_opened_total").await,
+        "1",
+        "one session for the whole client"
+    );
+    chain.assert_alive();
+}
+
+/// The per-connection requests (docs/protocol.md §2), which simple clients and older client
+/// versions use, keep working: `--no-session` opens no session and moves the same traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_connection_transport_still_moves_twenty_connections() {
+    init_tracing();
+    const CONNECTIONS: u64 = 20;
+    const BYTES_EACH_WAY: u64 = 1 << 20;
+    let server = SinkSourceServer::start().await.unwrap();
+    let mut options = ChainOptions::forward_to_sink_source(server.addr());
+    options.client_args.push("--no-session".into());
+    let mut chain = Chain::start(options).await;
+    let baseline = server.settled_stats().await;
+
+    let outcome = parallel_exchanges(
+        chain.client_addr(),
+        CONNECTIONS,
+        BYTES_EACH_WAY,
+        0x5E55,
+        EXCHANGE_TIMEOUT,
+    )
+    .await;
+    outcome.assert_complete(&server, &baseline);
+    assert_eq!(
+        chain.relay_metric("tunnel_sessions_opened_total").await,
+        "0",
+        "--no-session must not open a session"
+    );
     chain.assert_alive();
 }

@@ -181,7 +181,12 @@ async fn forward(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let mut out = client.request(method, format!("http://{upstream}{uri}"));
-    for name in ["tunnel-token", "authorization", "content-type"] {
+    for name in [
+        "tunnel-token",
+        "tunnel-session-token",
+        "authorization",
+        "content-type",
+    ] {
         if let Some(v) = headers.get(name) {
             out = out.header(name, v.clone());
         }
@@ -202,8 +207,12 @@ async fn tokens_isolate_connections_and_never_reach_logs_or_urls() {
         let spy = Spy::start(setup.relay.http).await;
         let raw = Raw::new(&setup.relay.tunnel_url());
 
-        // The victim: a library client through the spy, moving 4 MiB through the echo.
-        let victim = tunnel_client::connect(client_config(&format!("http://{}/tunnel", spy.addr)))
+        // The victim: a library client through the spy, moving 4 MiB through the echo. It uses
+        // the per-connection requests, whose token travels on every push and pull; the
+        // session token's isolation has its own tests (tests/tests/sessions_raw.rs).
+        let mut victim_config = client_config(&format!("http://{}/tunnel", spy.addr));
+        victim_config.session = false;
+        let victim = tunnel_client::connect(victim_config)
             .await
             .expect("victim connects");
         let victim_id = victim.conn_id();

@@ -265,9 +265,20 @@ fn client_has_no_switch_to_skip_certificate_verification() {
         );
     }
     // Nor a hidden one: the client's sources never turn verification off.
-    let src = workspace_root().join("tunnel-client/src");
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let path = entry.unwrap().path();
+    let mut dirs = vec![workspace_root().join("tunnel-client/src")];
+    let mut sources = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                sources.push(path);
+            }
+        }
+    }
+    assert!(sources.len() > 5, "client sources found: {sources:?}");
+    for path in sources {
         let text = std::fs::read_to_string(&path).unwrap();
         for call in [
             "danger_accept_invalid_certs",

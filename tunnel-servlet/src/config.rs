@@ -45,7 +45,9 @@ pub struct RelayConfig {
     /// Largest packet, header included, accepted from a client or a broker.
     /// Default 24 + 1 MiB.
     pub max_packet_size: usize,
-    /// Most virtual connections held at once; connects beyond get 503. Default 20,000.
+    /// Most virtual connections held at once; connects beyond get 503. Connections closed both
+    /// ways (waiting only for their last acknowledgements) do not count, but the table holds
+    /// at most twice this many entries. Default 20,000.
     pub max_connections: usize,
     /// Bytes a connection's downstream queue may hold; DATA/ACK packets beyond are dropped
     /// (and counted) so one slow client never stalls its broker's link. Default 1 MiB.

@@ -346,7 +346,11 @@ async fn connect(
                 }
             };
         };
-        if table.connection_count() >= config.max_connections {
+        // Connections closed both ways do not count (they linger a few seconds for their
+        // last acknowledgements), but the entries stay bounded: at most twice the limit.
+        if table.held_count() >= config.max_connections
+            || table.connection_count() >= config.max_connections.saturating_mul(2)
+        {
             drop(table);
             shared.metrics.rejected(RejectReason::Limit);
             static AT_LIMIT: WarningLimit = WarningLimit::new(std::time::Duration::from_secs(10));

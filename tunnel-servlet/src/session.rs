@@ -24,6 +24,9 @@ pub(crate) struct Session {
     pub(crate) token: Token,
     /// The connections that belong to it.
     pub(crate) conns: HashSet<u32>,
+    /// How many of `conns` were closed both ways (they do not count against the
+    /// session's connection limit; see `Table::note_close`).
+    pub(crate) released: usize,
     /// Connections with something to hand out, in the order of their turns; each at most
     /// once (`ConnEntry::ready`).
     pub(crate) ready: VecDeque<u32>,
@@ -44,6 +47,7 @@ impl Session {
         Session {
             token,
             conns: HashSet::new(),
+            released: 0,
             ready: VecDeque::new(),
             waiter: None,
             queued_bytes: 0,

@@ -372,6 +372,8 @@ pub(crate) struct Table {
     /// When the relay started: until the name grace has passed, every name may be one whose
     /// brokers are re-linking after a restart of the relay.
     started: Instant,
+    /// Connections closed both ways and not yet forgotten (see [`Table::note_close`]).
+    released: usize,
 }
 
 impl Table {
@@ -384,6 +386,7 @@ impl Table {
             next_id: 1,
             metrics,
             started: Instant::now(),
+            released: 0,
         }
     }
 
@@ -395,6 +398,13 @@ impl Table {
 
     pub(crate) fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Connections that still count against the relay's connection limit: all but those
+    /// closed both ways, which only wait for their last acknowledgements (see
+    /// [`Table::note_close`]).
+    pub(crate) fn held_count(&self) -> usize {
+        self.conns.len().saturating_sub(self.released)
     }
 
     pub(crate) fn links_up(&self) -> usize {
@@ -856,9 +866,14 @@ impl Table {
             return;
         }
         closes.released = true;
-        let (server, instance) = (entry.server.clone(), entry.instance);
+        let (server, instance, sid) = (entry.server.clone(), entry.instance, entry.session);
         if let Some(inst) = self.instance_mut(&server, instance) {
             inst.held = inst.held.saturating_sub(1);
+        }
+        self.released += 1;
+        // Nor against its session's connection limit, for the same reason.
+        if let Some(session) = sid.and_then(|sid| self.sessions.get_mut(&sid)) {
+            session.released += 1;
         }
     }
 
@@ -870,6 +885,9 @@ impl Table {
         entry.wake(Wake::Closed);
         leave_session(&mut self.sessions, id, &mut entry);
         self.metrics.closed();
+        if entry.closes.released {
+            self.released = self.released.saturating_sub(1);
+        }
         if !entry.closes.released {
             if let Some(inst) = self.instance_mut(&entry.server, entry.instance) {
                 inst.held = inst.held.saturating_sub(1);
@@ -1225,6 +1243,9 @@ fn leave_session(sessions: &mut HashMap<u32, Session>, id: u32, entry: &mut Conn
     let was_ready = std::mem::take(&mut entry.ready);
     if let Some(session) = sessions.get_mut(&sid) {
         session.conns.remove(&id);
+        if entry.closes.released {
+            session.released = session.released.saturating_sub(1);
+        }
         session.queued_bytes = session.queued_bytes.saturating_sub(entry.queued_bytes);
         if was_ready {
             session.unlist(id);
@@ -1283,11 +1304,12 @@ impl Table {
         Some(session)
     }
 
-    /// Whether session `sid` holds `max` connections already.
+    /// Whether session `sid` holds `max` connections already; connections closed both ways
+    /// do not count (see [`Table::note_close`]).
     pub(crate) fn session_is_full(&self, sid: u32, max: usize) -> bool {
         self.sessions
             .get(&sid)
-            .is_some_and(|s| s.conns.len() >= max)
+            .is_some_and(|s| s.conns.len().saturating_sub(s.released) >= max)
     }
 
     /// Whether connection `id` belongs to session `sid`.
@@ -1312,6 +1334,9 @@ impl Table {
         };
         entry.session = Some(sid);
         session.conns.insert(id);
+        if entry.closes.released {
+            session.released += 1;
+        }
         session.queued_bytes += entry.queued_bytes;
         if !entry.queue.is_empty() {
             list_ready(id, entry, session);
@@ -2009,6 +2034,23 @@ mod tests {
             "another session's token"
         );
         assert!(table.session_mut(a, &Token([0; 16]), now).is_none());
+    }
+
+    #[test]
+    fn a_connection_closed_both_ways_frees_its_place_in_the_session_limit() {
+        let (mut table, sid, ids) = session_with(2);
+        assert!(table.session_is_full(sid, 2));
+        table.note_close(ids[0], true);
+        assert!(
+            table.session_is_full(sid, 2),
+            "one half-close is not the end"
+        );
+        table.note_close(ids[0], false);
+        assert!(!table.session_is_full(sid, 2), "closed both ways: free");
+        // Forgetting it later does not free the place twice.
+        assert!(table.remove(ids[0], "shutdown by broker"));
+        assert!(!table.session_is_full(sid, 2));
+        assert!(table.session_is_full(sid, 1));
     }
 
     #[test]

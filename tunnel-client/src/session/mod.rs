@@ -264,7 +264,7 @@ impl ClientSession {
             Failure::Transient | Failure::Gone => {
                 if let Some(after) = self.request_failed() {
                     tracing::error!(
-                        "{what}: requests failing for {after:?} ({error}); giving up on the session's connections"
+                        "{what}: requests failing for {after:?} ({error}); giving up on the connections of the session"
                     );
                     self.fail_all(StreamError::TimedOut(after));
                 } else {
@@ -276,7 +276,7 @@ impl ClientSession {
                 if connections > 0 {
                     tracing::error!(
                         connections,
-                        "{what} refused: {error}; giving up on the session's connections"
+                        "{what} refused: {error}; giving up on the connections of the session"
                     );
                 }
                 self.fail_all(StreamError::AbortedLocally(format!(

@@ -176,7 +176,7 @@ async fn push(
             Failure::Transient => {
                 if let Some(after) = session.request_failed() {
                     tracing::error!(session = key.id,
-                        "requests failing for {after:?} ({error}); giving up on the session's connections");
+                        "requests failing for {after:?} ({error}); giving up on the connections of the session");
                     session.fail_all(StreamError::TimedOut(after));
                     return;
                 }
