@@ -14,7 +14,7 @@ use crate::error::ConnectError;
 use crate::http::{status_hint, Failure, Relay, RequestError};
 use crate::per_conn::PerConn;
 use crate::push::HttpSink;
-use crate::session::ClientSession;
+use crate::session::{ClientSession, SessionOwner};
 use tunnel_proto::backoff::Backoff;
 use tunnel_proto::driver::{self, ConnHandle, TunnelStream};
 
@@ -74,7 +74,7 @@ pub struct TunnelClient {
     relay: Relay,
     config: ClientConfig,
     /// The session all connections share (`ClientConfig::session`).
-    session: Option<Arc<ClientSession>>,
+    session: Option<Arc<SessionOwner>>,
 }
 
 impl TunnelClient {
@@ -82,9 +82,10 @@ impl TunnelClient {
     /// with [`ConnectError::InvalidConfig`] (bad URL, proxy or CA file).
     pub fn new(config: ClientConfig) -> Result<TunnelClient, ConnectError> {
         let relay = Relay::new(&config)?;
-        let session = config
-            .session
-            .then(|| Arc::new(ClientSession::new(relay.clone(), config.clone())));
+        let session = config.session.then(|| {
+            let session = Arc::new(ClientSession::new(relay.clone(), config.clone()));
+            Arc::new(SessionOwner(session))
+        });
         Ok(TunnelClient {
             relay,
             config,
@@ -106,7 +107,12 @@ impl TunnelClient {
 
     /// Opens one connection; see [`connect`](crate::connect).
     pub async fn connect(&self) -> Result<TunnelStream, ConnectError> {
-        if let Some(session) = self.session.as_ref().filter(|s| !s.unsupported()) {
+        if let Some(session) = self
+            .session
+            .as_ref()
+            .map(|s| &s.0)
+            .filter(|s| !s.unsupported())
+        {
             if let Some(stream) = crate::session::connect(session).await? {
                 return Ok(stream);
             }

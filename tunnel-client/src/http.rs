@@ -524,6 +524,19 @@ impl Relay {
         .await
     }
 
+    /// `POST Type=close` of a session: the client is done with it.
+    pub async fn close_session(&self, key: &SessionKey) -> Result<(), RequestError> {
+        let url = self.session_url("close", key.id);
+        self.exchange(|client| {
+            client
+                .post(url.clone())
+                .timeout(self.request_timeout)
+                .header(SESSION_TOKEN_HEADER, key.token.to_hex())
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// The server name connections are opened to.
     pub fn server_name(&self) -> &str {
         &self.server_name

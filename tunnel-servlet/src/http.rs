@@ -127,7 +127,7 @@ async fn tunnel(req: Request<Incoming>, peer: SocketAddr, shared: &Shared) -> Re
     let Some(kind) = params.kind else {
         return error(
             StatusCode::BAD_REQUEST,
-            "Type must be connect, push, pull or session",
+            "Type must be connect, push, pull, session or close",
         );
     };
     let method = req.method().clone();
@@ -160,6 +160,8 @@ async fn tunnel(req: Request<Incoming>, peer: SocketAddr, shared: &Shared) -> Re
     };
     if let (Some(key), false) = (in_session, kind == Kind::Connect) {
         return match kind {
+            Kind::Close if method == Method::POST => session::close(shared, key),
+            Kind::Close => error(StatusCode::METHOD_NOT_ALLOWED, "close must be a POST"),
             Kind::Push if method == Method::POST => session::push(req, shared, key).await,
             Kind::Push => error(StatusCode::METHOD_NOT_ALLOWED, "push must be a POST"),
             Kind::Pull if method == Method::GET || method == Method::POST => {
@@ -207,6 +209,7 @@ async fn tunnel(req: Request<Incoming>, peer: SocketAddr, shared: &Shared) -> Re
             StatusCode::METHOD_NOT_ALLOWED,
             "pull must be a GET or a POST",
         ),
+        Kind::Close => error(StatusCode::BAD_REQUEST, "close needs a Session"),
         Kind::Connect | Kind::Session => unreachable!("handled above"),
     }
 }

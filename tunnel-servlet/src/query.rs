@@ -21,6 +21,8 @@ pub(crate) enum Kind {
     Pull,
     /// Opens a session (docs/protocol.md §2.1).
     Session,
+    /// Closes a session (docs/protocol.md §2.1).
+    Close,
 }
 
 /// The tunnel parameters of one request.
@@ -53,6 +55,7 @@ pub(crate) fn parse(query: Option<&str>) -> Params {
                     "push" => Some(Kind::Push),
                     "pull" => Some(Kind::Pull),
                     "session" => Some(Kind::Session),
+                    "close" => Some(Kind::Close),
                     _ => None,
                 }
             }

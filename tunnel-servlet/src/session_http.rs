@@ -94,6 +94,22 @@ pub(crate) async fn open(
     packets(Packet::new(PacketType::SessionInit, sid, encode_token(&token)).to_bytes())
 }
 
+/// `POST ?Type=close&Session=N`: the client is done with the session. It is forgotten at
+/// once instead of after its idle timeout; its connections (normally none left) stay, in no
+/// session. A held pull of it is answered NO_OP.
+pub(crate) fn close(shared: &Shared, key: SessionKey) -> Response<Body> {
+    let mut table = shared.table();
+    if table
+        .session_mut(key.id, &key.token, Instant::now())
+        .is_none()
+    {
+        return unknown();
+    }
+    table.remove_session(key.id, "closed by the client");
+    drop(table);
+    packets(Bytes::new())
+}
+
 /// `?Type=pull&Session=N`: packets of any of the session's connections, filled fairly;
 /// held up to the pull wait while none is queued, then NO_OP.
 pub(crate) async fn pull(shared: &Shared, key: SessionKey) -> Response<Body> {

@@ -65,6 +65,24 @@ pub(crate) struct ClientSession {
     pull_running: AtomicBool,
     /// Since when every request of the session has failed (`None`: the last one succeeded).
     failing_since: Mutex<Option<Instant>>,
+    /// Every `TunnelClient` of the session is gone: once its last connection ends, the
+    /// session is closed at the relay and its tasks stop.
+    abandoned: AtomicBool,
+    /// Wakes the pull loop when the session may be over: its last connection ended, or its
+    /// last `TunnelClient` was dropped.
+    idle_wake: Notify,
+}
+
+/// The `TunnelClient`s' share of a session: when the last clone is dropped, the session is
+/// closed once its connections have ended (connections keep the session itself alive).
+#[derive(Debug)]
+pub(crate) struct SessionOwner(pub(crate) Arc<ClientSession>);
+
+impl Drop for SessionOwner {
+    fn drop(&mut self) {
+        self.0.abandoned.store(true, Ordering::Release);
+        self.0.idle_wake.notify_one();
+    }
 }
 
 impl std::fmt::Debug for ClientSession {
@@ -93,6 +111,8 @@ impl ClientSession {
             pusher_started: AtomicBool::new(false),
             pull_running: AtomicBool::new(false),
             failing_since: Mutex::new(None),
+            abandoned: AtomicBool::new(false),
+            idle_wake: Notify::new(),
         }
     }
 
@@ -237,6 +257,35 @@ impl ClientSession {
         }
         if !self.pull_running.swap(true, Ordering::AcqRel) {
             tokio::spawn(pull::run(self.clone()));
+        }
+    }
+
+    /// A connection of the session ended.
+    fn connection_ended(&self, conn_id: u32) {
+        let empty = {
+            let mut registry = self.lock_registry();
+            registry.remove(conn_id);
+            registry.is_empty()
+        };
+        if empty {
+            self.idle_wake.notify_one();
+        }
+    }
+
+    /// Whether the session is over: no connection, and no `TunnelClient` to open more.
+    fn is_over(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire) && self.lock_registry().is_empty()
+    }
+
+    /// Closes the session at the relay (best effort), so it does not wait there for its
+    /// idle timeout.
+    async fn close(&self) {
+        let key = self.key.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(key) = key {
+            match self.relay.close_session(&key).await {
+                Ok(()) => tracing::debug!(session = key.id, "session closed"),
+                Err(e) => tracing::debug!(session = key.id, "could not close the session: {e}"),
+            }
         }
     }
 

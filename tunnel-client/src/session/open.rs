@@ -96,7 +96,7 @@ pub(crate) async fn connect(
     let session = session.clone();
     tokio::spawn(async move {
         log_close(handle.clone()).await;
-        session.lock_registry().remove(handle.conn_id());
+        session.connection_ended(handle.conn_id());
     });
     Ok(Some(stream))
 }

@@ -28,6 +28,24 @@ fn start_pull(session: &Arc<ClientSession>, key: Arc<SessionKey>) -> Held {
     Held { key, task }
 }
 
+/// Waits for the held pull; `None` (the pull aborted) when the session is over meanwhile.
+async fn held_until_done(
+    session: &ClientSession,
+    mut task: JoinHandle<PullResult>,
+) -> Option<Result<PullResult, tokio::task::JoinError>> {
+    loop {
+        tokio::select! {
+            joined = &mut task => return Some(joined),
+            _ = session.idle_wake.notified() => {
+                if session.is_over() {
+                    task.abort();
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// Runs until the session has no connection.
 pub(super) async fn run(session: Arc<ClientSession>) {
     let config = &session.config;
@@ -38,6 +56,9 @@ pub(super) async fn run(session: Arc<ClientSession>) {
             Some(h) => h,
             None => {
                 if session.pull_may_stop() {
+                    if session.is_over() {
+                        session.close().await;
+                    }
                     return;
                 }
                 match session.key().await {
@@ -50,7 +71,14 @@ pub(super) async fn run(session: Arc<ClientSession>) {
                 }
             }
         };
-        let result = match task.await {
+        let Some(joined) = held_until_done(&session, task).await else {
+            // Nobody can use the session any more: end it at the relay now rather than
+            // after its idle timeout.
+            session.close().await;
+            session.pull_may_stop();
+            return;
+        };
+        let result = match joined {
             Ok(result) => result,
             Err(e) => Err(RequestError::Network(format!("pull task ended: {e}"))),
         };
