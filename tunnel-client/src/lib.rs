@@ -49,6 +49,7 @@ mod connect;
 mod error;
 mod http;
 mod pac;
+mod proxy_auth;
 mod pull;
 mod push;
 mod session;
@@ -61,6 +62,7 @@ pub use config::{
 pub use connect::{connect, TunnelClient};
 pub use error::ConnectError;
 pub use pac::PacSource;
+pub use proxy_auth::ProxyAuthConfig;
 pub use tunnel_proto::connection::{Stats, StreamError};
 pub use tunnel_proto::driver::{StreamConfig, TunnelStream};
 pub use tunnel_proto::ConnectionConfig;

@@ -1,0 +1,421 @@
+//! The authenticating forwarder: a listener on `127.0.0.1:0` that the HTTP client uses as
+//! its proxy. Each connection accepted gets a connection of its own to the real proxy,
+//! authenticated by a handshake on the connection's first request, then the bytes are
+//! copied both ways (see the [module docs](super) for why).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tunnel_proto::warn_limit::WarningLimit;
+
+use super::challenge::parse_challenges;
+use super::http1::{self, BodyLength, RequestHead};
+use super::session::Session;
+use super::{AuthSetup, AuthStatus, ProxyAuthConfig};
+
+/// Most requests of one handshake: the unauthenticated one, then up to three rounds
+/// (NTLM needs two, Kerberos one, SPNEGO with mutual authentication at most two).
+const MAX_ROUNDS: usize = 4;
+
+/// Pause after a failed accept (out of file descriptors), so the loop does not spin.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// A running forwarder; dropping it stops its listener and every connection through it.
+#[derive(Debug)]
+pub(crate) struct Forwarder {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        // The accept task owns the connection tasks (a JoinSet): they end with it.
+        self.task.abort();
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    proxy: (String, u16),
+    setup: AuthSetup,
+    tcp_connect_timeout: Duration,
+    /// Largest body of a first request, which is kept to be sent again in each round.
+    max_first_body: usize,
+    config: ProxyAuthConfig,
+    status: AuthStatus,
+}
+
+/// Why a handshake did not authenticate the connection.
+enum HandshakeError {
+    /// The proxy refused, or asks for what we cannot give: final (a 407 to the client).
+    Refused(String),
+    /// The proxy could not be reached or broke off: the client may retry (a 502).
+    Unreachable(String),
+}
+
+/// The connection to the proxy after a successful handshake, and the proxy's answer to the
+/// first request (not yet sent to the client).
+struct Established {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    response_head: Vec<u8>,
+    session: Option<Session>,
+    /// The `Proxy-Authorization` value of the last round (Basic repeats it on every request).
+    authorization: Option<String>,
+}
+
+impl Forwarder {
+    /// Binds the listener and starts accepting, on the current tokio runtime.
+    pub(super) fn start(
+        proxy: (String, u16),
+        setup: AuthSetup,
+        tcp_connect_timeout: Duration,
+        max_first_body: usize,
+        config: ProxyAuthConfig,
+    ) -> io::Result<Forwarder> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            io::Error::other("must be started inside a tokio runtime (TunnelClient::new)")
+        })?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            proxy,
+            setup,
+            tcp_connect_timeout,
+            max_first_body,
+            config,
+            status: AuthStatus::default(),
+        });
+        let task = runtime.spawn(accept_loop(listener, shared.clone()));
+        tracing::debug!(%addr, proxy = ?shared.proxy, "proxy authentication forwarder listening");
+        Ok(Forwarder { addr, shared, task })
+    }
+
+    /// The URL the HTTP client is to use as its proxy.
+    pub(crate) fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub(crate) fn status(&self) -> &AuthStatus {
+        &self.shared.status
+    }
+}
+
+async fn accept_loop(listener: std::net::TcpListener, shared: Arc<Shared>) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("proxy authentication forwarder cannot listen: {e}");
+            return;
+        }
+    };
+    let slots = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
+    let mut connections = JoinSet::new();
+    static ACCEPT_FAILURES: WarningLimit = WarningLimit::new(Duration::from_secs(10));
+    loop {
+        while connections.try_join_next().is_some() {}
+        // Waits here while max_connections are open: the HTTP client's connect waits too.
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tunnel_proto::warn_limited!(ACCEPT_FAILURES,
+                        "proxy authentication forwarder: accept failed: {e}");
+                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                    continue;
+                }
+            },
+            // Reap finished connections while idle, so their memory does not wait for the
+            // next accept.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let shared = shared.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            if let Err(e) = serve(stream, &shared).await {
+                tracing::debug!("proxy authentication forwarder: connection ended: {e}");
+            }
+        });
+    }
+}
+
+/// One connection from the HTTP client: read its first request, authenticate a connection
+/// to the proxy with it, then relay.
+async fn serve(client: TcpStream, shared: &Shared) -> io::Result<()> {
+    client.set_nodelay(true)?;
+    let (client_reader, mut client_writer) = client.into_split();
+    let mut client_reader = BufReader::new(client_reader);
+    let config = &shared.config;
+
+    let first = tokio::time::timeout(
+        config.handshake_timeout,
+        read_first_request(&mut client_reader, shared),
+    )
+    .await;
+    let (head, body) = match first {
+        Err(_) => return Ok(()),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(request))) => request,
+        Ok(Err((status, why))) => {
+            tracing::warn!(
+                "proxy authentication forwarder: bad request from the HTTP client: {why}"
+            );
+            return http1::respond(&mut client_writer, status, &why).await;
+        }
+    };
+
+    let handshake = tokio::time::timeout(config.handshake_timeout, handshake(shared, &head, &body));
+    let established = match handshake.await {
+        Ok(Ok(established)) => established,
+        Ok(Err(HandshakeError::Refused(why))) => {
+            tracing::warn!(proxy = %shared.proxy.0, "proxy authentication failed: {why}");
+            shared.status.set_failure(why.clone());
+            return http1::respond(
+                &mut client_writer,
+                "407 Proxy Authentication Required",
+                &why,
+            )
+            .await;
+        }
+        Ok(Err(HandshakeError::Unreachable(why))) => {
+            tracing::debug!(proxy = %shared.proxy.0, "proxy not reachable: {why}");
+            return http1::respond(&mut client_writer, "502 Bad Gateway", &why).await;
+        }
+        Err(_) => {
+            let why = format!(
+                "the proxy authentication handshake took longer than {:?}",
+                config.handshake_timeout
+            );
+            tracing::warn!(proxy = %shared.proxy.0, "{why}");
+            return http1::respond(&mut client_writer, "504 Gateway Timeout", &why).await;
+        }
+    };
+    let Established {
+        reader: mut upstream_reader,
+        writer: mut upstream_writer,
+        response_head,
+        session,
+        authorization,
+    } = established;
+    let negotiated = match &session {
+        Some(s) => s.describe(),
+        None => "none (the proxy asked for no authentication)".to_string(),
+    };
+    tracing::debug!(proxy = %shared.proxy.0, "proxy connection authenticated: {negotiated}");
+    shared.status.set_negotiated(negotiated);
+    client_writer.write_all(&response_head).await?;
+
+    // After CONNECT, or once the connection itself is authenticated, bytes are bytes. Basic
+    // authenticates requests, so each later request of a plain-HTTP connection gets it too.
+    let per_request = match (&session, &authorization) {
+        (Some(s), Some(value))
+            if !s.binds_connection() && !head.method.eq_ignore_ascii_case("CONNECT") =>
+        {
+            Some(value.clone())
+        }
+        _ => None,
+    };
+    let up = async {
+        match per_request {
+            Some(value) => {
+                forward_requests(&mut client_reader, &mut upstream_writer, &value, config).await?
+            }
+            None => {
+                tokio::io::copy_buf(&mut client_reader, &mut upstream_writer).await?;
+            }
+        }
+        upstream_writer.shutdown().await
+    };
+    let down = async {
+        tokio::io::copy_buf(&mut upstream_reader, &mut client_writer).await?;
+        client_writer.shutdown().await
+    };
+    tokio::try_join!(up, down)?;
+    Ok(())
+}
+
+/// The client's first request: its head and (for a request with a body) the body, kept to
+/// be sent again in each round. `Err` holds the status to answer and why.
+async fn read_first_request(
+    reader: &mut BufReader<OwnedReadHalf>,
+    shared: &Shared,
+) -> Result<Option<(RequestHead, Vec<u8>)>, (&'static str, String)> {
+    let bad = |e: io::Error| ("400 Bad Request", e.to_string());
+    let Some(raw) = http1::read_head(reader, shared.config.max_header_bytes)
+        .await
+        .map_err(bad)?
+    else {
+        return Ok(None);
+    };
+    let head = http1::parse_request(&raw).map_err(bad)?;
+    let body = match http1::body_length(&head.headers, true).map_err(bad)? {
+        BodyLength::Fixed(0) => Vec::new(),
+        BodyLength::Fixed(n) if n > shared.max_first_body as u64 => {
+            return Err((
+                "413 Content Too Large",
+                format!(
+                    "first request body of {n} bytes over {}",
+                    shared.max_first_body
+                ),
+            ))
+        }
+        BodyLength::Fixed(n) => http1::read_body(reader, n as usize).await.map_err(bad)?,
+        BodyLength::Chunked | BodyLength::UntilClose => {
+            return Err((
+                "501 Not Implemented",
+                "chunked request bodies are not forwarded".to_string(),
+            ))
+        }
+    };
+    Ok(Some((head, body)))
+}
+
+async fn connect_upstream(shared: &Shared) -> Result<TcpStream, HandshakeError> {
+    let (host, port) = &shared.proxy;
+    let connect = TcpStream::connect((host.as_str(), *port));
+    let stream = tokio::time::timeout(shared.tcp_connect_timeout, connect)
+        .await
+        .map_err(|_| {
+            HandshakeError::Unreachable(format!(
+                "no connection to the proxy {host}:{port} within {:?}",
+                shared.tcp_connect_timeout
+            ))
+        })?
+        .map_err(|e| HandshakeError::Unreachable(format!("proxy {host}:{port}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Sends the first request (again, with a new `Proxy-Authorization`, after each 407) until
+/// the proxy answers something else than 407, or refuses for good.
+async fn handshake(
+    shared: &Shared,
+    head: &RequestHead,
+    body: &[u8],
+) -> Result<Established, HandshakeError> {
+    let max = shared.config.max_header_bytes;
+    let broke = |e: io::Error| HandshakeError::Unreachable(format!("proxy connection: {e}"));
+    let mut upstream: Option<(BufReader<OwnedReadHalf>, OwnedWriteHalf)> = None;
+    let mut session: Option<Session> = None;
+    let mut authorization: Option<String> = None;
+    for round in 0..MAX_ROUNDS {
+        if upstream.is_none() {
+            let (r, w) = connect_upstream(shared).await?.into_split();
+            upstream = Some((BufReader::new(r), w));
+        }
+        let Some((reader, writer)) = upstream.as_mut() else {
+            unreachable!("connected just above");
+        };
+        let mut request = http1::request_head_bytes(head, authorization.as_deref());
+        request.extend_from_slice(body);
+        writer.write_all(&request).await.map_err(broke)?;
+        let response_head = http1::read_head(reader, max)
+            .await
+            .map_err(broke)?
+            .ok_or_else(|| broke(io::ErrorKind::UnexpectedEof.into()))?;
+        let response = http1::parse_response(&response_head).map_err(broke)?;
+        if response.status != 407 {
+            let (reader, writer) = upstream.take().expect("present");
+            return Ok(Established {
+                reader,
+                writer,
+                response_head,
+                session,
+                authorization,
+            });
+        }
+        // A 407: drop its error page, then answer its challenge.
+        let length = http1::body_length(&response.headers, false).map_err(broke)?;
+        let still_open = http1::skip_body(reader, length, max).await.map_err(broke)?
+            && !http1::closes(&response.headers);
+        let challenges = parse_challenges(http1::header_values(
+            &response.headers,
+            "proxy-authenticate",
+        ));
+        let next = match session.as_mut() {
+            None => {
+                let (chosen, value) = Session::choose(&challenges, &shared.setup)
+                    .await
+                    .map_err(HandshakeError::Refused)?;
+                session = Some(chosen);
+                value
+            }
+            Some(s) => s.next(&challenges).await.map_err(HandshakeError::Refused)?,
+        };
+        authorization = Some(next);
+        if !still_open {
+            // A connection-bound handshake cannot go on over a new connection once its first
+            // message was answered.
+            if let Some(s) = session
+                .as_ref()
+                .filter(|s| s.binds_connection() && round > 0)
+            {
+                return Err(HandshakeError::Refused(format!(
+                    "{}: the proxy closed the connection in the middle of the handshake",
+                    s.describe()
+                )));
+            }
+            upstream = None;
+        }
+    }
+    Err(HandshakeError::Refused(format!(
+        "the proxy still answered 407 after {MAX_ROUNDS} requests{}",
+        session
+            .map(|s| format!(" ({})", s.describe()))
+            .unwrap_or_default()
+    )))
+}
+
+/// Relays the client's later requests of a plain-HTTP connection, each with `authorization`
+/// (Basic), until the client closes it or leaves it idle past the idle timeout.
+async fn forward_requests(
+    reader: &mut BufReader<OwnedReadHalf>,
+    writer: &mut OwnedWriteHalf,
+    authorization: &str,
+    config: &ProxyAuthConfig,
+) -> io::Result<()> {
+    loop {
+        let next = tokio::time::timeout(
+            config.idle_timeout,
+            http1::read_head(reader, config.max_header_bytes),
+        )
+        .await;
+        let raw = match next {
+            Err(_) | Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(Some(raw))) => raw,
+        };
+        let head = http1::parse_request(&raw)?;
+        writer
+            .write_all(&http1::request_head_bytes(&head, Some(authorization)))
+            .await?;
+        match http1::body_length(&head.headers, true)? {
+            BodyLength::Fixed(n) => {
+                let copied =
+                    tokio::io::copy(&mut tokio::io::AsyncReadExt::take(&mut *reader, n), writer)
+                        .await?;
+                if copied < n {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            BodyLength::Chunked | BodyLength::UntilClose => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "chunked request bodies are not forwarded",
+                ))
+            }
+        }
+    }
+}
