@@ -1,8 +1,9 @@
 //! `tunnel-client --check`: probes the path to a relay with one real connection and reports
 //! what a user behind a corporate proxy needs to know: the route (and how it was chosen),
-//! the proxy authentication scheme negotiated, the HTTP version, the issuer of the certificate seen for an https:// relay (a TLS-
-//! intercepting proxy shows its own), and whether a held pull comes back intact, and after how
-//! long (a proxy that cuts long requests shortens it).
+//! the proxy authentication scheme negotiated, the HTTP version, the issuer of the
+//! certificate seen for an https:// relay (a TLS-intercepting proxy shows its own), and
+//! whether a held pull comes back intact, and after how long (a proxy that cuts long
+//! requests shortens it).
 
 use std::fmt;
 use std::time::{Duration, Instant};

@@ -203,8 +203,9 @@ struct Args {
     affinity: Option<String>,
 
     /// Probe the path to the relay with one connection to --server, print a report (route
-    /// and how it was chosen, HTTP version, the relay certificate's issuer, how long a held
-    /// pull lasted and whether it came back intact) and exit: 0 if the path works.
+    /// and how it was chosen, proxy authentication scheme, HTTP version, the relay
+    /// certificate's issuer, how long a held pull lasted and whether it came back intact)
+    /// and exit: 0 if the path works.
     #[arg(long)]
     check: bool,
 

@@ -43,7 +43,11 @@ use std::time::Duration;
 
 pub(crate) use forwarder::Forwarder;
 
-/// Bounds of the proxy-authenticating forwarder (see the [module docs](self)).
+/// Bounds of the proxy-authenticating forwarder: for an explicit `http://` proxy, when a
+/// proxy user is configured or a Kerberos ticket is usable, the client reaches the proxy
+/// through a forwarder inside the process (on 127.0.0.1) that runs the NTLM, Negotiate or
+/// Basic handshake on each proxy connection, because NTLM and Negotiate authenticate a
+/// connection rather than a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyAuthConfig {
     /// Connections to the proxy open at once through the forwarder; further ones wait for a

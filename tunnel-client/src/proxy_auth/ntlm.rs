@@ -27,7 +27,7 @@ struct ChallengeFields {
 
 /// Reads a type 2 message (MS-NLMP 2.2.1.2). `ntlmclient`'s own parser wants the long form
 /// with the target information fields; servers may send the short form of 32 bytes or a
-/// little more (squid's `ntlm_fake_auth` sends 37), which is read here, bounds-checked.
+/// little more (squid's `ntlm_fake_auth` sends 49 bytes), which is read here, bounds-checked.
 fn parse_challenge(bytes: &[u8]) -> Result<ChallengeFields, String> {
     const SIGNATURE: &[u8] = b"NTLMSSP\0";
     const SHORT_FORM: usize = 32;
