@@ -207,6 +207,94 @@ async fn ntlm_through_squid_for_http_and_https_relays_and_wrong_user_is_refused(
     }
 }
 
+/// Requests of squid's per-connection log (`ports.log`, see below) from line `from` on:
+/// (the client port of squid's connection, the status).
+fn requests_by_port(log: &str, from: usize) -> Vec<(String, String)> {
+    log.lines()
+        .skip(from)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let port = fields.next()?.rsplit(':').next()?.to_string();
+            Some((port, fields.next()?.to_string()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ntlm_connections_the_proxy_closes_are_authenticated_afresh() {
+    init_tracing();
+    let dir = TestDir::new("ntlm-reauth").unwrap();
+    // squid closes client connections idle for 1 s (the client's pool would keep them 60 s),
+    // and logs each request with the port of the connection it came on.
+    let ports_log = dir.path().join("squid").join("ports.log");
+    let config_lines = format!(
+        "client_idle_pconn_timeout 1 second\n\
+         logformat withport %>a:%>p %Ss/%03>Hs %rm %ru %[un\n\
+         access_log stdio:{} withport\n{}",
+        ports_log.display(),
+        ntlm_squid_config("CORP\\alice")
+    );
+    let squid = Squid::start_with(dir.path(), &config_lines, &[])
+        .await
+        .unwrap();
+    let tunnel = InProcessTunnel::start(InProcessOptions::default())
+        .await
+        .unwrap();
+    let mut config = tunnel.client_config(&tunnel.relay_url());
+    config.proxy = proxy(squid.url(), Some(("CORP\\alice", "pw")));
+    config.http_pool_idle_timeout = Duration::from_secs(60);
+    let client = TunnelClient::new(config).unwrap();
+    let log = || std::fs::read_to_string(&ports_log).unwrap_or_default();
+
+    let spec = ExchangeSpec::symmetric(64 * 1024, 11);
+    let stream = client.connect().await.unwrap();
+    sink_source_exchange(stream, &spec, EXCHANGE_TIMEOUT)
+        .await
+        .unwrap();
+    // squid logs a request when it ends: after 3 s every request of the first connection
+    // is logged, and squid has closed the idle proxy connections.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let first_log = log();
+    let first = requests_by_port(&first_log, 0);
+    let first_ports: std::collections::HashSet<_> = first.iter().map(|(p, _)| p.clone()).collect();
+    assert!(
+        first.iter().any(|(_, status)| status == "TCP_DENIED/407"),
+        "no NTLM handshake in:\n{first_log}"
+    );
+
+    // The client's pooled connections are gone: the next requests go over new proxy
+    // connections, each starting with a handshake (its first request answered 407).
+    let stream = client.connect().await.unwrap();
+    sink_source_exchange(stream, &spec, EXCHANGE_TIMEOUT)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = requests_by_port(&log(), first_log.lines().count());
+    let mut seen = std::collections::HashSet::new();
+    for (port, status) in &second {
+        assert!(
+            !first_ports.contains(port),
+            "a request went over a proxy connection squid had closed (port {port}):\n{}",
+            log()
+        );
+        if seen.insert(port.clone()) {
+            assert_eq!(
+                status,
+                "TCP_DENIED/407",
+                "new proxy connection (port {port}) without a handshake:\n{}",
+                log()
+            );
+        }
+    }
+    assert!(!seen.is_empty(), "no request after the pause:\n{}", log());
+    eprintln!(
+        "[report] NTLM, squid closed the idle proxy connections: {} connection(s) before, {} \
+         new one(s) after, each authenticated afresh; both exchanges verified",
+        first_ports.len(),
+        seen.len()
+    );
+}
+
 /// A process-wide environment variable for GSSAPI, which reads `KRB5_CONFIG` and
 /// `KRB5CCNAME` from the environment: only the Kerberos test (one test function, its
 /// cases one after the other) sets them.
