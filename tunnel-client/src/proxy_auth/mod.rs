@@ -85,8 +85,10 @@ pub(crate) struct AuthStatus {
 }
 
 impl AuthStatus {
+    /// A handshake succeeded: an earlier failure no longer explains a later 407.
     fn set_negotiated(&self, what: String) {
         *self.negotiated.lock().unwrap_or_else(|e| e.into_inner()) = Some(what);
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     fn set_failure(&self, why: String) {

@@ -144,3 +144,54 @@ impl Session {
         !matches!(self, Session::Basic { .. })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy_auth::challenge::parse_challenges;
+
+    fn setup(credentials: bool) -> AuthSetup {
+        AuthSetup {
+            credentials: credentials.then(|| ("CORP\\alice".to_string(), "pw".to_string())),
+            proxy_host: "proxy.example".to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn ntlm_is_preferred_to_basic_and_each_refusal_names_the_scheme() {
+        let offered: [&[u8]; 2] = [b"Basic realm=\"corp\"", b"NTLM"];
+        let challenges = parse_challenges(offered);
+        let (mut session, header) = Session::choose(&challenges, &setup(true)).await.unwrap();
+        assert!(header.starts_with("NTLM TlRMTVNTUAAB"), "{header}");
+        assert_eq!(session.describe(), "NTLM as CORP\\alice");
+        assert!(session.binds_connection());
+        // A bare NTLM challenge after our negotiate message: refused, naming the user.
+        let bare = parse_challenges([&b"NTLM"[..]]);
+        let err = session.next(&bare).await.unwrap_err();
+        assert!(err.contains("NTLM as CORP\\alice"), "{err}");
+
+        let basic_only = parse_challenges([&b"Basic realm=\"corp\""[..]]);
+        let (mut basic, header) = Session::choose(&basic_only, &setup(true)).await.unwrap();
+        assert_eq!(header, "Basic Q09SUFxhbGljZTpwdw==");
+        assert!(!basic.binds_connection());
+        let err = basic.next(&basic_only).await.unwrap_err();
+        assert_eq!(err, "the proxy refused Basic as CORP\\alice");
+    }
+
+    #[tokio::test]
+    async fn without_credentials_the_error_says_what_each_offered_scheme_needs() {
+        let offered: [&[u8]; 3] = [b"NTLM", b"Basic realm=\"corp\"", b"Digest realm=\"x\""];
+        let err = Session::choose(&parse_challenges(offered), &setup(false))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            err.starts_with("the proxy asks for NTLM, Basic, Digest"),
+            "{err}"
+        );
+        assert!(
+            err.contains("DOMAIN\\user") && err.contains("--proxy-user"),
+            "{err}"
+        );
+    }
+}
