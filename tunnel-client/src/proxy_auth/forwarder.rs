@@ -32,7 +32,7 @@ const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 pub(crate) struct Forwarder {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::AbortHandle,
 }
 
 impl Drop for Forwarder {
@@ -73,7 +73,9 @@ struct Established {
 }
 
 impl Forwarder {
-    /// Binds the listener and starts accepting, on the current tokio runtime.
+    /// Binds the listener and starts accepting: on the current tokio runtime, or, for a
+    /// client made outside one, on a runtime of its own in a thread of its own (which ends
+    /// when the forwarder is dropped).
     pub(super) fn start(
         proxy: (String, u16),
         setup: AuthSetup,
@@ -81,9 +83,6 @@ impl Forwarder {
         max_first_body: usize,
         config: ProxyAuthConfig,
     ) -> io::Result<Forwarder> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-            io::Error::other("must be started inside a tokio runtime (TunnelClient::new)")
-        })?;
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -95,7 +94,23 @@ impl Forwarder {
             config,
             status: AuthStatus::default(),
         });
-        let task = runtime.spawn(accept_loop(listener, shared.clone()));
+        let accepting = accept_loop(listener, shared.clone());
+        let task = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime.spawn(accepting).abort_handle(),
+            Err(_) => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let task = runtime.spawn(accepting);
+                let abort = task.abort_handle();
+                std::thread::Builder::new()
+                    .name("proxy-auth-forwarder".into())
+                    .spawn(move || {
+                        let _ = runtime.block_on(task);
+                    })?;
+                abort
+            }
+        };
         tracing::debug!(%addr, proxy = ?shared.proxy, "proxy authentication forwarder listening");
         Ok(Forwarder { addr, shared, task })
     }
@@ -417,5 +432,59 @@ async fn forward_requests(
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A forwarder toward a proxy that is not there, made without a tokio runtime.
+    fn forwarder_to_nowhere() -> Forwarder {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let setup = AuthSetup {
+            credentials: Some(("CORP\\alice".into(), "pw".into())),
+            proxy_host: "127.0.0.1".into(),
+        };
+        let config = ProxyAuthConfig::default();
+        Forwarder::start(
+            ("127.0.0.1".into(), port),
+            setup,
+            Duration::from_secs(2),
+            1024,
+            config,
+        )
+        .unwrap()
+    }
+
+    fn ask(forwarder: &Forwarder, request: &[u8]) -> String {
+        let mut stream = std::net::TcpStream::connect(forwarder.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(request).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    }
+
+    #[test]
+    fn made_outside_a_runtime_it_runs_on_its_own_and_answers_what_went_wrong() {
+        let forwarder = forwarder_to_nowhere();
+        let answer = ask(
+            &forwarder,
+            b"CONNECT relay:443 HTTP/1.1\r\nHost: relay:443\r\n\r\n",
+        );
+        assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+        let answer = ask(&forwarder, b"not http at all\r\n\r\n");
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+        let answer = ask(
+            &forwarder,
+            b"POST http://relay/ HTTP/1.1\r\nHost: relay\r\nContent-Length: 5000\r\n\r\n",
+        );
+        assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
     }
 }
