@@ -8,6 +8,9 @@
 //! not need and `sspi` a Kerberos implementation of its own instead of the system's (which
 //! knows the user's ticket cache, `krb5.conf` and the site's KDCs). It builds against
 //! libkrb5-dev with bindgen (libclang); the cargo feature `negotiate` leaves it out.
+//!
+//! The token a proxy may add to its final (non-407) answer for mutual authentication is not
+//! checked: the proxy is not what the tunnel trusts (the relay's TLS certificate is).
 
 use base64::Engine;
 use libgssapi::context::{ClientCtx, CtxFlags};
