@@ -487,4 +487,80 @@ mod tests {
         );
         assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
     }
+
+    /// Reads one request head from a fake proxy's connection; its `Proxy-Authorization`.
+    async fn proxy_reads(reader: &mut BufReader<OwnedReadHalf>) -> Option<String> {
+        let head = http1::read_head(reader, 64 * 1024).await.unwrap().unwrap();
+        let head = http1::parse_request(&head).unwrap();
+        let value = http1::header_values(&head.headers, "proxy-authorization")
+            .next()
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        value
+    }
+
+    /// A proxy that closes the connection after its first 407 (allowed before a handshake
+    /// starts), then runs NTLM on a second connection: the forwarder reconnects, and the
+    /// CONNECT is authenticated on that second connection.
+    #[tokio::test]
+    async fn ntlm_goes_on_over_a_new_connection_when_the_first_challenge_closes() {
+        use base64::Engine;
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = proxy.local_addr().unwrap().port();
+        let fake_proxy = tokio::spawn(async move {
+            let (first, _) = proxy.accept().await.unwrap();
+            let (r, mut w) = first.into_split();
+            assert_eq!(proxy_reads(&mut BufReader::new(r)).await, None);
+            w.write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: NTLM\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await.unwrap();
+            drop(w);
+            let (second, _) = proxy.accept().await.unwrap();
+            let (r, mut w) = second.into_split();
+            let mut r = BufReader::new(r);
+            let type1 = proxy_reads(&mut r).await.unwrap();
+            assert!(type1.starts_with("NTLM "), "{type1}");
+            let mut type2 = b"NTLMSSP\0\x02\0\0\0".to_vec();
+            type2.extend_from_slice(&[0; 8]);
+            type2.extend_from_slice(&0x0000_0201u32.to_le_bytes());
+            type2.extend_from_slice(b"8 bytes!");
+            let token = base64::engine::general_purpose::STANDARD.encode(type2);
+            let challenge = format!("HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: NTLM {token}\r\nContent-Length: 3\r\n\r\nno!");
+            w.write_all(challenge.as_bytes()).await.unwrap();
+            let type3 = proxy_reads(&mut r).await.unwrap();
+            assert!(type3.starts_with("NTLM TlRMTVNTUAAD"), "{type3}");
+            w.write_all(b"HTTP/1.1 200 Connection established\r\n\r\ntunnel bytes")
+                .await
+                .unwrap();
+        });
+        let setup = AuthSetup {
+            credentials: Some(("CORP\\alice".into(), "pw".into())),
+            proxy_host: "127.0.0.1".into(),
+        };
+        let forwarder = Forwarder::start(
+            ("127.0.0.1".into(), port),
+            setup,
+            Duration::from_secs(2),
+            1024,
+            ProxyAuthConfig::default(),
+        )
+        .unwrap();
+        let mut client = TcpStream::connect(forwarder.addr).await.unwrap();
+        client
+            .write_all(b"CONNECT relay:443 HTTP/1.1\r\nHost: relay:443\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        let read = tokio::io::AsyncReadExt::read_to_string(&mut client, &mut answer);
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .unwrap()
+            .unwrap();
+        fake_proxy.await.unwrap();
+        assert_eq!(
+            answer,
+            "HTTP/1.1 200 Connection established\r\n\r\ntunnel bytes"
+        );
+        assert_eq!(
+            forwarder.status().negotiated().as_deref(),
+            Some("NTLM as CORP\\alice")
+        );
+    }
 }
