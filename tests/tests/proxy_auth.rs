@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
-use tunnel_client::{ClientConfig, ConnectError, ProxyConfig, TunnelClient};
+use tunnel_client::{ClientConfig, ConnectError, PacSource, ProxyConfig, TunnelClient};
 use tunnel_tests::inproc::{expect_connect_error, InProcessOptions, InProcessTunnel};
 use tunnel_tests::kerberos::KerberosRealm;
 use tunnel_tests::services::{squid_helper, Squid};
@@ -366,6 +366,18 @@ async fn negotiate_kerberos_through_squid_with_a_kinit_ticket_and_without_one() 
     let connect = format!("CONNECT {}", tls.relay_http_addr());
     let line = authenticated_line(&squid, &connect, &user).await;
     assert!(line.contains("/200"), "{line}");
+
+    // A PAC script choosing the squid: Negotiate too (a PAC proxy gets no user, but a ticket).
+    let pac = dir.path().join("proxy.pac");
+    let port = squid.addr().port();
+    std::fs::write(
+        &pac,
+        format!("function FindProxyForURL(url, host) {{ return \"PROXY localhost:{port}\"; }}"),
+    )
+    .unwrap();
+    let mut config = plain.client_config(&plain.relay_url());
+    config.pac = Some(PacSource::File(pac));
+    check_names("Kerberos squid chosen by a PAC script", config, &expected).await;
     assert!(
         realm.kdc_log().contains("HTTP/localhost@"),
         "the KDC issued no ticket for HTTP/localhost:\n{}",

@@ -286,23 +286,33 @@ fn routes(config: &ClientConfig, base: &Url) -> Result<Vec<Route>, ConnectError>
         return chosen
             .into_iter()
             .map(|route| {
+                // A PAC proxy gets Negotiate when a Kerberos ticket is usable (no user: the
+                // proxy user goes with --proxy only).
+                let mut forwarder = None;
                 let (builder, label) = match route {
                     crate::pac::PacRoute::Direct => (
                         client_builder(config)?.no_proxy(),
                         "direct (PAC script)".to_string(),
                     ),
-                    crate::pac::PacRoute::Proxy(url) => (
-                        client_builder(config)?
-                            .no_proxy()
-                            .proxy(proxy_of(&url, None)?),
-                        format!("proxy {url} (PAC script)"),
-                    ),
+                    crate::pac::PacRoute::Proxy(url) => {
+                        forwarder = crate::proxy_auth::forwarder_for(&url, None, config)?;
+                        let target = match &forwarder {
+                            Some(forwarder) => forwarder.url(),
+                            None => url.clone(),
+                        };
+                        (
+                            client_builder(config)?
+                                .no_proxy()
+                                .proxy(proxy_of(&target, None)?),
+                            format!("proxy {url} (PAC script)"),
+                        )
+                    }
                 };
                 Ok(Route {
                     client: build_client(builder)?,
                     label,
-                    proxy_auth: None,
-                    auth_note: "none (PAC routes get no proxy credentials)",
+                    proxy_auth: forwarder,
+                    auth_note: "none (PAC routes get Negotiate only, and no Kerberos ticket)",
                 })
             })
             .collect();

@@ -25,8 +25,9 @@
 //! one loopback hop and a task per proxy connection, bounded by [`ProxyAuthConfig`].
 //!
 //! The forwarder is used for an explicit `http://` proxy when a user is configured or a
-//! Kerberos credential cache is usable; otherwise reqwest talks to the proxy directly, as
-//! before. Scheme preference: Negotiate (when offered and a ticket can be had), then NTLM,
+//! Kerberos credential cache is usable, and for a PAC script's `http://` proxies when a
+//! Kerberos credential cache is usable (they get no user); otherwise reqwest talks to the
+//! proxy directly, as before. Scheme preference: Negotiate (when offered and a ticket can be had), then NTLM,
 //! then Basic (both need `--proxy-user`). A proxy that refuses the credentials ends the
 //! connect at once with a 407 whose hint names the scheme and user ([`AuthStatus`]).
 
