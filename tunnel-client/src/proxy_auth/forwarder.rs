@@ -313,13 +313,98 @@ async fn connect_upstream(shared: &Shared) -> Result<TcpStream, HandshakeError> 
     Ok(stream)
 }
 
-/// Sends the first request (again, with a new `Proxy-Authorization`, after each 407) until
-/// the proxy answers something else than 407, or refuses for good.
+/// Authenticates a connection to the proxy with the client's first request and sends it.
+///
+/// A request without a body (a CONNECT, a pull) is itself the handshake's request. One with a
+/// body goes once, after the handshake, which runs on a body-less `OPTIONS` for the same URL
+/// instead: a proxy answers 407 without reading a body and may stop reading, so a body sent
+/// in every round could block the handshake until its deadline. Should the proxy want no
+/// authentication, that probe reaches the relay, which refuses the method (405) and does
+/// nothing.
 async fn handshake(
     shared: &Shared,
     head: &RequestHead,
     body: &[u8],
 ) -> Result<Established, HandshakeError> {
+    if body.is_empty() {
+        return authenticate(shared, head).await;
+    }
+    let max = shared.config.max_header_bytes;
+    let broke = |e: io::Error| HandshakeError::Unreachable(format!("proxy connection: {e}"));
+    let mut established = authenticate(shared, &probe_of(head)).await?;
+    let probe_answer = http1::parse_response(&established.response_head).map_err(broke)?;
+    let length = http1::body_length(&probe_answer.headers, false).map_err(broke)?;
+    let still_open = http1::skip_body(&mut established.reader, length, max)
+        .await
+        .map_err(broke)?
+        && !http1::closes(&probe_answer.headers);
+    // What the session says, taken now: a session is not `Sync`, so no reference to it
+    // is held across the awaits below.
+    let binds_connection = established
+        .session
+        .as_ref()
+        .is_some_and(Session::binds_connection);
+    let described = established.session.as_ref().map(Session::describe);
+    if !still_open {
+        if let (true, Some(described)) = (binds_connection, &described) {
+            return Err(HandshakeError::Unreachable(format!(
+                "the proxy closed the connection right after authenticating it ({described})"
+            )));
+        }
+        let (r, w) = connect_upstream(shared).await?.into_split();
+        established.reader = BufReader::new(r);
+        established.writer = w;
+    }
+    // A per-request scheme (Basic) goes with the request too.
+    let authorization = match binds_connection {
+        false => established.authorization.clone(),
+        true => None,
+    };
+    let mut request = http1::request_head_bytes(head, authorization.as_deref());
+    request.extend_from_slice(body);
+    established
+        .writer
+        .write_all(&request)
+        .await
+        .map_err(broke)?;
+    let response_head = http1::read_head(&mut established.reader, max)
+        .await
+        .map_err(broke)?
+        .ok_or_else(|| broke(io::ErrorKind::UnexpectedEof.into()))?;
+    if http1::parse_response(&response_head).map_err(broke)?.status == 407 {
+        return Err(HandshakeError::Refused(match described {
+            Some(described) => format!("the proxy refused {described} after the handshake"),
+            None => "the proxy asked for authentication only after a probe passed".to_string(),
+        }));
+    }
+    established.response_head = response_head;
+    Ok(established)
+}
+
+/// The body-less stand-in for `head` that carries a handshake: `OPTIONS` for the same URL,
+/// without the body's headers.
+fn probe_of(head: &RequestHead) -> RequestHead {
+    const BODY_HEADERS: &[&str] = &[
+        "content-length",
+        "transfer-encoding",
+        "content-type",
+        "expect",
+    ];
+    RequestHead {
+        method: "OPTIONS".to_string(),
+        target: head.target.clone(),
+        headers: head
+            .headers
+            .iter()
+            .filter(|(name, _)| !BODY_HEADERS.iter().any(|b| name.eq_ignore_ascii_case(b)))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// Sends `head` (again, with a new `Proxy-Authorization`, after each 407) until the proxy
+/// answers something else than 407, or refuses for good.
+async fn authenticate(shared: &Shared, head: &RequestHead) -> Result<Established, HandshakeError> {
     let max = shared.config.max_header_bytes;
     let broke = |e: io::Error| HandshakeError::Unreachable(format!("proxy connection: {e}"));
     let mut upstream: Option<(BufReader<OwnedReadHalf>, OwnedWriteHalf)> = None;
@@ -333,8 +418,7 @@ async fn handshake(
         let Some((reader, writer)) = upstream.as_mut() else {
             unreachable!("connected just above");
         };
-        let mut request = http1::request_head_bytes(head, authorization.as_deref());
-        request.extend_from_slice(body);
+        let request = http1::request_head_bytes(head, authorization.as_deref());
         writer.write_all(&request).await.map_err(broke)?;
         let response_head = http1::read_head(reader, max)
             .await
@@ -440,24 +524,23 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
+    /// A forwarder toward a proxy on loopback `port`, as `user` with password `pw`.
+    fn forwarder_toward(port: u16, user: &str, max_first_body: usize) -> Forwarder {
+        let setup = AuthSetup {
+            credentials: Some((user.into(), "pw".into())),
+            proxy_host: "127.0.0.1".into(),
+        };
+        let config = ProxyAuthConfig::default();
+        let proxy = ("127.0.0.1".to_string(), port);
+        Forwarder::start(proxy, setup, Duration::from_secs(2), max_first_body, config).unwrap()
+    }
+
     /// A forwarder toward a proxy that is not there, made without a tokio runtime.
     fn forwarder_to_nowhere() -> Forwarder {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = closed.local_addr().unwrap().port();
         drop(closed);
-        let setup = AuthSetup {
-            credentials: Some(("CORP\\alice".into(), "pw".into())),
-            proxy_host: "127.0.0.1".into(),
-        };
-        let config = ProxyAuthConfig::default();
-        Forwarder::start(
-            ("127.0.0.1".into(), port),
-            setup,
-            Duration::from_secs(2),
-            1024,
-            config,
-        )
-        .unwrap()
+        forwarder_toward(port, "CORP\\alice", 1024)
     }
 
     fn ask(forwarder: &Forwarder, request: &[u8]) -> String {
@@ -530,18 +613,7 @@ mod tests {
                 .await
                 .unwrap();
         });
-        let setup = AuthSetup {
-            credentials: Some(("CORP\\alice".into(), "pw".into())),
-            proxy_host: "127.0.0.1".into(),
-        };
-        let forwarder = Forwarder::start(
-            ("127.0.0.1".into(), port),
-            setup,
-            Duration::from_secs(2),
-            1024,
-            ProxyAuthConfig::default(),
-        )
-        .unwrap();
+        let forwarder = forwarder_toward(port, "CORP\\alice", 1024);
         let mut client = TcpStream::connect(forwarder.addr).await.unwrap();
         client
             .write_all(b"CONNECT relay:443 HTTP/1.1\r\nHost: relay:443\r\n\r\n")
@@ -561,6 +633,60 @@ mod tests {
         assert_eq!(
             forwarder.status().negotiated().as_deref(),
             Some("NTLM as CORP\\alice")
+        );
+    }
+
+    /// A first request with a body: the handshake runs on a body-less OPTIONS probe (a proxy
+    /// answering 407 need not read a body), and the body goes once, with the real request.
+    #[tokio::test]
+    async fn a_first_request_body_waits_for_the_handshake_on_a_probe() {
+        const BODY: usize = 512 * 1024;
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = proxy.local_addr().unwrap().port();
+        let fake_proxy = tokio::spawn(async move {
+            let (conn, _) = proxy.accept().await.unwrap();
+            let (r, mut w) = conn.into_split();
+            let mut r = BufReader::new(r);
+            let mut heads = Vec::new();
+            for answer in [
+                "407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"x\"",
+                "405 Method Not Allowed",
+                "200 OK",
+            ] {
+                let raw = http1::read_head(&mut r, 64 * 1024).await.unwrap().unwrap();
+                let head = http1::parse_request(&raw).unwrap();
+                let length = http1::body_length(&head.headers, true).unwrap();
+                if let BodyLength::Fixed(n) = length {
+                    http1::read_body(&mut r, n as usize).await.unwrap();
+                }
+                let auth = http1::header_values(&head.headers, "proxy-authorization").next();
+                heads.push((head.method.clone(), length, auth.is_some()));
+                let response = format!("HTTP/1.1 {answer}\r\nContent-Length: 0\r\n\r\n");
+                w.write_all(response.as_bytes()).await.unwrap();
+            }
+            heads
+        });
+        let forwarder = forwarder_toward(port, "alice", BODY);
+        let mut client = TcpStream::connect(forwarder.addr).await.unwrap();
+        let head = format!("POST http://relay/tunnel?Type=push HTTP/1.1\r\nHost: relay\r\nContent-Type: application/octet-stream\r\nContent-Length: {BODY}\r\n\r\n");
+        client.write_all(head.as_bytes()).await.unwrap();
+        client.write_all(&vec![7u8; BODY]).await.unwrap();
+        let mut reader = BufReader::new(client);
+        let read = http1::read_head(&mut reader, 1024);
+        let answer = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200 OK"));
+        let fixed = |n: usize| BodyLength::Fixed(n as u64);
+        assert_eq!(
+            fake_proxy.await.unwrap(),
+            [
+                ("OPTIONS".to_string(), fixed(0), false),
+                ("OPTIONS".to_string(), fixed(0), true),
+                ("POST".to_string(), fixed(BODY), true),
+            ]
         );
     }
 }

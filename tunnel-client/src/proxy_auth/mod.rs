@@ -12,9 +12,10 @@
 //! - (a) **an authenticating forwarder inside the client** (what cntlm and px do as separate
 //!   programs): a listener on `127.0.0.1:0` that reqwest uses as its proxy. Each connection
 //!   reqwest opens to it gets its own connection to the real proxy, authenticated by the
-//!   handshake on the first request (the CONNECT for an `https://` relay; the first
-//!   absolute-form request, re-sent with each round, for an `http://` relay). Then bytes
-//!   are copied both ways. When the proxy closes its connection the forwarder closes
+//!   handshake on the first request (the CONNECT for an `https://` relay; for an `http://`
+//!   relay the first absolute-form request, re-sent with each round, or, when it has a
+//!   body, a body-less `OPTIONS` probe for the same URL before it). Then bytes are copied
+//!   both ways. When the proxy closes its connection the forwarder closes
 //!   reqwest's, and reqwest's next connection is authenticated afresh.
 //! - (b) a hyper-util `Client` with a connector of our own for routes through such a proxy.
 //!
