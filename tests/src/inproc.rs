@@ -305,3 +305,24 @@ async fn serve(
         });
     }
 }
+
+/// Connects with `config`, expecting a failure within `within`; returns it.
+pub async fn expect_connect_error(
+    case: &str,
+    config: ClientConfig,
+    within: Duration,
+) -> tunnel_client::ConnectError {
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(within, tunnel_client::connect(config))
+        .await
+        .unwrap_or_else(|_| panic!("{case}: connect hung for {within:?}"));
+    let err = match result {
+        Ok(_) => panic!("{case}: connect succeeded"),
+        Err(e) => e,
+    };
+    eprintln!(
+        "[report] {case}: refused after {:.2?}: {err}",
+        started.elapsed()
+    );
+    err
+}

@@ -25,6 +25,7 @@ pub mod data;
 pub mod fault_proxy;
 pub mod fdlimit;
 pub mod inproc;
+pub mod kerberos;
 pub mod mosquitto;
 pub mod net;
 pub mod observers;

@@ -38,6 +38,22 @@ pub async fn wait_for_log(what: &str, read: impl Fn() -> String, needle: &str) {
 /// Where squid's helpers live on Debian.
 const SQUID_HELPER_DIRS: &[&str] = &["/usr/lib/squid", "/usr/lib64/squid", "/usr/libexec/squid"];
 
+/// The path of squid's helper `name` (package squid).
+pub fn squid_helper(name: &str) -> io::Result<PathBuf> {
+    SQUID_HELPER_DIRS
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{name} not found in {SQUID_HELPER_DIRS:?}: install the Debian package squid"
+                ),
+            )
+        })
+}
+
 /// Like [`find_program`], panicking with its message: these tests exist to run against the
 /// real program, so its absence is a failure.
 pub fn require_program(program: &str, package: &str) -> PathBuf {
@@ -53,7 +69,7 @@ fn read_lossy(path: &Path) -> String {
 /// Makes `dir` writable for everyone: squid started as root drops to its
 /// `cache_effective_user` (`proxy` on Debian) before it opens its logs.
 #[cfg(unix)]
-fn open_up(dir: &Path) -> io::Result<()> {
+pub fn open_up(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
 }
@@ -80,24 +96,12 @@ pub struct Squid {
 impl Squid {
     /// Starts squid in `<parent>/squid`, requiring `user` to authenticate if given.
     pub async fn start(parent: &Path, user: Option<&ProxyUser>) -> io::Result<Squid> {
-        let program = find_program("squid", "squid")?;
         let dir = parent.join("squid");
         std::fs::create_dir_all(&dir)?;
-        open_up(&dir)?;
-        let addr = free_addr();
         let auth = match user {
             None => String::new(),
             Some(user) => {
-                let helper = SQUID_HELPER_DIRS
-                    .iter()
-                    .map(|d| Path::new(d).join("basic_ncsa_auth"))
-                    .find(|p| p.is_file())
-                    .ok_or_else(|| {
-                        io::Error::new(
-                            io::ErrorKind::NotFound,
-                            format!("basic_ncsa_auth not found in {SQUID_HELPER_DIRS:?} (package squid)"),
-                        )
-                    })?;
+                let helper = squid_helper("basic_ncsa_auth")?;
                 let htpasswd = dir.join("htpasswd");
                 let line = format!("{}:{}\n", user.name, apr1_hash(&user.password)?);
                 std::fs::write(&htpasswd, line)?;
@@ -112,6 +116,22 @@ impl Squid {
                 )
             }
         };
+        Squid::start_with(parent, &auth, &[]).await
+    }
+
+    /// Starts squid in `<parent>/squid` with `auth` (squid.conf lines: `auth_param`s, then
+    /// `acl`s and `http_access deny` lines that come before the loopback allow) and `env`
+    /// added to its environment (e.g. `KRB5_KTNAME` for its Kerberos helper).
+    pub async fn start_with(
+        parent: &Path,
+        auth: &str,
+        env: &[(String, String)],
+    ) -> io::Result<Squid> {
+        let program = find_program("squid", "squid")?;
+        let dir = parent.join("squid");
+        std::fs::create_dir_all(&dir)?;
+        open_up(&dir)?;
+        let addr = free_addr();
         let d = dir.display();
         // Everything squid writes goes to `dir`; no cache, no pinger, no ICP/HTCP, no netdb;
         // whole URLs in the access log (the tunnel token travels in a header, not the URL).
@@ -144,7 +164,7 @@ impl Squid {
             "-f".into(),
             config_path.display().to_string(),
         ];
-        let mut process = ChildProcess::spawn("squid", &program, args, &[], &dir)?;
+        let mut process = ChildProcess::spawn("squid", &program, args, env, &dir)?;
         process.wait_listening(addr, SERVICE_START_TIMEOUT).await?;
         Ok(Squid { addr, dir, process })
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tunnel_client::{ClientConfig, ConnectError, ProxyConfig};
 use tunnel_proto::ConnectionConfig;
-use tunnel_tests::inproc::{InProcessOptions, InProcessTunnel, SERVER_NAME};
+use tunnel_tests::inproc::{expect_connect_error, InProcessOptions, InProcessTunnel, SERVER_NAME};
 use tunnel_tests::services::{wait_for_log, Nginx, NginxOptions, ProxyUser, Squid, Tinyproxy};
 use tunnel_tests::{
     bin_path, free_addr, init_tracing, sink_source_exchange, wait_for_tcp, ChildProcess,
@@ -136,23 +136,6 @@ async fn tinyproxy_forwards_plain_http_and_https_through_connect() {
     bulk_exchange("tinyproxy, https:// relay via CONNECT", config, 4).await;
     let connect_line = format!("CONNECT {}", tls.relay_http_addr());
     wait_for_log("tinyproxy log", || tinyproxy.log(), &connect_line).await;
-}
-
-/// Connects with `config`, expecting a failure within `within`; returns it.
-async fn expect_connect_error(case: &str, config: ClientConfig, within: Duration) -> ConnectError {
-    let started = Instant::now();
-    let result = tokio::time::timeout(within, tunnel_client::connect(config))
-        .await
-        .unwrap_or_else(|_| panic!("{case}: connect hung for {within:?}"));
-    let err = match result {
-        Ok(_) => panic!("{case}: connect succeeded"),
-        Err(e) => e,
-    };
-    eprintln!(
-        "[report] {case}: refused after {:.2?}: {err}",
-        started.elapsed()
-    );
-    err
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

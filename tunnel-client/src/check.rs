@@ -1,8 +1,9 @@
 //! `tunnel-client --check`: probes the path to a relay with one real connection and reports
 //! what a user behind a corporate proxy needs to know: the route (and how it was chosen),
-//! the HTTP version, the issuer of the certificate seen for an https:// relay (a TLS-
-//! intercepting proxy shows its own), and whether a held pull comes back intact, and after how
-//! long (a proxy that cuts long requests shortens it).
+//! the proxy authentication scheme negotiated, the HTTP version, the issuer of the
+//! certificate seen for an https:// relay (a TLS-intercepting proxy shows its own), and
+//! whether a held pull comes back intact, and after how long (a proxy that cuts long
+//! requests shortens it).
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -62,6 +63,8 @@ pub async fn check(config: ClientConfig) -> Result<CheckReport, ConnectError> {
     let result = probe(&relay, &config, &mut report).await;
     // After the requests: a PAC fail-over may have moved on.
     report.add("route", relay.route_label());
+    // After the requests too: the scheme is known once a handshake ran.
+    report.add("proxy auth", relay.proxy_auth());
     match result {
         Ok(()) => report.ok = true,
         Err(e) => report.add("failed", e),

@@ -9,6 +9,7 @@ use tunnel_proto::ConnectionConfig;
 
 use crate::auth::RelayAuth;
 use crate::pac::PacSource;
+use crate::proxy_auth::ProxyAuthConfig;
 use tunnel_proto::driver::StreamConfig;
 
 /// The client's default receive window, in packets: 16 × 64 KiB = 1 MiB, the relay's default
@@ -38,9 +39,12 @@ pub enum HttpVersion {
 pub struct ProxyConfig {
     /// `http://host:port` (or `https://`), used for both `http://` and `https://` relays.
     pub url: String,
-    /// User name for Basic authentication toward the proxy (`Proxy-Authorization`).
+    /// User name toward the proxy: `DOMAIN\user` (or `user`) for NTLM, the plain name for
+    /// Basic; the scheme is the one the proxy offers (Negotiate, then NTLM, then Basic).
+    /// Negotiate (Kerberos) needs no user: it uses the credential cache (`kinit`,
+    /// `KRB5CCNAME`).
     pub username: Option<String>,
-    /// Password for Basic authentication toward the proxy; never logged.
+    /// Password for NTLM or Basic authentication toward the proxy; never logged.
     pub password: Option<String>,
 }
 
@@ -70,6 +74,9 @@ pub struct ClientConfig {
     /// when a proxy does not answer). Replaces the environment's proxy variables. Evaluated
     /// once, when the client is made. Default: none.
     pub pac: Option<PacSource>,
+    /// Bounds of the forwarder that runs NTLM and Negotiate handshakes with an explicit
+    /// `http://` proxy (see [`ProxyAuthConfig`]).
+    pub proxy_auth: ProxyAuthConfig,
     /// Deadline for downloading the PAC script and, separately, for running it (a script
     /// that loops is stopped). Default: 5 s.
     pub pac_timeout: Duration,
@@ -159,6 +166,7 @@ impl Default for ClientConfig {
             server_name: "echo".to_string(),
             proxy: None,
             pac: None,
+            proxy_auth: ProxyAuthConfig::default(),
             pac_timeout: Duration::from_secs(5),
             env_proxy: true,
             relay_auth: None,

@@ -228,7 +228,7 @@ async fn open(
                 )));
             }
             (Failure::Permanent, _) => {
-                let refused = permanent_error(&error);
+                let refused = permanent_error(&error, relay);
                 tracing::warn!(server = %config.server_name, relay = %relay.display_url(),
                     "connect refused: {refused}");
                 return Err(refused);
@@ -248,16 +248,23 @@ async fn open(
 }
 
 /// The connect error for a request failure that retrying cannot fix.
-pub(crate) fn permanent_error(error: &RequestError) -> ConnectError {
+pub(crate) fn permanent_error(error: &RequestError, relay: &Relay) -> ConnectError {
     if let RequestError::Tls(msg) = error {
         return ConnectError::Tls(msg.clone());
     }
     let status = error.status().map_or(0, |s| s.as_u16());
-    let hint = error
-        .status()
-        .and_then(status_hint)
-        .unwrap_or("unexpected status")
-        .to_string();
+    // A 407 after a handshake of ours: its scheme and user say more than the status.
+    let auth_failure = (status == 407)
+        .then(|| relay.proxy_auth_failure())
+        .flatten()
+        .map(|why| format!("proxy authentication failed: {why}"));
+    let hint = auth_failure.unwrap_or_else(|| {
+        error
+            .status()
+            .and_then(status_hint)
+            .unwrap_or("unexpected status")
+            .to_string()
+    });
     ConnectError::Refused { status, hint }
 }
 
@@ -334,7 +341,7 @@ async fn handshake(
                     "the relay no longer knows the connection".into(),
                 ))
             }
-            Failure::Permanent => return Err(permanent_error(&error)),
+            Failure::Permanent => return Err(permanent_error(&error, &per_conn.relay)),
             Failure::Transient => {
                 let delay = backoff.next_delay();
                 tracing::warn!(

@@ -62,7 +62,7 @@ pub fn status_hint(status: StatusCode) -> Option<&'static str> {
         401 => "the relay requires client credentials or refused the ones given (ClientConfig::relay_auth; tunnel-client --relay-token-env or --relay-user with --relay-password-env)",
         403 => "refused by the relay or a proxy; check access rules",
         404 => "unknown server name or connection at the relay",
-        407 => "Proxy Authentication Required: the proxy wants a user and password, or rejected the ones given",
+        407 => "Proxy Authentication Required: the proxy wants credentials, or rejected the ones given (Basic or NTLM: --proxy-user, DOMAIN\\user for NTLM, with --proxy-password-env; Negotiate: a Kerberos ticket from kinit, KRB5CCNAME)",
         413 => "push body over the relay's limit; lower max_push_body",
         502 | 504 => "a proxy could not reach the relay",
         503 => "relay at its connection limit, or the broker's link is down; retrying",
@@ -190,6 +190,11 @@ struct Route {
     client: reqwest::Client,
     /// For log lines: "direct", or the proxy URL and how it was chosen.
     label: String,
+    /// The forwarder that runs NTLM/Negotiate handshakes with this route's proxy, when the
+    /// client uses one (`crate::proxy_auth`); the client's proxy is then the forwarder.
+    proxy_auth: Option<std::sync::Arc<crate::proxy_auth::Forwarder>>,
+    /// What `--check` says of proxy authentication on a route without a forwarder.
+    auth_note: &'static str,
 }
 
 /// The HTTP side of one relay: the routes to it (one, or a PAC script's fail-over list) and
@@ -267,13 +272,24 @@ fn routes(config: &ClientConfig, base: &Url) -> Result<Vec<Route>, ConnectError>
             .username
             .as_deref()
             .map(|u| (u, proxy.password.as_deref().unwrap_or("")));
+        // With a user or a Kerberos ticket, the client talks to the proxy through the
+        // forwarder, which picks the scheme from the proxy's challenges.
+        let forwarder = crate::proxy_auth::forwarder_for(&proxy.url, user, config)?;
+        let proxy_setting = match &forwarder {
+            Some(forwarder) => proxy_of(&forwarder.url(), None)?,
+            None => proxy_of(&proxy.url, user)?,
+        };
         // An explicit proxy replaces the environment's.
-        let builder = client_builder(config)?
-            .no_proxy()
-            .proxy(proxy_of(&proxy.url, user)?);
+        let builder = client_builder(config)?.no_proxy().proxy(proxy_setting);
         return Ok(vec![Route {
             client: build_client(builder)?,
             label: format!("proxy {} (--proxy)", proxy.url),
+            proxy_auth: forwarder,
+            auth_note: if user.is_some() {
+                "Basic, sent by the HTTP client without a challenge (https:// proxy)"
+            } else {
+                "none offered (no --proxy-user, no Kerberos ticket)"
+            },
         }]);
     }
     if let Some(source) = &config.pac {
@@ -285,21 +301,33 @@ fn routes(config: &ClientConfig, base: &Url) -> Result<Vec<Route>, ConnectError>
         return chosen
             .into_iter()
             .map(|route| {
+                // A PAC proxy gets Negotiate when a Kerberos ticket is usable (no user: the
+                // proxy user goes with --proxy only).
+                let mut forwarder = None;
                 let (builder, label) = match route {
                     crate::pac::PacRoute::Direct => (
                         client_builder(config)?.no_proxy(),
                         "direct (PAC script)".to_string(),
                     ),
-                    crate::pac::PacRoute::Proxy(url) => (
-                        client_builder(config)?
-                            .no_proxy()
-                            .proxy(proxy_of(&url, None)?),
-                        format!("proxy {url} (PAC script)"),
-                    ),
+                    crate::pac::PacRoute::Proxy(url) => {
+                        forwarder = crate::proxy_auth::forwarder_for(&url, None, config)?;
+                        let target = match &forwarder {
+                            Some(forwarder) => forwarder.url(),
+                            None => url.clone(),
+                        };
+                        (
+                            client_builder(config)?
+                                .no_proxy()
+                                .proxy(proxy_of(&target, None)?),
+                            format!("proxy {url} (PAC script)"),
+                        )
+                    }
                 };
                 Ok(Route {
                     client: build_client(builder)?,
                     label,
+                    proxy_auth: forwarder,
+                    auth_note: "none (PAC routes get Negotiate only, and no Kerberos ticket)",
                 })
             })
             .collect();
@@ -312,6 +340,8 @@ fn routes(config: &ClientConfig, base: &Url) -> Result<Vec<Route>, ConnectError>
     Ok(vec![Route {
         client: build_client(builder)?,
         label: label.to_string(),
+        proxy_auth: None,
+        auth_note: "none (no explicit proxy)",
     }])
 }
 
@@ -361,6 +391,28 @@ impl Relay {
     pub fn route_label(&self) -> &str {
         let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
         &self.routes[i % self.routes.len()].label
+    }
+
+    /// The proxy authentication of the route in use: the scheme (and user or Kerberos
+    /// service) its last handshake used, or why there is none. For `--check`.
+    pub fn proxy_auth(&self) -> String {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        let route = &self.routes[i % self.routes.len()];
+        match &route.proxy_auth {
+            Some(forwarder) => forwarder
+                .status()
+                .negotiated()
+                .unwrap_or_else(|| "no handshake completed".to_string()),
+            None => route.auth_note.to_string(),
+        }
+    }
+
+    /// Why the proxy of the route in use last refused authentication (scheme and user), to
+    /// explain a 407.
+    pub fn proxy_auth_failure(&self) -> Option<String> {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        let route = &self.routes[i % self.routes.len()];
+        route.proxy_auth.as_ref()?.status().failure()
     }
 
     /// The relay URL without credentials or query, for log lines.

@@ -50,6 +50,7 @@ mod error;
 mod http;
 mod pac;
 mod per_conn;
+mod proxy_auth;
 mod pull;
 mod push;
 mod session;
@@ -62,6 +63,7 @@ pub use config::{
 pub use connect::{connect, TunnelClient};
 pub use error::ConnectError;
 pub use pac::PacSource;
+pub use proxy_auth::ProxyAuthConfig;
 pub use tunnel_proto::connection::{Stats, StreamError};
 pub use tunnel_proto::driver::{StreamConfig, TunnelStream};
 pub use tunnel_proto::ConnectionConfig;

@@ -10,7 +10,9 @@ use clap::Parser;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tunnel_client::{ClientConfig, HttpVersion, PacSource, ProxyConfig, RelayAuth, TunnelClient};
+use tunnel_client::{
+    ClientConfig, HttpVersion, PacSource, ProxyAuthConfig, ProxyConfig, RelayAuth, TunnelClient,
+};
 use tunnel_proto::splice::splice_until;
 
 /// Parses a duration flag: a whole number with an optional unit (`ms`, `s`, `m`, `h`); no
@@ -80,7 +82,9 @@ struct Args {
     #[arg(long, env = "TUNNEL_CLIENT_NO_ENV_PROXY", conflicts_with = "proxy")]
     no_env_proxy: bool,
 
-    /// User name for the proxy's basic authentication.
+    /// User name for the proxy: DOMAIN\user for NTLM, the plain name for Basic. The scheme
+    /// is chosen from the proxy's challenges: Negotiate (Kerberos, from the credential cache
+    /// kinit fills, KRB5CCNAME; needs no user), then NTLM, then Basic.
     #[arg(long, env = "TUNNEL_CLIENT_PROXY_USER", requires = "proxy")]
     proxy_user: Option<String>,
 
@@ -101,6 +105,28 @@ struct Args {
         conflicts_with = "proxy_password"
     )]
     proxy_password_env: Option<String>,
+
+    /// Connections open at once to the proxy through the proxy-authentication forwarder
+    /// (NTLM, Negotiate; used with --proxy-user or a Kerberos ticket).
+    #[arg(
+        long,
+        env = "TUNNEL_CLIENT_PROXY_MAX_CONNECTIONS",
+        default_value_t = 1024
+    )]
+    proxy_max_connections: usize,
+
+    /// Deadline for the proxy authentication handshake of one proxy connection.
+    #[arg(long, env = "TUNNEL_CLIENT_PROXY_HANDSHAKE_TIMEOUT", default_value = "20s", value_parser = duration)]
+    proxy_handshake_timeout: Duration,
+
+    /// Largest HTTP head (and 407 error page) the proxy-authentication forwarder reads.
+    #[arg(long, env = "TUNNEL_CLIENT_PROXY_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    proxy_max_header_bytes: usize,
+
+    /// How long the proxy-authentication forwarder keeps a connection idle between two
+    /// requests (Basic through the forwarder, http:// relay).
+    #[arg(long, env = "TUNNEL_CLIENT_PROXY_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
+    proxy_idle_timeout: Duration,
 
     /// Name of an environment variable holding a bearer token for a relay that requires
     /// client authentication (sent as `Authorization: Bearer`). The token itself is never
@@ -191,8 +217,9 @@ struct Args {
     max_connects_in_flight: usize,
 
     /// Probe the path to the relay with one connection to --server, print a report (route
-    /// and how it was chosen, HTTP version, the relay certificate's issuer, how long a held
-    /// pull lasted and whether it came back intact) and exit: 0 if the path works.
+    /// and how it was chosen, proxy authentication scheme, HTTP version, the relay
+    /// certificate's issuer, how long a held pull lasted and whether it came back intact)
+    /// and exit: 0 if the path works.
     #[arg(long)]
     check: bool,
 
@@ -249,6 +276,12 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
         proxy,
         pac,
         pac_timeout: args.pac_timeout,
+        proxy_auth: ProxyAuthConfig {
+            max_connections: args.proxy_max_connections,
+            handshake_timeout: args.proxy_handshake_timeout,
+            max_header_bytes: args.proxy_max_header_bytes,
+            idle_timeout: args.proxy_idle_timeout,
+        },
         env_proxy: !args.no_env_proxy,
         relay_auth: relay_auth_from(args)?,
         ca_file: args.ca_file.clone(),

@@ -151,7 +151,7 @@ async fn open(
                 )));
             }
             (Failure::Permanent, _) => {
-                let refused = permanent_error(&error);
+                let refused = permanent_error(&error, &session.relay);
                 tracing::warn!(server = %config.server_name, relay = %session.relay.display_url(),
                     "connect refused: {refused}");
                 return Err(refused);
