@@ -60,7 +60,9 @@ pub(crate) async fn handle_packet(
         PacketType::ConnInitAck
         | PacketType::ConnShutdown
         | PacketType::LinkInit
-        | PacketType::ListenState => {
+        | PacketType::ListenState
+        | PacketType::SessionInit
+        | PacketType::Attach => {
             tracing::debug!(conn_id, kind = ?packet.kind, "packet type not expected from the relay; ignored")
         }
     }
