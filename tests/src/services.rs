@@ -80,6 +80,16 @@ pub struct Squid {
 impl Squid {
     /// Starts squid in `<parent>/squid`, requiring `user` to authenticate if given.
     pub async fn start(parent: &Path, user: Option<&ProxyUser>) -> io::Result<Squid> {
+        Squid::start_with_rules(parent, user, "").await
+    }
+
+    /// Like [`Squid::start`], with `rules` (squid.conf lines, e.g. `acl` and `http_access
+    /// deny` lines that limit clients) placed before the rule that allows loopback clients.
+    pub async fn start_with_rules(
+        parent: &Path,
+        user: Option<&ProxyUser>,
+        rules: &str,
+    ) -> io::Result<Squid> {
         let program = find_program("squid", "squid")?;
         let dir = parent.join("squid");
         std::fs::create_dir_all(&dir)?;
@@ -134,6 +144,7 @@ impl Squid {
              shutdown_lifetime 1 seconds\n\
              acl loopback src 127.0.0.0/8\n\
              {auth}\
+             {rules}\
              http_access allow loopback\n\
              http_access deny all\n"
         );
