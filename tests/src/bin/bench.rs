@@ -4,9 +4,12 @@
 //! server behind the broker, and the baselines (direct TCP; three `copy_bidirectional`
 //! forwarders in a row, each its own process), then measures one-connection throughput,
 //! ping-pong latency, many-connection throughput, relay CPU per GiB, and 10,000 idle
-//! connections held by one relay; on request (`--sections soak`), connection churn with the
-//! processes' memory, descriptors and warnings sampled. Prints a table (or JSON with `--json`) with medians over
-//! `--runs` and ratios to the baselines. Progress goes to stderr.
+//! connections held by one relay (with sessions or per-connection requests); on request,
+//! 100,000 connections opened with the library in the bench process through one relay
+//! (`--sections inproc-many`) and connection churn with the processes' memory, descriptors
+//! and warnings sampled (`--sections soak`). With `--old-bin-dir`, previous binaries are
+//! measured beside the new ones in the same run. Prints a table (or JSON with `--json`) with
+//! medians over `--runs` and ratios to the baselines. Progress goes to stderr.
 //!
 //! ```text
 //! cargo build --release --workspace --bins
