@@ -20,7 +20,6 @@ use tunnel_broker::{read_link_secret_file, BrokerConfig, TunnelListener};
 use tunnel_client::{ClientConfig, HttpVersion, TunnelClient, TunnelStream};
 use tunnel_tests::{procfs, TestDir};
 
-use super::measure::join_counting;
 use super::report::Json;
 use super::tunnel::{self, Flavour};
 
@@ -31,6 +30,8 @@ const SERVER_NAME: &str = "bench-many";
 const ECHO_BUF: usize = 64;
 /// Time the in-process broker has to link to the relay.
 const LINK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Tasks that do the round trip on all connections between them.
+const ROUND_TRIP_WORKERS: usize = 64;
 /// Pause before a memory reading, so queued work drains and RSS is what holding costs.
 const SETTLE: Duration = Duration::from_secs(1);
 
@@ -188,24 +189,71 @@ async fn open_all(
     (streams, failed, first_error, started.elapsed())
 }
 
-/// Writes one byte on every stream (a write only queues it: no stream waits for another),
-/// then waits for every echo. Returns the streams that made it, the failures and the time.
+/// One byte on every stream of `part`, then every echo: the writes only queue (no stream
+/// waits for another), so the reads, one after the other, find echoes that arrived at the
+/// same time. Returns the streams that made it and the errors.
+async fn round_trip_part(
+    part: Vec<TunnelStream>,
+    deadline: Instant,
+) -> (Vec<TunnelStream>, Vec<io::Error>) {
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "round trip past the deadline");
+    let mut errors = Vec::new();
+    let mut written = Vec::with_capacity(part.len());
+    for mut stream in part {
+        match tokio::time::timeout_at(deadline, stream.write_all(b"m")).await {
+            Ok(Ok(())) => written.push(stream),
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push(timed_out()),
+        }
+    }
+    let mut back = Vec::with_capacity(written.len());
+    for mut stream in written {
+        let mut b = [0u8; 1];
+        match tokio::time::timeout_at(deadline, stream.read_exact(&mut b)).await {
+            Ok(Ok(_)) => back.push(stream),
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push(timed_out()),
+        }
+    }
+    (back, errors)
+}
+
+/// One round trip on every stream at once, by `ROUND_TRIP_WORKERS` tasks (not one task per
+/// connection: 100,000 tasks would be part of what the bench measures). Returns the streams
+/// that made it, the failures (count and first error) and the time to the last echo.
 async fn round_trip_all(
     streams: Vec<TunnelStream>,
     timeout: Duration,
 ) -> (Vec<TunnelStream>, usize, Option<String>, Duration) {
     let started = Instant::now();
     let deadline = started + timeout;
+    let total = streams.len();
+    let per_worker = total.div_ceil(ROUND_TRIP_WORKERS).max(1);
+    let mut streams = streams.into_iter();
     let mut tasks = JoinSet::new();
-    for mut stream in streams {
-        tasks.spawn(async move {
-            stream.write_all(b"m").await?;
-            let mut b = [0u8; 1];
-            stream.read_exact(&mut b).await?;
-            Ok::<_, io::Error>(stream)
-        });
+    loop {
+        let part: Vec<TunnelStream> = streams.by_ref().take(per_worker).collect();
+        if part.is_empty() {
+            break;
+        }
+        tasks.spawn(round_trip_part(part, deadline));
     }
-    let (back, failed, first_error) = join_counting(tasks, deadline).await;
+    let (mut back, mut first_error) = (Vec::with_capacity(total), None);
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok((ok, errors)) => {
+                back.extend(ok);
+                if let Some(e) = errors.first() {
+                    first_error.get_or_insert_with(|| e.to_string());
+                }
+            }
+            // A worker that panicked: its streams are gone, counted below as failed.
+            Err(e) => {
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    let failed = total - back.len();
     (back, failed, first_error, started.elapsed())
 }
 

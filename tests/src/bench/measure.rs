@@ -280,7 +280,7 @@ pub async fn round_trip_all(
 /// Joins every task of `tasks` until `deadline`: the values of those that succeeded, how many
 /// failed (an error, a panic, or still running at the deadline: those are aborted), and the
 /// first failure.
-pub async fn join_counting<T: 'static>(
+async fn join_counting<T: 'static>(
     mut tasks: JoinSet<io::Result<T>>,
     deadline: Instant,
 ) -> (Vec<T>, usize, Option<String>) {
