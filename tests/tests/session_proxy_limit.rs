@@ -159,25 +159,29 @@ async fn one_connection(
 ) -> Result<(), String> {
     let connected = client.connect().await;
     all_tried.wait().await;
-    let mut stream = connected.map_err(|e| format!("connection {index}: connect: {e}"))?;
-    let sent = SeededBytes::new(seed ^ index as u64).take_vec(PAYLOAD_BYTES);
-    let mut back = vec![0u8; PAYLOAD_BYTES];
-    let echoed = tokio::time::timeout(IO_TIMEOUT, async {
-        stream.write_all(&sent).await?;
-        stream.read_exact(&mut back).await
-    })
-    .await;
-    all_echoed.wait().await;
-    match echoed {
-        Err(_) => return Err(format!("connection {index}: no echo within {IO_TIMEOUT:?}")),
-        Ok(Err(e)) => return Err(format!("connection {index}: echo: {e}")),
-        Ok(Ok(_)) if back != sent => {
-            return Err(format!(
-                "connection {index}: the echo differs from what was sent"
-            ))
+    // Every task passes both barriers, whatever failed, so none waits for one that gave up.
+    let outcome = match connected {
+        Err(e) => Err(format!("connection {index}: connect: {e}")),
+        Ok(mut stream) => {
+            let sent = SeededBytes::new(seed ^ index as u64).take_vec(PAYLOAD_BYTES);
+            let mut back = vec![0u8; PAYLOAD_BYTES];
+            let echoed = tokio::time::timeout(IO_TIMEOUT, async {
+                stream.write_all(&sent).await?;
+                stream.read_exact(&mut back).await
+            })
+            .await;
+            match echoed {
+                Err(_) => Err(format!("connection {index}: no echo within {IO_TIMEOUT:?}")),
+                Ok(Err(e)) => Err(format!("connection {index}: echo: {e}")),
+                Ok(Ok(_)) if back != sent => Err(format!(
+                    "connection {index}: the echo differs from what was sent"
+                )),
+                Ok(Ok(_)) => Ok(stream),
+            }
         }
-        Ok(Ok(_)) => {}
-    }
+    };
+    all_echoed.wait().await;
+    let mut stream = outcome?;
     let _ = tokio::time::timeout(IO_TIMEOUT, stream.shutdown()).await;
     Ok(())
 }
