@@ -4,7 +4,10 @@
 //! Proxies limit connections per client. With one held pull per tunnel connection, an
 //! HTTP/1.1 client needs one TCP connection to the proxy per tunnel connection and fails
 //! behind such a proxy; a session (docs/protocol.md §2.1) carries all of a client's
-//! connections in one held pull and a few pushes, and must pass. The test first proves the
+//! connections in one held pull and a few pushes, and must pass: the client's requests in
+//! flight (held pull, pushes and the connect requests of 500 `connect()` calls made at once)
+//! and its idle pooled HTTP connections must stay within 8 TCP connections to the proxy
+//! together (reqwest does not bound connections per host by itself). The test first proves the
 //! limit is in force: a burst of parallel plain requests through the same squid gets some
 //! of them denied (403, `TCP_DENIED` in squid's access.log), while a lone request passes.
 //!
@@ -238,7 +241,9 @@ async fn five_hundred_connections_through_a_squid_that_allows_eight_per_client()
         "{} of {CONNECTIONS} tunnel connections failed through a squid that allows {MAXCONN} \
          TCP connections per client; squid denied {denied} of the client's requests (403). \
          A client that needs a TCP connection to the proxy per tunnel connection (one held \
-         pull each, i.e. without sessions) cannot pass. First failures: {:#?}",
+         pull each, i.e. without sessions) cannot pass; with a session, the held pull, the pushes \
+         and the connect requests in flight, and the idle pooled connections, must stay within \
+         {MAXCONN} together. First failures: {:#?}",
         failures.len(),
         &failures[..failures.len().min(5)]
     );
