@@ -20,6 +20,7 @@ use tunnel_client::ClientConfig;
 use tunnel_proto::{ConnectionConfig, Packet, PacketType};
 use tunnel_servlet::{Relay, RelayConfig, RunningRelay};
 
+use crate::servers::echo::EchoServer;
 use crate::servers::sink_source::SinkSourceServer;
 
 /// Server name the broker registers.
@@ -44,6 +45,9 @@ pub struct InProcessOptions {
     pub broker_tls: Option<LinkTls>,
     /// The broker side's connection tunables (keepalive, idle timeout, …).
     pub broker_connection: ConnectionConfig,
+    /// Where the broker splices accepted connections; `None` (the default): the tunnel's own
+    /// `SinkSourceServer`. Tests that need an echo peer give an `EchoServer`'s address.
+    pub forward_to: Option<std::net::SocketAddr>,
 }
 
 impl Default for InProcessOptions {
@@ -56,6 +60,7 @@ impl Default for InProcessOptions {
             },
             broker_tls: None,
             broker_connection: ConnectionConfig::default(),
+            forward_to: None,
         }
     }
 }
@@ -99,6 +104,18 @@ impl InProcessTunnel {
         Ok((InProcessTunnel::start(options).await?, ca_file))
     }
 
+    /// Starts a tunnel with default options whose broker splices every connection to a new
+    /// [`EchoServer`]; returns both.
+    pub async fn start_echo() -> io::Result<(InProcessTunnel, EchoServer)> {
+        let echo = EchoServer::start().await?;
+        let tunnel = InProcessTunnel::start(InProcessOptions {
+            forward_to: Some(echo.addr()),
+            ..InProcessOptions::default()
+        })
+        .await?;
+        Ok((tunnel, echo))
+    }
+
     /// Starts the relay, links the broker to it (within [`LINK_TIMEOUT`]) and serves every
     /// accepted tunnel connection by splicing it to the sink/source server.
     pub async fn start(options: InProcessOptions) -> io::Result<InProcessTunnel> {
@@ -122,7 +139,8 @@ impl InProcessTunnel {
         };
         let server = SinkSourceServer::start().await?;
         let clients = Arc::new(Mutex::new(Vec::new()));
-        let accept_loop = tokio::spawn(serve(listener.clone(), server.addr(), clients.clone()));
+        let target = options.forward_to.unwrap_or(server.addr());
+        let accept_loop = tokio::spawn(serve(listener.clone(), target, clients.clone()));
         Ok(InProcessTunnel {
             relay: Some(relay),
             listener,

@@ -96,6 +96,16 @@ pub struct Squid {
 impl Squid {
     /// Starts squid in `<parent>/squid`, requiring `user` to authenticate if given.
     pub async fn start(parent: &Path, user: Option<&ProxyUser>) -> io::Result<Squid> {
+        Squid::start_with_rules(parent, user, "").await
+    }
+
+    /// Like [`Squid::start`], with `rules` (squid.conf lines, e.g. `acl` and `http_access
+    /// deny` lines that limit clients) placed before the rule that allows loopback clients.
+    pub async fn start_with_rules(
+        parent: &Path,
+        user: Option<&ProxyUser>,
+        rules: &str,
+    ) -> io::Result<Squid> {
         let dir = parent.join("squid");
         std::fs::create_dir_all(&dir)?;
         let auth = match user {
@@ -116,7 +126,7 @@ impl Squid {
                 )
             }
         };
-        Squid::start_with(parent, &auth, &[]).await
+        Squid::start_with(parent, &format!("{auth}{rules}"), &[]).await
     }
 
     /// Starts squid in `<parent>/squid` with `auth` (squid.conf lines: `auth_param`s, then

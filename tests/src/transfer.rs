@@ -145,6 +145,34 @@ fn field(line: &str, key: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// Waits for every task of `tasks` until `deadline` and returns the failures: each task's
+/// error, a panicked task, and, at the deadline, one line counting the unfinished tasks
+/// (which are aborted).
+pub async fn join_all_until(
+    tasks: &mut tokio::task::JoinSet<Result<(), String>>,
+    deadline: Instant,
+) -> Vec<String> {
+    let total = tasks.len();
+    let mut failures = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            Ok(None) => break,
+            Ok(Some(Ok(Ok(())))) => {}
+            Ok(Some(Ok(Err(e)))) => failures.push(e),
+            Ok(Some(Err(e))) => failures.push(format!("task: {e}")),
+            Err(_) => {
+                failures.push(format!(
+                    "{} of {total} tasks unfinished at the deadline",
+                    tasks.len()
+                ));
+                tasks.abort_all();
+                break;
+            }
+        }
+    }
+    failures
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

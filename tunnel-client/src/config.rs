@@ -152,7 +152,9 @@ pub struct ClientConfig {
     /// connection), which relays of every version serve. Default: `true`.
     pub session: bool,
     /// In a session: connect requests in flight at once; further connects wait their turn,
-    /// so opening many connections at once needs no HTTP connection each. Default: 8.
+    /// so opening many connections at once needs no HTTP connection each. With the held
+    /// pull and `max_pushes_in_flight` (4), a session needs at most 7 HTTP/1.1 connections,
+    /// within the 8 per client that strict proxies allow. Default: 2.
     pub max_connects_in_flight: usize,
     /// In a session: bytes of packets waiting for a push slot, over all connections; a
     /// connection's driver waits while it is full (back-pressure). Default: 4 MiB.
@@ -193,7 +195,7 @@ impl Default for ClientConfig {
             },
             stream: StreamConfig::default(),
             session: true,
-            max_connects_in_flight: 8,
+            max_connects_in_flight: 2,
             session_outbox: 4 * 1024 * 1024,
         }
     }

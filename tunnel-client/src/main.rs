@@ -212,7 +212,7 @@ struct Args {
     #[arg(
         long,
         env = "TUNNEL_CLIENT_MAX_CONNECTS_IN_FLIGHT",
-        default_value_t = 8
+        default_value_t = 2
     )]
     max_connects_in_flight: usize,
 

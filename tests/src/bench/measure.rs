@@ -273,12 +273,22 @@ pub async fn round_trip_all(
             Ok::<_, io::Error>(s)
         });
     }
-    let mut back = Vec::with_capacity(tasks.len());
+    let (back, failed, first_error) = join_counting(tasks, started + timeout).await;
+    (back, failed, first_error, started.elapsed())
+}
+
+/// Joins every task of `tasks` until `deadline`: the values of those that succeeded, how many
+/// failed (an error, a panic, or still running at the deadline: those are aborted), and the
+/// first failure.
+async fn join_counting<T: 'static>(
+    mut tasks: JoinSet<io::Result<T>>,
+    deadline: Instant,
+) -> (Vec<T>, usize, Option<String>) {
+    let mut done = Vec::with_capacity(tasks.len());
     let (mut failed, mut first_error) = (0, None);
-    let deadline = started + timeout;
     loop {
         match tokio::time::timeout_at(deadline, tasks.join_next()).await {
-            Ok(Some(Ok(Ok(s)))) => back.push(s),
+            Ok(Some(Ok(Ok(value)))) => done.push(value),
             Ok(Some(Ok(Err(e)))) => {
                 failed += 1;
                 first_error.get_or_insert_with(|| e.to_string());
@@ -291,11 +301,12 @@ pub async fn round_trip_all(
             Err(_) => {
                 failed += tasks.len();
                 first_error.get_or_insert_with(|| {
-                    format!("{} still pending after {timeout:?}", tasks.len())
+                    format!("{} still pending at the deadline", tasks.len())
                 });
+                tasks.abort_all();
                 break;
             }
         }
     }
-    (back, failed, first_error, started.elapsed())
+    (done, failed, first_error)
 }

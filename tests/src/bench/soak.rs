@@ -50,8 +50,7 @@ pub async fn section(
         bin_dir,
         options.flavour,
         target,
-        options.broker_max_conns,
-        1,
+        &tunnel::TunnelOptions::new(options.broker_max_conns),
     )
     .await?;
     let watched = path

@@ -90,33 +90,131 @@ fn bin(bin_dir: &Path, name: &str) -> io::Result<PathBuf> {
     }
 }
 
-/// Starts relay, broker (forwarding to `target`) and client, and waits until a round trip
-/// through the client's port works. `broker_max_conns` must cover the idle section. With
-/// `clients` > 1, that many client processes share the relay (one process's open-file limit
-/// cannot hold 10,000 local sockets plus 10,000 HTTP/1.1 connections).
-pub async fn start_tunnel(
+/// Whether `program --help` lists `flag`: the bench runs against binaries of other versions
+/// (`--bin-dir`, `--old-bin-dir`) and passes newer flags only to binaries that have them.
+pub fn help_lists(program: &Path, flag: &str) -> bool {
+    std::process::Command::new(program)
+        .arg("--help")
+        .output()
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .split(|c: char| c.is_whitespace() || c == ',' || c == '=')
+                .any(|word| word == flag)
+        })
+        .unwrap_or(false)
+}
+
+/// How the tunnel's client processes reach the relay: in one session per client process
+/// (docs/protocol.md §2.1), or with per-connection requests (`tunnel-client --no-session`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The client's default: a session once the client has them.
+    Default,
+    /// `--no-session`: one held pull and its own pushes per connection.
+    PerConnection,
+}
+
+/// What a started tunnel is made of, beyond its flavour.
+#[derive(Debug, Clone)]
+pub struct TunnelOptions {
+    /// Connections the broker (and the relay, and one session) must hold.
+    pub max_conns: usize,
+    /// Client processes sharing the relay (one process's open-file limit cannot hold 10,000
+    /// local sockets plus 10,000 HTTP/1.1 connections).
+    pub clients: usize,
+    pub transport: Transport,
+}
+
+impl TunnelOptions {
+    pub fn new(max_conns: usize) -> TunnelOptions {
+        TunnelOptions {
+            max_conns,
+            clients: 1,
+            transport: Transport::Default,
+        }
+    }
+}
+
+/// The label of a tunnel of `flavour` run by the client binary in `bin_dir` with
+/// `transport`: what actually runs, found from the client's `--help` (a client without
+/// `--no-session` has no sessions): `tunnel HTTP/1.1 [session]` or `… [per-conn]`.
+pub fn tunnel_label(bin_dir: &Path, flavour: Flavour, transport: Transport) -> io::Result<String> {
+    let has_sessions = help_lists(&bin(bin_dir, "tunnel-client")?, "--no-session");
+    let how = match (has_sessions, transport) {
+        (true, Transport::Default) => "session",
+        _ => "per-conn",
+    };
+    Ok(format!("{} [{how}]", flavour.label()))
+}
+
+/// A relay process, its addresses and the link secret file brokers must use.
+pub struct RelayProcess {
+    pub process: ChildProcess,
+    pub http: SocketAddr,
+    pub link: SocketAddr,
+    pub secret_file: PathBuf,
+}
+
+/// Relay connection limit the bench never goes below (the relay's default): the soak's
+/// churn keeps thousands of finished connections in their time-wait.
+const RELAY_MIN_MAX_CONNECTIONS: usize = 20_000;
+
+/// Starts the relay from `bin_dir` with `extra_args`, allowing `max_conns` connections (at
+/// least [`RELAY_MIN_MAX_CONNECTIONS`]; and, when the relay has sessions, as many in one
+/// session), and waits until it listens. Its log goes to `dir`.
+pub async fn start_relay(
     bin_dir: &Path,
-    flavour: Flavour,
-    target: SocketAddr,
-    broker_max_conns: usize,
-    clients: usize,
-) -> io::Result<RunningPath> {
-    let dir = TestDir::new(&format!("bench-{}", flavour.key()))?;
-    let secret = dir.path().join("link-secret");
+    dir: &Path,
+    max_conns: usize,
+    extra_args: Vec<String>,
+) -> io::Result<RelayProcess> {
+    let secret_file = dir.join("link-secret");
     std::fs::write(
-        &secret,
-        format!("bench-{}-{}", std::process::id(), target.port()),
+        &secret_file,
+        format!("bench-{}-{}", std::process::id(), free_addr().port()),
     )?;
     let (http, link) = (free_addr(), free_addr());
-    let listens: Vec<SocketAddr> = (0..clients.max(1)).map(|_| free_addr()).collect();
-    let mut relay_args: Vec<String> = vec![
+    let program = bin(bin_dir, "tunnel-servlet")?;
+    let max_conns = max_conns.max(RELAY_MIN_MAX_CONNECTIONS);
+    let mut args: Vec<String> = vec![
         "--listen".into(),
         http.to_string(),
         "--link-listen".into(),
         link.to_string(),
         "--link-secret-file".into(),
-        secret.display().to_string(),
+        secret_file.display().to_string(),
+        "--max-connections".into(),
+        max_conns.to_string(),
     ];
+    // Session limits exist once the relay has sessions; the defaults are below what the
+    // bench holds in one session.
+    for flag in ["--max-session-connections"] {
+        if help_lists(&program, flag) {
+            args.extend([flag.to_string(), max_conns.to_string()]);
+        }
+    }
+    args.extend(extra_args);
+    let mut process = ChildProcess::spawn("relay", &program, args, &rust_log(), dir)?;
+    process.wait_listening(http, READY_TIMEOUT).await?;
+    Ok(RelayProcess {
+        process,
+        http,
+        link,
+        secret_file,
+    })
+}
+
+/// Starts relay, broker (forwarding to `target`) and client(s), and waits until a round trip
+/// through the client's port works. `options.max_conns` must cover the idle section.
+pub async fn start_tunnel(
+    bin_dir: &Path,
+    flavour: Flavour,
+    target: SocketAddr,
+    options: &TunnelOptions,
+) -> io::Result<RunningPath> {
+    let dir = TestDir::new(&format!("bench-{}", flavour.key()))?;
+    let listens: Vec<SocketAddr> = (0..options.clients.max(1)).map(|_| free_addr()).collect();
+    let mut relay_args: Vec<String> = Vec::new();
     let mut client_args: Vec<String> = vec![
         "--server".into(),
         SERVER_NAME.into(),
@@ -124,18 +222,10 @@ pub async fn start_tunnel(
     ];
     match flavour {
         Flavour::Http1 => {
-            client_args.extend([
-                "--http1".into(),
-                "--relay".into(),
-                format!("http://{http}/tunnel"),
-            ]);
+            client_args.push("--http1".into());
         }
         Flavour::Http2 => {
-            client_args.extend([
-                "--http2".into(),
-                "--relay".into(),
-                format!("http://{http}/tunnel"),
-            ]);
+            client_args.push("--http2".into());
         }
         Flavour::Https => {
             let cert = rcgen::generate_simple_self_signed(vec![
@@ -152,14 +242,28 @@ pub async fn start_tunnel(
                 "--tls-key".into(),
                 key_path.display().to_string(),
             ]);
-            client_args.extend([
-                "--ca-file".into(),
-                cert_path.display().to_string(),
-                "--relay".into(),
-                format!("https://{http}/tunnel"),
-            ]);
+            client_args.extend(["--ca-file".into(), cert_path.display().to_string()]);
         }
     }
+    if options.transport == Transport::PerConnection {
+        let client = bin(bin_dir, "tunnel-client")?;
+        // An old client has no sessions: it is per-connection without the flag.
+        if help_lists(&client, "--no-session") {
+            client_args.push("--no-session".into());
+        }
+    }
+    let relay = start_relay(bin_dir, dir.path(), options.max_conns, relay_args).await?;
+    let (link, secret) = (relay.link, relay.secret_file.clone());
+    let scheme = if flavour == Flavour::Https {
+        "https"
+    } else {
+        "http"
+    };
+    client_args.extend([
+        "--relay".into(),
+        format!("{scheme}://{}/tunnel", relay.http),
+    ]);
+    let broker_max_conns = options.max_conns;
     let broker_args: Vec<String> = vec![
         "--relay".into(),
         link.to_string(),
@@ -175,23 +279,14 @@ pub async fn start_tunnel(
         broker_max_conns.to_string(),
     ];
     let env = rust_log();
+    let log_dir = dir.path().to_path_buf();
     let mut path = RunningPath {
-        label: flavour.label().into(),
+        label: tunnel_label(bin_dir, flavour, options.transport)?,
         entry: listens[0],
         entries: listens.clone(),
-        processes: Vec::new(),
+        processes: vec![("relay".into(), relay.process)],
         _dir: dir,
     };
-    let log_dir = path._dir.path().to_path_buf();
-    let relay = ChildProcess::spawn(
-        "relay",
-        &bin(bin_dir, "tunnel-servlet")?,
-        relay_args,
-        &env,
-        &log_dir,
-    )?;
-    path.processes.push(("relay".into(), relay));
-    wait_up(&mut path, http).await?;
     let broker = ChildProcess::spawn(
         "broker",
         &bin(bin_dir, "tunnel-broker")?,

@@ -4,9 +4,12 @@
 //! server behind the broker, and the baselines (direct TCP; three `copy_bidirectional`
 //! forwarders in a row, each its own process), then measures one-connection throughput,
 //! ping-pong latency, many-connection throughput, relay CPU per GiB, and 10,000 idle
-//! connections held by one relay; on request (`--sections soak`), connection churn with the
-//! processes' memory, descriptors and warnings sampled. Prints a table (or JSON with `--json`) with medians over
-//! `--runs` and ratios to the baselines. Progress goes to stderr.
+//! connections held by one relay (with sessions or per-connection requests); on request,
+//! 100,000 connections opened with the library in the bench process through one relay
+//! (`--sections inproc-many`) and connection churn with the processes' memory, descriptors
+//! and warnings sampled (`--sections soak`). With `--old-bin-dir`, previous binaries are
+//! measured beside the new ones in the same run. Prints a table (or JSON with `--json`) with
+//! medians over `--runs` and ratios to the baselines. Progress goes to stderr.
 //!
 //! ```text
 //! cargo build --release --workspace --bins
@@ -17,6 +20,8 @@
 mod dataserver;
 #[path = "../bench/forwarder.rs"]
 mod forwarder;
+#[path = "../bench/many.rs"]
+mod many;
 #[path = "../bench/measure.rs"]
 mod measure;
 #[path = "../bench/report.rs"]
@@ -40,7 +45,7 @@ use tunnel_tests::{fdlimit, procfs};
 
 use report::{num, parse_size, Json};
 use stats::{median, percentile, ratio};
-use tunnel::{Flavour, RunningPath};
+use tunnel::{Flavour, RunningPath, Transport, TunnelOptions};
 
 /// Target: one connection, each direction, at least this share of the 3-hop chain.
 const TARGET_THROUGHPUT_RATIO: f64 = 0.60;
@@ -48,6 +53,22 @@ const TARGET_THROUGHPUT_RATIO: f64 = 0.60;
 const TARGET_LATENCY_RATIO: f64 = 3.0;
 /// Target: relay memory per idle connection below this.
 const TARGET_IDLE_BYTES: f64 = 32.0 * 1024.0;
+/// Session targets (issue 9), for 10,000 idle connections over HTTP/1.1 and for the
+/// in-process section: a round trip on all within this many seconds, …
+const TARGET_SESSION_ROUND_TRIP_SECS: f64 = 5.0;
+/// … the relay at most this per connection, …
+const TARGET_SESSION_RELAY_BYTES: f64 = 8.0 * 1024.0;
+/// … the client at most this per connection, …
+const TARGET_SESSION_CLIENT_BYTES: f64 = 16.0 * 1024.0;
+/// … and the relay at most this many descriptors.
+const TARGET_SESSION_RELAY_FDS: usize = 64;
+/// Old binaries against new (`--old-bin-dir`): one connection's throughput at least this
+/// share of the old, its 1-byte p50 at most this multiple of the old (the machine's noise
+/// between two paths measured in one run is about 10 %).
+const TARGET_NO_WORSE_THROUGHPUT: f64 = 0.90;
+const TARGET_NO_WORSE_LATENCY: f64 = 1.10;
+/// Width of the path column of the table.
+const LABEL_WIDTH: usize = 34;
 /// Connections the idle section opens at once.
 const IDLE_OPEN_PARALLEL: usize = 256;
 const MIB: f64 = 1024.0 * 1024.0;
@@ -60,14 +81,20 @@ struct Opts {
     /// directory of this executable, i.e. target/release when run with `cargo run --release`).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Directory of previous release binaries: the throughput, latency and aggregate
+    /// sections then measure every flavour through them too, in the same run ("old" rows),
+    /// and the targets compare new with old.
+    #[arg(long)]
+    old_bin_dir: Option<PathBuf>,
     /// Repetitions of every throughput, latency and aggregate measurement (medians reported).
     #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Bytes per direction of one single-connection throughput measurement (K/M/G suffixes).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     bytes: u64,
-    /// Sections to run, comma-separated: throughput, latency, aggregate, idle, soak (not run
-    /// unless named: it churns connections for `--soak-secs`).
+    /// Sections to run, comma-separated: throughput, latency, aggregate, idle, inproc-many
+    /// and soak (these two are not run unless named: 100,000 connections, and churn for
+    /// `--soak-secs`).
     #[arg(
         long,
         value_delimiter = ',',
@@ -86,6 +113,21 @@ struct Opts {
     /// Flavour of the tunnel the idle section runs through: http1 or http2.
     #[arg(long, default_value = "http1")]
     idle_flavour: String,
+    /// How the idle section's clients reach the relay, comma-separated, one run each:
+    /// `session` (the client's default) and `per-conn` (`tunnel-client --no-session`; a
+    /// client without sessions is per-connection either way, and the label says so).
+    #[arg(long, value_delimiter = ',', default_value = "session")]
+    idle_transports: Vec<String>,
+    /// Connections the inproc-many section opens with the library.
+    #[arg(long, default_value_t = 100_000)]
+    many_conns: usize,
+    /// Connects in flight at once in the inproc-many section.
+    #[arg(long, default_value_t = 1024)]
+    many_open_parallel: usize,
+    /// Flavour between the library client and the relay in the inproc-many section: http1
+    /// or http2.
+    #[arg(long, default_value = "http1")]
+    many_flavour: String,
     /// Connections busy at once in the aggregate section.
     #[arg(long, default_value_t = 100)]
     agg_conns: usize,
@@ -155,6 +197,9 @@ impl Opts {
         if !given("--idle-conns") {
             self.idle_conns = 1000;
         }
+        if !given("--many-conns") {
+            self.many_conns = 2000;
+        }
         if !given("--agg-bytes") {
             self.agg_bytes = 512 << 10;
         }
@@ -166,6 +211,14 @@ impl Opts {
 
     fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout_secs)
+    }
+}
+
+fn parse_transport(name: &str) -> Result<Transport, String> {
+    match name {
+        "session" => Ok(Transport::Default),
+        "per-conn" | "per-connection" | "no-session" => Ok(Transport::PerConnection),
+        other => Err(format!("unknown transport {other:?} (session, per-conn)")),
     }
 }
 
@@ -264,7 +317,14 @@ fn main() -> std::process::ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // The inproc-many section runs the client and broker libraries here and drops
+                // its 100,000 connections at its end, a warning each; its failures are
+                // counted by the bench itself.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(
+                        "warn,tunnel_client=error,tunnel_broker=error,tunnel_proto=error",
+                    )
+                }),
         )
         .with_writer(std::io::stderr)
         .try_init();
@@ -288,6 +348,16 @@ async fn run(opts: Opts) -> io::Result<()> {
         .map_err(io::Error::other)?;
     let idle_flavour = parse_flavour(&opts.idle_flavour).map_err(io::Error::other)?;
     let soak_flavour = parse_flavour(&opts.soak_flavour).map_err(io::Error::other)?;
+    let many_flavour = parse_flavour(&opts.many_flavour).map_err(io::Error::other)?;
+    if many_flavour == Flavour::Https {
+        return Err(io::Error::other("--many-flavour is http1 or http2"));
+    }
+    let idle_transports = opts
+        .idle_transports
+        .iter()
+        .map(|t| parse_transport(t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io::Error::other)?;
     let bin_dir = match &opts.bin_dir {
         Some(dir) => dir.clone(),
         None => std::env::current_exe()?
@@ -298,7 +368,18 @@ async fn run(opts: Opts) -> io::Result<()> {
     let machine = procfs::Machine::detect();
     // Each idle connection costs the bench two descriptors (its end and the data server's)
     // and each tunnel process one or two; leave room for the rest.
-    let nofile = fdlimit::raise_nofile_limit((opts.idle_conns as u64 * 3 + 4096).max(65_536))?;
+    // The inproc-many section over per-connection requests holds a socket per connection
+    // here and in the relay (which inherits this limit).
+    let many_fds = if opts.section("inproc-many") {
+        opts.many_conns as u64 * 2 + 4096
+    } else {
+        0
+    };
+    let nofile = fdlimit::raise_nofile_limit(
+        (opts.idle_conns as u64 * 3 + 4096)
+            .max(many_fds)
+            .max(65_536),
+    )?;
     progress.say(format!(
         "machine: {} cores, {}, Linux {}; binaries from {}; open-file limit {nofile}",
         machine.cores,
@@ -323,9 +404,23 @@ async fn run(opts: Opts) -> io::Result<()> {
         let mut paths: Vec<RunningPath> = vec![tunnel::direct(server_addr)?];
         progress.say("starting the 3-hop TCP chain");
         paths.push(tunnel::start_tcp_chain(server_addr).await?);
-        for flavour in &flavours {
-            progress.say(format!("starting {}", flavour.label()));
-            paths.push(tunnel::start_tunnel(&bin_dir, *flavour, server_addr, broker_max, 1).await?);
+        let mut dirs = vec![("", &bin_dir)];
+        if let Some(old) = &opts.old_bin_dir {
+            dirs.push(("old ", old));
+        }
+        for (prefix, dir) in dirs {
+            for flavour in &flavours {
+                progress.say(format!("starting {prefix}{}", flavour.label()));
+                let mut path = tunnel::start_tunnel(
+                    dir,
+                    *flavour,
+                    server_addr,
+                    &TunnelOptions::new(broker_max),
+                )
+                .await?;
+                path.label = format!("{prefix}{}", path.label);
+                paths.push(path);
+            }
         }
         results = paths
             .iter()
@@ -341,23 +436,39 @@ async fn run(opts: Opts) -> io::Result<()> {
         }
         drop(paths);
     }
-    let idle = if opts.section("idle") {
+    let mut idle = Vec::new();
+    if opts.section("idle") {
         let clients = match opts.idle_clients {
             0 => (opts.idle_conns * 2).div_ceil((nofile as usize).saturating_sub(1024).max(1)),
             n => n,
         };
-        Some(
-            idle_section(
-                &opts,
-                &progress,
-                &bin_dir,
-                idle_flavour,
-                server_addr,
-                broker_max,
+        for transport in &idle_transports {
+            let options = TunnelOptions {
+                max_conns: broker_max,
                 clients,
-            )
-            .await?,
-        )
+                transport: *transport,
+            };
+            idle.push(
+                idle_section(
+                    &opts,
+                    &progress,
+                    &bin_dir,
+                    idle_flavour,
+                    server_addr,
+                    &options,
+                )
+                .await?,
+            );
+        }
+    }
+    let inproc_many = if opts.section("inproc-many") {
+        let options = many::ManyOptions {
+            conns: opts.many_conns,
+            open_parallel: opts.many_open_parallel,
+            flavour: many_flavour,
+            timeout: opts.timeout(),
+        };
+        Some(many::section(&bin_dir, &options, |line| progress.say(line)).await?)
     } else {
         None
     };
@@ -376,10 +487,20 @@ async fn run(opts: Opts) -> io::Result<()> {
         None
     };
 
-    let table = render_table(&opts, &machine, &results, idle.as_ref(), soak.as_ref());
+    let table = render_table(
+        &opts,
+        &machine,
+        &results,
+        &idle,
+        inproc_many.as_ref(),
+        soak.as_ref(),
+    );
     if opts.json {
         eprintln!("{table}");
-        let mut json = render_json(&opts, &machine, &results, idle.as_ref());
+        let mut json = render_json(&opts, &machine, &results, &idle);
+        if let (Json::Obj(fields), Some(many)) = (&mut json, &inproc_many) {
+            fields.push(("inproc_many".into(), many::render_json(many)));
+        }
         if let (Json::Obj(fields), Some(soak)) = (&mut json, &soak) {
             fields.push(("soak".into(), soak::render_json(soak)));
         }
@@ -419,7 +540,7 @@ async fn measure_path(
             account_cpu(path, res, &cpu_before, (up + down) as f64);
             let rate = t.mib_per_s();
             progress.say(format!(
-                "run {run}/{}: {:<22} {dir:<4} {:9.1} MiB/s",
+                "run {run}/{}: {:<LABEL_WIDTH$} {dir:<4} {:9.1} MiB/s",
                 opts.runs, path.label, rate
             ));
             match dir {
@@ -437,7 +558,7 @@ async fn measure_path(
             let (p50, p99) = (percentile(&samples, 50.0), percentile(&samples, 99.0));
             let us = |d: Duration| d.as_secs_f64() * 1e6;
             progress.say(format!(
-                "run {run}/{}: {:<22} rtt {size:>5} B  p50 {:8.1} µs  p99 {:8.1} µs",
+                "run {run}/{}: {:<LABEL_WIDTH$} rtt {size:>5} B  p50 {:8.1} µs  p99 {:8.1} µs",
                 opts.runs,
                 path.label,
                 us(p50),
@@ -460,7 +581,7 @@ async fn measure_path(
             .map_err(|e| fail("aggregate", e))?;
         account_cpu(path, res, &cpu_before, (t.up + t.down) as f64);
         progress.say(format!(
-            "run {run}/{}: {:<22} {} conns both ways {:9.1} MiB/s",
+            "run {run}/{}: {:<LABEL_WIDTH$} {} conns both ways {:9.1} MiB/s",
             opts.runs,
             path.label,
             opts.agg_conns,
@@ -495,14 +616,14 @@ async fn idle_section(
     bin_dir: &std::path::Path,
     flavour: Flavour,
     target: SocketAddr,
-    broker_max: usize,
-    clients: usize,
+    options: &TunnelOptions,
 ) -> io::Result<IdleResults> {
     progress.say(format!(
-        "idle: starting a fresh {} with {clients} client process(es)",
-        flavour.label()
+        "idle: starting a fresh {} with {} client process(es)",
+        tunnel::tunnel_label(bin_dir, flavour, options.transport)?,
+        options.clients
     ));
-    let mut path = tunnel::start_tunnel(bin_dir, flavour, target, broker_max, clients).await?;
+    let mut path = tunnel::start_tunnel(bin_dir, flavour, target, options).await?;
     // RSS by role; the client processes are summed under "client".
     let rss = |path: &RunningPath| -> io::Result<BTreeMap<String, u64>> {
         let mut by_role = BTreeMap::new();
@@ -573,7 +694,7 @@ async fn idle_section(
         .unwrap_or(0);
     path.check_alive()?;
     let result = IdleResults {
-        flavour: flavour.label().into(),
+        flavour: path.label.clone(),
         conns: streams.len() + rt_failed,
         open_secs: open.as_secs_f64(),
         round_trip_secs: round_trip.as_secs_f64(),
@@ -598,7 +719,8 @@ fn render_table(
     opts: &Opts,
     machine: &procfs::Machine,
     results: &[PathResults],
-    idle: Option<&IdleResults>,
+    idle: &[IdleResults],
+    inproc_many: Option<&many::ManyResults>,
     soak: Option<&soak::SoakRun>,
 ) -> String {
     use std::fmt::Write;
@@ -621,13 +743,13 @@ fn render_table(
         );
         let _ = writeln!(
             t,
-            "{:<22} {:>9} {:>9} {:>9}   {:>7} {:>7} {:>7}",
+            "{:<LABEL_WIDTH$} {:>9} {:>9} {:>9}   {:>7} {:>7} {:>7}",
             "path", "up", "down", "both", "up/3h", "down/3h", "both/3h"
         );
         for res in results {
             let _ = writeln!(
                 t,
-                "{:<22} {:>9} {:>9} {:>9}   {:>7} {:>7} {:>7}",
+                "{:<LABEL_WIDTH$} {:>9} {:>9} {:>9}   {:>7} {:>7} {:>7}",
                 res.label,
                 num(m(&res.up), 1),
                 num(m(&res.down), 1),
@@ -642,13 +764,13 @@ fn render_table(
         let _ = writeln!(t, "\nRound trip, ping-pong on one connection (µs)");
         let _ = writeln!(
             t,
-            "{:<22} {:>9} {:>9} {:>10} {:>10}   {:>8} {:>9}",
+            "{:<LABEL_WIDTH$} {:>9} {:>9} {:>10} {:>10}   {:>8} {:>9}",
             "path", "1B p50", "1B p99", "16KiB p50", "16KiB p99", "1Bp50/3h", "16Kp50/3h"
         );
         for res in results {
             let _ = writeln!(
                 t,
-                "{:<22} {:>9} {:>9} {:>10} {:>10}   {:>8} {:>9}",
+                "{:<LABEL_WIDTH$} {:>9} {:>9} {:>10} {:>10}   {:>8} {:>9}",
                 res.label,
                 num(m(&res.p50_1b), 0),
                 num(m(&res.p99_1b), 0),
@@ -669,7 +791,7 @@ fn render_table(
         for res in results {
             let _ = writeln!(
                 t,
-                "{:<22} {:>9}   {:>5}",
+                "{:<LABEL_WIDTH$} {:>9}   {:>5}",
                 res.label,
                 num(m(&res.aggregate), 1),
                 num(r(&|x| m(&x.aggregate), res), 2)
@@ -688,10 +810,10 @@ fn render_table(
                 .iter()
                 .map(|(role, s)| format!("{role} {:.2}", s / gib))
                 .collect();
-            let _ = writeln!(t, "{:<22} {}", res.label, parts.join(", "));
+            let _ = writeln!(t, "{:<LABEL_WIDTH$} {}", res.label, parts.join(", "));
         }
     }
-    if let Some(idle) = idle {
+    for idle in idle {
         let _ = writeln!(
             t,
             "\n{} idle connections held through one relay ({})",
@@ -736,10 +858,13 @@ fn render_table(
             cpu.join(", ")
         );
     }
+    if let Some(many) = inproc_many {
+        many::render_table(many, &mut t);
+    }
     if let Some(soak) = soak {
         soak::render_table(soak, &mut t);
     }
-    let has_targets = base.is_some() || idle.is_some();
+    let has_targets = base.is_some() || !idle.is_empty() || inproc_many.is_some();
     if has_targets {
         let _ = writeln!(t, "\nTargets:");
     }
@@ -750,7 +875,7 @@ fn render_table(
                 let ok = up >= TARGET_THROUGHPUT_RATIO && down >= TARGET_THROUGHPUT_RATIO;
                 let _ = writeln!(
                     t,
-                    "  {:<22} throughput up {} down {} of 3-hop (>= {TARGET_THROUGHPUT_RATIO}): {}",
+                    "  {:<LABEL_WIDTH$} throughput up {} down {} of 3-hop (>= {TARGET_THROUGHPUT_RATIO}): {}",
                     res.label,
                     num(up, 2),
                     num(down, 2),
@@ -761,7 +886,7 @@ fn render_table(
                 let l = ratio(m(&res.p50_1b), m(&b.p50_1b));
                 let _ = writeln!(
                     t,
-                    "  {:<22} 1-byte p50 {}x 3-hop (<= {TARGET_LATENCY_RATIO}x): {}",
+                    "  {:<LABEL_WIDTH$} 1-byte p50 {}x 3-hop (<= {TARGET_LATENCY_RATIO}x): {}",
                     res.label,
                     num(l, 2),
                     verdict(l <= TARGET_LATENCY_RATIO)
@@ -769,7 +894,8 @@ fn render_table(
             }
         }
     }
-    if let Some(idle) = idle {
+    render_old_vs_new(results, opts, &mut t);
+    for idle in idle {
         let per = idle.per_conn("relay");
         let ok = idle.conns >= 10_000 && idle.rt_failed == 0 && per < TARGET_IDLE_BYTES;
         let _ = writeln!(
@@ -779,8 +905,113 @@ fn render_table(
             per / 1024.0,
             verdict(ok)
         );
+        let client = idle.per_conn("client");
+        let checks = [
+            (
+                format!("{} round trips failed (0)", idle.rt_failed),
+                idle.rt_failed == 0,
+            ),
+            (
+                format!(
+                    "round trip on all {:.2} s (<= {TARGET_SESSION_ROUND_TRIP_SECS} s)",
+                    idle.round_trip_secs
+                ),
+                idle.round_trip_secs <= TARGET_SESSION_ROUND_TRIP_SECS,
+            ),
+            (
+                format!("relay {:.1} KiB/conn (<= 8)", per / 1024.0),
+                per <= TARGET_SESSION_RELAY_BYTES,
+            ),
+            (
+                format!("client {:.1} KiB/conn (<= 16)", client / 1024.0),
+                client <= TARGET_SESSION_CLIENT_BYTES,
+            ),
+            (
+                format!(
+                    "relay {} descriptors (<= {TARGET_SESSION_RELAY_FDS})",
+                    idle.relay_fds_held
+                ),
+                idle.relay_fds_held <= TARGET_SESSION_RELAY_FDS,
+            ),
+        ];
+        let _ = writeln!(
+            t,
+            "  {} idle, {}: session targets (for 10,000 over HTTP/1.1):",
+            idle.conns, idle.flavour
+        );
+        for (what, ok) in checks {
+            let _ = writeln!(t, "      {what}: {}", verdict(ok));
+        }
+    }
+    if let Some(many) = inproc_many {
+        let per = many.relay_per_conn();
+        let ok = many.opened >= 100_000 && many.failed() == 0 && per <= TARGET_SESSION_RELAY_BYTES;
+        let _ = writeln!(
+            t,
+            "  inproc-many: {} of {} open, {} failed, relay {:.1} KiB each (100,000, none failed, <= 8 KiB): {}",
+            many.opened,
+            many.asked,
+            many.failed(),
+            per / 1024.0,
+            verdict(ok)
+        );
     }
     t
+}
+
+/// The issue-9 targets of one idle run: no failure, a round trip on all within 5 s, relay
+/// at most 8 KiB and client 16 KiB per connection, relay at most 64 descriptors.
+fn session_targets_met(i: &IdleResults) -> bool {
+    i.rt_failed == 0
+        && i.round_trip_secs <= TARGET_SESSION_ROUND_TRIP_SECS
+        && i.per_conn("relay") <= TARGET_SESSION_RELAY_BYTES
+        && i.per_conn("client") <= TARGET_SESSION_CLIENT_BYTES
+        && i.relay_fds_held <= TARGET_SESSION_RELAY_FDS
+}
+
+/// Target lines comparing every path measured through `--old-bin-dir` ("old …") with the
+/// new path of the same flavour: throughput and 1-byte latency no worse than before.
+fn render_old_vs_new(results: &[PathResults], opts: &Opts, t: &mut String) {
+    use std::fmt::Write;
+    let m = |v: &[f64]| median(v);
+    for old in results.iter().filter(|r| r.label.starts_with("old ")) {
+        // "old tunnel HTTP/1.1 [per-conn]" pairs with "tunnel HTTP/1.1 [...]".
+        let flavour = old.label["old ".len()..]
+            .split(" [")
+            .next()
+            .unwrap_or_default();
+        let Some(new) = results
+            .iter()
+            .find(|r| !r.label.starts_with("old ") && r.label.starts_with(&format!("{flavour} [")))
+        else {
+            continue;
+        };
+        if opts.section("throughput") {
+            let (up, down) = (
+                ratio(m(&new.up), m(&old.up)),
+                ratio(m(&new.down), m(&old.down)),
+            );
+            let ok = up >= TARGET_NO_WORSE_THROUGHPUT && down >= TARGET_NO_WORSE_THROUGHPUT;
+            let _ = writeln!(
+                t,
+                "  {:<LABEL_WIDTH$} throughput up {} down {} of old (>= {TARGET_NO_WORSE_THROUGHPUT}): {}",
+                new.label,
+                num(up, 2),
+                num(down, 2),
+                verdict(ok)
+            );
+        }
+        if opts.section("latency") {
+            let l = ratio(m(&new.p50_1b), m(&old.p50_1b));
+            let _ = writeln!(
+                t,
+                "  {:<LABEL_WIDTH$} 1-byte p50 {}x old (<= {TARGET_NO_WORSE_LATENCY}x): {}",
+                new.label,
+                num(l, 2),
+                verdict(l <= TARGET_NO_WORSE_LATENCY)
+            );
+        }
+    }
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -795,7 +1026,7 @@ fn render_json(
     opts: &Opts,
     machine: &procfs::Machine,
     results: &[PathResults],
-    idle: Option<&IdleResults>,
+    idle: &[IdleResults],
 ) -> Json {
     let base = results.iter().find(|r| r.label == "3-hop TCP chain");
     let series = |values: &[f64], base_values: Option<&[f64]>| {
@@ -855,48 +1086,52 @@ fn render_json(
             ])
         })
         .collect();
-    let idle_json = idle.map_or(Json::Obj(vec![]), |i| {
-        Json::obj(vec![
-            ("flavour", Json::Str(i.flavour.clone())),
-            ("connections", Json::Num(i.conns as f64)),
-            ("open_all_s", Json::Num(i.open_secs)),
-            ("round_trip_all_s", Json::Num(i.round_trip_secs)),
-            ("relay_fds_held", Json::Num(i.relay_fds_held as f64)),
-            ("round_trips_failed", Json::Num(i.rt_failed as f64)),
-            (
-                "round_trip_first_error",
-                Json::Str(i.rt_error.clone().unwrap_or_default()),
-            ),
-            (
-                "cpu_s_open_and_round_trip",
-                Json::Obj(
-                    i.cpu_secs
-                        .iter()
-                        .map(|(r, s)| (r.clone(), Json::Num(*s)))
-                        .collect(),
+    let idle_json = idle
+        .iter()
+        .map(|i| {
+            Json::obj(vec![
+                ("flavour", Json::Str(i.flavour.clone())),
+                ("connections", Json::Num(i.conns as f64)),
+                ("open_all_s", Json::Num(i.open_secs)),
+                ("round_trip_all_s", Json::Num(i.round_trip_secs)),
+                ("relay_fds_held", Json::Num(i.relay_fds_held as f64)),
+                ("round_trips_failed", Json::Num(i.rt_failed as f64)),
+                (
+                    "round_trip_first_error",
+                    Json::Str(i.rt_error.clone().unwrap_or_default()),
                 ),
-            ),
-            (
-                "relay_rss_before_bytes",
-                Json::Num(i.rss_before.get("relay").copied().unwrap_or(0) as f64),
-            ),
-            (
-                "relay_rss_held_bytes",
-                Json::Num(i.rss_held.get("relay").copied().unwrap_or(0) as f64),
-            ),
-            ("relay_bytes_per_conn", Json::Num(i.per_conn("relay"))),
-            ("broker_bytes_per_conn", Json::Num(i.per_conn("broker"))),
-            ("client_bytes_per_conn", Json::Num(i.per_conn("client"))),
-            (
-                "target_met",
-                Json::Bool(
-                    i.conns >= 10_000
-                        && i.rt_failed == 0
-                        && i.per_conn("relay") < TARGET_IDLE_BYTES,
+                (
+                    "cpu_s_open_and_round_trip",
+                    Json::Obj(
+                        i.cpu_secs
+                            .iter()
+                            .map(|(r, s)| (r.clone(), Json::Num(*s)))
+                            .collect(),
+                    ),
                 ),
-            ),
-        ])
-    });
+                (
+                    "relay_rss_before_bytes",
+                    Json::Num(i.rss_before.get("relay").copied().unwrap_or(0) as f64),
+                ),
+                (
+                    "relay_rss_held_bytes",
+                    Json::Num(i.rss_held.get("relay").copied().unwrap_or(0) as f64),
+                ),
+                ("relay_bytes_per_conn", Json::Num(i.per_conn("relay"))),
+                ("broker_bytes_per_conn", Json::Num(i.per_conn("broker"))),
+                ("client_bytes_per_conn", Json::Num(i.per_conn("client"))),
+                (
+                    "target_met",
+                    Json::Bool(
+                        i.conns >= 10_000
+                            && i.rt_failed == 0
+                            && i.per_conn("relay") < TARGET_IDLE_BYTES,
+                    ),
+                ),
+                ("session_targets_met", Json::Bool(session_targets_met(i))),
+            ])
+        })
+        .collect();
     Json::obj(vec![
         (
             "machine",
@@ -918,6 +1153,6 @@ fn render_json(
             ]),
         ),
         ("paths", Json::Arr(paths)),
-        ("idle", idle_json),
+        ("idle", Json::Arr(idle_json)),
     ])
 }
