@@ -28,8 +28,39 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-/// Size of the copy buffer of each direction: one full DATA packet's worth.
+/// Largest copy buffer of each direction: one full DATA packet's worth.
 pub const COPY_BUFFER: usize = 64 * 1024;
+
+/// Smallest copy buffer, the one an idle or chatty direction keeps. Thousands of idle
+/// spliced connections are the common case (a client binary holding database or MQTT
+/// connections): with a full buffer each, an idle connection that has moved a few bytes
+/// costs the touched pages of two 64 KiB buffers.
+pub const MIN_COPY_BUFFER: usize = 2 * 1024;
+
+/// A copy buffer that grows while reads fill it (bulk transfer) and shrinks back when they
+/// come small again (interactive or idle).
+struct CopyBuffer {
+    buf: Vec<u8>,
+}
+
+impl CopyBuffer {
+    fn new() -> CopyBuffer {
+        CopyBuffer {
+            buf: vec![0u8; MIN_COPY_BUFFER],
+        }
+    }
+
+    /// Adapts the size to a read of `n` bytes: four times larger after a full read, back to
+    /// the minimum after a read under an eighth of it.
+    fn adapt(&mut self, n: usize) {
+        let len = self.buf.len();
+        if n == len && len < COPY_BUFFER {
+            self.buf = vec![0u8; (len * 4).min(COPY_BUFFER)];
+        } else if n < len / 8 && len > MIN_COPY_BUFFER {
+            self.buf = vec![0u8; MIN_COPY_BUFFER];
+        }
+    }
+}
 
 /// What a splice moved, and how it ended.
 #[derive(Debug)]
@@ -96,21 +127,23 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut copy = CopyBuffer::new();
     loop {
+        let buf = &mut copy.buf;
         let n = match &mut stop {
             Some(stop) => tokio::select! {
-                n = reader.read(&mut buf) => n?,
+                n = reader.read(buf) => n?,
                 // A dropped sender counts as a stop too.
                 _ = stop.wait_for(|stopped| *stopped) => 0,
             },
-            None => reader.read(&mut buf).await?,
+            None => reader.read(buf).await?,
         };
         if n == 0 {
             return writer.shutdown().await;
         }
         writer.write_all(&buf[..n]).await?;
         *count += n as u64;
+        copy.adapt(n);
     }
 }
 
@@ -118,6 +151,23 @@ where
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn the_copy_buffer_grows_with_full_reads_and_shrinks_with_small_ones() {
+        let mut copy = CopyBuffer::new();
+        assert_eq!(copy.buf.len(), MIN_COPY_BUFFER);
+        let mut sizes = Vec::new();
+        for _ in 0..4 {
+            let full = copy.buf.len();
+            copy.adapt(full);
+            sizes.push(copy.buf.len());
+        }
+        assert_eq!(sizes, [8 * 1024, 32 * 1024, COPY_BUFFER, COPY_BUFFER]);
+        copy.adapt(COPY_BUFFER / 2);
+        assert_eq!(copy.buf.len(), COPY_BUFFER, "half full: keep");
+        copy.adapt(100);
+        assert_eq!(copy.buf.len(), MIN_COPY_BUFFER, "small read: shrink");
+    }
 
     #[tokio::test]
     async fn half_close_of_one_side_lets_the_other_direction_finish() {
