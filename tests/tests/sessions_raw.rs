@@ -425,7 +425,7 @@ async fn the_session_limits_answer_503_and_are_counted() {
         let setup = EchoSetup::start(&args, &[], "info").await;
         let raw = Raw::new(&setup.relay.tunnel_url());
         let a = open_session(&raw).await.expect("first session");
-        let _b = open_session(&raw).await.expect("second session");
+        let b = open_session(&raw).await.expect("second session");
         assert_eq!(
             open_session(&raw).await.err(),
             Some(StatusCode::SERVICE_UNAVAILABLE)
@@ -449,6 +449,19 @@ async fn the_session_limits_answer_503_and_are_counted() {
             Some(2)
         );
         assert_eq!(setup.relay.metric("tunnel_sessions").await, Some(2));
+
+        // Closing a session frees its place at once; a wrong token closes nothing, and a
+        // closed session is unknown (404) from then on.
+        let close =
+            |id, token| RawSession::send(a.request(reqwest::Method::POST, "Type=close", id, token));
+        assert_eq!(close(a.id, b.token).await.0, StatusCode::NOT_FOUND);
+        assert_eq!(close(a.id, a.token).await.0, StatusCode::OK);
+        assert_eq!(close(a.id, a.token).await.0, StatusCode::NOT_FOUND);
+        assert_eq!(a.pull_as(a.id, a.token).await.0, StatusCode::NOT_FOUND);
+        assert_eq!(setup.relay.metric("tunnel_sessions").await, Some(1));
+        open_session(&raw)
+            .await
+            .expect("a place again after the close");
     })
     .await
     .expect("test timed out");

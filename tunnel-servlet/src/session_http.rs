@@ -171,10 +171,10 @@ pub(crate) async fn pull(shared: &Shared, key: SessionKey) -> Response<Body> {
 }
 
 /// The packets of one session push that go to one broker link, in body order.
-struct ToLink {
+struct ToLink<'a> {
     link_id: u64,
     sender: LinkSender,
-    bytes: BytesMut,
+    packets: Vec<&'a Packet>,
 }
 
 /// The packets of one connection in a session push, for the per-connection rules.
@@ -227,7 +227,9 @@ pub(crate) async fn push(
     };
     let now = Instant::now();
     let mut answer = BytesMut::new();
-    let mut to_links: Vec<ToLink> = Vec::new();
+    let mut to_links: Vec<ToLink<'_>> = Vec::new();
+    // Whether every packet of the body goes to a link (no ATTACH, none refused or dropped).
+    let mut whole_body = attaches.is_empty();
     let mut pushed: Vec<Pushed<'_>> = Vec::new();
     let mut aborted_by_client = Vec::new();
     {
@@ -261,6 +263,7 @@ pub(crate) async fn push(
         for packet in list.iter().filter(|p| p.kind != PacketType::Attach) {
             let id = packet.conn_id;
             if !table.in_session(id, key.id) {
+                whole_body = false;
                 if refused.insert(id) {
                     Packet::new(PacketType::ConnAbort, id, encode_reason(UNKNOWN_CONNECTION))
                         .encode(&mut answer);
@@ -269,6 +272,7 @@ pub(crate) async fn push(
             }
             // No link to its instance right now: dropped, the connection retransmits.
             let Some(link) = table.conn_link(id) else {
+                whole_body = false;
                 tracing::debug!(
                     session = key.id,
                     conn_id = id,
@@ -282,12 +286,12 @@ pub(crate) async fn push(
                     to_links.push(ToLink {
                         link_id: link.id,
                         sender: link.sender.clone(),
-                        bytes: BytesMut::new(),
+                        packets: Vec::new(),
                     });
                     to_links.last_mut().expect("just pushed")
                 }
             };
-            packet.encode(&mut to_link.bytes);
+            to_link.packets.push(packet);
             let slot = *slot_of.entry(id).or_insert_with(|| {
                 pushed.push(Pushed {
                     id,
@@ -313,12 +317,20 @@ pub(crate) async fn push(
         }
     }
     shared.metrics.push(body.len());
+    let single_link = to_links.len() == 1;
     for to_link in to_links {
-        if let Err(err) = to_link
-            .sender
-            .send(to_link.bytes.freeze(), config.link_send_timeout)
-            .await
-        {
+        // The common case, one client's traffic to one broker: the body is already those
+        // packets back to back, so it goes as it came (no copy, no checksums computed again).
+        let bytes = if whole_body && single_link {
+            body.clone()
+        } else {
+            let mut bytes = BytesMut::new();
+            for packet in &to_link.packets {
+                packet.encode(&mut bytes);
+            }
+            bytes.freeze()
+        };
+        if let Err(err) = to_link.sender.send(bytes, config.link_send_timeout).await {
             return error(StatusCode::SERVICE_UNAVAILABLE, link_error_text(err));
         }
     }
