@@ -36,8 +36,26 @@ impl PacketSink for SessionSink {
         packets: Vec<Packet>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
-            self.session.outbox.put(packets).await;
-            self.session.pusher_wake.notify_one();
+            let session = &self.session;
+            session.outbox.put(packets).await;
+            // A free push slot and a session: push from here, one task switch sooner than the
+            // pusher would (this is the latency of an interactive connection). Otherwise, or
+            // if packets are left, the pusher takes over.
+            let mut attaches_pending = false;
+            if let (Some(key), Ok(permit)) = (
+                session.current(),
+                session.push_slots.clone().try_acquire_owned(),
+            ) {
+                let (body, attach_at) = build_body(session, &key);
+                attaches_pending = attach_at.is_some();
+                if !body.is_empty() {
+                    tokio::spawn(push(session.clone(), key, body, permit));
+                }
+            }
+            // The pusher also keeps the clock of unanswered ATTACHes.
+            if attaches_pending || !session.outbox.is_empty() {
+                session.pusher_wake.notify_one();
+            }
         })
     }
 }
