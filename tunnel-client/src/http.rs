@@ -20,6 +20,11 @@ pub const TOKEN_HEADER: &str = "Tunnel-Token";
 /// Header carrying the session's secret (docs/protocol.md §2.1).
 pub const SESSION_TOKEN_HEADER: &str = "Tunnel-Session-Token";
 
+/// The header that names session `key`'s secret in a request.
+fn session_secret(key: &SessionKey) -> (&'static str, String) {
+    (SESSION_TOKEN_HEADER, key.token.to_hex())
+}
+
 /// One session at the relay as the client names it in requests: its id and token, and which
 /// of the client's sessions (their count, from 1) it is.
 #[derive(Debug)]
@@ -442,14 +447,28 @@ impl Relay {
 
     /// `POST Type=connect` with one CONN_INIT; the answer's packets.
     pub async fn connect(&self, init: &Packet) -> Result<Vec<Packet>, RequestError> {
-        let url = self.url("connect", None);
-        let body = init.to_bytes();
+        self.post_packets(self.url("connect", None), None, init.to_bytes())
+            .await
+    }
+
+    /// `POST url` with `body` (packets) and, if given, the secret header `(name, value)`;
+    /// the packets of the answer. Connects and pushes of both transports.
+    async fn post_packets(
+        &self,
+        url: Url,
+        secret: Option<(&'static str, String)>,
+        body: Bytes,
+    ) -> Result<Vec<Packet>, RequestError> {
         self.exchange(|client| {
-            client
+            let request = client
                 .post(url.clone())
                 .timeout(self.request_timeout)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                .body(body.clone())
+                .body(body.clone());
+            match &secret {
+                Some((name, value)) => request.header(*name, value.clone()),
+                None => request,
+            }
         })
         .await
     }
@@ -474,15 +493,8 @@ impl Relay {
         body: Bytes,
     ) -> Result<Vec<Packet>, RequestError> {
         let url = self.url("push", Some(conn_id));
-        self.exchange(|client| {
-            client
-                .post(url.clone())
-                .timeout(self.request_timeout)
-                .header(TOKEN_HEADER, token.to_hex())
-                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                .body(body.clone())
-        })
-        .await
+        self.post_packets(url, Some((TOKEN_HEADER, token.to_hex())), body)
+            .await
     }
 
     /// URL of a request in session `id`: `Type` and `Session`, plus `ServerName` (and the
@@ -507,16 +519,7 @@ impl Relay {
     pub async fn open_session(&self, init: &Packet) -> Result<(u32, Token), RequestError> {
         let mut url = self.base.clone();
         url.query_pairs_mut().append_pair("Type", "session");
-        let body = init.to_bytes();
-        let packets = self
-            .exchange(|client| {
-                client
-                    .post(url.clone())
-                    .timeout(self.request_timeout)
-                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                    .body(body.clone())
-            })
-            .await?;
+        let packets = self.post_packets(url, None, init.to_bytes()).await?;
         let answer = packets
             .into_iter()
             .find(|p| p.kind == PacketType::SessionInit && p.conn_id != 0)
@@ -533,16 +536,8 @@ impl Relay {
         init: &Packet,
     ) -> Result<Vec<Packet>, RequestError> {
         let url = self.session_url("connect", key.id);
-        let body = init.to_bytes();
-        self.exchange(|client| {
-            client
-                .post(url.clone())
-                .timeout(self.request_timeout)
-                .header(SESSION_TOKEN_HEADER, key.token.to_hex())
-                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                .body(body.clone())
-        })
-        .await
+        self.post_packets(url, Some(session_secret(key)), init.to_bytes())
+            .await
     }
 
     /// `GET Type=pull` of a session: packets of any of its connections.
@@ -565,28 +560,16 @@ impl Relay {
         body: Bytes,
     ) -> Result<Vec<Packet>, RequestError> {
         let url = self.session_url("push", key.id);
-        self.exchange(|client| {
-            client
-                .post(url.clone())
-                .timeout(self.request_timeout)
-                .header(SESSION_TOKEN_HEADER, key.token.to_hex())
-                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                .body(body.clone())
-        })
-        .await
+        self.post_packets(url, Some(session_secret(key)), body)
+            .await
     }
 
     /// `POST Type=close` of a session: the client is done with it.
     pub async fn close_session(&self, key: &SessionKey) -> Result<(), RequestError> {
         let url = self.session_url("close", key.id);
-        self.exchange(|client| {
-            client
-                .post(url.clone())
-                .timeout(self.request_timeout)
-                .header(SESSION_TOKEN_HEADER, key.token.to_hex())
-        })
-        .await
-        .map(|_| ())
+        self.post_packets(url, Some(session_secret(key)), Bytes::new())
+            .await
+            .map(|_| ())
     }
 
     /// The server name connections are opened to.
