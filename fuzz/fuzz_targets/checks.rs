@@ -8,7 +8,8 @@ use tunnel_proto::packet::HEADER_LEN;
 use tunnel_proto::payload::{
     decode_listen_state, decode_reason, decode_sack, decode_token, encode_listen_state,
     encode_sack, encode_token, Attach, BrokerConnInit, ConnOption, LinkInit, ListenMode,
-    ListenState, SessionRequest, Token, MAX_SACK_BLOCKS, MAX_SERVER_NAME_LEN,
+    ListenState, MoveAnswer, MoveRequest, RelayHello, SessionRequest, Token, MAX_SACK_BLOCKS,
+    MAX_SERVER_NAME_LEN,
 };
 
 /// Input layout: byte 0 = chunk size for the streaming decoder (0 read as 1), byte 1 = packet
@@ -64,12 +65,25 @@ pub fn check_packets(data: &[u8]) {
 }
 
 /// The broker link's own messages, the handshake and the capacity/listen state (LINK_INIT with
-/// and without its pool extension, LISTEN_STATE in its 1- and 9-byte forms): no panic, and
-/// whatever decodes re-encodes to the same bytes.
+/// and without its pool extension and features byte, LINK_INIT_ACK, LISTEN_STATE in its 1- and
+/// 9-byte forms, CONN_MOVE both ways): no panic, and whatever decodes re-encodes to the same
+/// bytes.
 pub fn check_link(data: &[u8]) {
     let b = Bytes::copy_from_slice(data);
     if let Ok(li) = LinkInit::decode(b.clone()) {
         assert_eq!(li.encode(), b);
+    }
+    if let Ok(hello) = RelayHello::decode(b.clone()) {
+        // The empty payload of an older relay decodes as id 0 without features.
+        if !b.is_empty() {
+            assert_eq!(hello.encode(), b);
+        }
+    }
+    if let Ok(request) = MoveRequest::decode(b.clone()) {
+        assert_eq!(request.encode(), b);
+    }
+    if let Ok(answer) = MoveAnswer::decode(b.clone()) {
+        assert_eq!(answer.encode(), b);
     }
     if let Ok(accepting) = decode_listen_state(b.clone()) {
         assert_eq!(encode_listen_state(accepting), b);

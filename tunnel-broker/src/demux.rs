@@ -62,7 +62,8 @@ pub(crate) async fn handle_packet(
         | PacketType::LinkInit
         | PacketType::ListenState
         | PacketType::SessionInit
-        | PacketType::Attach => {
+        | PacketType::Attach
+        | PacketType::ConnMove => {
             tracing::debug!(conn_id, kind = ?packet.kind, "packet type not expected from the relay; ignored")
         }
     }

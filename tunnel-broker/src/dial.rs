@@ -90,6 +90,7 @@ async fn dial_inner(
             instance: config.instance_id,
             keepalive_ms: u32::try_from(config.keepalive_interval.as_millis()).unwrap_or(u32::MAX),
             state,
+            features: None,
         }),
     };
     let mut out = BytesMut::new();

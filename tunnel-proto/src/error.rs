@@ -34,7 +34,7 @@ pub enum DecodeError {
         /// Checksum computed over what was received.
         computed: u32,
     },
-    /// The header's type field (carried here) is not one of the codes 1–15.
+    /// The header's type field (carried here) is not one of the codes 1–16.
     #[error("unknown packet type {0}")]
     UnknownType(u16),
     /// A complete body (or a stream at its end) stops inside a packet.

@@ -84,11 +84,15 @@ pub enum PacketType {
     /// §2.1). Client→relay: the connection's token and server name
     /// ([`Attach`](crate::payload::Attach)); relay→client: empty payload, "attached".
     Attach = 15,
+    /// 16: moves a connection between the links of a broker's relays (docs/protocol.md
+    /// §5.2). Relay→broker: the connection's token ([`MoveRequest`](crate::payload::MoveRequest));
+    /// broker→relay: the outcome ([`MoveAnswer`](crate::payload::MoveAnswer)).
+    ConnMove = 16,
 }
 
 impl PacketType {
     /// Every type, in code order.
-    pub const ALL: [PacketType; 15] = [
+    pub const ALL: [PacketType; 16] = [
         PacketType::ConnInit,
         PacketType::ConnInitAck,
         PacketType::ConnRejected,
@@ -104,17 +108,18 @@ impl PacketType {
         PacketType::LinkInitAck,
         PacketType::SessionInit,
         PacketType::Attach,
+        PacketType::ConnMove,
     ];
 
-    /// The type with wire code `code`, or `None` outside 1–15.
+    /// The type with wire code `code`, or `None` outside 1–16.
     pub fn from_code(code: u16) -> Option<PacketType> {
         match code {
-            1..=15 => Some(Self::ALL[usize::from(code) - 1]),
+            1..=16 => Some(Self::ALL[usize::from(code) - 1]),
             _ => None,
         }
     }
 
-    /// The wire code, 1–15, written in header bytes 2–3.
+    /// The wire code, 1–16, written in header bytes 2–3.
     pub fn code(self) -> u16 {
         self as u16
     }

@@ -312,13 +312,17 @@ impl LinkInit {
             out.put_u32(ext.keepalive_ms);
             out.put_u8(ext.state.mode as u8);
             ext.state.capacity.unwrap_or_default().put(&mut out);
+            if let Some(features) = ext.features {
+                out.put_u8(features.0);
+            }
         }
         out.freeze()
     }
 
     /// Parses the payload; rejects a name or secret outside its length range, a name that is
     /// not UTF-8, a connection count larger than the bytes present, an extension that is not
-    /// exactly [`LINK_EXTENSION_LEN`] bytes or has an unknown listen mode, and trailing bytes.
+    /// exactly [`LINK_EXTENSION_LEN`] bytes (or one more, the features byte) or has an unknown
+    /// listen mode, and trailing bytes.
     pub fn decode(payload: Bytes) -> Result<LinkInit, PayloadError> {
         let mut r = Reader::new("LINK_INIT", payload);
         let server_name = r.prefixed_str(1, MAX_SERVER_NAME_LEN)?;
@@ -342,6 +346,11 @@ impl LinkInit {
             let keepalive_ms = r.u32()?;
             let mode = ListenMode::from_wire(r.u8()?, "LINK_INIT")?;
             let capacity = Capacity::read(&mut r)?;
+            let features = if r.buf.is_empty() {
+                None
+            } else {
+                Some(LinkFeatures(r.u8()?))
+            };
             Some(LinkExtension {
                 instance,
                 keepalive_ms,
@@ -349,6 +358,7 @@ impl LinkInit {
                     mode,
                     capacity: Some(capacity),
                 },
+                features,
             })
         };
         r.end()?;
@@ -482,6 +492,145 @@ pub struct LinkExtension {
     pub keepalive_ms: u32,
     /// The listen mode and capacity at link time; `capacity` is always `Some` here.
     pub state: ListenState,
+    /// What the broker can do beyond the extension's first form: `None` when the extension
+    /// is [`LINK_EXTENSION_LEN`] bytes, `Some` when it ends with the features byte.
+    pub features: Option<LinkFeatures>,
+}
+
+/// One byte of feature bits that a broker (at the end of LINK_INIT's pool extension) and a
+/// relay (in LINK_INIT_ACK, [`RelayHello`]) send to say what they understand
+/// (docs/protocol.md §5.2). Bits a reader does not know are kept and ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct LinkFeatures(pub u8);
+
+impl LinkFeatures {
+    /// Bit 0: the sender understands CONN_MOVE (docs/protocol.md §5.2).
+    pub const MOVES: LinkFeatures = LinkFeatures(1);
+
+    /// Whether every bit of `other` is set here.
+    pub fn has(self, other: LinkFeatures) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+/// Payload of LINK_INIT_ACK (relay → broker, docs/protocol.md §5.2): empty from a relay that
+/// predates relay pools, otherwise 2 bytes: the relay's id in its pool and its features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RelayHello {
+    /// The relay's id in its pool (`tunnel-servlet --relay-id`), 0 when it is not in one.
+    /// Every connection and session id made by relay `n` ≠ 0 has `n` in its top byte.
+    pub relay_id: u8,
+    /// What the relay understands; empty for an empty payload.
+    pub features: LinkFeatures,
+}
+
+impl RelayHello {
+    /// The 2-byte wire payload.
+    pub fn encode(&self) -> Bytes {
+        Bytes::copy_from_slice(&[self.relay_id, self.features.0])
+    }
+
+    /// Parses an empty payload (a relay from before pools: id 0, no features) or exactly 2
+    /// bytes.
+    pub fn decode(payload: Bytes) -> Result<RelayHello, PayloadError> {
+        if payload.is_empty() {
+            return Ok(RelayHello::default());
+        }
+        let mut r = Reader::new("LINK_INIT_ACK", payload);
+        let relay_id = r.u8()?;
+        let features = LinkFeatures(r.u8()?);
+        r.end()?;
+        Ok(RelayHello { relay_id, features })
+    }
+}
+
+/// Payload of a relay's CONN_MOVE (relay → broker, docs/protocol.md §5.2): "if you hold the
+/// connection with this conn_id and token, move it onto the link this came on".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoveRequest {
+    /// The token the client proved in its ATTACH.
+    pub token: Token,
+}
+
+impl MoveRequest {
+    /// The 16-byte wire payload.
+    pub fn encode(&self) -> Bytes {
+        encode_token(&self.token)
+    }
+
+    /// Parses exactly [`TOKEN_LEN`] bytes.
+    pub fn decode(payload: Bytes) -> Result<MoveRequest, PayloadError> {
+        let mut r = Reader::new("CONN_MOVE request", payload);
+        let token = r.token()?;
+        r.end()?;
+        Ok(MoveRequest { token })
+    }
+}
+
+/// Payload of a broker's CONN_MOVE (broker → relay, docs/protocol.md §5.2): a u8 outcome,
+/// followed for [`MoveAnswer::Moved`] by the connection as LINK_INIT announces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MoveAnswer {
+    /// Outcome 0, on the link that asked: the connection is on this link now. Then the
+    /// token, u32 pull period in ms and u16 client window (22 bytes), as in LINK_INIT.
+    Moved {
+        /// The connection's token.
+        token: Token,
+        /// Pull period last set by CONN_OPTION 1, in milliseconds; 0 = continuous.
+        pull_period_ms: u32,
+        /// The client's receive window from its CONN_INIT.
+        client_window: u16,
+    },
+    /// Outcome 1, on the link that asked: this broker holds no such connection with that
+    /// token.
+    Unknown,
+    /// Outcome 2, on the link the connection was on: it moved to another relay; forget it
+    /// without telling its client or the broker anything.
+    Left,
+}
+
+impl MoveAnswer {
+    /// The wire payload: 23 bytes for `Moved`, 1 byte otherwise.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(1 + TOKEN_LEN + 4 + 2);
+        match self {
+            MoveAnswer::Moved {
+                token,
+                pull_period_ms,
+                client_window,
+            } => {
+                out.put_u8(0);
+                out.put_slice(&token.0);
+                out.put_u32(*pull_period_ms);
+                out.put_u16(*client_window);
+            }
+            MoveAnswer::Unknown => out.put_u8(1),
+            MoveAnswer::Left => out.put_u8(2),
+        }
+        out.freeze()
+    }
+
+    /// Parses the payload; an outcome other than 0–2 is [`PayloadError::BadValue`].
+    pub fn decode(payload: Bytes) -> Result<MoveAnswer, PayloadError> {
+        let mut r = Reader::new("CONN_MOVE answer", payload);
+        let answer = match r.u8()? {
+            0 => MoveAnswer::Moved {
+                token: r.token()?,
+                pull_period_ms: r.u32()?,
+                client_window: r.u16()?,
+            },
+            1 => MoveAnswer::Unknown,
+            2 => MoveAnswer::Left,
+            other => {
+                return Err(PayloadError::BadValue {
+                    what: "CONN_MOVE answer",
+                    value: u32::from(other),
+                })
+            }
+        };
+        r.end()?;
+        Ok(answer)
+    }
 }
 
 /// Length of the extended LISTEN_STATE payload: u8 mode, u32 maximum, u32 live.

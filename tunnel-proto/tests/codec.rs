@@ -16,8 +16,8 @@ use tunnel_proto::payload::{
     SackBlock, Token, MAX_CLIENT_ADDR_LEN, MAX_SACK_BLOCKS, MAX_SERVER_NAME_LEN,
 };
 use tunnel_proto::payload::{
-    Attach, Capacity, InstanceId, LinkExtension, ListenMode, ListenState, SessionRequest,
-    LINK_EXTENSION_LEN, LISTEN_STATE_EXTENDED_LEN,
+    Attach, Capacity, InstanceId, LinkExtension, LinkFeatures, ListenMode, ListenState, MoveAnswer,
+    MoveRequest, RelayHello, SessionRequest, LINK_EXTENSION_LEN, LISTEN_STATE_EXTENDED_LEN,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ fn every_packet_type_round_trips() {
         d.finish().unwrap();
     }
     assert_eq!(PacketType::from_code(0), None);
-    assert_eq!(PacketType::from_code(16), None);
+    assert_eq!(PacketType::from_code(17), None);
 }
 
 #[test]
@@ -256,7 +256,7 @@ fn malformed_packets_give_their_own_error() {
     let mut bad_sum = good.clone();
     bad_sum.checksum = Some(good_sum ^ 1);
     let mut unknown_type = good.clone();
-    unknown_type.kind = 16;
+    unknown_type.kind = 17;
     let mut type_zero = good.clone();
     type_zero.kind = 0;
     let mut type_max = good.clone();
@@ -298,7 +298,7 @@ fn malformed_packets_give_their_own_error() {
         (
             "type 14",
             unknown_type.bytes(),
-            DecodeError::UnknownType(16),
+            DecodeError::UnknownType(17),
         ),
         ("type 0", type_zero.bytes(), DecodeError::UnknownType(0)),
         (
@@ -1097,6 +1097,7 @@ fn extension() -> LinkExtension {
                 live_connections: 12,
             }),
         },
+        features: None,
     }
 }
 
@@ -1140,7 +1141,9 @@ fn link_init_extension_cut_or_padded_is_rejected() {
             "cut at {cut}"
         );
     }
+    // One more byte is the features byte (docs/protocol.md §5.2); two more are trailing.
     let mut padded = BytesMut::from(&wire[..]);
+    padded.put_u8(0);
     padded.put_u8(0);
     assert_eq!(
         LinkInit::decode(padded.freeze()),
@@ -1260,5 +1263,96 @@ fn session_messages_round_trip_and_reject() {
     // The new packet types have their codes.
     assert_eq!(PacketType::from_code(14), Some(PacketType::SessionInit));
     assert_eq!(PacketType::from_code(15), Some(PacketType::Attach));
-    assert_eq!(PacketType::from_code(16), None);
+    assert_eq!(PacketType::from_code(16), Some(PacketType::ConnMove));
+    assert_eq!(PacketType::from_code(17), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Relay pools: the features byte, LINK_INIT_ACK and CONN_MOVE (docs/protocol.md §5.2).
+
+#[test]
+fn the_features_byte_follows_the_extension_and_round_trips() {
+    let li = LinkInit {
+        extension: Some(LinkExtension {
+            features: Some(LinkFeatures::MOVES),
+            ..extension()
+        }),
+        ..sample_link_init(1)
+    };
+    let wire = li.encode();
+    assert_eq!(wire[wire.len() - 1], 1);
+    let back = LinkInit::decode(wire).unwrap();
+    assert_eq!(back, li);
+    assert!(back
+        .extension
+        .unwrap()
+        .features
+        .unwrap()
+        .has(LinkFeatures::MOVES));
+    // Unknown bits are kept, and do not claim moves.
+    assert!(!LinkFeatures(2).has(LinkFeatures::MOVES));
+}
+
+#[test]
+fn link_init_ack_is_empty_from_old_relays_and_two_bytes_from_new_ones() {
+    assert_eq!(RelayHello::decode(Bytes::new()), Ok(RelayHello::default()));
+    let hello = RelayHello {
+        relay_id: 3,
+        features: LinkFeatures::MOVES,
+    };
+    assert_eq!(&hello.encode()[..], &[3, 1]);
+    assert_eq!(RelayHello::decode(hello.encode()), Ok(hello));
+    assert!(matches!(
+        RelayHello::decode(Bytes::from_static(&[3])),
+        Err(PayloadError::Truncated { .. })
+    ));
+    assert!(matches!(
+        RelayHello::decode(Bytes::from_static(&[3, 1, 0])),
+        Err(PayloadError::TrailingBytes { .. })
+    ));
+}
+
+#[test]
+fn conn_move_request_and_answers_round_trip_and_reject_bad_input() {
+    let request = MoveRequest {
+        token: Token([7; 16]),
+    };
+    assert_eq!(request.encode().len(), 16);
+    assert_eq!(MoveRequest::decode(request.encode()), Ok(request));
+    assert!(MoveRequest::decode(Bytes::from_static(&[1; 15])).is_err());
+    assert!(MoveRequest::decode(Bytes::from_static(&[1; 17])).is_err());
+
+    let moved = MoveAnswer::Moved {
+        token: Token([9; 16]),
+        pull_period_ms: 250,
+        client_window: 64,
+    };
+    let wire = moved.encode();
+    assert_eq!(wire.len(), 23);
+    assert_eq!(wire[0], 0);
+    assert_eq!(MoveAnswer::decode(wire.clone()), Ok(moved));
+    for cut in 1..wire.len() {
+        assert!(matches!(
+            MoveAnswer::decode(wire.slice(..cut)),
+            Err(PayloadError::Truncated { .. })
+        ));
+    }
+    assert_eq!(&MoveAnswer::Unknown.encode()[..], &[1]);
+    assert_eq!(&MoveAnswer::Left.encode()[..], &[2]);
+    assert_eq!(
+        MoveAnswer::decode(Bytes::from_static(&[2])),
+        Ok(MoveAnswer::Left)
+    );
+    assert!(matches!(
+        MoveAnswer::decode(Bytes::from_static(&[1, 0])),
+        Err(PayloadError::TrailingBytes { .. })
+    ));
+    assert_eq!(
+        MoveAnswer::decode(Bytes::from_static(&[3])),
+        Err(PayloadError::BadValue {
+            what: "CONN_MOVE answer",
+            value: 3
+        })
+    );
+    assert!(MoveAnswer::decode(Bytes::new()).is_err());
 }

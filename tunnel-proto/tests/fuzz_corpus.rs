@@ -14,8 +14,8 @@ use tunnel_proto::codec::encode_all;
 use tunnel_proto::packet::{Packet, PacketType};
 use tunnel_proto::payload::{
     encode_listen_state, encode_reason, encode_sack, encode_token, AnnouncedConn, Attach,
-    BrokerConnInit, Capacity, ConnOption, InstanceId, LinkExtension, LinkInit, ListenMode,
-    ListenState, SackBlock, SessionRequest, Token,
+    BrokerConnInit, Capacity, ConnOption, InstanceId, LinkExtension, LinkFeatures, LinkInit,
+    ListenMode, ListenState, MoveAnswer, MoveRequest, RelayHello, SackBlock, SessionRequest, Token,
 };
 
 #[path = "../../fuzz/fuzz_targets/checks.rs"]
@@ -196,11 +196,50 @@ fn seed_inputs() -> Vec<(&'static str, String, Vec<u8>)> {
                             live_connections: 2,
                         }),
                     },
+                    features: None,
                 }),
                 ..link_init(2)
             }
             .encode(),
         ),
+        (
+            "link-init-features",
+            LinkInit {
+                extension: Some(LinkExtension {
+                    instance: InstanceId([0xcd; 16]),
+                    keepalive_ms: 1000,
+                    state: ListenState {
+                        mode: ListenMode::Accepting,
+                        capacity: Some(Capacity::default()),
+                    },
+                    features: Some(LinkFeatures::MOVES),
+                }),
+                ..link_init(1)
+            }
+            .encode(),
+        ),
+        (
+            "link-init-ack",
+            RelayHello {
+                relay_id: 2,
+                features: LinkFeatures::MOVES,
+            }
+            .encode(),
+        ),
+        (
+            "link-move-request",
+            MoveRequest { token: token(5) }.encode(),
+        ),
+        (
+            "link-move-moved",
+            MoveAnswer::Moved {
+                token: token(6),
+                pull_period_ms: 0,
+                client_window: 128,
+            }
+            .encode(),
+        ),
+        ("link-move-left", MoveAnswer::Left.encode()),
         ("sack", sack()),
         ("token", encode_token(&token(9))),
         ("token-hex", Bytes::from(token(9).to_hex())),
