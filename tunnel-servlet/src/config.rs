@@ -135,6 +135,11 @@ pub struct RelayConfig {
     /// ACK and NO_OP are dropped as for a full connection queue, and control packets may use
     /// `queue_control_slack` more. Default 16 MiB.
     pub max_session_queue: usize,
+    /// This relay's id in a pool of relays (docs/protocol.md §5.2), 1 ..= 255: every
+    /// connection and session id it makes has it in its top byte, so a load balancer routes
+    /// each request to the relay that made its id. 0 (the default) is a relay outside any
+    /// pool, whose ids use all 32 bits. Relays of one pool must have distinct ids.
+    pub relay_id: u8,
 }
 
 impl Default for RelayConfig {
@@ -179,6 +184,7 @@ impl Default for RelayConfig {
             max_sessions: 10_000,
             max_session_connections: 10_000,
             max_session_queue: 16 * 1024 * 1024,
+            relay_id: 0,
         }
     }
 }
@@ -215,6 +221,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("max_sessions", &self.max_sessions)
             .field("max_session_connections", &self.max_session_connections)
             .field("max_session_queue", &self.max_session_queue)
+            .field("relay_id", &self.relay_id)
             .finish_non_exhaustive()
     }
 }

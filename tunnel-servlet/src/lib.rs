@@ -24,6 +24,7 @@ pub mod forwarded;
 mod http;
 mod link;
 pub mod metrics;
+mod moves;
 mod query;
 mod relay;
 mod sender;

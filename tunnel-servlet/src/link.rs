@@ -11,14 +11,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tunnel_proto::payload::{
-    decode_reason, encode_reason, Capacity, ConnOption, InstanceId, LinkInit, ListenMode,
-    ListenState,
+    decode_reason, encode_reason, Capacity, ConnOption, InstanceId, LinkFeatures, LinkInit,
+    ListenMode, ListenState, MoveAnswer, RelayHello,
 };
 use tunnel_proto::{Decoder, Packet, PacketType};
 
@@ -42,6 +41,7 @@ fn link_info(init: &LinkInit, relay_keepalive: Duration) -> (LinkInfo, Duration)
                 LinkInfo {
                     instance: ext.instance,
                     state: ext.state,
+                    moves: ext.features.is_some_and(|f| f.has(LinkFeatures::MOVES)),
                 },
                 broker.min(MAX_BROKER_KEEPALIVE),
             )
@@ -53,6 +53,7 @@ fn link_info(init: &LinkInit, relay_keepalive: Duration) -> (LinkInfo, Duration)
                     mode: ListenMode::NotAccepting,
                     capacity: Some(Capacity::default()),
                 },
+                moves: false,
             },
             relay_keepalive,
         ),
@@ -203,7 +204,12 @@ async fn serve_link<S>(
     let name = init.server_name;
     let (reader, writer) = tokio::io::split(io);
     let (sender, receiver) = sender::channel(config.link_write_buffer);
-    let ack = Packet::new(PacketType::LinkInitAck, 0, Bytes::new()).to_bytes();
+    // Who this relay is in its pool and that it can move connections (docs/protocol.md §5.2).
+    let hello = RelayHello {
+        relay_id: config.relay_id,
+        features: LinkFeatures::MOVES,
+    };
+    let ack = Packet::new(PacketType::LinkInitAck, 0, hello.encode()).to_bytes();
     // The queue is empty and not yet shared, so the ACK is first on the wire.
     let _ = sender.try_send(ack);
     let closed = Arc::new(watch::channel(false).0);
@@ -364,6 +370,10 @@ fn route(table: &mut Table, shared: &Shared, link: &ReadLink<'_>, packet: Packet
             tracing::warn!(server = name, kind = ?packet.kind, conn_id = id, "unexpected packet from broker ignored");
             return None;
         }
+        PacketType::ConnMove => {
+            on_move_answer(table, shared, link, packet);
+            return None;
+        }
         _ => {}
     }
     if !table.belongs_to(id, name, link.instance) {
@@ -423,4 +433,30 @@ fn route(table: &mut Table, shared: &Shared, link: &ReadLink<'_>, packet: Packet
         }
     }
     None
+}
+
+/// A broker's answer to a CONN_MOVE, or its notice that a connection left for another relay
+/// (docs/protocol.md §5.2).
+fn on_move_answer(table: &mut Table, shared: &Shared, link: &ReadLink<'_>, packet: Packet) {
+    let config = &shared.config;
+    let id = packet.conn_id;
+    let answer = match MoveAnswer::decode(packet.payload) {
+        Ok(answer) => answer,
+        Err(err) => {
+            tracing::warn!(server = link.name, conn_id = id, error = %err, "bad CONN_MOVE from broker ignored");
+            return;
+        }
+    };
+    let refusal = table.move_answered(
+        link.name,
+        link.instance,
+        id,
+        answer,
+        shared.attach_limits(),
+        Instant::now(),
+        config.client_inactivity_timeout,
+    );
+    if let Some(abort) = refusal {
+        let _ = link.sender.try_send_packet(&abort);
+    }
 }

@@ -144,6 +144,11 @@ struct Args {
     /// and NO_OP are dropped.
     #[arg(long, env = "TUNNEL_MAX_SESSION_QUEUE", default_value_t = 16 * 1024 * 1024)]
     max_session_queue: usize,
+    /// This relay's id in a pool of relays behind a load balancer, 1..=255, distinct per
+    /// relay: every connection and session id it makes starts with it, so the balancer can
+    /// route a session's requests to its relay (see deploy/haproxy/). 0: not in a pool.
+    #[arg(long, env = "TUNNEL_RELAY_ID", default_value_t = 0)]
+    relay_id: u8,
 }
 
 fn tls_pair(cert: Option<PathBuf>, key: Option<PathBuf>) -> Option<TlsFiles> {
@@ -220,6 +225,7 @@ impl Args {
             max_sessions: self.max_sessions,
             max_session_connections: self.max_session_connections,
             max_session_queue: self.max_session_queue,
+            relay_id: self.relay_id,
             ..RelayConfig::default()
         })
     }

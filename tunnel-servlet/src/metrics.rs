@@ -86,6 +86,7 @@ pub struct Metrics {
     session_rejected: [AtomicU64; 3],
     session_attaches: AtomicU64,
     sessions_expired: AtomicU64,
+    connections_moved: AtomicU64,
 }
 
 /// A copy of every counter and gauge at one moment, for tests and for rendering.
@@ -140,6 +141,9 @@ pub struct MetricsSnapshot {
     pub session_attaches: u64,
     /// Sessions forgotten after their idle timeout.
     pub sessions_expired: u64,
+    /// Connections a broker moved onto this relay's link from another relay's
+    /// (docs/protocol.md §5.2).
+    pub connections_moved: u64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -190,6 +194,9 @@ impl Metrics {
     pub(crate) fn session_expired(&self) {
         bump(&self.sessions_expired, 1);
     }
+    pub(crate) fn connection_moved(&self) {
+        bump(&self.connections_moved, 1);
+    }
 
     /// Reads every counter; the gauges come from the caller (the connection table).
     pub fn snapshot(&self, open_connections: u64, links_up: u64, sessions: u64) -> MetricsSnapshot {
@@ -205,6 +212,7 @@ impl Metrics {
             session_rejected_connection_limit: rejected(SessionRejectReason::ConnectionLimit),
             session_attaches: get(&self.session_attaches),
             sessions_expired: get(&self.sessions_expired),
+            connections_moved: get(&self.connections_moved),
             connects_total: get(&self.connects_total),
             connects_rejected_bad_request: get(&self.rejected[RejectReason::BadRequest as usize]),
             connects_rejected_no_server: get(&self.rejected[RejectReason::NoServer as usize]),
@@ -414,6 +422,13 @@ impl MetricsSnapshot {
             "Sessions forgotten after their idle timeout.",
             single(self.sessions_expired),
         );
+        family(
+            out,
+            "tunnel_connections_moved_total",
+            "counter",
+            "Connections moved onto this relay's links from another relay's (relay pools).",
+            single(self.connections_moved),
+        );
     }
 }
 
@@ -450,7 +465,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(families, 15);
+        assert_eq!(families, 16);
         assert!(text.contains("tunnel_bytes_total{direction=\"up\"} 0"));
     }
 }

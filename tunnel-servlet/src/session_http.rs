@@ -232,6 +232,8 @@ pub(crate) async fn push(
     let mut whole_body = attaches.is_empty();
     let mut pushed: Vec<Pushed<'_>> = Vec::new();
     let mut aborted_by_client = Vec::new();
+    // CONN_MOVEs for connections this relay does not hold (docs/protocol.md §5.2).
+    let mut move_asks = Vec::new();
     {
         let mut table = shared.table();
         if table.session_mut(key.id, &key.token, now).is_none() {
@@ -239,7 +241,8 @@ pub(crate) async fn push(
         }
         for (id, attach) in &attaches {
             let abort = |reason| Packet::new(PacketType::ConnAbort, *id, encode_reason(reason));
-            match table.attach(key.id, *id, attach, config.max_session_connections) {
+            let limits = shared.attach_limits();
+            match table.attach(key.id, *id, attach, limits, now, &mut move_asks) {
                 AttachOutcome::Attached => {
                     Packet::new(PacketType::Attach, *id, Bytes::new()).encode(&mut answer)
                 }
@@ -317,6 +320,12 @@ pub(crate) async fn push(
         }
     }
     shared.metrics.push(body.len());
+    // Best effort: a lost question is asked again at the client's next ATTACH.
+    for (sender, ask) in move_asks {
+        if sender.try_send_packet(&ask).is_err() {
+            tracing::debug!(conn_id = ask.conn_id, "link busy; CONN_MOVE not sent");
+        }
+    }
     let single_link = to_links.len() == 1;
     for to_link in to_links {
         // The common case, one client's traffic to one broker: the body is already those

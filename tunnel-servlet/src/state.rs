@@ -9,7 +9,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::config::RelayConfig;
 use crate::metrics::{Metrics, MetricsSnapshot};
-use crate::table::{QueueLimits, SweepRules, Table};
+use crate::table::{AttachLimits, QueueLimits, SweepRules, Table};
 
 /// Everything the HTTP handlers, the link tasks and the sweeper share.
 pub(crate) struct Shared {
@@ -30,11 +30,12 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn new(config: RelayConfig, stopping: watch::Receiver<bool>) -> Shared {
         let metrics = Arc::new(Metrics::default());
+        let relay_id = config.relay_id;
         Shared {
             http_slots: Arc::new(Semaphore::new(config.max_http_connections)),
             link_handshake_slots: Arc::new(Semaphore::new(config.max_pending_links)),
             config,
-            table: Mutex::new(Table::new(metrics.clone())),
+            table: Mutex::new(Table::new(metrics.clone()).with_relay_id(relay_id)),
             metrics,
             stopping,
             started: Instant::now(),
@@ -55,6 +56,16 @@ impl Shared {
             limit: self.config.queue_limit,
             control_slack: self.config.queue_control_slack,
             session_limit: self.config.max_session_queue,
+        }
+    }
+
+    pub(crate) fn attach_limits(&self) -> AttachLimits {
+        AttachLimits {
+            session_connections: self.config.max_session_connections,
+            connections: self.config.max_connections,
+            // A move is one small entry per connection being re-attached; the relay's
+            // connection limit bounds them as it bounds connections.
+            pending_moves: self.config.max_connections,
         }
     }
 

@@ -15,11 +15,12 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{oneshot, watch};
 use tunnel_proto::payload::{
     encode_reason, AnnouncedConn, Attach, BrokerConnInit, Capacity, ConnOption, InstanceId,
-    ListenMode, ListenState,
+    ListenMode, ListenState, MoveAnswer, MoveRequest,
 };
 use tunnel_proto::{Packet, PacketType, Token};
 
 use crate::metrics::Metrics;
+use crate::moves::{draw_id, MoveStep, PendingMoves};
 use crate::sender::LinkSender;
 use crate::session::{AttachOutcome, Session, VISIT_LIMIT};
 
@@ -215,6 +216,8 @@ struct Instance {
     /// What the instance last reported (`max_connections` 0: not limited or not known).
     capacity: Capacity,
     lost_at: Option<Instant>,
+    /// Whether its link understands CONN_MOVE (docs/protocol.md §5.2).
+    moves: bool,
     /// Connections the table holds on this instance, less those closed both ways; the
     /// relay's own count, so a placement sees the one before it at once.
     held: u32,
@@ -228,6 +231,7 @@ impl Instance {
             mode: ListenMode::NotAccepting,
             capacity: Capacity::default(),
             lost_at: None,
+            moves: false,
             held: 0,
             traffic: BrokerTraffic::default(),
         }
@@ -300,6 +304,8 @@ pub(crate) enum NoPlace {
 pub(crate) struct LinkInfo {
     pub(crate) instance: InstanceId,
     pub(crate) state: ListenState,
+    /// The broker understands CONN_MOVE (the features byte of its LINK_INIT).
+    pub(crate) moves: bool,
 }
 
 /// A CONN_INIT to send on a link (a punt to another instance).
@@ -324,6 +330,36 @@ pub(crate) struct QueueLimits {
     /// Bytes all the connections of one session may hold together (control packets get
     /// `control_slack` beyond it too).
     pub(crate) session_limit: usize,
+}
+
+impl QueueLimits {
+    /// For packets enqueued with `force`: the limits are not looked at.
+    const FORCED: QueueLimits = QueueLimits {
+        limit: 0,
+        control_slack: 0,
+        session_limit: 0,
+    };
+}
+
+/// The bounds an ATTACH and a move are checked against.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttachLimits {
+    /// Most connections in one session (`--max-session-connections`).
+    pub(crate) session_connections: usize,
+    /// Most connections the relay holds (`--max-connections`); a connection moved here
+    /// beyond it is refused.
+    pub(crate) connections: usize,
+    /// Most moves under way at once; an ATTACH beyond waits for the next one.
+    pub(crate) pending_moves: usize,
+}
+
+/// What the relay sends a broker for a connection moved to it that it cannot take.
+fn refused_move(id: u32) -> Packet {
+    Packet::new(
+        PacketType::ConnAbort,
+        id,
+        encode_reason("connection refused by relay"),
+    )
 }
 
 /// What became of a packet offered to a connection's queue.
@@ -374,6 +410,11 @@ pub(crate) struct Table {
     started: Instant,
     /// Connections closed both ways and not yet forgotten (see [`Table::note_close`]).
     released: usize,
+    /// This relay's id in its pool (docs/protocol.md §5.2), the top byte of its ids; 0
+    /// outside a pool.
+    relay_id: u8,
+    /// Connections this relay asked its brokers to move here.
+    moves: PendingMoves,
 }
 
 impl Table {
@@ -387,7 +428,15 @@ impl Table {
             metrics,
             started: Instant::now(),
             released: 0,
+            relay_id: 0,
+            moves: PendingMoves::default(),
         }
+    }
+
+    /// The same table, making ids with `relay_id` in their top byte.
+    pub(crate) fn with_relay_id(mut self, relay_id: u8) -> Table {
+        self.relay_id = relay_id;
+        self
     }
 
     /// A fresh id for a link or a held pull.
@@ -559,14 +608,8 @@ impl Table {
     ) -> (u32, Token) {
         use rand::Rng;
         // ThreadRng is a CSPRNG (ChaCha, reseeded from the OS), fit for tokens.
-        let mut rng = rand::rng();
-        let token = Token(rng.random());
-        let id = loop {
-            let id: u32 = rng.random();
-            if id != 0 && !self.conns.contains_key(&id) {
-                break id;
-            }
-        };
+        let token = Token(rand::rng().random());
+        let id = draw_id(self.relay_id, |id| self.conns.contains_key(&id));
         let server = self.server_name(server);
         if let Some(inst) = self.instance_mut(&server, instance) {
             inst.traffic.connections_opened += 1;
@@ -940,13 +983,8 @@ impl Table {
         reason: &str,
         forget_at: Instant,
     ) {
-        let no_bound = QueueLimits {
-            limit: 0,
-            control_slack: 0,
-            session_limit: 0,
-        };
         // Past the bound: the last word must get through.
-        self.enqueue(id, last_word.clone(), no_bound, true);
+        self.enqueue(id, last_word.clone(), QueueLimits::FORCED, true);
         let Some(entry) = self.conns.get_mut(&id) else {
             return;
         };
@@ -992,13 +1030,13 @@ impl Table {
             .entry(info.instance)
             .or_insert_with(Instance::new);
         let old = inst.link.replace(handle);
+        inst.moves = info.moves;
         inst.mode = info.state.mode;
         if let Some(capacity) = info.state.capacity {
             inst.capacity = capacity;
         }
         inst.lost_at = None;
         let mut refused = Vec::new();
-        let mut installed = 0u32;
         for conn in announced {
             let full = self.conns.len() >= max_connections;
             match self.conns.get_mut(&conn.conn_id) {
@@ -1019,21 +1057,17 @@ impl Table {
                 Some(_) => refused.push(conn.conn_id),
                 None if conn.conn_id == 0 || full => refused.push(conn.conn_id),
                 None => {
-                    let entry = ConnEntry::new(
-                        key.clone(),
+                    self.install(
+                        conn.conn_id,
+                        &key,
                         info.instance,
                         conn.token,
                         "(re-announced)",
                         now,
                         timeout,
                     );
-                    self.conns.insert(conn.conn_id, entry);
-                    installed += 1;
                 }
             }
-        }
-        if let Some(inst) = self.instance_mut(&key, info.instance) {
-            inst.held += installed;
         }
         let listed: HashSet<u32> = announced.iter().map(|c| c.conn_id).collect();
         let forgotten: Vec<u32> = self
@@ -1055,6 +1089,26 @@ impl Table {
             );
         }
         (old, refused)
+    }
+
+    /// Installs connection `id`, held by instance `instance` of `server`, that this relay
+    /// did not make or forgot (re-announced or moved here): accepted, in no session.
+    #[allow(clippy::too_many_arguments)]
+    fn install(
+        &mut self,
+        id: u32,
+        server: &Arc<str>,
+        instance: InstanceId,
+        token: Token,
+        origin: &str,
+        now: Instant,
+        timeout: Duration,
+    ) {
+        let entry = ConnEntry::new(server.clone(), instance, token, origin, now, timeout);
+        self.conns.insert(id, entry);
+        if let Some(inst) = self.instance_mut(server, instance) {
+            inst.held += 1;
+        }
     }
 
     /// Ends connection `id` with a CONN_ABORT(reason) from the relay itself.
@@ -1168,6 +1222,7 @@ impl Table {
         }
 
         self.sweep_sessions(now);
+        self.moves.sweep(now);
         let mut lingered = Vec::new();
         let mut inactive = Vec::new();
         for (id, entry) in &self.conns {
@@ -1274,14 +1329,8 @@ impl Table {
             return None;
         }
         // ThreadRng is a CSPRNG (ChaCha, reseeded from the OS), fit for tokens.
-        let mut rng = rand::rng();
-        let token = Token(rng.random());
-        let id = loop {
-            let id: u32 = rng.random();
-            if id != 0 && !self.sessions.contains_key(&id) {
-                break id;
-            }
-        };
+        let token = Token(rand::rng().random());
+        let id = draw_id(self.relay_id, |id| self.sessions.contains_key(&id));
         self.sessions
             .insert(id, Session::new(token, now, idle_timeout, client_addr));
         self.metrics.session_opened();
@@ -1344,20 +1393,23 @@ impl Table {
     }
 
     /// Applies an ATTACH of connection `id` pushed in session `sid` (docs/protocol.md §2.1).
+    /// A connection this relay does not hold may be on another relay's link of its broker:
+    /// then the CONN_MOVEs to send are added to `asks` (docs/protocol.md §5.2) and the
+    /// ATTACH waits.
     pub(crate) fn attach(
         &mut self,
         sid: u32,
         id: u32,
         attach: &Attach,
-        max_session_connections: usize,
+        limits: AttachLimits,
+        now: Instant,
+        asks: &mut Vec<(LinkSender, Packet)>,
     ) -> AttachOutcome {
-        let known = self
-            .conns
-            .get(&id)
-            .filter(|e| e.token.ct_eq(&attach.token) && *e.server == *attach.server);
+        let held = self.conns.get(&id);
+        let known = held.filter(|e| e.token.ct_eq(&attach.token) && *e.server == *attach.server);
         match known {
             Some(entry) if entry.session == Some(sid) => AttachOutcome::Attached,
-            Some(_) if self.session_is_full(sid, max_session_connections) => {
+            Some(_) if self.session_is_full(sid, limits.session_connections) => {
                 AttachOutcome::SessionFull
             }
             Some(_) => {
@@ -1365,8 +1417,139 @@ impl Table {
                 self.metrics.session_attach();
                 AttachOutcome::Attached
             }
-            None if self.has_link(&attach.server) => AttachOutcome::Unknown,
-            None => AttachOutcome::NotYet,
+            // The id is another connection's here: not one that can move in.
+            None if held.is_some() => {
+                if self.has_link(&attach.server) {
+                    AttachOutcome::Unknown
+                } else {
+                    AttachOutcome::NotYet
+                }
+            }
+            None => self.ask_move(sid, id, attach, limits, now, asks),
+        }
+    }
+
+    /// An ATTACH of a connection this relay does not hold: ask the instances of its name
+    /// that can move connections, or tell what is known without them.
+    fn ask_move(
+        &mut self,
+        sid: u32,
+        id: u32,
+        attach: &Attach,
+        limits: AttachLimits,
+        now: Instant,
+        asks: &mut Vec<(LinkSender, Packet)>,
+    ) -> AttachOutcome {
+        let server = self.server_name(&attach.server);
+        let movers: Vec<(InstanceId, LinkSender)> = self
+            .brokers
+            .get(&server)
+            .map(|b| {
+                b.instances
+                    .iter()
+                    .filter(|(_, i)| i.moves)
+                    .filter_map(|(id, i)| i.link.as_ref().map(|l| (*id, l.sender.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if movers.is_empty() {
+            return if self.has_link(&server) {
+                AttachOutcome::Unknown
+            } else {
+                AttachOutcome::NotYet
+            };
+        }
+        if self.moves.len() >= limits.pending_moves && self.moves.take(id).is_none() {
+            tracing::debug!(conn_id = id, "too many moves under way; ATTACH waits");
+            return AttachOutcome::NotYet;
+        }
+        let instances = movers.iter().map(|(i, _)| *i).collect();
+        match self
+            .moves
+            .on_attach(id, &attach.token, &server, sid, instances, now)
+        {
+            MoveStep::Ask(asked) => {
+                let request = MoveRequest {
+                    token: attach.token,
+                };
+                for (instance, sender) in movers {
+                    if asked.contains(&instance) {
+                        let packet = Packet::new(PacketType::ConnMove, id, request.encode());
+                        asks.push((sender, packet));
+                    }
+                }
+                AttachOutcome::NotYet
+            }
+            MoveStep::Wait => AttachOutcome::NotYet,
+            MoveStep::Unknown => AttachOutcome::Unknown,
+        }
+    }
+
+    /// A CONN_MOVE answer from instance `instance` of `server` about connection `id`
+    /// (docs/protocol.md §5.2). Returns a packet for the broker if the relay cannot take a
+    /// connection moved to it (over its connection limit, or the id is another
+    /// connection's here): CONN_ABORT, as for a refused re-announcement.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn move_answered(
+        &mut self,
+        server: &str,
+        instance: InstanceId,
+        id: u32,
+        answer: MoveAnswer,
+        limits: AttachLimits,
+        now: Instant,
+        timeout: Duration,
+    ) -> Option<Packet> {
+        match answer {
+            MoveAnswer::Unknown => {
+                self.moves.on_unknown(id, server, instance);
+                None
+            }
+            MoveAnswer::Left => {
+                if self.belongs_to(id, server, instance) {
+                    self.remove(id, "moved to another relay");
+                }
+                None
+            }
+            MoveAnswer::Moved { token, .. } => {
+                let pending = self.moves.take(id);
+                if let Some(entry) = self.conns.get(&id) {
+                    if *entry.server == *server && entry.instance == instance {
+                        return None; // a repeated answer
+                    }
+                    tracing::warn!(
+                        conn_id = id,
+                        server,
+                        "moved connection's id is in use here; refused"
+                    );
+                    return Some(refused_move(id));
+                }
+                if self.conns.len() >= limits.connections {
+                    tracing::warn!(
+                        conn_id = id,
+                        server,
+                        "moved connection over the connection limit; refused"
+                    );
+                    return Some(refused_move(id));
+                }
+                let key = self.server_name(server);
+                self.install(id, &key, instance, token, "(moved here)", now, timeout);
+                self.metrics.connection_moved();
+                tracing::debug!(conn_id = id, server, instance = %instance.short(), "connection moved here");
+                if let Some(sid) = pending.map(|p| p.session) {
+                    if self.sessions.contains_key(&sid)
+                        && !self.session_is_full(sid, limits.session_connections)
+                    {
+                        self.join_session(id, sid);
+                        self.metrics.session_attach();
+                        // The ATTACH's answer, handed out by the session's pull at once
+                        // rather than at the client's next ATTACH.
+                        let attached = Packet::new(PacketType::Attach, id, Bytes::new());
+                        self.enqueue(id, attached, QueueLimits::FORCED, true);
+                    }
+                }
+                None
+            }
         }
     }
 
@@ -1548,6 +1731,18 @@ mod tests {
 
     /// Links instance `id` of `name`, accepting, with capacity `max`.
     fn instance(table: &mut Table, name: &str, id: InstanceId, max: u32) -> LinkHandle {
+        linked(table, name, id, max, false)
+    }
+
+    /// Links instance `id` of `name`, accepting, with capacity `max`, understanding
+    /// CONN_MOVE or not.
+    pub(super) fn linked(
+        table: &mut Table,
+        name: &str,
+        id: InstanceId,
+        max: u32,
+        moves: bool,
+    ) -> LinkHandle {
         let handle = LinkHandle {
             id: table.next_id(),
             sender: crate::sender::channel(1 << 20).0,
@@ -1564,6 +1759,7 @@ mod tests {
                     live_connections: 0,
                 }),
             },
+            moves,
         };
         let out = table.link_up(
             name,
@@ -1869,7 +2065,7 @@ mod tests {
         table.sessions[&sid].token
     }
 
-    const MINUTE: Duration = Duration::from_secs(60);
+    pub(super) const MINUTE: Duration = Duration::from_secs(60);
 
     const ROOMY: QueueLimits = QueueLimits {
         limit: 8 << 20,
@@ -1938,6 +2134,22 @@ mod tests {
         assert_eq!(session.conns.len(), 2);
     }
 
+    /// An ATTACH without moves: nothing may be asked of brokers.
+    fn attach_in(table: &mut Table, sid: u32, id: u32, a: &Attach, max: usize) -> AttachOutcome {
+        let mut asks = Vec::new();
+        let outcome = table.attach(sid, id, a, limits(max), Instant::now(), &mut asks);
+        assert!(asks.is_empty());
+        outcome
+    }
+
+    fn limits(session_connections: usize) -> AttachLimits {
+        AttachLimits {
+            session_connections,
+            connections: 1000,
+            pending_moves: 1000,
+        }
+    }
+
     #[test]
     fn attach_moves_known_connections_and_refuses_the_others() {
         let (mut table, old, ids) = session_with(1);
@@ -1953,22 +2165,22 @@ mod tests {
         // Wrong token, or the right token with another name: unknown, since "s" is linked.
         let wrong = Token([9; 16]);
         assert_eq!(
-            table.attach(new, id, &attach(wrong, "s"), 10),
+            attach_in(&mut table, new, id, &attach(wrong, "s"), 10),
             AttachOutcome::Unknown
         );
         assert_eq!(
-            table.attach(new, 77, &attach(token, "s"), 10),
+            attach_in(&mut table, new, 77, &attach(token, "s"), 10),
             AttachOutcome::Unknown
         );
         // A name without a link: the relay cannot tell yet.
         assert_eq!(
-            table.attach(new, id, &attach(token, "other"), 10),
+            attach_in(&mut table, new, id, &attach(token, "other"), 10),
             AttachOutcome::NotYet
         );
         assert!(table.in_session(id, old));
         // Known with its token: moved, with its queue and its place on the ready list.
         assert_eq!(
-            table.attach(new, id, &attach(token, "s"), 10),
+            attach_in(&mut table, new, id, &attach(token, "s"), 10),
             AttachOutcome::Attached
         );
         assert!(table.in_session(id, new) && !table.in_session(id, old));
@@ -1978,13 +2190,13 @@ mod tests {
         assert_eq!(table.sessions[&new].queued_bytes, 34);
         // Again: still attached, nothing changes.
         assert_eq!(
-            table.attach(new, id, &attach(token, "s"), 10),
+            attach_in(&mut table, new, id, &attach(token, "s"), 10),
             AttachOutcome::Attached
         );
         // A session at its connection limit takes no more.
         let (full, _) = table.open_session(now, MINUTE, "c", 10).unwrap();
         assert_eq!(
-            table.attach(full, id, &attach(token, "s"), 0),
+            attach_in(&mut table, full, id, &attach(token, "s"), 0),
             AttachOutcome::SessionFull
         );
         // The per-connection requests do not reach a connection in a session.
@@ -2146,5 +2358,169 @@ mod tests {
         let word = table.last_word_again(id).expect("the last word");
         assert_eq!((word.kind, word.conn_id), (PacketType::ConnAbort, id));
         assert!(table.conns[&id].ending.as_ref().unwrap().forget_at <= now + LAST_WORD_KEPT * 2);
+    }
+}
+
+#[cfg(test)]
+mod move_tests {
+    use super::tests::MINUTE;
+    use super::*;
+    use tunnel_proto::decode_all;
+
+    fn attach(token: Token) -> Attach {
+        Attach {
+            token,
+            server: "s".into(),
+        }
+    }
+
+    fn limits() -> AttachLimits {
+        AttachLimits {
+            session_connections: 10,
+            connections: 1000,
+            pending_moves: 1000,
+        }
+    }
+
+    fn moved(token: Token) -> MoveAnswer {
+        MoveAnswer::Moved {
+            token,
+            pull_period_ms: 0,
+            client_window: 64,
+        }
+    }
+
+    #[test]
+    fn ids_made_by_a_pooled_relay_carry_its_id() {
+        let mut table = Table::new(Arc::new(Metrics::default())).with_relay_id(3);
+        let a = InstanceId([1; 16]);
+        let _link = super::tests::linked(&mut table, "s", a, 0, true);
+        let now = Instant::now();
+        for _ in 0..100 {
+            let (id, _) = table.open("s", a, None, 16, "c", now, MINUTE);
+            assert_eq!(id >> 24, 3);
+            let (sid, _) = table.open_session(now, MINUTE, "c", 1000).unwrap();
+            assert_eq!(sid >> 24, 3);
+        }
+    }
+
+    #[test]
+    fn an_unknown_connection_is_asked_of_every_mover_then_moved_into_the_session() {
+        let mut table = Table::new(Arc::new(Metrics::default())).with_relay_id(2);
+        let (a, b, old) = (
+            InstanceId([1; 16]),
+            InstanceId([2; 16]),
+            InstanceId([3; 16]),
+        );
+        let _la = super::tests::linked(&mut table, "s", a, 0, true);
+        let _lb = super::tests::linked(&mut table, "s", b, 0, true);
+        // An instance that cannot move connections is not asked.
+        let _lo = super::tests::linked(&mut table, "s", old, 0, false);
+        let now = Instant::now();
+        let (sid, _) = table.open_session(now, MINUTE, "c", 10).unwrap();
+        let id = 0x0100_0005; // made by relay 1
+        let token = Token([7; 16]);
+        let mut asks = Vec::new();
+        let outcome = table.attach(sid, id, &attach(token), limits(), now, &mut asks);
+        assert_eq!(outcome, AttachOutcome::NotYet);
+        assert_eq!(asks.len(), 2);
+        for (_, packet) in &asks {
+            assert_eq!(packet.kind, PacketType::ConnMove);
+            assert_eq!(packet.conn_id, id);
+            assert_eq!(
+                MoveRequest::decode(packet.payload.clone()).unwrap().token,
+                token
+            );
+        }
+        // Asked already: the next ATTACH waits without asking again.
+        asks.clear();
+        let outcome = table.attach(sid, id, &attach(token), limits(), now, &mut asks);
+        assert_eq!((outcome, asks.len()), (AttachOutcome::NotYet, 0));
+
+        assert_eq!(
+            table.move_answered("s", b, id, MoveAnswer::Unknown, limits(), now, MINUTE),
+            None
+        );
+        assert_eq!(
+            table.move_answered("s", a, id, moved(token), limits(), now, MINUTE),
+            None
+        );
+        assert!(table.belongs_to(id, "s", a) && table.in_session(id, sid));
+        // The ATTACH's answer is queued for the session's pull.
+        let out = decode_all(table.drain_session(sid, BytesMut::new(), 1 << 20), 1 << 20).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].kind, out[0].conn_id), (PacketType::Attach, id));
+        asks.clear();
+        let outcome = table.attach(sid, id, &attach(token), limits(), now, &mut asks);
+        assert_eq!((outcome, asks.len()), (AttachOutcome::Attached, 0));
+        // A repeated answer changes nothing.
+        assert_eq!(
+            table.move_answered("s", a, id, moved(token), limits(), now, MINUTE),
+            None
+        );
+        // The broker moves it on to another relay: forgotten here, nothing sent anywhere.
+        assert_eq!(
+            table.move_answered("s", a, id, MoveAnswer::Left, limits(), now, MINUTE),
+            None
+        );
+        assert!(!table.belongs_to(id, "s", a));
+        assert!(table
+            .drain_session(sid, BytesMut::new(), 1 << 20)
+            .is_empty());
+    }
+
+    #[test]
+    fn a_connection_no_instance_holds_is_aborted_at_the_next_attach() {
+        let mut table = Table::new(Arc::new(Metrics::default()));
+        let (a, b) = (InstanceId([1; 16]), InstanceId([2; 16]));
+        let _la = super::tests::linked(&mut table, "s", a, 0, true);
+        let _lb = super::tests::linked(&mut table, "s", b, 0, true);
+        let now = Instant::now();
+        let (sid, _) = table.open_session(now, MINUTE, "c", 10).unwrap();
+        let (id, token) = (0x0200_0009, Token([5; 16]));
+        let mut asks = Vec::new();
+        table.attach(sid, id, &attach(token), limits(), now, &mut asks);
+        for instance in [a, b] {
+            table.move_answered(
+                "s",
+                instance,
+                id,
+                MoveAnswer::Unknown,
+                limits(),
+                now,
+                MINUTE,
+            );
+        }
+        let outcome = table.attach(sid, id, &attach(token), limits(), now, &mut asks);
+        assert_eq!(outcome, AttachOutcome::Unknown);
+        // Unanswered questions are asked again after the retry delay.
+        let (other, mut asks) = (0x0200_000a, Vec::new());
+        table.attach(sid, other, &attach(token), limits(), now, &mut asks);
+        asks.clear();
+        let later = now + crate::moves::MOVE_RETRY;
+        let outcome = table.attach(sid, other, &attach(token), limits(), later, &mut asks);
+        assert_eq!((outcome, asks.len()), (AttachOutcome::NotYet, 2));
+        // A Moved nobody waits for any more still installs the connection, in no session.
+        let late = 0x0200_000b;
+        table.move_answered("s", a, late, moved(token), limits(), now, MINUTE);
+        assert!(table.belongs_to(late, "s", a) && !table.in_session(late, sid));
+    }
+
+    #[test]
+    fn a_moved_connection_whose_id_is_taken_here_is_refused_to_the_broker() {
+        let mut table = Table::new(Arc::new(Metrics::default()));
+        let a = InstanceId([1; 16]);
+        let _la = super::tests::linked(&mut table, "s", a, 0, true);
+        let now = Instant::now();
+        let (id, _) = table.open("t", a, None, 16, "c", now, MINUTE);
+        let refusal = table.move_answered("s", a, id, moved(Token([1; 16])), limits(), now, MINUTE);
+        let refusal = refusal.expect("refused");
+        assert_eq!((refusal.kind, refusal.conn_id), (PacketType::ConnAbort, id));
+        let full = AttachLimits {
+            connections: 1,
+            ..limits()
+        };
+        let refusal = table.move_answered("s", a, 0x55, moved(Token([1; 16])), full, now, MINUTE);
+        assert!(refusal.is_some() && !table.belongs_to(0x55, "s", a));
     }
 }
