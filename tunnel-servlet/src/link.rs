@@ -440,6 +440,7 @@ fn route(table: &mut Table, shared: &Shared, link: &ReadLink<'_>, packet: Packet
 fn on_move_answer(table: &mut Table, shared: &Shared, link: &ReadLink<'_>, packet: Packet) {
     let config = &shared.config;
     let id = packet.conn_id;
+    let window = packet.window;
     let answer = match MoveAnswer::decode(packet.payload) {
         Ok(answer) => answer,
         Err(err) => {
@@ -452,6 +453,7 @@ fn on_move_answer(table: &mut Table, shared: &Shared, link: &ReadLink<'_>, packe
         link.instance,
         id,
         answer,
+        window,
         shared.attach_limits(),
         Instant::now(),
         config.client_inactivity_timeout,

@@ -1486,7 +1486,8 @@ impl Table {
     }
 
     /// A CONN_MOVE answer from instance `instance` of `server` about connection `id`
-    /// (docs/protocol.md §5.2). Returns a packet for the broker if the relay cannot take a
+    /// (docs/protocol.md §5.2); `window` is the answer's header window, the broker's receive
+    /// window for the connection. Returns a packet for the broker if the relay cannot take a
     /// connection moved to it (over its connection limit, or the id is another
     /// connection's here): CONN_ABORT, as for a refused re-announcement.
     #[allow(clippy::too_many_arguments)]
@@ -1496,6 +1497,7 @@ impl Table {
         instance: InstanceId,
         id: u32,
         answer: MoveAnswer,
+        window: u16,
         limits: AttachLimits,
         now: Instant,
         timeout: Duration,
@@ -1534,6 +1536,15 @@ impl Table {
                 }
                 let key = self.server_name(server);
                 self.install(id, &key, instance, token, "(moved here)", now, timeout);
+                if window > 0 {
+                    // The broker accepted the connection (it holds it), but its CONN_INIT_ACK
+                    // may have been lost with the relay that held it, and a client still
+                    // opening would wait for it forever. Handed out until the client pushes
+                    // a packet of the connection; a connection already open ignores it.
+                    let ack =
+                        Packet::new(PacketType::ConnInitAck, id, Bytes::new()).with_window(window);
+                    self.enqueue(id, ack, QueueLimits::FORCED, true);
+                }
                 self.metrics.connection_moved();
                 tracing::debug!(conn_id = id, server, instance = %instance.short(), "connection moved here");
                 if let Some(sid) = pending.map(|p| p.session) {
@@ -2438,29 +2449,34 @@ mod move_tests {
         assert_eq!((outcome, asks.len()), (AttachOutcome::NotYet, 0));
 
         assert_eq!(
-            table.move_answered("s", b, id, MoveAnswer::Unknown, limits(), now, MINUTE),
+            table.move_answered("s", b, id, MoveAnswer::Unknown, 64, limits(), now, MINUTE),
             None
         );
         assert_eq!(
-            table.move_answered("s", a, id, moved(token), limits(), now, MINUTE),
+            table.move_answered("s", a, id, moved(token), 64, limits(), now, MINUTE),
             None
         );
         assert!(table.belongs_to(id, "s", a) && table.in_session(id, sid));
-        // The ATTACH's answer is queued for the session's pull.
+        // The broker's acceptance (in case the client was still opening) and the ATTACH's
+        // answer are queued for the session's pull.
         let out = decode_all(table.drain_session(sid, BytesMut::new(), 1 << 20), 1 << 20).unwrap();
-        assert_eq!(out.len(), 1);
-        assert_eq!((out[0].kind, out[0].conn_id), (PacketType::Attach, id));
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            (out[0].kind, out[0].conn_id, out[0].window),
+            (PacketType::ConnInitAck, id, 64)
+        );
+        assert_eq!((out[1].kind, out[1].conn_id), (PacketType::Attach, id));
         asks.clear();
         let outcome = table.attach(sid, id, &attach(token), limits(), now, &mut asks);
         assert_eq!((outcome, asks.len()), (AttachOutcome::Attached, 0));
         // A repeated answer changes nothing.
         assert_eq!(
-            table.move_answered("s", a, id, moved(token), limits(), now, MINUTE),
+            table.move_answered("s", a, id, moved(token), 64, limits(), now, MINUTE),
             None
         );
         // The broker moves it on to another relay: forgotten here, nothing sent anywhere.
         assert_eq!(
-            table.move_answered("s", a, id, MoveAnswer::Left, limits(), now, MINUTE),
+            table.move_answered("s", a, id, MoveAnswer::Left, 64, limits(), now, MINUTE),
             None
         );
         assert!(!table.belongs_to(id, "s", a));
@@ -2486,6 +2502,7 @@ mod move_tests {
                 instance,
                 id,
                 MoveAnswer::Unknown,
+                64,
                 limits(),
                 now,
                 MINUTE,
@@ -2502,7 +2519,7 @@ mod move_tests {
         assert_eq!((outcome, asks.len()), (AttachOutcome::NotYet, 2));
         // A Moved nobody waits for any more still installs the connection, in no session.
         let late = 0x0200_000b;
-        table.move_answered("s", a, late, moved(token), limits(), now, MINUTE);
+        table.move_answered("s", a, late, moved(token), 64, limits(), now, MINUTE);
         assert!(table.belongs_to(late, "s", a) && !table.in_session(late, sid));
     }
 
@@ -2513,14 +2530,16 @@ mod move_tests {
         let _la = super::tests::linked(&mut table, "s", a, 0, true);
         let now = Instant::now();
         let (id, _) = table.open("t", a, None, 16, "c", now, MINUTE);
-        let refusal = table.move_answered("s", a, id, moved(Token([1; 16])), limits(), now, MINUTE);
+        let refusal =
+            table.move_answered("s", a, id, moved(Token([1; 16])), 64, limits(), now, MINUTE);
         let refusal = refusal.expect("refused");
         assert_eq!((refusal.kind, refusal.conn_id), (PacketType::ConnAbort, id));
         let full = AttachLimits {
             connections: 1,
             ..limits()
         };
-        let refusal = table.move_answered("s", a, 0x55, moved(Token([1; 16])), full, now, MINUTE);
+        let refusal =
+            table.move_answered("s", a, 0x55, moved(Token([1; 16])), 64, full, now, MINUTE);
         assert!(refusal.is_some() && !table.belongs_to(0x55, "s", a));
     }
 }
