@@ -127,7 +127,9 @@ pub struct ClientConfig {
     pub max_packet_size: usize,
     /// First delay after a failed request; doubled on each further failure. Default: 100 ms.
     pub retry_initial: Duration,
-    /// Ceiling of the retry delay. Default: 5 s.
+    /// Ceiling of the retry delay. Default: 1 s, so traffic resumes within a second of the
+    /// path coming back after an outage of any length (a relay restart, a relay of a pool
+    /// dying); one request a second per session during an outage costs the relay little.
     pub retry_max: Duration,
     /// How long an established connection survives without any path to the relay (laptop
     /// sleep, network change, proxy restart): the client gives up after this long of
@@ -187,7 +189,7 @@ impl Default for ClientConfig {
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
             affinity: None,
             retry_initial: Duration::from_millis(100),
-            retry_max: Duration::from_secs(5),
+            retry_max: Duration::from_secs(1),
             outage_grace: DEFAULT_OUTAGE_GRACE,
             connection: ConnectionConfig {
                 recv_window: DEFAULT_CLIENT_RECV_WINDOW,
