@@ -240,6 +240,10 @@ impl StatusSnapshot {
                 value: SettingValue::Number(config.response_limit as u64),
             },
             Setting {
+                name: "relay_id",
+                value: SettingValue::Number(u64::from(config.relay_id)),
+            },
+            Setting {
                 name: "client_auth",
                 value: SettingValue::Bool(config.client_auth.is_some()),
             },
