@@ -587,3 +587,66 @@ async fn an_unanswered_move_is_asked_again_after_the_retry_delay() {
     assert_eq!(relay.metrics().connections_moved, 1);
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn at_the_limit_of_moves_under_way_a_move_still_waits_and_ends() {
+    let client = http();
+    // The relay bounds the moves under way by its connection limit: here 1.
+    let relay = start(RelayConfig {
+        max_connections: 1,
+        ..pool_config(2)
+    })
+    .await;
+    let (mut broker, _) =
+        FakeBroker::link_mover(relay.link_addr(), SERVER, instance(1), vec![]).await;
+    let session = open_session(&client, &relay).await;
+    let (id, token) = ((1 << 24) | 0x00_0def, Token([6; 16]));
+    let attach = attach_packet(id, token);
+    let answer = session_push(&client, &relay, session, std::slice::from_ref(&attach)).await;
+    assert!(of(&answer, id).is_empty(), "{answer:?}");
+    expect_move_request(&mut broker, id, token).await;
+
+    // The move under way is the one at the limit: its ATTACH waits, without asking again.
+    let answer = session_push(&client, &relay, session, std::slice::from_ref(&attach)).await;
+    assert!(of(&answer, id).is_empty(), "{answer:?}");
+    expect_quiet(&mut broker, "asked again within the retry delay").await;
+    // Another connection's ATTACH waits for room, without asking.
+    let (other, other_token) = ((1 << 24) | 0x00_0fed, Token([8; 16]));
+    let other_attach = attach_packet(other, other_token);
+    let answer = session_push(
+        &client,
+        &relay,
+        session,
+        std::slice::from_ref(&other_attach),
+    )
+    .await;
+    assert!(of(&answer, other).is_empty(), "{answer:?}");
+    expect_quiet(&mut broker, "a move over the limit").await;
+
+    // The broker does not know it: the next ATTACH is answered CONN_ABORT.
+    broker.send(&move_answer(id, MoveAnswer::Unknown)).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let answer = session_push(&client, &relay, session, std::slice::from_ref(&attach)).await;
+        if let Some(p) = of(&answer, id).first() {
+            assert!(is_unknown_abort(p), "{answer:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ATTACH never answered (asked again instead?)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    expect_quiet(&mut broker, "after unknown").await;
+    // Room again: the other connection's move is asked.
+    session_push(
+        &client,
+        &relay,
+        session,
+        std::slice::from_ref(&other_attach),
+    )
+    .await;
+    expect_move_request(&mut broker, other, other_token).await;
+    relay.shutdown().await;
+}
