@@ -11,7 +11,11 @@
 //! - *unknown* from every instance asked makes the next ATTACH a CONN_ABORT;
 //! - only instances with the MOVES feature are asked; without any, the ATTACH of a connection
 //!   the relay does not hold is answered CONN_ABORT at once;
-//! - an unanswered move is asked again only after the retry delay (2 s).
+//! - an unanswered move is asked again only after the retry delay (2 s), also when the
+//!   relay is at its limit of moves under way (which holds the others back);
+//! - a *moved* that comes after its session closed installs the connection for the next
+//!   session's ATTACH;
+//! - a connection moves off a relay that is still up: that relay gets *left* and forgets it.
 //!
 //! Run: `cargo test -p tunnel-servlet --test relay_moves`.
 
@@ -393,6 +397,15 @@ async fn a_connection_moves_to_the_other_relay_when_its_relay_is_gone() {
         );
     }
     assert_eq!(relay2.metrics().connections_moved, 1);
+    let text = client
+        .get(format!("http://{}/metrics", relay2.http_addr()))
+        .send()
+        .await
+        .expect("metrics request")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(text.contains("tunnel_connections_moved_total 1"), "{text}");
     relay2.shutdown().await;
 }
 
@@ -649,4 +662,97 @@ async fn at_the_limit_of_moves_under_way_a_move_still_waits_and_ends() {
     .await;
     expect_move_request(&mut broker, other, other_token).await;
     relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_move_answered_after_its_session_closed_is_attached_by_the_next_session() {
+    let client = http();
+    let relay = start(pool_config(2)).await;
+    let (mut broker, _) =
+        FakeBroker::link_mover(relay.link_addr(), SERVER, instance(1), vec![]).await;
+    let first = open_session(&client, &relay).await;
+    let (id, token) = ((1 << 24) | 0x00_0bad, Token([2; 16]));
+    let attach = attach_packet(id, token);
+    session_push(&client, &relay, first, std::slice::from_ref(&attach)).await;
+    expect_move_request(&mut broker, id, token).await;
+    // The client gives up on that session before the broker answers.
+    let resp = in_session(&client, &relay, reqwest::Method::POST, "Type=close", first)
+        .send()
+        .await
+        .expect("close request");
+    assert_eq!(resp.status().as_u16(), 200, "session close");
+
+    broker.send(&moved(id, token)).await;
+    let relay_ref = &relay;
+    eventually(
+        || relay_ref.metrics().open_connections == 1,
+        "the moved connection installed",
+    )
+    .await;
+    assert_eq!(relay.metrics().connections_moved, 1);
+
+    // The next session's ATTACH is answered at once, with the broker's acceptance.
+    let second = open_session(&client, &relay).await;
+    let answer = session_push(&client, &relay, second, std::slice::from_ref(&attach)).await;
+    assert!(
+        of(&answer, id).iter().any(|p| p.kind == PacketType::Attach),
+        "{answer:?}"
+    );
+    expect_quiet(&mut broker, "an installed connection is not asked for").await;
+    let got = pull_until(&client, &relay, second, answer, |got| {
+        got.iter()
+            .any(|p| p.kind == PacketType::ConnInitAck && p.conn_id == id)
+    })
+    .await;
+    assert!(got
+        .iter()
+        .filter(|p| p.kind == PacketType::ConnInitAck)
+        .all(|p| p.window == BROKER_WINDOW));
+    assert!(of(&got, id).iter().all(|p| p.kind != PacketType::ConnAbort));
+    data_both_ways(&client, &relay, &mut broker, second, id, 0).await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_moves_off_a_live_relay_which_then_forgets_it() {
+    let client = http();
+    let relay1 = start(pool_config(1)).await;
+    let relay2 = start(pool_config(2)).await;
+    let (mut link1, _) =
+        FakeBroker::link_mover(relay1.link_addr(), SERVER, instance(7), vec![]).await;
+    let (mut link2, _) =
+        FakeBroker::link_mover(relay2.link_addr(), SERVER, instance(7), vec![]).await;
+    let old = open_session(&client, &relay1).await;
+    let (id, token) = open_accepted(&client, &relay1, &mut link1, old).await;
+    data_both_ways(&client, &relay1, &mut link1, old, id, 0).await;
+
+    // The load balancer sends the client to relay 2 while relay 1 is still up (a failed
+    // health check, say): the client opens a session there and re-attaches.
+    let new = open_session(&client, &relay2).await;
+    let attach = attach_packet(id, token);
+    session_push(&client, &relay2, new, std::slice::from_ref(&attach)).await;
+    expect_move_request(&mut link2, id, token).await;
+    // The broker moves it: moved on the link that asked, left on the one it was on.
+    link2.send(&moved(id, token)).await;
+    link1.send(&move_answer(id, MoveAnswer::Left)).await;
+    let relay1_ref = &relay1;
+    eventually(
+        || relay1_ref.metrics().open_connections == 0,
+        "relay 1 forgets the connection",
+    )
+    .await;
+    pull_until(&client, &relay2, new, Vec::new(), |got| {
+        got.iter()
+            .any(|p| p.kind == PacketType::Attach && p.conn_id == id)
+    })
+    .await;
+    data_both_ways(&client, &relay2, &mut link2, new, id, 1).await;
+    // Relay 1 told neither its client nor the broker.
+    expect_quiet(&mut link1, "relay 1 after left").await;
+    let got = session_pull(&client, &relay1, old).await;
+    assert!(of(&got, id).is_empty(), "{got:?}");
+    let (m1, m2) = (relay1.metrics(), relay2.metrics());
+    assert_eq!((m1.connections_moved, m2.connections_moved), (0, 1));
+    relay1.shutdown().await;
+    relay2.shutdown().await;
 }
