@@ -733,6 +733,15 @@ async fn ack_as_pool_relay(link: &mut FakeLink, relay_id: u8) {
         .await;
 }
 
+async fn wait_links_up(listener: &TunnelListener, count: usize) {
+    within("the links to come up", async {
+        while listener.links_up() < count {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
 fn move_request(conn_id: u32, token: Token) -> Packet {
     Packet::new(
         PacketType::ConnMove,
@@ -772,12 +781,7 @@ async fn links_to_every_relay_and_moves_a_connection_when_asked() {
     ack_as_pool_relay(&mut link_a, 1).await;
     ack_as_pool_relay(&mut link_b, 2).await;
     let listener = within("bind", binding).await.unwrap().unwrap();
-    within("both links up", async {
-        while listener.links_up() < 2 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    wait_links_up(&listener, 2).await;
 
     // A connection made by relay 1 (its id in the top byte), on link A.
     let conn_id = 0x0100_0042;
@@ -874,12 +878,7 @@ async fn bind_succeeds_while_one_relay_of_the_pool_is_down_and_links_it_when_it_
     };
     let (mut link_a, _) = relay_a.accept_link().await;
     ack_as_pool_relay(&mut link_a, 1).await;
-    within("both links up", async {
-        while listener.links_up() < 2 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    wait_links_up(&listener, 2).await;
     // Listen state and capacity go to every relay.
     listener.set_accepting(false);
     for link in [&mut link_a, &mut link_b] {
