@@ -14,9 +14,16 @@ use crate::tls::LinkTls;
 /// adjust fields; every field has a documented default.
 #[derive(Clone)]
 pub struct BrokerConfig {
-    /// The relay's link port, `HOST:PORT` (resolved at every dial, so a relay that moves to
-    /// another address is found again). Default: `127.0.0.1:8081`.
-    pub relay_addr: String,
+    /// The link port of every relay to link to, each `HOST:PORT`: one relay, or every relay
+    /// of a pool (docs/protocol.md §5.2). A host name that resolves to several addresses is
+    /// one relay per address. Names are resolved again every
+    /// [`relay_resolve_interval`](Self::relay_resolve_interval), so relays that move or join
+    /// are found. Default: `["127.0.0.1:8081"]`.
+    pub relays: Vec<String>,
+    /// How often the names in [`relays`](Self::relays) are resolved again; a relay whose
+    /// address is gone from the answer is no longer redialed once its link is down.
+    /// Default: 30 s.
+    pub relay_resolve_interval: Duration,
     /// The name clients use to reach this broker (`ServerName=`), 1..=255 bytes of UTF-8.
     /// Default: `echo`.
     pub server_name: String,
@@ -26,12 +33,14 @@ pub struct BrokerConfig {
     pub tls: Option<LinkTls>,
     /// First delay before redialing a lost or refused link. Default: 200 ms.
     pub redial_initial: Duration,
-    /// Ceiling of the redial delay, which doubles after each failed attempt. Default: 10 s.
+    /// Ceiling of the redial delay, which doubles after each failed attempt. Default: 1 s, so
+    /// a relay that comes back after an outage of any length is linked again within a second
+    /// (one dial a second is no load for a relay).
     /// Up to a quarter of each delay is taken off at random (jitter), so many
     /// brokers cut off together do not redial in lock step.
     pub redial_max: Duration,
     /// Limit for one dial: TCP connect, TLS handshake, LINK_INIT and its answer. `bind`
-    /// keeps trying for this long before it reports the relay unreachable. Default: 10 s.
+    /// keeps trying for this long before it reports the relays unreachable. Default: 10 s.
     pub handshake_timeout: Duration,
     /// A NO_OP is sent when nothing was written to the link for this long, and a link from
     /// which nothing was read for three of these is taken as dead and redialed. Default: 10 s.
@@ -65,7 +74,8 @@ pub struct BrokerConfig {
 }
 
 impl BrokerConfig {
-    /// A configuration with all defaults but the relay address, name and secret.
+    /// A configuration with all defaults but the relay address, name and secret. For a pool
+    /// of relays, set [`relays`](Self::relays) to all of them.
     ///
     /// The secret is compared byte for byte with the relay's. The relay reads it from a file
     /// (`--link-secret-file`) without its trailing line end; read the broker's copy with
@@ -99,7 +109,7 @@ impl BrokerConfig {
         link_secret: impl Into<Bytes>,
     ) -> BrokerConfig {
         BrokerConfig {
-            relay_addr: relay_addr.into(),
+            relays: vec![relay_addr.into()],
             server_name: server_name.into(),
             link_secret: link_secret.into(),
             ..BrokerConfig::default()
@@ -122,8 +132,11 @@ impl BrokerConfig {
                 tunnel_proto::payload::MAX_LINK_SECRET_LEN
             )));
         }
-        if self.relay_addr.is_empty() {
+        if self.relays.is_empty() || self.relays.iter().any(String::is_empty) {
             return Err(invalid("relay address is empty".into()));
+        }
+        if self.relay_resolve_interval.is_zero() {
+            return Err(invalid("relay resolve interval must be non-zero".into()));
         }
         if self.keepalive_interval.is_zero() || self.handshake_timeout.is_zero() {
             return Err(invalid(
@@ -150,12 +163,13 @@ impl BrokerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
-            relay_addr: "127.0.0.1:8081".into(),
+            relays: vec!["127.0.0.1:8081".into()],
+            relay_resolve_interval: Duration::from_secs(30),
             server_name: "echo".into(),
             link_secret: Bytes::new(),
             tls: None,
             redial_initial: Duration::from_millis(200),
-            redial_max: Duration::from_secs(10),
+            redial_max: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(10),
             link_write_timeout: Duration::from_secs(30),
@@ -174,7 +188,8 @@ impl Default for BrokerConfig {
 impl fmt::Debug for BrokerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BrokerConfig")
-            .field("relay_addr", &self.relay_addr)
+            .field("relays", &self.relays)
+            .field("relay_resolve_interval", &self.relay_resolve_interval)
             .field("server_name", &self.server_name)
             .field(
                 "link_secret",

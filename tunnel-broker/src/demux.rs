@@ -11,26 +11,35 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tunnel_proto::connection::StreamError;
 use tunnel_proto::driver::{self, ConnHandle};
-use tunnel_proto::payload::{decode_reason, BrokerConnInit};
+use tunnel_proto::payload::{decode_reason, BrokerConnInit, MoveAnswer, MoveRequest};
 use tunnel_proto::{Connection, Packet, PacketType};
 
-use crate::shared::{abort_packet, rejected_packet, Shared};
+use crate::shared::{abort_packet, rejected_packet, LinkId, Shared};
 use crate::sink::LinkSink;
 use crate::table::ConnEntry;
 use crate::ClientInfo;
 
-/// Handles one packet read from the link whose writer queue is `link`.
+/// Handles one packet read from link `id`, whose writer queue is `link`. A connection's
+/// packets are taken from whichever link they arrive on: while a connection moves, its
+/// client's retransmissions may reach it through either relay (docs/protocol.md §5.2).
 pub(crate) async fn handle_packet(
     shared: &Arc<Shared>,
+    id: LinkId,
     link: &mpsc::Sender<Packet>,
     packet: Packet,
 ) {
     let conn_id = packet.conn_id;
     match packet.kind {
         PacketType::NoOp | PacketType::LinkInitAck => {}
-        PacketType::ConnInit => on_conn_init(shared, link, packet).await,
+        PacketType::ConnInit => on_conn_init(shared, id, link, packet).await,
+        PacketType::ConnMove => on_move(shared, id, link, packet).await,
         PacketType::ConnAbort | PacketType::ConnRejected => {
             let reason = decode_reason(&packet.payload);
+            if shared.table.link_of(conn_id).is_some_and(|on| on != id) {
+                // From a relay the connection has left: that relay's view is stale.
+                tracing::debug!(conn_id, %reason, "abort from a relay the connection left; ignored");
+                return;
+            }
             match shared.table.handle(conn_id) {
                 Some(handle) => {
                     tracing::debug!(conn_id, %reason, "relay aborted the connection");
@@ -62,8 +71,7 @@ pub(crate) async fn handle_packet(
         | PacketType::LinkInit
         | PacketType::ListenState
         | PacketType::SessionInit
-        | PacketType::Attach
-        | PacketType::ConnMove => {
+        | PacketType::Attach => {
             tracing::debug!(conn_id, kind = ?packet.kind, "packet type not expected from the relay; ignored")
         }
     }
@@ -79,7 +87,12 @@ async fn reply(shared: &Shared, link: &mpsc::Sender<Packet>, packet: Packet) {
     }
 }
 
-async fn on_conn_init(shared: &Arc<Shared>, link: &mpsc::Sender<Packet>, packet: Packet) {
+async fn on_conn_init(
+    shared: &Arc<Shared>,
+    id: LinkId,
+    link: &mpsc::Sender<Packet>,
+    packet: Packet,
+) {
     let conn_id = packet.conn_id;
     if conn_id == 0 {
         tracing::warn!("CONN_INIT without a conn id from the relay; ignored");
@@ -151,6 +164,7 @@ async fn on_conn_init(shared: &Arc<Shared>, link: &mpsc::Sender<Packet>, packet:
     let window = conn.recv_window();
     let sink = Arc::new(LinkSink {
         shared: Arc::clone(shared),
+        conn_id,
     });
     let (stream, handle) = driver::spawn(conn, sink);
     shared.table.insert(
@@ -160,6 +174,7 @@ async fn on_conn_init(shared: &Arc<Shared>, link: &mpsc::Sender<Packet>, packet:
             token: init.token,
             pull_period_ms: 0,
             client_window: packet.window,
+            link: id,
         },
     );
     shared.load_changed();
@@ -176,6 +191,55 @@ async fn on_conn_init(shared: &Arc<Shared>, link: &mpsc::Sender<Packet>, packet:
             client_addr: init.client_addr,
         },
     ));
+}
+
+/// A relay asks for a connection whose client re-attached there (docs/protocol.md §5.2):
+/// if we hold it with that token, it moves onto the link the question came on.
+async fn on_move(shared: &Arc<Shared>, id: LinkId, link: &mpsc::Sender<Packet>, packet: Packet) {
+    let conn_id = packet.conn_id;
+    let request = match MoveRequest::decode(packet.payload) {
+        Ok(request) => request,
+        Err(e) => {
+            tracing::warn!(conn_id, error = %e, "malformed CONN_MOVE from the relay; ignored");
+            return;
+        }
+    };
+    let entry = shared
+        .table
+        .get(conn_id)
+        .filter(|entry| entry.token.ct_eq(&request.token));
+    let Some(entry) = entry else {
+        tracing::debug!(conn_id, "CONN_MOVE for a connection not held here");
+        reply(shared, link, move_packet(conn_id, &MoveAnswer::Unknown)).await;
+        return;
+    };
+    let moved = MoveAnswer::Moved {
+        token: entry.token,
+        pull_period_ms: entry.pull_period_ms,
+        client_window: entry.client_window,
+    };
+    // The answer is queued before the connection is put on this link, so the relay knows
+    // the connection before it sees any of its packets.
+    let answer = move_packet(conn_id, &moved).with_window(entry.handle.recv_window());
+    reply(shared, link, answer).await;
+    let Some(old) = shared.table.rebind(conn_id, id) else {
+        return; // ended meanwhile; its CONN_SHUTDOWN tells the relay
+    };
+    if old == id {
+        return; // asked again (an answer lost with a link): nothing moved
+    }
+    tracing::debug!(conn_id, "connection moved to another relay's link");
+    // What was in flight went to the relay that is gone: resend it now, on this link.
+    entry.handle.path_restored();
+    if shared.link_moves(old) {
+        shared
+            .send_on_link(old, move_packet(conn_id, &MoveAnswer::Left))
+            .await;
+    }
+}
+
+fn move_packet(conn_id: u32, answer: &MoveAnswer) -> Packet {
+    Packet::new(PacketType::ConnMove, conn_id, answer.encode())
 }
 
 /// When the connection's driver ends, tell the relay and forget the connection.

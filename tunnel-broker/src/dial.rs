@@ -1,12 +1,15 @@
 //! Dialing the relay: TCP (+ TLS), LINK_INIT, and the relay's answer.
 
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tunnel_proto::payload::{decode_reason, AnnouncedConn, LinkExtension, LinkInit, ListenState};
+use tunnel_proto::payload::{
+    decode_reason, AnnouncedConn, LinkExtension, LinkFeatures, LinkInit, ListenState, RelayHello,
+};
 use tunnel_proto::{Decoder, Packet, PacketType};
 
 use crate::config::BrokerConfig;
@@ -20,6 +23,8 @@ pub(crate) struct Link {
     pub io: Box<dyn LinkIo>,
     /// Holds whatever the relay sent right after LINK_INIT_ACK.
     pub decoder: Decoder,
+    /// What the relay said of itself in LINK_INIT_ACK.
+    pub hello: RelayHello,
 }
 
 /// Bytes reserved for each read from the link.
@@ -45,25 +50,28 @@ fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> DialError {
     move |source| DialError::Io { context, source }
 }
 
-/// Dials the relay and authenticates, announcing `connections` and this instance (`state`:
-/// its listen mode and load now); all of it within the configured handshake timeout.
+/// Dials the relay at `relay` and authenticates, announcing `connections` and this instance
+/// (`state`: its listen mode and load now); all of it within the configured handshake
+/// timeout.
 pub(crate) async fn dial(
     config: &BrokerConfig,
+    relay: SocketAddr,
     connections: Vec<AnnouncedConn>,
     state: ListenState,
 ) -> Result<Link, DialError> {
     let limit = config.handshake_timeout;
-    tokio::time::timeout(limit, dial_inner(config, connections, state))
+    tokio::time::timeout(limit, dial_inner(config, relay, connections, state))
         .await
         .unwrap_or(Err(DialError::Timeout(limit)))
 }
 
 async fn dial_inner(
     config: &BrokerConfig,
+    relay: SocketAddr,
     connections: Vec<AnnouncedConn>,
     state: ListenState,
 ) -> Result<Link, DialError> {
-    let tcp = TcpStream::connect(config.relay_addr.as_str())
+    let tcp = TcpStream::connect(relay)
         .await
         .map_err(io_err("connecting to the relay"))?;
     // Packets are written whole, often small (acks); do not let Nagle hold them back.
@@ -90,7 +98,7 @@ async fn dial_inner(
             instance: config.instance_id,
             keepalive_ms: u32::try_from(config.keepalive_interval.as_millis()).unwrap_or(u32::MAX),
             state,
-            features: None,
+            features: Some(LinkFeatures::MOVES),
         }),
     };
     let mut out = BytesMut::new();
@@ -104,7 +112,12 @@ async fn dial_inner(
     loop {
         match decoder.next_packet() {
             Ok(Some(packet)) => match packet.kind {
-                PacketType::LinkInitAck => return Ok(Link { io, decoder }),
+                PacketType::LinkInitAck => {
+                    let hello = RelayHello::decode(packet.payload).map_err(|e| {
+                        DialError::Protocol(format!("malformed LINK_INIT_ACK: {e}"))
+                    })?;
+                    return Ok(Link { io, decoder, hello });
+                }
                 PacketType::ConnRejected => {
                     return Err(DialError::Rejected(decode_reason(&packet.payload)))
                 }

@@ -1,9 +1,10 @@
 //! The broker side of the HTTP tunnel: a [`TunnelListener`] that a server uses like a TCP
-//! listener. It dials the relay's link port (`docs/protocol.md` §5 in the repository),
-//! authenticates with the link secret, and hands out one [`TunnelStream`] per client
-//! connection (§3), a tokio `AsyncRead` + `AsyncWrite` like a `TcpStream`. When the link is
-//! lost it redials with back-off and re-announces its live connections, which keep running
-//! meanwhile.
+//! listener. It dials the link port of its relay, or of every relay of a pool
+//! (`docs/protocol.md` §5 and §5.2 in the repository), authenticates with the link secret,
+//! and hands out one [`TunnelStream`] per client connection (§3), a tokio `AsyncRead` +
+//! `AsyncWrite` like a `TcpStream`. When a link is lost it redials with back-off and
+//! re-announces the connections on it, which keep running meanwhile; when a client's session
+//! moves to another relay of the pool, its connections move to that relay's link.
 //!
 //! The public API: [`TunnelListener`] (bind, accept, listen state, graceful stop),
 //! [`BrokerConfig`] with every bound and deadline, [`LinkTls`] for a TLS link,
@@ -77,6 +78,7 @@ mod demux;
 mod dial;
 mod link;
 mod listener;
+mod relays;
 mod shared;
 mod sink;
 mod supervisor;

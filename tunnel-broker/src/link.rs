@@ -1,6 +1,7 @@
 //! One established link: a reader that demultiplexes packets to connections and a writer
 //! that batches the connections' packets into few writes. Returns why the link ended.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -11,7 +12,7 @@ use tunnel_proto::{Decoder, Packet, PacketType};
 use crate::config::BrokerConfig;
 use crate::demux;
 use crate::dial::{Link, READ_CHUNK};
-use crate::shared::Shared;
+use crate::shared::{LinkId, Shared};
 
 /// Why a link ended.
 #[derive(Debug)]
@@ -29,28 +30,29 @@ pub(crate) struct LinkQueue {
     rx: mpsc::Receiver<Packet>,
 }
 
-/// Creates the queue of a newly authenticated link and makes it the current one.
-pub(crate) fn install(shared: &Shared) -> LinkQueue {
+/// Creates the queue of a newly authenticated link to `relay` and makes it link `id`'s.
+pub(crate) fn install(shared: &Shared, id: LinkId, relay: SocketAddr, link: &Link) -> LinkQueue {
     let (tx, rx) = mpsc::channel(shared.config.link_write_queue);
-    shared.install_link(&tx);
+    shared.install_link(id, relay, link.hello, &tx);
     LinkQueue { tx, rx }
 }
 
-/// Runs the link until it is lost or the broker stops.
-pub(crate) async fn run(shared: &Arc<Shared>, link: Link, queue: LinkQueue) -> LinkEnd {
+/// Runs link `id` until it is lost or the broker stops.
+pub(crate) async fn run(shared: &Arc<Shared>, id: LinkId, link: Link, queue: LinkQueue) -> LinkEnd {
     let config = &shared.config;
     let LinkQueue { tx, rx } = queue;
     let (reader, writer) = tokio::io::split(link.io);
     let end = tokio::select! {
-        end = read_loop(shared, reader, link.decoder, &tx) => end,
+        end = read_loop(shared, id, reader, link.decoder, &tx) => end,
         end = write_loop(config, writer, rx, shared.stop_signal()) => end,
     };
-    shared.clear_link(&tx);
+    shared.clear_link(id, &tx);
     end
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
     shared: &Arc<Shared>,
+    id: LinkId,
     mut reader: R,
     mut decoder: Decoder,
     tx: &mpsc::Sender<Packet>,
@@ -61,7 +63,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         // partial packet plus one read.
         loop {
             match decoder.next_packet() {
-                Ok(Some(packet)) => demux::handle_packet(shared, tx, packet).await,
+                Ok(Some(packet)) => demux::handle_packet(shared, id, tx, packet).await,
                 Ok(None) => break,
                 Err(e) => return LinkEnd::Lost(format!("undecodable data from the relay: {e}")),
             }

@@ -2,20 +2,19 @@
 
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tunnel_proto::connection::StreamError;
 use tunnel_proto::driver::TunnelStream;
-use tunnel_proto::payload::{Capacity, InstanceId, ListenMode, ListenState};
+use tunnel_proto::payload::{InstanceId, ListenMode};
 
 use crate::config::BrokerConfig;
-use crate::dial::{dial, DialError, Link};
+use crate::dial::DialError;
+use crate::relays;
 use crate::shared::{abort_packet, Accepted, Shared};
-use crate::supervisor::supervise;
-use tunnel_proto::backoff::Backoff;
+use crate::supervisor::DialReport;
 
 /// Who opened an accepted connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,13 +35,12 @@ pub const SHUTDOWN_REASON: &str = "broker shutting down";
 pub struct TunnelListener {
     shared: Arc<Shared>,
     accept_rx: tokio::sync::Mutex<mpsc::Receiver<Accepted>>,
-    supervisor: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for TunnelListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TunnelListener")
-            .field("relay", &self.shared.config.relay_addr)
+            .field("relays", &self.shared.config.relays)
             .field("name", &self.shared.config.server_name)
             .field("live_connections", &self.shared.table.len())
             .finish()
@@ -50,27 +48,40 @@ impl std::fmt::Debug for TunnelListener {
 }
 
 impl TunnelListener {
-    /// Dials the relay and registers `config.server_name`. Returns once the relay has
-    /// acknowledged the link. Errors:
+    /// Dials every relay of `config.relays` and registers `config.server_name` with each.
+    /// Returns once one relay has acknowledged its link; the others are linked in the
+    /// background, each redialed with back-off until it answers. Errors:
     /// - `InvalidInput`: the configuration is unusable (empty name, oversized secret, …);
-    /// - `PermissionDenied`: the relay refused the link, with its reason;
+    /// - `PermissionDenied`: every relay refused the link, with its reason;
     /// - otherwise (`TimedOut`, `ConnectionRefused`, …): no link could be set up within
-    ///   `config.handshake_timeout`, retrying with back-off meanwhile; the message names the
-    ///   relay and the last error.
+    ///   `config.handshake_timeout`, retrying with back-off meanwhile; the message names each
+    ///   relay and its last error.
     pub async fn bind(config: BrokerConfig) -> io::Result<TunnelListener> {
         config.validate()?;
-        let link = first_link(&config).await?;
-        tracing::info!(relay = %config.relay_addr, name = %config.server_name,
-            instance = %config.instance_id, capacity = config.max_connections, "link up");
+        let resolved = relays::resolve(&config.relays).await;
         let (accept_tx, accept_rx) = mpsc::channel(config.accept_backlog);
         let shared = Shared::new(config, accept_tx);
-        let queue = crate::link::install(&shared);
+        let targets = shared.relays.update(&resolved);
+        if targets.is_empty() {
+            shared.stop();
+            return Err(unresolved(&resolved));
+        }
+        let names: Vec<String> = targets.iter().map(ToString::to_string).collect();
+        let (report_tx, report_rx) = mpsc::channel(REPORTS_QUEUE);
+        relays::supervise_all(&shared, targets, Some(&report_tx));
+        drop(report_tx);
+        if let Err(e) = first_link(&shared.config, &names, report_rx).await {
+            shared.stop();
+            return Err(e);
+        }
+        let config = &shared.config;
+        tracing::info!(relays = ?config.relays, name = %config.server_name,
+            instance = %config.instance_id, capacity = config.max_connections, "listening");
         tokio::spawn(Arc::clone(&shared).report_capacity());
-        let supervisor = tokio::spawn(supervise(Arc::clone(&shared), link, queue));
+        tokio::spawn(relays::keep_resolving(Arc::clone(&shared)));
         Ok(TunnelListener {
             shared,
             accept_rx: tokio::sync::Mutex::new(accept_rx),
-            supervisor: Mutex::new(Some(supervisor)),
         })
     }
 
@@ -96,9 +107,14 @@ impl TunnelListener {
         self.shared.config.instance_id
     }
 
-    /// The relay's link address this listener dials.
-    pub fn relay_addr(&self) -> &str {
-        &self.shared.config.relay_addr
+    /// The relays this listener links to, as configured (`BrokerConfig::relays`).
+    pub fn relays(&self) -> &[String] {
+        &self.shared.config.relays
+    }
+
+    /// How many relays it has a link to right now.
+    pub fn links_up(&self) -> usize {
+        self.shared.links_up()
     }
 
     /// Stops (`false`) or resumes (`true`) accepting new connections: the relay is told with
@@ -113,7 +129,7 @@ impl TunnelListener {
         self.shared.is_accepting()
     }
 
-    /// Whether a link to the relay is up right now (false while redialing).
+    /// Whether a link to at least one relay is up right now (false while redialing).
     pub fn is_link_up(&self) -> bool {
         self.shared.is_link_up()
     }
@@ -183,23 +199,16 @@ impl TunnelListener {
         }
         for (conn_id, entry) in live {
             self.shared
-                .send_on_link(abort_packet(conn_id, SHUTDOWN_REASON))
+                .send_on_link(entry.link, abort_packet(conn_id, SHUTDOWN_REASON))
                 .await;
             entry
                 .handle
                 .fail(StreamError::AbortedLocally(SHUTDOWN_REASON.into()));
         }
         self.shared.stop();
-        let task = self
-            .supervisor
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(task) = task {
-            let limit = self.shared.config.link_write_timeout;
-            if tokio::time::timeout(limit, task).await.is_err() {
-                tracing::warn!("link did not close within {limit:?}");
-            }
+        let limit = self.shared.config.link_write_timeout;
+        if !self.shared.relays.wait_all_ended(limit).await {
+            tracing::warn!("links did not close within {limit:?}");
         }
     }
 }
@@ -216,57 +225,101 @@ fn shut_down() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "tunnel listener is shut down")
 }
 
-/// Dials until a link is up, the relay refuses, or the handshake timeout has passed. Gives up
-/// early when the next back-off would start past the deadline, and then says so: the message
-/// gives the time actually spent and the attempts made, not only the limit.
-async fn first_link(config: &BrokerConfig) -> io::Result<Link> {
+/// Room for dial reports while `bind` waits.
+const REPORTS_QUEUE: usize = 64;
+
+/// What `bind` heard of one relay while waiting for its first link.
+#[derive(Default)]
+struct Tally {
+    attempts: u32,
+    last: Option<DialError>,
+}
+
+/// Waits for the first link up, as reported by the supervisors of `names`. Fails when every
+/// relay refused the link, or when the handshake timeout has passed; the message gives each
+/// relay's attempts and last error, and the time actually spent.
+async fn first_link(
+    config: &BrokerConfig,
+    names: &[String],
+    mut reports: mpsc::Receiver<DialReport>,
+) -> io::Result<()> {
     let limit = config.handshake_timeout;
     let started = tokio::time::Instant::now();
-    let deadline = started + limit;
-    let mut backoff = Backoff::new(config.redial_initial, config.redial_max);
-    let mut attempts = 0u32;
+    let mut tallies: Vec<Tally> = names.iter().map(|_| Tally::default()).collect();
     loop {
-        attempts += 1;
-        let state = ListenState {
-            mode: ListenMode::Accepting,
-            capacity: Some(Capacity {
-                max_connections: config.max_connections,
-                live_connections: 0,
-            }),
+        let report = match tokio::time::timeout_at(started + limit, reports.recv()).await {
+            Ok(Some(report)) => report,
+            // Every supervisor ended (the broker stopped) or the time is up.
+            Ok(None) | Err(_) => break,
         };
-        let last = match tokio::time::timeout_at(deadline, dial(config, Vec::new(), state)).await {
-            Ok(Ok(link)) => return Ok(link),
-            Ok(Err(DialError::Rejected(reason))) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    format!(
-                        "relay {} rejected the link for {:?}: {reason}",
-                        config.relay_addr, config.server_name
+        let Err(error) = report.outcome else {
+            return Ok(());
+        };
+        tracing::debug!(relay = %report.target, %error, "dial failed");
+        if let Some(i) = names.iter().position(|n| *n == report.target) {
+            tallies[i].attempts += 1;
+            tallies[i].last = Some(error);
+        }
+        let all_rejected = tallies
+            .iter()
+            .all(|t| matches!(t.last, Some(DialError::Rejected(_))));
+        if all_rejected {
+            let reasons: Vec<String> = names
+                .iter()
+                .zip(&tallies)
+                .map(|(name, t)| match &t.last {
+                    Some(DialError::Rejected(reason)) => format!(
+                        "relay {name} rejected the link for {:?}: {reason}",
+                        config.server_name
                     ),
-                ))
-            }
-            Ok(Err(e)) => e,
-            Err(_) => DialError::Timeout(limit),
-        };
-        tracing::debug!(relay = %config.relay_addr, error = %last, "dial failed");
-        let wake = tokio::time::Instant::now() + backoff.next_delay();
-        if wake >= deadline {
-            let kind = match &last {
-                DialError::Io { source, .. } => source.kind(),
-                _ => io::ErrorKind::TimedOut,
-            };
-            let spent = started.elapsed();
+                    _ => unreachable!("all rejected"),
+                })
+                .collect();
             return Err(io::Error::new(
-                kind,
-                format!(
-                    "relay {} unreachable: {attempts} dial attempt(s) failed in {:.1} s, and the \
-                     next one would start past the handshake timeout of {limit:?} \
-                     (BrokerConfig::handshake_timeout); last error: {last}",
-                    config.relay_addr,
-                    spent.as_secs_f64()
-                ),
+                io::ErrorKind::PermissionDenied,
+                reasons.join("; "),
             ));
         }
-        tokio::time::sleep_until(wake).await;
     }
+    let spent = started.elapsed().as_secs_f64();
+    let kind = tallies
+        .iter()
+        .find_map(|t| match &t.last {
+            Some(DialError::Io { source, .. }) => Some(source.kind()),
+            _ => None,
+        })
+        .unwrap_or(io::ErrorKind::TimedOut);
+    let each: Vec<String> = names
+        .iter()
+        .zip(&tallies)
+        .map(|(name, t)| match &t.last {
+            None => format!("relay {name} unreachable: no answer within {limit:?}"),
+            Some(last) => format!(
+                "relay {name} unreachable: {} dial attempt(s) failed in {spent:.1} s; last error: {last}",
+                t.attempts
+            ),
+        })
+        .collect();
+    Err(io::Error::new(
+        kind,
+        format!(
+            "{} (no link within the handshake timeout of {limit:?}, \
+             BrokerConfig::handshake_timeout)",
+            each.join("; ")
+        ),
+    ))
+}
+
+/// The error for relay names none of which resolved.
+fn unresolved(resolved: &[relays::Resolved]) -> io::Error {
+    let mut kind = io::ErrorKind::NotFound;
+    let each: Vec<String> = resolved
+        .iter()
+        .filter_map(|(name, result)| {
+            let e = result.as_ref().err()?;
+            kind = e.kind();
+            Some(format!("cannot resolve relay {name}: {e}"))
+        })
+        .collect();
+    io::Error::new(kind, each.join("; "))
 }

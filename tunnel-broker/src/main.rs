@@ -27,9 +27,16 @@ use tunnel_proto::splice::{splice, COPY_BUFFER};
     about = "Exposes a local TCP service to HTTP tunnel clients through a tunnel relay"
 )]
 struct Args {
-    /// The relay's broker link address, HOST:PORT.
-    #[arg(long, env = "TUNNEL_RELAY", default_value = "127.0.0.1:8081")]
-    relay: String,
+    /// A relay's broker link address, HOST:PORT. Give it once per relay of a pool (the
+    /// environment variable takes a comma-separated list); a host name that resolves to
+    /// several addresses links to each of them.
+    #[arg(
+        long = "relay",
+        env = "TUNNEL_RELAY",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:8081"
+    )]
+    relays: Vec<String>,
 
     /// Server name clients connect to (ServerName=...).
     #[arg(long, env = "TUNNEL_SERVER_NAME", default_value = "echo")]
@@ -101,7 +108,8 @@ struct Args {
     tls_ca: Option<PathBuf>,
 
     /// Name to verify in the relay's certificate and send as SNI (default: the host of
-    /// --relay).
+    /// --relay; required when the relays have different hosts, and then every relay's
+    /// certificate must hold it).
     #[arg(long, env = "TUNNEL_RELAY_TLS_SERVER_NAME", requires = "tls")]
     tls_server_name: Option<String>,
 
@@ -148,7 +156,7 @@ async fn run(args: Args) -> io::Result<()> {
         None => Service::Echo,
     };
     let listener = Arc::new(TunnelListener::bind(config).await?);
-    tracing::info!(relay = %listener.relay_addr(), name = %listener.local_name(), ?service, "accepting tunnel connections");
+    tracing::info!(relays = ?listener.relays(), links_up = listener.links_up(), name = %listener.local_name(), ?service, "accepting tunnel connections");
 
     let slots = Arc::new(Semaphore::new(args.max_connections.max(1) as usize));
     let accept_loop = {
@@ -208,7 +216,8 @@ fn broker_config(args: &Args) -> io::Result<BrokerConfig> {
             ))
         }
     };
-    let mut config = BrokerConfig::new(args.relay.clone(), args.name.clone(), secret);
+    let mut config = BrokerConfig::new("", args.name.clone(), secret);
+    config.relays = args.relays.clone();
     config.accept_backlog = args.accept_backlog;
     config.max_connections = args.max_connections;
     if let Some(id) = args.instance_id {
@@ -218,7 +227,7 @@ fn broker_config(args: &Args) -> io::Result<BrokerConfig> {
     if args.tls {
         let server_name = match &args.tls_server_name {
             Some(name) => name.clone(),
-            None => relay_host(&args.relay).to_owned(),
+            None => tls_name_from_relays(&args.relays)?,
         };
         let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
         config.tls = Some(LinkTls::from_files(
@@ -267,6 +276,20 @@ impl StopSignals {
             let _ = tokio::signal::ctrl_c().await;
             "Ctrl-C"
         }
+    }
+}
+
+/// The one host every --relay names, for TLS when --tls-server-name is not given.
+fn tls_name_from_relays(relays: &[String]) -> io::Result<String> {
+    let mut hosts: Vec<&str> = relays.iter().map(|r| relay_host(r)).collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    match hosts.as_slice() {
+        [host] => Ok((*host).to_owned()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the relays have different hosts: give --tls-server-name, a name every relay's certificate holds",
+        )),
     }
 }
 

@@ -1,6 +1,8 @@
-//! State shared by the listener, the link task, the connection sinks and the per-connection
-//! watchers.
+//! State shared by the listener, the link tasks (one per relay), the connection sinks and
+//! the per-connection watchers.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,10 +10,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch, Notify};
 use tunnel_proto::driver::TunnelStream;
-use tunnel_proto::payload::{encode_reason, Capacity, ConnOption, ListenMode, ListenState};
+use tunnel_proto::payload::{
+    encode_reason, Capacity, ConnOption, LinkFeatures, ListenMode, ListenState, RelayHello,
+};
 use tunnel_proto::{Packet, PacketType};
 
 use crate::config::BrokerConfig;
+use crate::relays::Relays;
 use crate::table::ConnTable;
 use crate::ClientInfo;
 
@@ -23,11 +28,24 @@ pub const CAPACITY_UPDATE_INTERVAL: Duration = Duration::from_millis(100);
 /// A connection waiting in the accept backlog.
 pub(crate) type Accepted = (TunnelStream, ClientInfo);
 
-/// The writer queue of the link that is up now, if any, and the listen state; one lock so a
-/// new link always starts with the current listen state (see `install_link`).
+/// Which link a connection is on: one per relay address the broker links to, kept across
+/// that relay's redials (`crate::relays`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct LinkId(pub u64);
+
+/// A link that is up: its writer queue and what its relay said of itself.
 #[derive(Debug)]
-struct LinkSlot {
-    tx: Option<mpsc::Sender<Packet>>,
+struct UpLink {
+    relay: SocketAddr,
+    tx: mpsc::Sender<Packet>,
+    hello: RelayHello,
+}
+
+/// The links up now and the listen state; one lock so a new link always starts with the
+/// current listen state (see `install_link`).
+#[derive(Debug)]
+struct Links {
+    up: HashMap<LinkId, UpLink>,
     mode: ListenMode,
 }
 
@@ -36,11 +54,13 @@ pub(crate) struct Shared {
     pub config: BrokerConfig,
     pub table: ConnTable,
     pub accept_tx: mpsc::Sender<Accepted>,
-    slot: Mutex<LinkSlot>,
+    /// The relay addresses linked to, each with its supervisor.
+    pub relays: Relays,
+    links: Mutex<Links>,
     /// Set once: the listener is shut down (or dropped with no connection left); the link
-    /// task flushes its queue and ends, and nothing is redialed.
+    /// tasks flush their queues and end, and nothing is redialed.
     stop_tx: watch::Sender<bool>,
-    /// The `TunnelListener` is gone: the link stays up only for the connections still live.
+    /// The `TunnelListener` is gone: the links stay up only for the connections still live.
     pub listener_dropped: AtomicBool,
     /// Where background tasks are spawned from synchronous code.
     pub runtime: tokio::runtime::Handle,
@@ -55,8 +75,9 @@ impl Shared {
             config,
             table: ConnTable::default(),
             accept_tx,
-            slot: Mutex::new(LinkSlot {
-                tx: None,
+            relays: Relays::default(),
+            links: Mutex::new(Links {
+                up: HashMap::new(),
                 mode: ListenMode::Accepting,
             }),
             stop_tx,
@@ -66,43 +87,90 @@ impl Shared {
         })
     }
 
-    fn slot(&self) -> std::sync::MutexGuard<'_, LinkSlot> {
+    fn links(&self) -> std::sync::MutexGuard<'_, Links> {
         // Every critical section is a plain field update, so poisoning cannot leave it torn.
-        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    // ---- the current link ----
+    // ---- the links ----
 
-    /// Makes `tx` the current link's queue, with LISTEN_STATE as its first packet
+    /// Makes `tx` the queue of link `id`, with LISTEN_STATE as its first packet
     /// (docs/protocol.md §5: LINK_INIT, its ack, then LISTEN_STATE).
-    pub fn install_link(&self, tx: &mpsc::Sender<Packet>) {
-        let mut slot = self.slot();
+    pub fn install_link(
+        &self,
+        id: LinkId,
+        relay: SocketAddr,
+        hello: RelayHello,
+        tx: &mpsc::Sender<Packet>,
+    ) {
+        let mut links = self.links();
         // The queue is new and empty, so this cannot fail for lack of room.
-        let _ = tx.try_send(listen_state_packet(self.state_with(slot.mode)));
-        slot.tx = Some(tx.clone());
+        let _ = tx.try_send(listen_state_packet(self.state_with(links.mode)));
+        if hello.relay_id != 0 {
+            let twin = links
+                .up
+                .iter()
+                .find(|(other, link)| **other != id && link.hello.relay_id == hello.relay_id);
+            if let Some((_, twin)) = twin {
+                // Ids of connections made by the two could collide (docs/protocol.md §5.2);
+                // the broker refuses a colliding CONN_INIT, but the operator should know.
+                tracing::error!(relay = %relay, other = %twin.relay, relay_id = hello.relay_id,
+                    "two relays have the same relay id: give each relay of a pool its own --relay-id");
+            }
+        }
+        links.up.insert(
+            id,
+            UpLink {
+                relay,
+                tx: tx.clone(),
+                hello,
+            },
+        );
     }
 
-    /// Forgets `tx` if it is still the current link (a newer link is left alone).
-    pub fn clear_link(&self, tx: &mpsc::Sender<Packet>) {
-        let mut slot = self.slot();
-        if slot.tx.as_ref().is_some_and(|cur| cur.same_channel(tx)) {
-            slot.tx = None;
+    /// Forgets link `id` if `tx` is still its queue (a newer link is left alone).
+    pub fn clear_link(&self, id: LinkId, tx: &mpsc::Sender<Packet>) {
+        let mut links = self.links();
+        if links.up.get(&id).is_some_and(|up| up.tx.same_channel(tx)) {
+            links.up.remove(&id);
         }
     }
 
-    pub fn current_link(&self) -> Option<mpsc::Sender<Packet>> {
-        self.slot().tx.clone()
+    /// The writer queue of link `id`, if it is up.
+    pub fn link_tx(&self, id: LinkId) -> Option<mpsc::Sender<Packet>> {
+        self.links().up.get(&id).map(|up| up.tx.clone())
+    }
+
+    /// Whether link `id` is up and its relay understands CONN_MOVE.
+    pub fn link_moves(&self, id: LinkId) -> bool {
+        self.links()
+            .up
+            .get(&id)
+            .is_some_and(|up| up.hello.features.has(LinkFeatures::MOVES))
+    }
+
+    fn all_link_txs(&self) -> Vec<mpsc::Sender<Packet>> {
+        self.links().up.values().map(|up| up.tx.clone()).collect()
+    }
+
+    /// How many links are up right now.
+    pub fn links_up(&self) -> usize {
+        self.links()
+            .up
+            .values()
+            .filter(|up| !up.tx.is_closed())
+            .count()
     }
 
     pub fn is_link_up(&self) -> bool {
-        self.current_link().is_some_and(|tx| !tx.is_closed())
+        self.links_up() > 0
     }
 
-    /// Queues `packet` on the current link, waiting for room at most the link write timeout;
-    /// dropped when no link is up (the peer's connection state recovers by retransmission
-    /// or by its own timeouts).
-    pub async fn send_on_link(&self, packet: Packet) {
-        if let Some(tx) = self.current_link() {
+    /// Queues `packet` on link `id`, waiting for room at most the link write timeout;
+    /// dropped when that link is down (the peer's connection state recovers by
+    /// retransmission or by its own timeouts).
+    pub async fn send_on_link(&self, id: LinkId, packet: Packet) {
+        if let Some(tx) = self.link_tx(id) {
             let deadline = self.config.link_write_timeout;
             if tokio::time::timeout(deadline, tx.send(packet))
                 .await
@@ -116,11 +184,11 @@ impl Shared {
     // ---- listen state ----
 
     pub fn is_accepting(&self) -> bool {
-        self.slot().mode == ListenMode::Accepting && !self.is_stopped()
+        self.links().mode == ListenMode::Accepting && !self.is_stopped()
     }
 
     pub fn mode(&self) -> ListenMode {
-        self.slot().mode
+        self.links().mode
     }
 
     /// The listen mode and load to report now.
@@ -138,19 +206,23 @@ impl Shared {
         }
     }
 
-    /// Records the listen mode and tells the relay at once. The packet is queued from a task
-    /// that, once it has room, sends the state current at that moment, so racing calls still
-    /// leave the relay with the last state set.
+    /// Records the listen mode and tells every relay at once. The packets are queued from
+    /// tasks that, once they have room, send the state current at that moment, so racing
+    /// calls still leave the relays with the last state set.
     pub fn set_mode(self: &Arc<Self>, mode: ListenMode) {
-        let tx = {
-            let mut slot = self.slot();
-            if slot.mode == mode {
+        let txs = {
+            let mut links = self.links();
+            if links.mode == mode {
                 return;
             }
-            slot.mode = mode;
-            slot.tx.clone()
+            links.mode = mode;
+            links
+                .up
+                .values()
+                .map(|up| up.tx.clone())
+                .collect::<Vec<_>>()
         };
-        if let Some(tx) = tx {
+        for tx in txs {
             self.runtime.spawn(send_state(Arc::clone(self), tx));
         }
     }
@@ -168,8 +240,9 @@ impl Shared {
         self.load_changed.notify_one();
     }
 
-    /// Sends the live count to the relay whenever it changed, at most once per
-    /// [`CAPACITY_UPDATE_INTERVAL`], until the broker stops.
+    /// Sends the live count to every relay whenever it changed, at most once per
+    /// [`CAPACITY_UPDATE_INTERVAL`], until the broker stops. Every relay gets the broker's
+    /// total count (docs/protocol.md §5.2), so each places connections on the same figures.
     pub async fn report_capacity(self: Arc<Self>) {
         let mut stop = self.stop_signal();
         loop {
@@ -179,7 +252,7 @@ impl Shared {
             }
             // Changes during the pause are carried by this one update.
             tokio::time::sleep(CAPACITY_UPDATE_INTERVAL).await;
-            if let Some(tx) = self.current_link() {
+            for tx in self.all_link_txs() {
                 send_state(Arc::clone(&self), tx).await;
             }
         }
@@ -199,19 +272,22 @@ impl Shared {
         self.stop_tx.subscribe()
     }
 
-    /// A connection's driver ended: forget it, tell the relay (CONN_SHUTDOWN), and end the
-    /// link if the listener is gone and this was the last connection.
+    /// A connection's driver ended: forget it, tell its relay (CONN_SHUTDOWN), and end the
+    /// links if the listener is gone and this was the last connection.
     pub async fn connection_ended(&self, conn_id: u32) {
-        if self.table.remove(conn_id).is_none() {
+        let Some(entry) = self.table.remove(conn_id) else {
             return; // already taken out by shutdown
-        }
+        };
         self.load_changed();
-        self.send_on_link(Packet::new(PacketType::ConnShutdown, conn_id, Bytes::new()))
-            .await;
+        self.send_on_link(
+            entry.link,
+            Packet::new(PacketType::ConnShutdown, conn_id, Bytes::new()),
+        )
+        .await;
         self.stop_if_orphaned();
     }
 
-    /// Ends the link when no listener and no connection need it any more.
+    /// Ends the links when no listener and no connection need it any more.
     pub fn stop_if_orphaned(&self) {
         if self.listener_dropped.load(Ordering::SeqCst) && self.table.len() == 0 {
             self.stop();

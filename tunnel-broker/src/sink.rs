@@ -1,4 +1,5 @@
-//! Where an accepted connection's driver sends its packets: the current link's writer queue.
+//! Where an accepted connection's driver sends its packets: the writer queue of the link
+//! the connection is on (it changes when the connection moves to another relay).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,17 +10,19 @@ use tunnel_proto::Packet;
 
 use crate::shared::Shared;
 
-/// Sends a connection's packets on whatever link is up when they are sent.
+/// Sends a connection's packets on the link it is on when they are sent.
 pub(crate) struct LinkSink {
     pub shared: Arc<Shared>,
+    pub conn_id: u32,
 }
 
 impl PacketSink for LinkSink {
     fn send(&self, packets: Vec<Packet>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
-            // No link now: drop. The connection retransmits what is unacknowledged once a
-            // link is back, so nothing is lost for good.
-            let Some(tx) = self.shared.current_link() else {
+            // Its link is down: drop. The connection retransmits what is unacknowledged once
+            // the link is back or the connection has moved, so nothing is lost for good.
+            let link = self.shared.table.link_of(self.conn_id);
+            let Some(tx) = link.and_then(|link| self.shared.link_tx(link)) else {
                 return;
             };
             for packet in packets {

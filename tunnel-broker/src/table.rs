@@ -1,5 +1,6 @@
 //! The broker's connection table: what it must remember of each live connection to route
-//! packets to it and to re-announce it on a new link.
+//! packets to it, to send its packets on the link it is on, and to re-announce it on a new
+//! link or move it to another relay's link.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -7,6 +8,8 @@ use std::sync::Mutex;
 use tunnel_proto::driver::ConnHandle;
 use tunnel_proto::payload::AnnouncedConn;
 use tunnel_proto::Token;
+
+use crate::shared::LinkId;
 
 /// One live connection.
 #[derive(Debug, Clone)]
@@ -18,6 +21,8 @@ pub(crate) struct ConnEntry {
     pub pull_period_ms: u32,
     /// The window the client announced in its CONN_INIT.
     pub client_window: u16,
+    /// The link (relay) the connection is on: its packets go there only.
+    pub link: LinkId,
 }
 
 /// conn_id → entry. Critical sections are short and never await.
@@ -45,6 +50,23 @@ impl ConnTable {
         self.lock().get(&conn_id).map(|e| e.token)
     }
 
+    /// A copy of the entry of `conn_id`.
+    pub fn get(&self, conn_id: u32) -> Option<ConnEntry> {
+        self.lock().get(&conn_id).cloned()
+    }
+
+    /// The link `conn_id` is on.
+    pub fn link_of(&self, conn_id: u32) -> Option<LinkId> {
+        self.lock().get(&conn_id).map(|e| e.link)
+    }
+
+    /// Puts `conn_id` on `link`; returns the link it was on (None: no such connection).
+    pub fn rebind(&self, conn_id: u32, link: LinkId) -> Option<LinkId> {
+        self.lock()
+            .get_mut(&conn_id)
+            .map(|e| std::mem::replace(&mut e.link, link))
+    }
+
     pub fn set_pull_period(&self, conn_id: u32, pull_period_ms: u32) {
         if let Some(e) = self.lock().get_mut(&conn_id) {
             e.pull_period_ms = pull_period_ms;
@@ -64,21 +86,27 @@ impl ConnTable {
         self.lock().len()
     }
 
-    /// A new link is up: every live connection resends what it has in flight.
-    pub fn path_restored(&self) {
-        let handles: Vec<ConnHandle> = self.lock().values().map(|e| e.handle.clone()).collect();
+    /// Link `link` is up again: every live connection on it resends what it has in flight.
+    pub fn path_restored(&self, link: LinkId) {
+        let handles: Vec<ConnHandle> = self
+            .lock()
+            .values()
+            .filter(|e| e.link == link)
+            .map(|e| e.handle.clone())
+            .collect();
         // Outside the table lock: each call takes its connection's own lock.
         for handle in handles {
             handle.path_restored();
         }
     }
 
-    /// The connections to list in LINK_INIT: every one whose driver still runs.
-    pub fn announce(&self) -> Vec<AnnouncedConn> {
+    /// The connections to list in the LINK_INIT of `link`: every one on it whose driver
+    /// still runs (docs/protocol.md §5.2: each link announces its own connections).
+    pub fn announce(&self, link: LinkId) -> Vec<AnnouncedConn> {
         let mut list: Vec<AnnouncedConn> = self
             .lock()
             .iter()
-            .filter(|(_, e)| !e.handle.is_closed())
+            .filter(|(_, e)| e.link == link && !e.handle.is_closed())
             .map(|(&conn_id, e)| AnnouncedConn {
                 conn_id,
                 token: e.token,

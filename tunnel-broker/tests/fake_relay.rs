@@ -11,8 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tunnel_broker::{BrokerConfig, ClientInfo, TunnelListener, TunnelStream};
 use tunnel_proto::payload::{
-    decode_reason, encode_reason, BrokerConnInit, Capacity, ConnOption, InstanceId, LinkInit,
-    ListenMode, ListenState,
+    decode_reason, encode_reason, BrokerConnInit, Capacity, ConnOption, InstanceId, LinkFeatures,
+    LinkInit, ListenMode, ListenState, MoveAnswer, MoveRequest, RelayHello,
 };
 use tunnel_proto::{Connection, ConnectionConfig, Decoder, Packet, PacketType, Token};
 
@@ -718,5 +718,205 @@ async fn binary_forwards_to_tcp_and_aborts_when_the_target_refuses() {
     assert!(
         decode_reason(&abort.payload).contains("refused"),
         "{abort:?}"
+    );
+}
+
+// ---- several relays (docs/protocol.md §5.2) ----
+
+/// Answers a LINK_INIT as a relay of a pool: relay id and the moves feature.
+async fn ack_as_pool_relay(link: &mut FakeLink, relay_id: u8) {
+    let hello = RelayHello {
+        relay_id,
+        features: LinkFeatures::MOVES,
+    };
+    link.send(Packet::new(PacketType::LinkInitAck, 0, hello.encode()))
+        .await;
+}
+
+async fn wait_links_up(listener: &TunnelListener, count: usize) {
+    within("the links to come up", async {
+        while listener.links_up() < count {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+fn move_request(conn_id: u32, token: Token) -> Packet {
+    Packet::new(
+        PacketType::ConnMove,
+        conn_id,
+        MoveRequest { token }.encode(),
+    )
+}
+
+/// The next DATA packet of `conn_id`, skipping everything else.
+async fn next_data(link: &mut FakeLink, conn_id: u32) -> Packet {
+    loop {
+        let packet = link.expect(PacketType::Data).await;
+        if packet.conn_id == conn_id {
+            return packet;
+        }
+    }
+}
+
+#[tokio::test]
+async fn links_to_every_relay_and_moves_a_connection_when_asked() {
+    let (relay_a, addr_a) = FakeRelay::start().await;
+    let (relay_b, addr_b) = FakeRelay::start().await;
+    let mut config = test_config(&addr_a);
+    config.relays = vec![addr_a.clone(), addr_b.clone()];
+    let binding = tokio::spawn(TunnelListener::bind(config));
+    let (mut link_a, init_a) = relay_a.accept_link().await;
+    let (mut link_b, init_b) = relay_b.accept_link().await;
+    for init in [&init_a, &init_b] {
+        let extension = init.extension.expect("pool extension");
+        assert_eq!(extension.features, Some(LinkFeatures::MOVES));
+    }
+    assert_eq!(
+        init_a.extension.unwrap().instance,
+        init_b.extension.unwrap().instance,
+        "one instance, linked to every relay"
+    );
+    ack_as_pool_relay(&mut link_a, 1).await;
+    ack_as_pool_relay(&mut link_b, 2).await;
+    let listener = within("bind", binding).await.unwrap().unwrap();
+    wait_links_up(&listener, 2).await;
+
+    // A connection made by relay 1 (its id in the top byte), on link A.
+    let conn_id = 0x0100_0042;
+    let (mut stream, _, _) = open(&listener, &mut link_a, conn_id).await;
+    stream.write_all(b"before").await.unwrap();
+    let first = next_data(&mut link_a, conn_id).await;
+    assert_eq!(&first.payload[..], b"before");
+
+    // Another relay asks with the wrong token: unknown, nothing moves.
+    link_b.send(move_request(conn_id, Token([9; 16]))).await;
+    let answer = link_b.expect(PacketType::ConnMove).await;
+    assert_eq!(
+        MoveAnswer::decode(answer.payload).unwrap(),
+        MoveAnswer::Unknown
+    );
+
+    // Relay 2 asks with the right token (its client re-attached there): moved, with the
+    // broker's window in the header, then the unacknowledged data again, on link B.
+    link_b.send(move_request(conn_id, TOKEN)).await;
+    let answer = link_b.expect(PacketType::ConnMove).await;
+    assert_eq!(answer.conn_id, conn_id);
+    assert_eq!(answer.window, ConnectionConfig::default().recv_window);
+    assert_eq!(
+        MoveAnswer::decode(answer.payload).unwrap(),
+        MoveAnswer::Moved {
+            token: TOKEN,
+            pull_period_ms: 0,
+            client_window: 32
+        }
+    );
+    let resent = next_data(&mut link_b, conn_id).await;
+    assert_eq!(
+        (resent.seq, &resent.payload[..]),
+        (first.seq, &b"before"[..])
+    );
+    // Relay 1 is told the connection left.
+    let left = link_a.expect(PacketType::ConnMove).await;
+    assert_eq!(left.conn_id, conn_id);
+    assert_eq!(MoveAnswer::decode(left.payload).unwrap(), MoveAnswer::Left);
+
+    // A stale abort from the relay it left does not touch it; new data goes to link B only.
+    link_a
+        .send(Packet::new(
+            PacketType::ConnAbort,
+            conn_id,
+            encode_reason("session expired"),
+        ))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream.write_all(b"after").await.unwrap();
+    let next = next_data(&mut link_b, conn_id).await;
+    assert_eq!(&next.payload[..], b"after");
+    // Read whatever link A got meanwhile.
+    while let Ok(Some(_)) = link_a.recv_within(Duration::from_millis(200)).await {}
+    let data_on_a = link_a
+        .seen
+        .iter()
+        .filter(|&&(kind, id)| kind == PacketType::Data && id == conn_id)
+        .count();
+    assert_eq!(data_on_a, 1, "data went to the relay the connection left");
+
+    // Relay 1's link drops and comes back: its LINK_INIT no longer lists the connection,
+    // which lives on relay 2 now.
+    drop(link_a);
+    let (mut link_a, init_a) = relay_a.accept_link().await;
+    assert!(init_a.connections.is_empty(), "{:?}", init_a.connections);
+    ack_as_pool_relay(&mut link_a, 1).await;
+    // Relay 2's link drops: its LINK_INIT lists it.
+    drop(link_b);
+    let (_link_b, init_b) = relay_b.accept_link().await;
+    let listed: Vec<u32> = init_b.connections.iter().map(|c| c.conn_id).collect();
+    assert_eq!(listed, vec![conn_id]);
+}
+
+#[tokio::test]
+async fn bind_succeeds_while_one_relay_of_the_pool_is_down_and_links_it_when_it_comes() {
+    // A port that was just free: nothing listens there yet.
+    let down = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr_down = down.local_addr().unwrap().to_string();
+    drop(down);
+    let (relay_b, addr_b) = FakeRelay::start().await;
+    let mut config = test_config(&addr_b);
+    config.relays = vec![addr_down.clone(), addr_b];
+    let binding = tokio::spawn(TunnelListener::bind(config));
+    let (mut link_b, _) = relay_b.accept_link().await;
+    ack_as_pool_relay(&mut link_b, 2).await;
+    let listener = within("bind", binding).await.unwrap().unwrap();
+    assert_eq!(listener.links_up(), 1);
+    assert_eq!(listener.relays().len(), 2);
+
+    // The relay comes up on its address: the broker links to it within its redial back-off.
+    let relay_a = FakeRelay {
+        listener: TcpListener::bind(&addr_down).await.unwrap(),
+    };
+    let (mut link_a, _) = relay_a.accept_link().await;
+    ack_as_pool_relay(&mut link_a, 1).await;
+    wait_links_up(&listener, 2).await;
+    // Listen state and capacity go to every relay.
+    listener.set_accepting(false);
+    for link in [&mut link_a, &mut link_b] {
+        // Each link starts with the state at link time; the change follows.
+        loop {
+            let state = link.expect(PacketType::ListenState).await;
+            if ListenState::decode(state.payload).unwrap().mode == ListenMode::NotAccepting {
+                break;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_relay_refusing_fails_bind_with_each_reason() {
+    let (relay_a, addr_a) = FakeRelay::start().await;
+    let (relay_b, addr_b) = FakeRelay::start().await;
+    let mut config = test_config(&addr_a);
+    config.relays = vec![addr_a.clone(), addr_b.clone()];
+    let binding = tokio::spawn(TunnelListener::bind(config));
+    for (relay, reason) in [(&relay_a, "bad link secret"), (&relay_b, "name taken")] {
+        let (mut link, _) = relay.accept_link().await;
+        link.send(Packet::new(
+            PacketType::ConnRejected,
+            0,
+            encode_reason(reason),
+        ))
+        .await;
+    }
+    let err = within("bind", binding).await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&addr_a) && text.contains("bad link secret"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&addr_b) && text.contains("name taken"),
+        "{text}"
     );
 }

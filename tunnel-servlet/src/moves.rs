@@ -85,6 +85,11 @@ impl PendingMoves {
         self.moves.len()
     }
 
+    /// Whether a move of connection `id` is under way.
+    pub(crate) fn contains(&self, id: u32) -> bool {
+        self.moves.contains_key(&id)
+    }
+
     /// An ATTACH of connection `id` (not held here) came in session `session`; `movers` are
     /// the linked instances of its name that can move connections.
     pub(crate) fn on_attach(

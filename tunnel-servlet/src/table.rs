@@ -1459,7 +1459,9 @@ impl Table {
                 AttachOutcome::NotYet
             };
         }
-        if self.moves.len() >= limits.pending_moves && self.moves.take(id).is_none() {
+        // At the limit, only a move already under way goes on (a membership check: taking
+        // it out here would make every repeated ATTACH ask again at once and never end).
+        if self.moves.len() >= limits.pending_moves && !self.moves.contains(id) {
             tracing::debug!(conn_id = id, "too many moves under way; ATTACH waits");
             return AttachOutcome::NotYet;
         }
@@ -2541,5 +2543,35 @@ mod move_tests {
         let refusal =
             table.move_answered("s", a, 0x55, moved(Token([1; 16])), 64, full, now, MINUTE);
         assert!(refusal.is_some() && !table.belongs_to(0x55, "s", a));
+    }
+
+    #[test]
+    fn at_the_limit_of_moves_under_way_a_move_under_way_waits_then_ends() {
+        let mut table = Table::new(Arc::new(Metrics::default())).with_relay_id(2);
+        let a = InstanceId([1; 16]);
+        let _la = super::tests::linked(&mut table, "s", a, 0, true);
+        let now = Instant::now();
+        let (sid, _) = table.open_session(now, MINUTE, "c", 10).unwrap();
+        let one = AttachLimits {
+            pending_moves: 1,
+            ..limits()
+        };
+        let (id, token) = (0x0100_0005, Token([7; 16]));
+        let mut asks = Vec::new();
+        let outcome = table.attach(sid, id, &attach(token), one, now, &mut asks);
+        assert_eq!((outcome, asks.len()), (AttachOutcome::NotYet, 1));
+        // The move at the limit is the one under way: it waits, without asking again.
+        asks.clear();
+        let outcome = table.attach(sid, id, &attach(token), one, now, &mut asks);
+        assert_eq!((outcome, asks.len()), (AttachOutcome::NotYet, 0));
+        // Another connection waits for room, without asking.
+        let outcome = table.attach(sid, id + 1, &attach(token), one, now, &mut asks);
+        assert_eq!((outcome, asks.len()), (AttachOutcome::NotYet, 0));
+        // Every instance asked said unknown: the next ATTACH ends the move.
+        table.move_answered("s", a, id, MoveAnswer::Unknown, 0, one, now, MINUTE);
+        let outcome = table.attach(sid, id, &attach(token), one, now, &mut asks);
+        assert_eq!((outcome, asks.len()), (AttachOutcome::Unknown, 0));
+        let outcome = table.attach(sid, id + 1, &attach(token), one, now, &mut asks);
+        assert_eq!((outcome, asks.len()), (AttachOutcome::NotYet, 1));
     }
 }

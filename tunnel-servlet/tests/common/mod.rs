@@ -10,7 +10,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tunnel_proto::payload::{decode_token, encode_listen_state, AnnouncedConn, LinkInit};
+use tunnel_proto::payload::{
+    decode_token, encode_listen_state, AnnouncedConn, Capacity, InstanceId, LinkExtension,
+    LinkFeatures, LinkInit, ListenMode, ListenState,
+};
 use tunnel_proto::{decode_all, encode_all, Decoder, Packet, PacketType, Token};
 use tunnel_servlet::{Relay, RelayConfig, RunningRelay, TOKEN_HEADER};
 
@@ -44,12 +47,24 @@ pub struct FakeBroker {
 }
 
 impl FakeBroker {
-    /// Dials and sends LINK_INIT; does not wait for the answer.
+    /// Dials and sends a version-1 LINK_INIT; does not wait for the answer.
     pub async fn dial(
         addr: SocketAddr,
         name: &str,
         secret: &[u8],
         conns: Vec<AnnouncedConn>,
+    ) -> FakeBroker {
+        Self::dial_with(addr, name, secret, conns, None).await
+    }
+
+    /// Dials and sends LINK_INIT with `extension` (the pool extension, docs/protocol.md §5);
+    /// does not wait for the answer.
+    pub async fn dial_with(
+        addr: SocketAddr,
+        name: &str,
+        secret: &[u8],
+        conns: Vec<AnnouncedConn>,
+        extension: Option<LinkExtension>,
     ) -> FakeBroker {
         let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
             .await
@@ -60,7 +75,7 @@ impl FakeBroker {
             decoder: Decoder::default(),
         };
         let init = LinkInit {
-            extension: None,
+            extension,
             server_name: name.to_string(),
             secret: Bytes::copy_from_slice(secret),
             connections: conns,
@@ -88,6 +103,48 @@ impl FakeBroker {
             ))
             .await;
         broker
+    }
+
+    /// Dials as instance `instance` of a broker in a relay pool: the pool extension with
+    /// `features`, accepting, unlimited capacity. Expects LINK_INIT_ACK and returns its
+    /// payload (the relay's id and features). No LISTEN_STATE is needed: the extension says
+    /// accepting.
+    pub async fn link_instance(
+        addr: SocketAddr,
+        name: &str,
+        instance: InstanceId,
+        features: Option<LinkFeatures>,
+        conns: Vec<AnnouncedConn>,
+    ) -> (FakeBroker, Bytes) {
+        let extension = LinkExtension {
+            instance,
+            // Longer than any test: the relay must not find the link silent.
+            keepalive_ms: 60_000,
+            state: ListenState {
+                mode: ListenMode::Accepting,
+                capacity: Some(Capacity::default()),
+            },
+            features,
+        };
+        let mut broker = Self::dial_with(addr, name, SECRET, conns, Some(extension)).await;
+        let ack = broker.recv().await;
+        assert_eq!(
+            ack.kind,
+            PacketType::LinkInitAck,
+            "expected LINK_INIT_ACK, got {ack:?}"
+        );
+        (broker, ack.payload)
+    }
+
+    /// [`FakeBroker::link_instance`] of a broker that moves connections between relays
+    /// (features MOVES, docs/protocol.md §5.2).
+    pub async fn link_mover(
+        addr: SocketAddr,
+        name: &str,
+        instance: InstanceId,
+        conns: Vec<AnnouncedConn>,
+    ) -> (FakeBroker, Bytes) {
+        Self::link_instance(addr, name, instance, Some(LinkFeatures::MOVES), conns).await
     }
 
     pub async fn send(&mut self, packet: &Packet) {
