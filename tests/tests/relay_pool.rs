@@ -16,7 +16,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tunnel_tests::haproxy::HaproxyVariant;
 use tunnel_tests::pool::{relay_of, Pool, PoolOptions, StallWatch, Transfers};
-use tunnel_tests::{init_tracing, sink_source_exchange, ExchangeSpec, SinkSourceServer};
+use tunnel_tests::{
+    init_tracing, sink_source_exchange, ExchangeSpec, SinkSourceServer, SinkSourceStats,
+};
 
 const RELAYS: u8 = 3;
 const BROKERS: usize = 2;
@@ -62,6 +64,26 @@ async fn sum_over_relays(pool: &Pool, metric: &str) -> f64 {
         sum += pool.relay_metric_sum(id, metric).await.unwrap_or(0.0);
     }
     sum
+}
+
+/// Waits (a few seconds at most: the server counts an exchange just after its client has
+/// seen the end) until the data server has completed `exchanges` more exchanges than in
+/// `baseline`, and checks that none failed there.
+async fn server_saw(server: &SinkSourceServer, baseline: &SinkSourceStats, exchanges: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = server.stats();
+        let done = stats.completed - baseline.completed;
+        if done >= exchanges || Instant::now() >= deadline {
+            assert_eq!(
+                (done, stats.failed - baseline.failed),
+                (exchanges, 0),
+                "server-side exchanges (completed, failed) since the start: {stats:?}"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Warning and error lines of every relay and broker log.
@@ -151,6 +173,10 @@ async fn kill_one_relay_mid_transfer(variant: HaproxyVariant) {
             .collect(),
     );
     let before_kill: u64 = transfers.received().iter().sum();
+    // Connects under way when the relay dies (some of them on it), and more until the end.
+    let connects = ConnectLoop::start(&pool, Duration::from_millis(100), 8);
+    // Let them reach HAProxy (opening sessions, connecting) before the kill.
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let killed_at = Instant::now();
     pool.kill_relay(victim).await.expect("killing the relay");
     let conn_relays: Vec<u8> = transfers
@@ -161,6 +187,7 @@ async fn kill_one_relay_mid_transfer(variant: HaproxyVariant) {
     let outcome = transfers.finish().await;
     let finished_after = killed_at.elapsed();
     let stalls = watch.finish().await;
+    let (made, failures) = connects.finish().await;
 
     let victim_stalls: Vec<Duration> = stalls
         .iter()
@@ -184,12 +211,23 @@ async fn kill_one_relay_mid_transfer(variant: HaproxyVariant) {
          resuming (longest stall of its connections, {}-ms samples): {resume:?} (each: \
          {victim_stalls:?}; other relays' connections at most {others:?}); bytes lost: {}; \
          connections moved (relay metrics): {moved}; relay+broker warnings since the kill: \
-         {new_warnings}; all done {finished_after:?} after the kill",
+         {new_warnings}; all done {finished_after:?} after the kill; connects made meanwhile \
+         {made} (8 at the kill), failed {}",
         before_kill >> 20,
         tunnel_tests::pool::STALL_SAMPLE.as_millis(),
         outcome.lost(),
+        failures.len(),
     );
-    outcome.assert_complete(&server, &baseline);
+    assert!(
+        failures.is_empty(),
+        "connects failed:\n{}",
+        failures.join("\n")
+    );
+    assert!(
+        outcome.failures.is_empty() && outcome.lost() == 0,
+        "transfers failed: {outcome:?}"
+    );
+    server_saw(&server, &baseline, outcome.connections + made).await;
     assert!(
         moved >= victim_connections as f64,
         "{victim_connections} connections were on relay {victim}, the others moved {moved}"
@@ -213,12 +251,81 @@ async fn killing_the_relay_of_a_source_affinity_loses_nothing() {
     kill_one_relay_mid_transfer(HaproxyVariant::Source).await;
 }
 
-/// What the connect loop of the rolling restart counted.
-#[derive(Debug, Default)]
-struct ConnectCounts {
-    made: AtomicU64,
-    failed: AtomicU64,
-    failures: Mutex<Vec<String>>,
+/// New connections opened while a test breaks relays: one every `period` (alternately on a
+/// client of its own, so a new session, and on one shared client whose session has to follow
+/// the relays), `burst` at once at the start, each proven by a small exchange.
+struct ConnectLoop {
+    made: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl ConnectLoop {
+    fn start(pool: &Pool, period: Duration, burst: u64) -> ConnectLoop {
+        let made = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let shared = pool.client();
+        let fresh_config = pool.client_config();
+        let (made2, failures2) = (made.clone(), failures.clone());
+        let task = tokio::spawn(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut tick = tokio::time::interval(period);
+            let mut n = 0u64;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.wait_for(|s| *s) => break,
+                }
+                for _ in 0..if n == 0 { burst.max(1) } else { 1 } {
+                    n += 1;
+                    let client = if n.is_multiple_of(2) {
+                        shared.clone()
+                    } else {
+                        tunnel_client::TunnelClient::new(fresh_config.clone()).expect("client")
+                    };
+                    let (made, failures) = (made2.clone(), failures2.clone());
+                    tasks.spawn(async move {
+                        let result = async {
+                            let stream = client
+                                .connect()
+                                .await
+                                .map_err(|e| format!("connect: {e}"))?;
+                            let spec = ExchangeSpec::symmetric(4096, 1000 + n);
+                            sink_source_exchange(stream, &spec, Duration::from_secs(60))
+                                .await
+                                .map_err(|e| format!("exchange: {e}"))
+                        }
+                        .await;
+                        made.fetch_add(1, Ordering::Relaxed);
+                        if let Err(e) = result {
+                            failures.lock().unwrap().push(format!("connect {n}: {e}"));
+                        }
+                        Ok::<(), String>(())
+                    });
+                }
+            }
+            // Every connect has its own deadlines (connect timeout, exchange timeout); this
+            // one only bounds the wait for the last ones.
+            tunnel_tests::transfer::join_all_until(&mut tasks, Instant::now() + WAIT).await
+        });
+        ConnectLoop {
+            made,
+            failures,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops opening connections, waits for those under way; (made, failures).
+    async fn finish(self) -> (u64, Vec<String>) {
+        let _ = self.stop.send(true);
+        let unfinished = self.task.await.expect("connect loop");
+        let mut failures = self.failures.lock().unwrap().clone();
+        failures.extend(unfinished);
+        (self.made.load(Ordering::Relaxed), failures)
+    }
 }
 
 /// (c) Every relay is stopped (SIGTERM), left until HAProxy's checks take it out, and started
@@ -232,57 +339,7 @@ async fn rolling_restart_of_all_relays_fails_no_connect_and_loses_nothing() {
     let (server, mut pool) = start_pool(HaproxyVariant::ById).await;
     let baseline = server.settled_stats().await;
 
-    let counts = Arc::new(ConnectCounts::default());
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let connector = {
-        let counts = counts.clone();
-        let shared = pool.client();
-        let fresh_config = pool.client_config();
-        tokio::spawn(async move {
-            let mut tasks = tokio::task::JoinSet::new();
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            let mut n = 0u64;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stopped.wait_for(|s| *s) => break,
-                }
-                n += 1;
-                let client = if n.is_multiple_of(2) {
-                    shared.clone()
-                } else {
-                    tunnel_client::TunnelClient::new(fresh_config.clone()).expect("client")
-                };
-                let counts = counts.clone();
-                tasks.spawn(async move {
-                    let result = async {
-                        let stream = client
-                            .connect()
-                            .await
-                            .map_err(|e| format!("connect: {e}"))?;
-                        let spec = ExchangeSpec::symmetric(4096, 1000 + n);
-                        sink_source_exchange(stream, &spec, Duration::from_secs(60))
-                            .await
-                            .map_err(|e| format!("exchange: {e}"))
-                    }
-                    .await;
-                    counts.made.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = &result {
-                        counts.failed.fetch_add(1, Ordering::Relaxed);
-                        counts
-                            .failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("connect {n}: {e}"));
-                    }
-                    Ok::<(), String>(())
-                });
-            }
-            // Every connect has its own deadlines (connect timeout, exchange timeout); this
-            // one only bounds the wait for the last ones.
-            tunnel_tests::transfer::join_all_until(&mut tasks, Instant::now() + WAIT).await
-        })
-    };
+    let connects = ConnectLoop::start(&pool, Duration::from_millis(100), 1);
 
     let mut transfers_done = Vec::new();
     let mut rounds = 0u64;
@@ -328,12 +385,8 @@ async fn rolling_restart_of_all_relays_fails_no_connect_and_loses_nothing() {
     }
     let restart_took = restart_started.elapsed();
     transfers_done.push(transfers.finish().await);
-    let _ = stop.send(true);
-    let left = connector.await.expect("connect loop");
-    assert!(left.is_empty(), "connect loop: {left:?}");
-
-    let made = counts.made.load(Ordering::Relaxed);
-    let failed = counts.failed.load(Ordering::Relaxed);
+    let (made, failures) = connects.finish().await;
+    let failed = failures.len();
     let moved = sum_over_relays(&pool, "tunnel_connections_moved_total").await;
     println!(
         "relay_pool rolling restart: 3 relays restarted in {restart_took:?} (each {restart_times:?}, \
@@ -343,7 +396,6 @@ async fn rolling_restart_of_all_relays_fails_no_connect_and_loses_nothing() {
         transfers_done.len(),
         transfers_done.iter().map(|o| o.lost()).sum::<u64>(),
     );
-    let failures = counts.failures.lock().unwrap().clone();
     assert_eq!(failed, 0, "failed connects:\n{}", failures.join("\n"));
     assert!(made >= 10, "only {made} connects made during the restarts");
     for outcome in &transfers_done {
@@ -353,15 +405,7 @@ async fn rolling_restart_of_all_relays_fails_no_connect_and_loses_nothing() {
         );
     }
     // Every exchange (batches and connect loop) completed at the server too, none failed.
-    let stats = server.stats();
     let exchanges: u64 = transfers_done.iter().map(|o| o.connections).sum::<u64>() + made;
-    assert_eq!(
-        (
-            stats.completed - baseline.completed,
-            stats.failed - baseline.failed
-        ),
-        (exchanges, 0),
-        "server-side exchanges: {stats:?}"
-    );
+    server_saw(&server, &baseline, exchanges).await;
     pool.check_alive().expect("pool processes");
 }
