@@ -124,10 +124,23 @@ pub async fn aggregate(
     down: u64,
     timeout: Duration,
 ) -> io::Result<Transfer> {
+    aggregate_over(&[addr], conns, up, down, timeout).await
+}
+
+/// [`aggregate`] with the connections spread over several entries (connection `i` through
+/// `entries[i % len]`): several client processes, each with its own session.
+pub async fn aggregate_over(
+    entries: &[SocketAddr],
+    conns: usize,
+    up: u64,
+    down: u64,
+    timeout: Duration,
+) -> io::Result<Transfer> {
+    assert!(!entries.is_empty(), "aggregate needs an entry");
     tokio::time::timeout(timeout, async {
         let mut streams = Vec::with_capacity(conns);
-        for _ in 0..conns {
-            streams.push(open_throughput(addr, down).await?);
+        for i in 0..conns {
+            streams.push(open_throughput(entries[i % entries.len()], down).await?);
         }
         let barrier = Arc::new(Barrier::new(conns + 1));
         let mut tasks = JoinSet::new();

@@ -70,12 +70,12 @@ impl RunningPath {
     }
 }
 
-fn rust_log() -> Vec<(String, String)> {
+pub fn rust_log() -> Vec<(String, String)> {
     // Per-connection info lines would cost the measured processes time (10,000 connections).
     vec![("RUST_LOG".into(), "warn".into())]
 }
 
-fn bin(bin_dir: &Path, name: &str) -> io::Result<PathBuf> {
+pub fn bin(bin_dir: &Path, name: &str) -> io::Result<PathBuf> {
     let path = bin_dir.join(name);
     if path.is_file() {
         Ok(path)

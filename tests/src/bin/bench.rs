@@ -6,8 +6,9 @@
 //! ping-pong latency, many-connection throughput, relay CPU per GiB, and 10,000 idle
 //! connections held by one relay (with sessions or per-connection requests); on request,
 //! 100,000 connections opened with the library in the bench process through one relay
-//! (`--sections inproc-many`) and connection churn with the processes' memory, descriptors
-//! and warnings sampled (`--sections soak`). With `--old-bin-dir`, previous binaries are
+//! (`--sections inproc-many`), connection churn with the processes' memory, descriptors
+//! and warnings sampled (`--sections soak`), and many connections through a pool of 1, 2
+//! and 3 relays behind HAProxy (`--sections pool`). With `--old-bin-dir`, previous binaries are
 //! measured beside the new ones in the same run. Prints a table (or JSON with `--json`) with
 //! medians over `--runs` and ratios to the baselines. Progress goes to stderr.
 //!
@@ -24,6 +25,8 @@ mod forwarder;
 mod many;
 #[path = "../bench/measure.rs"]
 mod measure;
+#[path = "../bench/pool.rs"]
+mod pool;
 #[path = "../bench/report.rs"]
 mod report;
 #[path = "../bench/soak.rs"]
@@ -92,9 +95,9 @@ struct Opts {
     /// Bytes per direction of one single-connection throughput measurement (K/M/G suffixes).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     bytes: u64,
-    /// Sections to run, comma-separated: throughput, latency, aggregate, idle, inproc-many
-    /// and soak (these two are not run unless named: 100,000 connections, and churn for
-    /// `--soak-secs`).
+    /// Sections to run, comma-separated: throughput, latency, aggregate, idle, inproc-many,
+    /// soak and pool (these three are not run unless named: 100,000 connections, churn for
+    /// `--soak-secs`, and relays behind HAProxy, which needs the haproxy program).
     #[arg(
         long,
         value_delimiter = ',',
@@ -164,6 +167,16 @@ struct Opts {
     /// are printed), to inspect them: gdb, malloc_stats, a heap profiler.
     #[arg(long, default_value_t = 0)]
     soak_hold_secs: u64,
+    /// Relay counts the pool section measures behind HAProxy, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pool_relays: Vec<u8>,
+    /// Client processes of the pool section (each its own session, spread over the relays);
+    /// a multiple of every relay count spreads them evenly.
+    #[arg(long, default_value_t = 6)]
+    pool_clients: usize,
+    /// Broker processes of the pool section, each linked to every relay.
+    #[arg(long, default_value_t = 2)]
+    pool_brokers: usize,
     /// Internal: run as the data server, listening here.
     #[arg(long, hide = true)]
     serve_data: Option<SocketAddr>,
@@ -487,7 +500,22 @@ async fn run(opts: Opts) -> io::Result<()> {
         None
     };
 
-    let table = render_table(
+    let pool = if opts.section("pool") {
+        let options = pool::PoolOptions {
+            relay_counts: opts.pool_relays.clone(),
+            clients: opts.pool_clients.max(1),
+            brokers: opts.pool_brokers.max(1),
+            conns: opts.agg_conns,
+            bytes: opts.agg_bytes,
+            runs: opts.runs,
+            timeout: opts.timeout(),
+        };
+        Some(pool::section(&bin_dir, server_addr, &options, |line| progress.say(line)).await?)
+    } else {
+        None
+    };
+
+    let mut table = render_table(
         &opts,
         &machine,
         &results,
@@ -495,6 +523,9 @@ async fn run(opts: Opts) -> io::Result<()> {
         inproc_many.as_ref(),
         soak.as_ref(),
     );
+    if let Some(pool) = &pool {
+        pool::render_table(pool, &mut table);
+    }
     if opts.json {
         eprintln!("{table}");
         let mut json = render_json(&opts, &machine, &results, &idle);
@@ -503,6 +534,9 @@ async fn run(opts: Opts) -> io::Result<()> {
         }
         if let (Json::Obj(fields), Some(soak)) = (&mut json, &soak) {
             fields.push(("soak".into(), soak::render_json(soak)));
+        }
+        if let (Json::Obj(fields), Some(pool)) = (&mut json, &pool) {
+            fields.push(("pool".into(), pool::render_json(pool)));
         }
         println!("{}", json.render());
     } else {
