@@ -40,8 +40,9 @@ pub(crate) async fn supervise(
         };
         match attempt {
             Ok(link) => {
-                report(&mut reports, &target, Ok(())).await;
                 let queue = link::install(&shared, target.id, target.addr, &link);
+                // After the install: `bind` returns on this report, with the link up.
+                report(&mut reports, &target, Ok(())).await;
                 // What was sent while the link was down is lost: resend it now rather than
                 // after timeouts that backed off during the outage.
                 shared.table.path_restored(target.id);

@@ -19,6 +19,13 @@ use tunnel_proto::Token;
 /// may have been replaced and the question lost with it.
 pub(crate) const MOVE_RETRY: Duration = Duration::from_secs(2);
 
+/// *Unknown* from every instance asked is final only this long after the first question:
+/// instances that link meanwhile are asked too. A relay that just started (a rolling
+/// restart, a relay taking over a dead one's sessions) sees its brokers link one after the
+/// other within their redial back-off; the first to answer *unknown* must not condemn a
+/// connection that the next one holds.
+pub(crate) const MOVE_SETTLE: Duration = Duration::from_secs(5);
+
 /// A move nobody asks about any more (its client gave up) is forgotten after this long.
 pub(crate) const MOVE_FORGET: Duration = Duration::from_secs(30);
 
@@ -58,8 +65,12 @@ pub(crate) struct PendingMove {
     pub(crate) session: u32,
     /// The instances asked that have not answered yet.
     pub(crate) waiting: Vec<InstanceId>,
-    /// When they were asked.
+    /// The instances that answered *unknown*.
+    pub(crate) unknown: Vec<InstanceId>,
+    /// When the last question went out.
     pub(crate) asked_at: Instant,
+    /// When the first question went out.
+    pub(crate) first_asked_at: Instant,
 }
 
 /// What to do with an ATTACH of a connection this relay does not hold.
@@ -101,45 +112,59 @@ impl PendingMoves {
         movers: Vec<InstanceId>,
         now: Instant,
     ) -> MoveStep {
-        match self.moves.get_mut(&id) {
-            Some(pending) if !pending.token.ct_eq(token) || pending.server != *server => {
-                MoveStep::Unknown
-            }
-            Some(pending) if pending.waiting.is_empty() => {
-                self.moves.remove(&id);
-                MoveStep::Unknown
-            }
-            Some(pending) => {
-                pending.session = session;
-                if now.saturating_duration_since(pending.asked_at) >= MOVE_RETRY {
-                    pending.waiting = movers.clone();
-                    pending.asked_at = now;
-                    MoveStep::Ask(movers)
-                } else {
-                    MoveStep::Wait
-                }
-            }
-            None => {
-                self.moves.insert(
-                    id,
-                    PendingMove {
-                        token: *token,
-                        server: server.clone(),
-                        session,
-                        waiting: movers.clone(),
-                        asked_at: now,
-                    },
-                );
-                MoveStep::Ask(movers)
+        let Some(pending) = self.moves.get_mut(&id) else {
+            self.moves.insert(
+                id,
+                PendingMove {
+                    token: *token,
+                    server: server.clone(),
+                    session,
+                    waiting: movers.clone(),
+                    unknown: Vec::new(),
+                    asked_at: now,
+                    first_asked_at: now,
+                },
+            );
+            return MoveStep::Ask(movers);
+        };
+        if !pending.token.ct_eq(token) || pending.server != *server {
+            return MoveStep::Unknown;
+        }
+        pending.session = session;
+        // Instances linked since the last question are asked at once.
+        let new: Vec<InstanceId> = movers
+            .iter()
+            .filter(|m| !pending.waiting.contains(m) && !pending.unknown.contains(m))
+            .copied()
+            .collect();
+        if !new.is_empty() {
+            pending.waiting.extend(&new);
+            pending.asked_at = now;
+            return MoveStep::Ask(new);
+        }
+        if now.saturating_duration_since(pending.asked_at) >= MOVE_RETRY {
+            // Unanswered questions may have been lost with a link: ask the instances still
+            // linked again; those gone are not waited for.
+            pending.waiting.retain(|i| movers.contains(i));
+            if !pending.waiting.is_empty() {
+                pending.asked_at = now;
+                return MoveStep::Ask(pending.waiting.clone());
             }
         }
+        let settled = now.saturating_duration_since(pending.first_asked_at) >= MOVE_SETTLE;
+        if pending.waiting.is_empty() && settled {
+            self.moves.remove(&id);
+            return MoveStep::Unknown;
+        }
+        MoveStep::Wait
     }
 
     /// Instance `instance` of `server` does not hold connection `id`.
     pub(crate) fn on_unknown(&mut self, id: u32, server: &str, instance: InstanceId) {
         if let Some(pending) = self.moves.get_mut(&id) {
-            if &*pending.server == server {
+            if &*pending.server == server && pending.waiting.contains(&instance) {
                 pending.waiting.retain(|i| *i != instance);
+                pending.unknown.push(instance);
             }
         }
     }
@@ -194,9 +219,13 @@ mod tests {
         assert_eq!(step, MoveStep::Ask(vec![inst(1), inst(2)]));
         let step = moves.on_attach(5, &token, &server, 9, vec![inst(1), inst(2)], t0);
         assert_eq!(step, MoveStep::Wait);
+        // After the retry delay the instances still linked are asked again.
         let later = t0 + MOVE_RETRY;
         let step = moves.on_attach(5, &token, &server, 10, vec![inst(2)], later);
         assert_eq!(step, MoveStep::Ask(vec![inst(2)]));
+        // An instance that links meanwhile is asked at once.
+        let step = moves.on_attach(5, &token, &server, 10, vec![inst(2), inst(3)], later);
+        assert_eq!(step, MoveStep::Ask(vec![inst(3)]));
         let pending = moves.take(5).expect("pending");
         assert_eq!(pending.session, 10);
         assert!(moves.take(5).is_none());
@@ -217,8 +246,16 @@ mod tests {
             MoveStep::Wait
         );
         moves.on_unknown(5, "echo", inst(2));
+        // Before the settle time an instance that links now may still hold it.
         assert_eq!(
-            moves.on_attach(5, &token, &server, 9, vec![], t0),
+            moves.on_attach(5, &token, &server, 9, vec![inst(1), inst(2)], t0),
+            MoveStep::Wait
+        );
+        let step = moves.on_attach(5, &token, &server, 9, vec![inst(1), inst(3)], t0);
+        assert_eq!(step, MoveStep::Ask(vec![inst(3)]));
+        moves.on_unknown(5, "echo", inst(3));
+        assert_eq!(
+            moves.on_attach(5, &token, &server, 9, vec![inst(3)], t0 + MOVE_SETTLE),
             MoveStep::Unknown
         );
         assert_eq!(moves.len(), 0);

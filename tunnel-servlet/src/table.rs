@@ -2510,7 +2510,11 @@ mod move_tests {
                 MINUTE,
             );
         }
+        // Final only once the settle time since the first question has passed.
         let outcome = table.attach(sid, id, &attach(token), limits(), now, &mut asks);
+        assert_eq!(outcome, AttachOutcome::NotYet);
+        let settled = now + crate::moves::MOVE_SETTLE;
+        let outcome = table.attach(sid, id, &attach(token), limits(), settled, &mut asks);
         assert_eq!(outcome, AttachOutcome::Unknown);
         // Unanswered questions are asked again after the retry delay.
         let (other, mut asks) = (0x0200_000a, Vec::new());
@@ -2569,9 +2573,10 @@ mod move_tests {
         assert_eq!((outcome, asks.len()), (AttachOutcome::NotYet, 0));
         // Every instance asked said unknown: the next ATTACH ends the move.
         table.move_answered("s", a, id, MoveAnswer::Unknown, 0, one, now, MINUTE);
-        let outcome = table.attach(sid, id, &attach(token), one, now, &mut asks);
+        let settled = now + crate::moves::MOVE_SETTLE;
+        let outcome = table.attach(sid, id, &attach(token), one, settled, &mut asks);
         assert_eq!((outcome, asks.len()), (AttachOutcome::Unknown, 0));
-        let outcome = table.attach(sid, id + 1, &attach(token), one, now, &mut asks);
+        let outcome = table.attach(sid, id + 1, &attach(token), one, settled, &mut asks);
         assert_eq!((outcome, asks.len()), (AttachOutcome::NotYet, 1));
     }
 }
