@@ -192,3 +192,71 @@ pub(crate) async fn keep_resolving(shared: Arc<Shared>) {
         supervise_all(&shared, new, None);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn resolved(name: &str, addrs: &[&str]) -> Resolved {
+        (Arc::from(name), Ok(addrs.iter().map(|a| addr(a)).collect()))
+    }
+
+    #[test]
+    fn every_address_of_a_name_is_a_relay_and_vanished_ones_are_retired() {
+        let relays = Relays::default();
+        let first = relays.update(&[
+            resolved("pool.example:8081", &["10.0.0.1:8081", "10.0.0.2:8081"]),
+            resolved("10.0.0.9:8081", &["10.0.0.9:8081"]),
+        ]);
+        let addrs: Vec<SocketAddr> = first.iter().map(|t| t.addr).collect();
+        assert_eq!(
+            addrs,
+            [
+                addr("10.0.0.1:8081"),
+                addr("10.0.0.2:8081"),
+                addr("10.0.0.9:8081")
+            ]
+        );
+        let mut ids: Vec<LinkId> = first.iter().map(|t| t.id).collect();
+        ids.dedup();
+        assert_eq!(ids.len(), 3, "one link id per address");
+        assert_eq!(first[0].to_string(), "pool.example:8081 (10.0.0.1:8081)");
+        assert_eq!(first[2].to_string(), "10.0.0.9:8081");
+        assert_eq!(*relays.count_tx.borrow(), 3);
+
+        // The name now answers .2 and .3: .3 is new, .1 is retired, .2 goes on.
+        let second = relays.update(&[resolved(
+            "pool.example:8081",
+            &["10.0.0.2:8081", "10.0.0.3:8081"],
+        )]);
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].addr, addr("10.0.0.3:8081"));
+        assert!(first[0].is_retired() && !first[1].is_retired() && !first[2].is_retired());
+
+        // A failed resolution retires nothing; .1 coming back un-retires it.
+        let failed: Resolved = (
+            Arc::from("pool.example:8081"),
+            Err(io::Error::new(io::ErrorKind::TimedOut, "dns")),
+        );
+        assert!(relays.update(&[failed]).is_empty());
+        assert!(!first[1].is_retired() && !second[0].is_retired());
+        assert!(relays
+            .update(&[resolved(
+                "pool.example:8081",
+                &["10.0.0.1:8081", "10.0.0.2:8081"]
+            )])
+            .is_empty());
+        assert!(!first[0].is_retired() && second[0].is_retired());
+
+        // A supervisor that ended is forgotten; its address is linked anew if it resolves.
+        relays.forget(&second[0]);
+        assert_eq!(*relays.count_tx.borrow(), 3);
+        let again = relays.update(&[resolved("pool.example:8081", &["10.0.0.3:8081"])]);
+        assert_eq!(again.len(), 1);
+        assert_ne!(again[0].id, second[0].id);
+    }
+}
