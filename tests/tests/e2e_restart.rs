@@ -17,7 +17,7 @@ use tunnel_tests::{init_tracing, Chain, ChainOptions, SeededBytes, SinkSourceSer
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(400);
 /// How long the relay stays dead: long enough that the client sees refused connections and
 /// the broker's link redial backs off at least once.
-const OUTAGE: Duration = Duration::from_secs(2);
+const OUTAGE: Duration = Duration::from_secs(3);
 /// Deadline for the progress the test waits for before killing the relay.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -82,6 +82,20 @@ async fn relay_killed_mid_transfer_and_restarted_transfer_completes() {
         .await
         .expect("restarting the relay on the same ports");
     let restarted = Instant::now();
+    // How long traffic takes to resume once the relay is back (the client's retries and the
+    // broker's redials are capped at 1 s): both directions moving again at the server.
+    let resumed = loop {
+        let now = server.stats();
+        if now.bytes_received > at_restart.bytes_received && now.bytes_sent > at_restart.bytes_sent
+        {
+            break Some(restarted.elapsed());
+        }
+        if transfers.is_finished() || restarted.elapsed() > TRANSFER_TIMEOUT {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    eprintln!("relay down {OUTAGE:?}; traffic both ways resumed {resumed:?} after the restart");
 
     let outcome = transfers.await.expect("transfer task panicked");
     eprintln!("server at restart: {at_restart:?}");

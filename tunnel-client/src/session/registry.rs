@@ -24,7 +24,7 @@ const ORPHAN_KEPT: Duration = Duration::from_secs(10);
 
 /// How often an unanswered ATTACH is sent again (the relay answers nothing while it cannot
 /// tell yet, docs/protocol.md §2.1).
-pub(super) const ATTACH_RESEND: Duration = Duration::from_millis(500);
+pub(super) const ATTACH_RESEND: Duration = Duration::from_millis(200);
 
 /// The broker's answer to a connection being opened.
 #[derive(Debug)]
