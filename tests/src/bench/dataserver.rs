@@ -17,6 +17,12 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Command byte of a throughput exchange.
 pub const THROUGHPUT: u8 = b'T';
+/// Command byte of a throughput exchange that ends by byte counts, not by a half-close.
+pub const THROUGHPUT_COUNTED: u8 = b'L';
+/// Command byte of a request/response exchange.
+pub const REQUEST_RESPONSE: u8 = b'Q';
+/// Largest request or answer of a request/response exchange (the server holds one request).
+pub const MAX_EXCHANGE: u32 = 16 << 20;
 /// The server's first byte of a throughput exchange.
 pub const READY: u8 = b'R';
 /// Size of the buffers the server reads and writes with.
@@ -64,11 +70,11 @@ async fn serve(mut stream: TcpStream) -> io::Result<()> {
     if stream.read(&mut first).await? == 0 {
         return Ok(());
     }
-    if first[0] != THROUGHPUT {
-        stream.write_all(&first).await?;
-        let (mut rd, mut wr) = stream.split();
-        tokio::io::copy(&mut rd, &mut wr).await?;
-        return wr.shutdown().await;
+    match first[0] {
+        THROUGHPUT => {}
+        THROUGHPUT_COUNTED => return serve_counted(stream).await,
+        REQUEST_RESPONSE => return serve_exchanges(stream).await,
+        _ => return serve_echo(stream, first[0]).await,
     }
     let down_len = stream.read_u64().await?;
     stream.write_all(&[READY]).await?;
@@ -91,6 +97,63 @@ async fn serve(mut stream: TcpStream) -> io::Result<()> {
     let (received, ()) = tokio::try_join!(sink, source)?;
     wr.write_u64(received).await?;
     wr.shutdown().await
+}
+
+/// Echo, `first` (already read) included.
+async fn serve_echo(mut stream: TcpStream, first: u8) -> io::Result<()> {
+    stream.write_all(&[first]).await?;
+    let (mut rd, mut wr) = stream.split();
+    tokio::io::copy(&mut rd, &mut wr).await?;
+    wr.shutdown().await
+}
+
+/// The `L` exchange: exactly `up_len` bytes in while `down_len` go out, then the count.
+async fn serve_counted(mut stream: TcpStream) -> io::Result<()> {
+    let up_len = stream.read_u64().await?;
+    let down_len = stream.read_u64().await?;
+    stream.write_all(&[READY]).await?;
+    let (mut rd, mut wr) = stream.split();
+    let sink = async {
+        let mut buf = vec![0u8; IO_CHUNK];
+        let mut total = 0u64;
+        while total < up_len {
+            let want = (up_len - total).min(buf.len() as u64) as usize;
+            let n = rd.read(&mut buf[..want]).await?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        Ok::<_, io::Error>(total)
+    };
+    let source = write_pattern(&mut wr, down_len);
+    let (received, ()) = tokio::try_join!(sink, source)?;
+    wr.write_u64(received).await?;
+    wr.shutdown().await
+}
+
+/// The `Q` exchange: an answer of `answer_len` bytes for every `request_len` bytes received.
+async fn serve_exchanges(mut stream: TcpStream) -> io::Result<()> {
+    let request_len = stream.read_u32().await?;
+    let answer_len = stream.read_u32().await?;
+    if request_len == 0 || request_len > MAX_EXCHANGE || answer_len > MAX_EXCHANGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("request/response sizes {request_len}/{answer_len} not in 1..={MAX_EXCHANGE}"),
+        ));
+    }
+    stream.write_all(&[READY]).await?;
+    let mut request = vec![0u8; request_len as usize];
+    loop {
+        match stream.read_exact(&mut request).await {
+            Ok(_) => {}
+            // The client ends the exchange with its EOF between two requests.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        }
+        write_pattern(&mut stream, answer_len as u64).await?;
+    }
+    stream.shutdown().await
 }
 
 /// Writes `len` bytes of a fixed non-trivial pattern (generating data would cost CPU that the

@@ -8,7 +8,8 @@
 //! 100,000 connections opened with the library in the bench process through one relay
 //! (`--sections inproc-many`), connection churn with the processes' memory, descriptors
 //! and warnings sampled (`--sections soak`), and many connections through a pool of 1, 2
-//! and 3 relays behind HAProxy (`--sections pool`). With `--old-bin-dir`, previous binaries are
+//! and 3 relays behind HAProxy (`--sections pool`), and request/response exchanges on 16
+//! connections (`--sections rr`). With `--old-bin-dir`, previous binaries are
 //! measured beside the new ones in the same run. Prints a table (or JSON with `--json`) with
 //! medians over `--runs` and ratios to the baselines. Progress goes to stderr.
 //!
@@ -29,6 +30,8 @@ mod measure;
 mod pool;
 #[path = "../bench/report.rs"]
 mod report;
+#[path = "../bench/rr.rs"]
+mod rr;
 #[path = "../bench/soak.rs"]
 mod soak;
 #[path = "../bench/stats.rs"]
@@ -96,8 +99,9 @@ struct Opts {
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     bytes: u64,
     /// Sections to run, comma-separated: throughput, latency, aggregate, idle, inproc-many,
-    /// soak and pool (these three are not run unless named: 100,000 connections, churn for
-    /// `--soak-secs`, and relays behind HAProxy, which needs the haproxy program).
+    /// soak, pool and rr (these four are not run unless named: 100,000 connections, churn for
+    /// `--soak-secs`, relays behind HAProxy, which needs the haproxy program, and
+    /// request/response exchanges).
     #[arg(
         long,
         value_delimiter = ',',
@@ -177,6 +181,18 @@ struct Opts {
     /// Broker processes of the pool section, each linked to every relay.
     #[arg(long, default_value_t = 2)]
     pool_brokers: usize,
+    /// Connections of the rr section, each doing request/response exchanges in turn.
+    #[arg(long, default_value_t = 16)]
+    rr_conns: usize,
+    /// How long the rr section's exchanges go on per path and run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    rr_secs: u64,
+    /// Bytes of one request of the rr section (K/M suffixes; at most 16M).
+    #[arg(long, default_value = "200", value_parser = parse_exchange_size)]
+    rr_request: u32,
+    /// Bytes of one answer of the rr section (K/M suffixes; at most 16M).
+    #[arg(long, default_value = "2048", value_parser = parse_exchange_size)]
+    rr_answer: u32,
     /// Internal: run as the data server, listening here.
     #[arg(long, hide = true)]
     serve_data: Option<SocketAddr>,
@@ -225,6 +241,18 @@ impl Opts {
     fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout_secs)
     }
+}
+
+/// A request or answer size of the rr section: 1 byte up to the data server's bound.
+fn parse_exchange_size(text: &str) -> Result<u32, String> {
+    let n = parse_size(text)?;
+    if n == 0 || n > u64::from(dataserver::MAX_EXCHANGE) {
+        return Err(format!(
+            "size {text:?} not in 1..={} bytes",
+            dataserver::MAX_EXCHANGE
+        ));
+    }
+    Ok(n as u32)
 }
 
 fn parse_transport(name: &str) -> Result<Transport, String> {
@@ -515,6 +543,22 @@ async fn run(opts: Opts) -> io::Result<()> {
         None
     };
 
+    let rr = if opts.section("rr") {
+        let options = rr::RrOptions {
+            conns: opts.rr_conns.max(1),
+            duration: Duration::from_secs(opts.rr_secs.max(1)),
+            request: opts.rr_request,
+            answer: opts.rr_answer,
+            runs: opts.runs,
+            flavours: flavours.clone(),
+            broker_max_conns: broker_max,
+            timeout: opts.timeout(),
+        };
+        Some(rr::section(&bin_dir, server_addr, &options, |line| progress.say(line)).await?)
+    } else {
+        None
+    };
+
     let mut table = render_table(
         &opts,
         &machine,
@@ -525,6 +569,9 @@ async fn run(opts: Opts) -> io::Result<()> {
     );
     if let Some(pool) = &pool {
         pool::render_table(pool, &mut table);
+    }
+    if let Some(rr) = &rr {
+        rr::render_table(rr, &mut table);
     }
     if opts.json {
         eprintln!("{table}");
@@ -537,6 +584,9 @@ async fn run(opts: Opts) -> io::Result<()> {
         }
         if let (Json::Obj(fields), Some(pool)) = (&mut json, &pool) {
             fields.push(("pool".into(), pool::render_json(pool)));
+        }
+        if let (Json::Obj(fields), Some(rr)) = (&mut json, &rr) {
+            fields.push(("request_response".into(), rr::render_json(rr)));
         }
         println!("{}", json.render());
     } else {
