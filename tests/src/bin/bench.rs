@@ -9,7 +9,8 @@
 //! (`--sections inproc-many`), connection churn with the processes' memory, descriptors
 //! and warnings sampled (`--sections soak`), and many connections through a pool of 1, 2
 //! and 3 relays behind HAProxy (`--sections pool`), and request/response exchanges on 16
-//! connections (`--sections rr`). With `--old-bin-dir`, previous binaries are
+//! connections (`--sections rr`), and GNU httptunnel beside the tunnel on one connection
+//! (`--sections peers`, needs the Debian package httptunnel). With `--old-bin-dir`, previous binaries are
 //! measured beside the new ones in the same run. Prints a table (or JSON with `--json`) with
 //! medians over `--runs` and ratios to the baselines. Progress goes to stderr.
 //!
@@ -26,6 +27,8 @@ mod forwarder;
 mod many;
 #[path = "../bench/measure.rs"]
 mod measure;
+#[path = "../bench/peers.rs"]
+mod peers;
 #[path = "../bench/pool.rs"]
 mod pool;
 #[path = "../bench/report.rs"]
@@ -99,9 +102,9 @@ struct Opts {
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     bytes: u64,
     /// Sections to run, comma-separated: throughput, latency, aggregate, idle, inproc-many,
-    /// soak, pool and rr (these four are not run unless named: 100,000 connections, churn for
-    /// `--soak-secs`, relays behind HAProxy, which needs the haproxy program, and
-    /// request/response exchanges).
+    /// soak, pool, rr and peers (these five are not run unless named: 100,000 connections,
+    /// churn for `--soak-secs`, relays behind HAProxy, which needs the haproxy program,
+    /// request/response exchanges, and GNU httptunnel, which needs the httptunnel package).
     #[arg(
         long,
         value_delimiter = ',',
@@ -193,6 +196,9 @@ struct Opts {
     /// Bytes of one answer of the rr section (K/M suffixes; at most 16M).
     #[arg(long, default_value = "2048", value_parser = parse_exchange_size)]
     rr_answer: u32,
+    /// Bytes per direction of one throughput measurement of the peers section (K/M/G).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    peers_bytes: u64,
     /// Internal: run as the data server, listening here.
     #[arg(long, hide = true)]
     serve_data: Option<SocketAddr>,
@@ -228,6 +234,9 @@ impl Opts {
         }
         if !given("--many-conns") {
             self.many_conns = 2000;
+        }
+        if !given("--peers-bytes") {
+            self.peers_bytes = 16 << 20;
         }
         if !given("--agg-bytes") {
             self.agg_bytes = 512 << 10;
@@ -559,6 +568,20 @@ async fn run(opts: Opts) -> io::Result<()> {
         None
     };
 
+    let peers = if opts.section("peers") {
+        let options = peers::PeersOptions {
+            pings: opts.pings,
+            bytes: opts.peers_bytes,
+            runs: opts.runs,
+            flavours: flavours.clone(),
+            broker_max_conns: broker_max,
+            timeout: opts.timeout(),
+        };
+        Some(peers::section(&bin_dir, server_addr, &options, |line| progress.say(line)).await?)
+    } else {
+        None
+    };
+
     let mut table = render_table(
         &opts,
         &machine,
@@ -572,6 +595,9 @@ async fn run(opts: Opts) -> io::Result<()> {
     }
     if let Some(rr) = &rr {
         rr::render_table(rr, &mut table);
+    }
+    if let Some(peers) = &peers {
+        peers::render_table(peers, &mut table);
     }
     if opts.json {
         eprintln!("{table}");
@@ -587,6 +613,9 @@ async fn run(opts: Opts) -> io::Result<()> {
         }
         if let (Json::Obj(fields), Some(rr)) = (&mut json, &rr) {
             fields.push(("request_response".into(), rr::render_json(rr)));
+        }
+        if let (Json::Obj(fields), Some(peers)) = (&mut json, &peers) {
+            fields.push(("peers".into(), peers::render_json(peers)));
         }
         println!("{}", json.render());
     } else {
