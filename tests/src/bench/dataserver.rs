@@ -172,3 +172,61 @@ pub async fn write_pattern<W: tokio::io::AsyncWrite + Unpin>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn start() -> (DataServer, SocketAddr) {
+        let addr = tunnel_tests::free_addr();
+        (DataServer::start(addr).await.expect("data server"), addr)
+    }
+
+    /// Every request of the `Q` exchange gets exactly `answer_len` bytes, and the server ends
+    /// the connection after the client's EOF.
+    #[tokio::test]
+    async fn request_response_answers_exactly_the_asked_size() {
+        let (_server, addr) = start().await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut header = vec![REQUEST_RESPONSE];
+        header.extend_from_slice(&10u32.to_be_bytes());
+        header.extend_from_slice(&5u32.to_be_bytes());
+        s.write_all(&header).await.unwrap();
+        assert_eq!(s.read_u8().await.unwrap(), READY);
+        // Two requests, the second split across writes: two answers.
+        s.write_all(&[b'a'; 13]).await.unwrap();
+        s.write_all(&[b'b'; 7]).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut back))
+            .await
+            .expect("the server ends the exchange")
+            .unwrap();
+        assert_eq!(back.len(), 10);
+    }
+
+    /// The bench's measurements of the `L` and `Q` exchanges complete against the server: the
+    /// counted throughput checks the server's count of the up bytes, and every exchange is
+    /// timed.
+    #[tokio::test]
+    async fn counted_throughput_and_exchanges_through_the_measurements() {
+        let (_server, addr) = start().await;
+        let timeout = std::time::Duration::from_secs(30);
+        let t = crate::measure::throughput_counted(addr, 3 << 20, 1 << 20, timeout)
+            .await
+            .unwrap();
+        assert_eq!((t.up, t.down), (3 << 20, 1 << 20));
+        let done = crate::measure::request_response(
+            addr,
+            3,
+            200,
+            2048,
+            std::time::Duration::from_millis(200),
+            timeout,
+        )
+        .await
+        .unwrap();
+        assert!(done.count >= 3, "{} exchanges", done.count);
+        assert_eq!(done.latencies.len() as u64, done.count);
+    }
+}

@@ -148,7 +148,8 @@ struct Opts {
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
     /// Small sizes for a smoke run: 3 runs, 16 MiB, 200 pings, 1,000 idle connections,
-    /// 512 KiB per aggregate connection (explicit options given after it still apply).
+    /// 512 KiB per aggregate connection, 3 s of request/response, 16 MiB per direction in the
+    /// peers section (explicit options given after it still apply).
     #[arg(long)]
     quick: bool,
     /// Print the results as JSON on stdout (the table then goes to stderr).
@@ -234,6 +235,9 @@ impl Opts {
         }
         if !given("--many-conns") {
             self.many_conns = 2000;
+        }
+        if !given("--rr-secs") {
+            self.rr_secs = 3;
         }
         if !given("--peers-bytes") {
             self.peers_bytes = 16 << 20;
