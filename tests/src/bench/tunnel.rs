@@ -385,6 +385,86 @@ pub async fn start_tcp_chain(target: SocketAddr) -> io::Result<RunningPath> {
     Ok(path)
 }
 
+/// Debian package of GNU httptunnel's `hts` and `htc`.
+pub const HTTPTUNNEL_PACKAGE: &str = "httptunnel";
+
+/// `program` (of GNU httptunnel) on this machine, or an error naming the package.
+fn httptunnel_program(program: &str) -> io::Result<PathBuf> {
+    tunnel_tests::process::find_program(program, HTTPTUNNEL_PACKAGE).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "GNU httptunnel's {program} not found: the peers section needs the Debian \
+                 package {HTTPTUNNEL_PACKAGE} (apt-get install {HTTPTUNNEL_PACKAGE}; CI does \
+                 not install it, the bench does not run there)"
+            ),
+        )
+    })
+}
+
+/// Starts GNU httptunnel in front of `target`: `hts` (its server, forwarding to `target`) and
+/// `htc` (its client, listening for the one TCP connection it carries at a time), with their
+/// defaults otherwise. The label carries the version `hts -V` prints.
+pub async fn start_httptunnel(target: SocketAddr) -> io::Result<RunningPath> {
+    let (hts, htc) = (httptunnel_program("hts")?, httptunnel_program("htc")?);
+    let version = std::process::Command::new(&hts)
+        .arg("-V")
+        .output()
+        .ok()
+        .and_then(|out| {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            // "hts (httptunnel) 3.3"
+            text.lines()
+                .next()?
+                .split_whitespace()
+                .nth(2)
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "?".into());
+    let dir = TestDir::new("bench-httptunnel")?;
+    let log_dir = dir.path().to_path_buf();
+    let (http, listen) = (free_addr(), free_addr());
+    let mut path = RunningPath {
+        label: format!("GNU httptunnel {version} [1 conn]"),
+        entry: listen,
+        entries: vec![listen],
+        processes: Vec::new(),
+        _dir: dir,
+    };
+    // -w: stay in the foreground, so the process is ours to watch and to kill.
+    let server = ChildProcess::spawn(
+        "hts",
+        &hts,
+        [
+            "-w".to_string(),
+            "-F".into(),
+            target.to_string(),
+            http.to_string(),
+        ],
+        &[],
+        &log_dir,
+    )?;
+    path.processes.push(("hts".into(), server));
+    wait_up(&mut path, http).await?;
+    // htc takes a port only and listens on every address; the bench enters on loopback.
+    let client = ChildProcess::spawn(
+        "htc",
+        &htc,
+        [
+            "-w".to_string(),
+            "-F".into(),
+            listen.port().to_string(),
+            http.to_string(),
+        ],
+        &[],
+        &log_dir,
+    )?;
+    path.processes.push(("htc".into(), client));
+    wait_up(&mut path, listen).await?;
+    wait_round_trip(&mut path).await?;
+    Ok(path)
+}
+
 async fn wait_up(path: &mut RunningPath, addr: SocketAddr) -> io::Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {

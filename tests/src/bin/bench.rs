@@ -8,7 +8,9 @@
 //! 100,000 connections opened with the library in the bench process through one relay
 //! (`--sections inproc-many`), connection churn with the processes' memory, descriptors
 //! and warnings sampled (`--sections soak`), and many connections through a pool of 1, 2
-//! and 3 relays behind HAProxy (`--sections pool`). With `--old-bin-dir`, previous binaries are
+//! and 3 relays behind HAProxy (`--sections pool`), and request/response exchanges on 16
+//! connections (`--sections rr`), and GNU httptunnel beside the tunnel on one connection
+//! (`--sections peers`, needs the Debian package httptunnel). With `--old-bin-dir`, previous binaries are
 //! measured beside the new ones in the same run. Prints a table (or JSON with `--json`) with
 //! medians over `--runs` and ratios to the baselines. Progress goes to stderr.
 //!
@@ -25,10 +27,14 @@ mod forwarder;
 mod many;
 #[path = "../bench/measure.rs"]
 mod measure;
+#[path = "../bench/peers.rs"]
+mod peers;
 #[path = "../bench/pool.rs"]
 mod pool;
 #[path = "../bench/report.rs"]
 mod report;
+#[path = "../bench/rr.rs"]
+mod rr;
 #[path = "../bench/soak.rs"]
 mod soak;
 #[path = "../bench/stats.rs"]
@@ -96,8 +102,9 @@ struct Opts {
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     bytes: u64,
     /// Sections to run, comma-separated: throughput, latency, aggregate, idle, inproc-many,
-    /// soak and pool (these three are not run unless named: 100,000 connections, churn for
-    /// `--soak-secs`, and relays behind HAProxy, which needs the haproxy program).
+    /// soak, pool, rr and peers (these five are not run unless named: 100,000 connections,
+    /// churn for `--soak-secs`, relays behind HAProxy, which needs the haproxy program,
+    /// request/response exchanges, and GNU httptunnel, which needs the httptunnel package).
     #[arg(
         long,
         value_delimiter = ',',
@@ -141,7 +148,8 @@ struct Opts {
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
     /// Small sizes for a smoke run: 3 runs, 16 MiB, 200 pings, 1,000 idle connections,
-    /// 512 KiB per aggregate connection (explicit options given after it still apply).
+    /// 512 KiB per aggregate connection, 3 s of request/response, 16 MiB per direction in the
+    /// peers section (explicit options given after it still apply).
     #[arg(long)]
     quick: bool,
     /// Print the results as JSON on stdout (the table then goes to stderr).
@@ -177,6 +185,21 @@ struct Opts {
     /// Broker processes of the pool section, each linked to every relay.
     #[arg(long, default_value_t = 2)]
     pool_brokers: usize,
+    /// Connections of the rr section, each doing request/response exchanges in turn.
+    #[arg(long, default_value_t = 16)]
+    rr_conns: usize,
+    /// How long the rr section's exchanges go on per path and run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    rr_secs: u64,
+    /// Bytes of one request of the rr section (K/M suffixes; at most 16M).
+    #[arg(long, default_value = "200", value_parser = parse_exchange_size)]
+    rr_request: u32,
+    /// Bytes of one answer of the rr section (K/M suffixes; at most 16M).
+    #[arg(long, default_value = "2048", value_parser = parse_exchange_size)]
+    rr_answer: u32,
+    /// Bytes per direction of one throughput measurement of the peers section (K/M/G).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    peers_bytes: u64,
     /// Internal: run as the data server, listening here.
     #[arg(long, hide = true)]
     serve_data: Option<SocketAddr>,
@@ -213,6 +236,12 @@ impl Opts {
         if !given("--many-conns") {
             self.many_conns = 2000;
         }
+        if !given("--rr-secs") {
+            self.rr_secs = 3;
+        }
+        if !given("--peers-bytes") {
+            self.peers_bytes = 16 << 20;
+        }
         if !given("--agg-bytes") {
             self.agg_bytes = 512 << 10;
         }
@@ -225,6 +254,18 @@ impl Opts {
     fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout_secs)
     }
+}
+
+/// A request or answer size of the rr section: 1 byte up to the data server's bound.
+fn parse_exchange_size(text: &str) -> Result<u32, String> {
+    let n = parse_size(text)?;
+    if n == 0 || n > u64::from(dataserver::MAX_EXCHANGE) {
+        return Err(format!(
+            "size {text:?} not in 1..={} bytes",
+            dataserver::MAX_EXCHANGE
+        ));
+    }
+    Ok(n as u32)
 }
 
 fn parse_transport(name: &str) -> Result<Transport, String> {
@@ -515,6 +556,36 @@ async fn run(opts: Opts) -> io::Result<()> {
         None
     };
 
+    let rr = if opts.section("rr") {
+        let options = rr::RrOptions {
+            conns: opts.rr_conns.max(1),
+            duration: Duration::from_secs(opts.rr_secs.max(1)),
+            request: opts.rr_request,
+            answer: opts.rr_answer,
+            runs: opts.runs,
+            flavours: flavours.clone(),
+            broker_max_conns: broker_max,
+            timeout: opts.timeout(),
+        };
+        Some(rr::section(&bin_dir, server_addr, &options, |line| progress.say(line)).await?)
+    } else {
+        None
+    };
+
+    let peers = if opts.section("peers") {
+        let options = peers::PeersOptions {
+            pings: opts.pings,
+            bytes: opts.peers_bytes,
+            runs: opts.runs,
+            flavours: flavours.clone(),
+            broker_max_conns: broker_max,
+            timeout: opts.timeout(),
+        };
+        Some(peers::section(&bin_dir, server_addr, &options, |line| progress.say(line)).await?)
+    } else {
+        None
+    };
+
     let mut table = render_table(
         &opts,
         &machine,
@@ -525,6 +596,12 @@ async fn run(opts: Opts) -> io::Result<()> {
     );
     if let Some(pool) = &pool {
         pool::render_table(pool, &mut table);
+    }
+    if let Some(rr) = &rr {
+        rr::render_table(rr, &mut table);
+    }
+    if let Some(peers) = &peers {
+        peers::render_table(peers, &mut table);
     }
     if opts.json {
         eprintln!("{table}");
@@ -537,6 +614,12 @@ async fn run(opts: Opts) -> io::Result<()> {
         }
         if let (Json::Obj(fields), Some(pool)) = (&mut json, &pool) {
             fields.push(("pool".into(), pool::render_json(pool)));
+        }
+        if let (Json::Obj(fields), Some(rr)) = (&mut json, &rr) {
+            fields.push(("request_response".into(), rr::render_json(rr)));
+        }
+        if let (Json::Obj(fields), Some(peers)) = (&mut json, &peers) {
+            fields.push(("peers".into(), peers::render_json(peers)));
         }
         println!("{}", json.render());
     } else {
