@@ -54,6 +54,12 @@ pub struct ConnectionConfig {
     /// Ceiling of what a peer's CONN_OPTION 2 can raise `idle_timeout` to, so a peer cannot
     /// keep this end's state alive forever. Default 1 h (the relay's own ceiling).
     pub max_peer_idle_timeout: Duration,
+    /// How long the ACK of in-order data may wait for a packet going the same way to ride
+    /// with (docs/protocol.md §4): a reply written within this time carries the ACK in the
+    /// same request, instead of a request of its own. Every second packet, anything out of
+    /// order or duplicated, a window update and CONN_CLOSE are acknowledged at once. Zero
+    /// acknowledges everything at once. Default 5 ms.
+    pub ack_delay: Duration,
 }
 
 impl Default for ConnectionConfig {
@@ -68,6 +74,7 @@ impl Default for ConnectionConfig {
             keepalive_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(60),
             max_peer_idle_timeout: Duration::from_secs(3600),
+            ack_delay: Duration::from_millis(5),
         }
     }
 }
@@ -252,8 +259,14 @@ pub struct Connection {
     readable: VecDeque<Bytes>,
     /// The peer's CONN_CLOSE was delivered in order.
     peer_closed: bool,
-    /// An ACK must go out (new data, duplicate, window opened, or keepalive).
+    /// An ACK must go out now (out of order, duplicate, window opened, keepalive, …).
     ack_due: bool,
+    /// The ACK of in-order data is held until then, or until a packet goes out that it can
+    /// ride with (`ConnectionConfig::ack_delay`).
+    ack_deadline: Option<Instant>,
+    /// Sequenced packets taken since the last ACK went out: the second one is acknowledged
+    /// at once, so a bulk sender's window keeps moving.
+    unacked_received: u32,
     /// The right edge we last advertised, to decide when a window update is worth sending.
     advertised_right_edge: u32,
 }
@@ -296,6 +309,8 @@ impl Connection {
             readable: VecDeque::new(),
             peer_closed: false,
             ack_due: false,
+            ack_deadline: None,
+            unacked_received: 0,
             advertised_right_edge: u32::MAX.wrapping_add(u32::from(recv_window)),
         }
     }
@@ -476,7 +491,7 @@ impl Connection {
         self.stats.packets_received += 1;
         match packet.kind {
             PacketType::Data | PacketType::ConnClose | PacketType::ConnOption => {
-                self.on_sequenced(packet)
+                self.on_sequenced(packet, now)
             }
             PacketType::Ack => self.on_ack(packet, now),
             PacketType::ConnAbort => {
@@ -490,10 +505,19 @@ impl Connection {
 
     /// DATA, CONN_CLOSE or CONN_OPTION from the peer: place it in the reorder buffer if it
     /// fits the window, then deliver everything that is now in order.
-    fn on_sequenced(&mut self, packet: Packet) {
+    fn on_sequenced(&mut self, packet: Packet, now: Instant) {
         // Whatever happens, the peer learns where we are: this also answers zero-window
-        // probes and retransmissions of packets whose ACK was lost.
-        self.ack_due = true;
+        // probes and retransmissions of packets whose ACK was lost. Only the next packet in
+        // order, with nothing held out of order, may wait for company (below).
+        let in_order = packet.seq == self.recv_next && self.reorder.is_empty();
+        let delayable =
+            in_order && packet.kind != PacketType::ConnClose && !self.config.ack_delay.is_zero();
+        self.unacked_received += 1;
+        if delayable && self.unacked_received < 2 {
+            self.ack_deadline.get_or_insert(now + self.config.ack_delay);
+        } else {
+            self.ack_due = true;
+        }
         if packet.kind == PacketType::Data && packet.payload.is_empty() {
             tracing::debug!(conn_id = self.conn_id, "dropping empty DATA packet");
             return;
@@ -736,19 +760,32 @@ impl Connection {
         if self.ending != Ending::Open && self.ending != Ending::Finished {
             return None;
         }
-        if self.ack_due {
-            self.ack_due = false;
+        if self.ack_wanted(now) {
             let ack = self.make_ack();
             return Some(self.sent(ack, now));
         }
         if self.ending == Ending::Finished {
             return None;
         }
-        if let Some(packet) = self.next_retransmission(now) {
-            return Some(self.sent(packet, now));
+        let packet = match self.next_retransmission(now) {
+            Some(packet) => packet,
+            None => self.next_new_packet(now)?,
+        };
+        // A held ACK rides with this packet: the caller takes every packet handed out before
+        // it sends, so the next call's ACK goes in the same request or link write.
+        if self.ack_deadline.is_some() {
+            self.ack_due = true;
         }
-        let packet = self.next_new_packet(now)?;
         Some(self.sent(packet, now))
+    }
+
+    /// Whether an ACK goes out now: one is due, or a held one's delay is over, or the
+    /// connection is ending and will set no more timers.
+    fn ack_wanted(&self, now: Instant) -> bool {
+        self.ack_due
+            || self
+                .ack_deadline
+                .is_some_and(|d| now >= d || self.ending != Ending::Open)
     }
 
     /// Stamps an outgoing packet with our window and records that we sent something.
@@ -760,6 +797,9 @@ impl Connection {
     }
 
     fn make_ack(&mut self) -> Packet {
+        self.ack_due = false;
+        self.ack_deadline = None;
+        self.unacked_received = 0;
         let ack = self.recv_next.wrapping_sub(1);
         let window = self.recv_window();
         self.advertised_right_edge = ack.wrapping_add(u32::from(window));
@@ -867,6 +907,7 @@ impl Connection {
             return None;
         }
         [
+            self.ack_deadline,
             self.rto_deadline,
             self.loss_check_at,
             self.probe_at,
@@ -991,7 +1032,7 @@ impl Connection {
         match self.ending {
             Ending::Open => false,
             Ending::Failed(_) => self.abort_to_send.is_none(),
-            Ending::Finished => !self.ack_due,
+            Ending::Finished => !self.ack_due && self.ack_deadline.is_none(),
         }
     }
 

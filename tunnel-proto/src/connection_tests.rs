@@ -365,3 +365,90 @@ fn peer_announced_silence_raises_the_idle_timeout_within_its_ceiling() {
         broker.config.max_peer_idle_timeout
     );
 }
+
+// ---- delayed ACKs (ConnectionConfig::ack_delay) ----
+
+fn kinds(packets: &[Packet]) -> Vec<PacketType> {
+    packets.iter().map(|p| p.kind).collect()
+}
+
+#[test]
+fn the_ack_of_one_packet_waits_for_the_delay_or_rides_with_the_reply() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    let delay = b.config.ack_delay;
+    assert!(!delay.is_zero());
+    a.write(b"ping").unwrap();
+    for p in drain(&mut a, now) {
+        b.handle_packet(p, now);
+    }
+    // Nothing goes out at once; the timer is the delay.
+    assert!(drain(&mut b, now).is_empty());
+    assert_eq!(b.poll_timeout(), Some(now + delay));
+    // A reply within the delay carries the ACK in the same batch.
+    assert_eq!(read_all(&mut b), b"ping");
+    b.write(b"pong").unwrap();
+    let sent = drain(&mut b, now);
+    assert_eq!(kinds(&sent), [PacketType::Data, PacketType::Ack]);
+    assert_eq!(sent[1].seq, 0, "acks the ping");
+    assert!(drain(&mut b, now + delay).is_empty(), "acked once");
+
+    // No reply: the ACK goes out alone when the delay is over.
+    for p in sent {
+        a.handle_packet(p, now);
+    }
+    assert!(drain(&mut a, now).is_empty());
+    let later = now + delay;
+    a.handle_timeout(later);
+    assert_eq!(kinds(&drain(&mut a, later)), [PacketType::Ack]);
+}
+
+#[test]
+fn every_second_packet_and_anything_out_of_order_is_acked_at_once() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    a.write(&[1u8; 2500]).unwrap(); // three packets of 1000, 1000, 500 bytes
+    let sent = drain(&mut a, now);
+    assert_eq!(sent.len(), 3);
+    b.handle_packet(sent[0].clone(), now);
+    assert!(drain(&mut b, now).is_empty(), "first packet: held");
+    b.handle_packet(sent[1].clone(), now);
+    let acks = drain(&mut b, now);
+    assert_eq!((kinds(&acks), acks[0].seq), (vec![PacketType::Ack], 1));
+
+    // A gap: the packet after it is acked at once, with its SACK block.
+    let (mut a, mut b) = pair(now);
+    a.write(&[2u8; 2500]).unwrap();
+    let sent = drain(&mut a, now);
+    b.handle_packet(sent[2].clone(), now);
+    let acks = drain(&mut b, now);
+    assert_eq!(kinds(&acks), [PacketType::Ack]);
+    assert!(!acks[0].payload.is_empty(), "carries a SACK block");
+
+    // A duplicate is acked at once too (its first ACK may have been lost).
+    let (mut a, mut b) = pair(now);
+    a.write(b"x").unwrap();
+    let sent = drain(&mut a, now);
+    let later = now + b.config.ack_delay;
+    b.handle_packet(sent[0].clone(), now);
+    b.handle_timeout(later);
+    assert_eq!(drain(&mut b, later).len(), 1);
+    b.handle_packet(sent[0].clone(), later);
+    assert_eq!(kinds(&drain(&mut b, later)), [PacketType::Ack]);
+}
+
+#[test]
+fn a_zero_ack_delay_acks_everything_at_once() {
+    let now = Instant::now();
+    let config = ConnectionConfig {
+        ack_delay: Duration::ZERO,
+        ..cfg()
+    };
+    let mut a = Connection::new(7, 8, config.clone(), now);
+    let mut b = Connection::new(7, 8, config, now);
+    a.write(b"x").unwrap();
+    for p in drain(&mut a, now) {
+        b.handle_packet(p, now);
+    }
+    assert_eq!(kinds(&drain(&mut b, now)), [PacketType::Ack]);
+}

@@ -137,6 +137,8 @@ fn config(rng: &mut StdRng, recv_window: u16, max_data_payload: usize) -> Connec
         rto_max: Duration::from_secs(rng.random_range(1..=5)),
         keepalive_interval: Duration::from_millis(rng.random_range(500..=2000)),
         idle_timeout: Duration::from_secs(rng.random_range(20..=40)),
+        // Immediate ACKs, the default delay, and delays as long as a fast network's RTT.
+        ack_delay: Duration::from_millis([0, 5, 40][rng.random_range(0..3)]),
         ..ConnectionConfig::default()
     };
     // The peer's random CONN_OPTION 2 values may raise the idle timeout, to twice at most, so
