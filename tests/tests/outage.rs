@@ -39,6 +39,12 @@ const MAX_RSS_GROWTH_KIB: u64 = 32 * 1024;
 /// so the outage falls in the middle of the transfer.
 const REQUESTS_BEFORE_OUTAGE: u64 = 4;
 
+/// Bytes the server must have received of the transfer before the path is cut: the
+/// connection's first pushes (with its CONN_OPTION 2, the grace the broker must know) have
+/// gone through. Counting requests alone let the cut come before any of them once fewer
+/// requests carried only ACKs.
+const BYTES_BEFORE_OUTAGE: u64 = 1 << 20;
+
 /// Starts a sink/source server, the fault proxy in front of the relay, and a chain whose
 /// client reaches the relay only through the proxy, with `client_args` added.
 async fn chain_behind_proxy(client_args: &[&str]) -> (SinkSourceServer, FaultProxy, Chain) {
@@ -71,13 +77,17 @@ struct OutageMemory {
 /// (the connection is closed without an answer) for `outage`, then lets traffic through again.
 /// Returns when the outage began and the memory of the client and relay during it.
 async fn cut_path_mid_transfer(
+    server: &SinkSourceServer,
     proxy: &FaultProxy,
     chain: &Chain,
     outage: Duration,
 ) -> (Instant, OutageMemory) {
     let before = proxy.stats().delivered;
+    let bytes_before = server.stats().bytes_received;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while proxy.stats().delivered < before + REQUESTS_BEFORE_OUTAGE {
+    while proxy.stats().delivered < before + REQUESTS_BEFORE_OUTAGE
+        || server.stats().bytes_received < bytes_before + BYTES_BEFORE_OUTAGE
+    {
         assert!(
             Instant::now() < deadline,
             "the transfer made no progress through the proxy: {:?}",
@@ -122,7 +132,7 @@ async fn cut_path_mid_transfer(
 async fn a_transfer_survives_an_outage_longer_than_the_default_timeouts() {
     init_tracing();
     const OUTAGE: Duration = Duration::from_secs(75);
-    let (_server, proxy, mut chain) = chain_behind_proxy(&["--outage-grace", "2m"]).await;
+    let (server, proxy, mut chain) = chain_behind_proxy(&["--outage-grace", "2m"]).await;
     let stream = chain.connect().await.unwrap();
     let started = Instant::now();
     let spec = ExchangeSpec::symmetric(TRANSFER_BYTES, 1300);
@@ -130,7 +140,7 @@ async fn a_transfer_survives_an_outage_longer_than_the_default_timeouts() {
         tokio::spawn(
             async move { sink_source_exchange(stream, &spec, Duration::from_secs(240)).await },
         );
-    let (outage_began, memory) = cut_path_mid_transfer(&proxy, &chain, OUTAGE).await;
+    let (outage_began, memory) = cut_path_mid_transfer(&server, &proxy, &chain, OUTAGE).await;
     let report = exchange
         .await
         .expect("exchange task panicked")
@@ -160,14 +170,14 @@ async fn a_transfer_survives_an_outage_longer_than_the_default_timeouts() {
 async fn a_transfer_fails_when_the_outage_outlasts_the_grace() {
     init_tracing();
     const OUTAGE: Duration = Duration::from_secs(15);
-    let (_server, proxy, mut chain) = chain_behind_proxy(&["--outage-grace", "5s"]).await;
+    let (server, proxy, mut chain) = chain_behind_proxy(&["--outage-grace", "5s"]).await;
     let stream = chain.connect().await.unwrap();
     let spec = ExchangeSpec::symmetric(TRANSFER_BYTES, 1400);
     let exchange =
         tokio::spawn(
             async move { sink_source_exchange(stream, &spec, Duration::from_secs(120)).await },
         );
-    cut_path_mid_transfer(&proxy, &chain, OUTAGE).await;
+    cut_path_mid_transfer(&server, &proxy, &chain, OUTAGE).await;
     let result = exchange.await.expect("exchange task panicked");
     assert!(
         result.is_err(),
