@@ -470,13 +470,7 @@ impl Chain {
             .into_iter()
             .flatten()
         {
-            if let Some(status) = process.try_exit_status()? {
-                return Err(io::Error::other(format!(
-                    "{} exited unexpectedly ({status}); log: {}",
-                    process.label(),
-                    process.log_path().display()
-                )));
-            }
+            process.check_running()?;
         }
         Ok(())
     }

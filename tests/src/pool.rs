@@ -346,13 +346,7 @@ impl Pool {
             .iter_mut()
             .chain(std::iter::once(self.haproxy.process()));
         for process in relays.chain(others) {
-            if let Some(status) = process.try_exit_status()? {
-                return Err(io::Error::other(format!(
-                    "{} exited unexpectedly ({status}); log: {}",
-                    process.label(),
-                    process.log_path().display()
-                )));
-            }
+            process.check_running()?;
         }
         Ok(())
     }

@@ -179,6 +179,18 @@ impl ChildProcess {
         Ok(self.exited)
     }
 
+    /// An error naming the process and its log if it has exited.
+    pub fn check_running(&mut self) -> io::Result<()> {
+        match self.try_exit_status()? {
+            Some(status) => Err(io::Error::other(format!(
+                "{} exited unexpectedly ({status}); log: {}",
+                self.label(),
+                self.log_path().display()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Waits for the process to exit on its own, at most `timeout`.
     pub async fn wait_exit(&mut self, timeout: Duration) -> io::Result<ExitStatus> {
         if let Some(status) = self.exited {

@@ -14,8 +14,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tunnel_tests::haproxy::{Haproxy, HaproxyVariant, RelayServer};
 use tunnel_tests::net::direct_http_client;
@@ -316,22 +314,9 @@ async fn wait_links(setup: &mut Setup, id: u8, http: SocketAddr, brokers: usize)
 
 /// Retries an echo of a few bytes through `entry` (the data server echoes).
 async fn probe(setup: &mut Setup, entry: SocketAddr) -> io::Result<()> {
-    const PROBE: &[u8] = b"bench pool probe";
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        let attempt = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut s = TcpStream::connect(entry).await?;
-            s.write_all(PROBE).await?;
-            let mut back = vec![0u8; PROBE.len()];
-            s.read_exact(&mut back).await?;
-            if back == PROBE {
-                Ok(())
-            } else {
-                Err(io::Error::other("probe came back changed"))
-            }
-        })
-        .await
-        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "probe timed out")));
+        let attempt = tunnel::echo_probe(entry).await;
         match attempt {
             Ok(()) => return Ok(()),
             Err(e) => {

@@ -2,6 +2,8 @@
 
 use std::fmt::Write;
 
+use super::stats::{median, ratio};
+
 /// A JSON value, written with [`Json::render`].
 #[derive(Debug, Clone)]
 pub enum Json {
@@ -19,6 +21,19 @@ impl Json {
 
     pub fn nums(values: &[f64]) -> Json {
         Json::Arr(values.iter().map(|v| Json::Num(*v)).collect())
+    }
+
+    /// One measured series: every run, the median, and its ratio to the same series of the
+    /// 3-hop chain (`base`; null without one).
+    pub fn series(values: &[f64], base: Option<&[f64]>) -> Json {
+        Json::obj(vec![
+            ("runs", Json::nums(values)),
+            ("median", Json::Num(median(values))),
+            (
+                "ratio_to_3hop",
+                Json::Num(base.map_or(f64::NAN, |b| ratio(median(values), median(b)))),
+            ),
+        ])
     }
 
     pub fn render(&self) -> String {

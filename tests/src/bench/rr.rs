@@ -156,16 +156,7 @@ pub fn render_table(results: &RrResults, t: &mut String) {
 pub fn render_json(results: &RrResults) -> Json {
     let o = &results.options;
     let base = results.rows.iter().find(|r| r.label == BASE);
-    let series = |values: &[f64], base_values: Option<&[f64]>| {
-        Json::obj(vec![
-            ("runs", Json::nums(values)),
-            ("median", Json::Num(median(values))),
-            (
-                "ratio_to_3hop",
-                Json::Num(base_values.map_or(f64::NAN, |b| ratio(median(values), median(b)))),
-            ),
-        ])
-    };
+    let series = Json::series;
     let rows = results
         .rows
         .iter()

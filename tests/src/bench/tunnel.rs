@@ -485,23 +485,29 @@ async fn wait_up(path: &mut RunningPath, addr: SocketAddr) -> io::Result<()> {
 }
 
 /// Retries an echo of a few bytes through the path (the broker may not have linked yet).
-async fn wait_round_trip(path: &mut RunningPath) -> io::Result<()> {
+/// One echo round trip through `entry`, within 5 s: the path is up end to end.
+pub(super) async fn echo_probe(entry: SocketAddr) -> io::Result<()> {
     const PROBE: &[u8] = b"bench ready probe";
+    let attempt = async {
+        let mut s = TcpStream::connect(entry).await?;
+        s.write_all(PROBE).await?;
+        let mut back = vec![0u8; PROBE.len()];
+        s.read_exact(&mut back).await?;
+        if back == PROBE {
+            Ok(())
+        } else {
+            Err(io::Error::other("probe came back changed"))
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "probe timed out")))
+}
+
+async fn wait_round_trip(path: &mut RunningPath) -> io::Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        let attempt = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut s = TcpStream::connect(path.entry).await?;
-            s.write_all(PROBE).await?;
-            let mut back = vec![0u8; PROBE.len()];
-            s.read_exact(&mut back).await?;
-            if back == PROBE {
-                Ok(())
-            } else {
-                Err(io::Error::other("probe came back changed"))
-            }
-        })
-        .await
-        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "probe timed out")));
+        let attempt = echo_probe(path.entry).await;
         match attempt {
             Ok(()) => return Ok(()),
             Err(e) => {

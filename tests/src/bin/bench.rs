@@ -1146,16 +1146,7 @@ fn render_json(
     idle: &[IdleResults],
 ) -> Json {
     let base = results.iter().find(|r| r.label == "3-hop TCP chain");
-    let series = |values: &[f64], base_values: Option<&[f64]>| {
-        Json::obj(vec![
-            ("runs", Json::nums(values)),
-            ("median", Json::Num(median(values))),
-            (
-                "ratio_to_3hop",
-                Json::Num(base_values.map_or(f64::NAN, |b| ratio(median(values), median(b)))),
-            ),
-        ])
-    };
+    let series = Json::series;
     let paths = results
         .iter()
         .map(|res| {
