@@ -362,8 +362,9 @@ async fn nginx_example_in_front_of_the_relay_with_buffering_on_and_off() {
             "{case}: spoofed headers through nginx"
         );
         let log = nginx.access_log();
+        // A streamed pull is logged when it ends, which may be after this.
         assert!(
-            log.contains("Type=connect") && log.contains("Type=push") && log.contains("Type=pull"),
+            log.contains("Type=connect") && log.contains("Type=push"),
             "{case}: nginx access log lacks the tunnel requests:\n{log}"
         );
         assert!(

@@ -10,6 +10,7 @@ use tunnel_proto::ConnectionConfig;
 use crate::auth::RelayAuth;
 use crate::pac::PacSource;
 use crate::proxy_auth::ProxyAuthConfig;
+use crate::session::TransportMode;
 use tunnel_proto::driver::StreamConfig;
 
 /// The client's default receive window, in packets: 16 × 64 KiB = 1 MiB, the relay's default
@@ -161,6 +162,17 @@ pub struct ClientConfig {
     /// In a session: bytes of packets waiting for a push slot, over all connections; a
     /// connection's driver waits while it is full (back-pressure). Default: 4 MiB.
     pub session_outbox: usize,
+    /// In a session: how the relay's packets come down (docs/protocol.md §2.2): streamed
+    /// where the path allows, polled where it buffers ([`TransportMode::Auto`]), or either
+    /// one forced. Default: `Auto`.
+    pub mode: TransportMode,
+    /// In `Auto` mode: a streamed pull must deliver its headers and first bytes (the relay
+    /// writes a packet at once) within this of sending the request, or the path is taken to
+    /// buffer responses and the session polls. Default: 2 s.
+    pub stream_probe_timeout: Duration,
+    /// In `Auto` mode, after a fall-back to polling: when to try streaming again (a proxy
+    /// may have changed, or the route). Default: 5 min.
+    pub stream_reprobe_interval: Duration,
 }
 
 impl Default for ClientConfig {
@@ -199,6 +211,9 @@ impl Default for ClientConfig {
             session: true,
             max_connects_in_flight: 2,
             session_outbox: 4 * 1024 * 1024,
+            mode: TransportMode::Auto,
+            stream_probe_timeout: Duration::from_secs(2),
+            stream_reprobe_interval: Duration::from_secs(5 * 60),
         }
     }
 }

@@ -105,6 +105,14 @@ impl TunnelClient {
         self.relay.route_label()
     }
 
+    /// How the session's downstream goes: streaming or polling now, and how many streams,
+    /// polls and fall-backs it made (docs/protocol.md §2.2). `None` without a session
+    /// ([`ClientConfig::session`] off, or a relay that does not serve sessions).
+    pub fn session_stats(&self) -> Option<crate::SessionStats> {
+        let session = &self.session.as_ref()?.0;
+        (!session.unsupported()).then(|| session.stats())
+    }
+
     /// Opens one connection; see [`connect`](crate::connect).
     pub async fn connect(&self) -> Result<TunnelStream, ConnectError> {
         if let Some(session) = self

@@ -11,12 +11,22 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tunnel_client::{
-    ClientConfig, HttpVersion, PacSource, ProxyAuthConfig, ProxyConfig, RelayAuth, TunnelClient,
+    ClientConfig, HttpVersion, PacSource, ProxyAuthConfig, ProxyConfig, RelayAuth, TransportMode,
+    TunnelClient,
 };
 use tunnel_proto::splice::splice_until;
 
 /// Parses a duration flag: a whole number with an optional unit (`ms`, `s`, `m`, `h`); no
 /// unit means seconds, as the client's flags always took.
+fn mode(text: &str) -> Result<TransportMode, String> {
+    match text.trim() {
+        "auto" => Ok(TransportMode::Auto),
+        "stream" => Ok(TransportMode::Stream),
+        "poll" => Ok(TransportMode::Poll),
+        other => Err(format!("{other:?}: expected auto, stream or poll")),
+    }
+}
+
 fn duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -208,6 +218,17 @@ struct Args {
     #[arg(long, env = "TUNNEL_CLIENT_NO_SESSION")]
     no_session: bool,
 
+    /// In a session, how the relay's packets come down: `auto` streams them in one
+    /// long-lived response where the path delivers it at once and falls back to completed
+    /// long polls where a proxy buffers (logged at info); `stream` or `poll` forces one.
+    #[arg(long, env = "TUNNEL_CLIENT_MODE", default_value = "auto", value_parser = mode)]
+    mode: TransportMode,
+
+    /// In `auto` mode: how long a streamed response may take to deliver its first bytes
+    /// before the path is taken to buffer and the session polls.
+    #[arg(long, env = "TUNNEL_CLIENT_STREAM_PROBE_TIMEOUT", default_value = "2s", value_parser = duration)]
+    stream_probe_timeout: Duration,
+
     /// In a session: connect requests in flight at once (more wait their turn).
     #[arg(
         long,
@@ -299,6 +320,8 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
         tcp_connect_timeout: args.tcp_connect_timeout,
         affinity: args.affinity.clone(),
         session: !args.no_session,
+        mode: args.mode,
+        stream_probe_timeout: args.stream_probe_timeout,
         max_connects_in_flight: args.max_connects_in_flight.max(1),
         ..ClientConfig::new(args.relay.clone(), args.server.clone())
     };

@@ -40,6 +40,10 @@ pub struct RelayConfig {
     /// Most bytes of packets put into one push or pull response (at least one packet is
     /// always sent). Default 1 MiB.
     pub response_limit: usize,
+    /// Most bytes of packets one streamed pull carries before the relay ends it and the
+    /// client opens the next (docs/protocol.md §2.2); it also ends after `pull_wait`.
+    /// Default 64 MiB.
+    pub stream_limit: usize,
     /// Largest accepted request body; larger ones get 413. Default 4 MiB.
     pub max_body_size: usize,
     /// Largest packet, header included, accepted from a client or a broker.
@@ -152,6 +156,7 @@ impl Default for RelayConfig {
             link_secrets: LinkSecrets::new(),
             pull_wait: Duration::from_secs(20),
             response_limit: 1024 * 1024,
+            stream_limit: 64 * 1024 * 1024,
             max_body_size: 4 * 1024 * 1024,
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
             max_connections: 20_000,
@@ -203,6 +208,7 @@ impl std::fmt::Debug for RelayConfig {
             .field("link_secrets", &self.link_secrets)
             .field("pull_wait", &self.pull_wait)
             .field("response_limit", &self.response_limit)
+            .field("stream_limit", &self.stream_limit)
             .field("max_body_size", &self.max_body_size)
             .field("max_packet_size", &self.max_packet_size)
             .field("max_connections", &self.max_connections)
@@ -265,6 +271,7 @@ impl RelayConfig {
         }
         let sizes = [
             ("response_limit", self.response_limit),
+            ("stream_limit", self.stream_limit),
             ("max_body_size", self.max_body_size),
             ("max_connections", self.max_connections),
             ("queue_limit", self.queue_limit),

@@ -11,7 +11,7 @@ use std::time::Instant;
 use tunnel_proto::warn_limit::WarningLimit;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
     HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
@@ -26,11 +26,13 @@ use crate::metrics::{RejectReason, SessionRejectReason};
 use crate::query::{self, Kind};
 use crate::sender::SendError;
 use crate::session_http::{self as session, SessionKey};
+use crate::session_stream::SessionStream;
 use crate::state::Shared;
 use crate::status::StatusSnapshot;
 use crate::table::{NoPlace, Waiter, Wake};
 
-pub(crate) type Body = Full<Bytes>;
+/// Every response's body: whole, or a streamed pull (docs/protocol.md §2.2).
+pub(crate) type Body = Either<Full<Bytes>, SessionStream>;
 
 /// A response of `status` with `body` of `content_type`, never cached: every answer of the
 /// relay is about one moment.
@@ -39,7 +41,7 @@ pub(crate) fn uncached(
     content_type: &'static str,
     body: impl Into<Bytes>,
 ) -> Response<Body> {
-    let mut resp = Response::new(Full::new(body.into()));
+    let mut resp = Response::new(Either::Left(Full::new(body.into())));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -122,7 +124,7 @@ fn refuse_unauthenticated(
     Some(resp)
 }
 
-async fn tunnel(req: Request<Incoming>, peer: SocketAddr, shared: &Shared) -> Response<Body> {
+async fn tunnel(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) -> Response<Body> {
     let params = query::parse(req.uri().query());
     let Some(kind) = params.kind else {
         return error(
@@ -164,6 +166,7 @@ async fn tunnel(req: Request<Incoming>, peer: SocketAddr, shared: &Shared) -> Re
             Kind::Close => error(StatusCode::METHOD_NOT_ALLOWED, "close must be a POST"),
             Kind::Push if method == Method::POST => session::push(req, shared, key).await,
             Kind::Push => error(StatusCode::METHOD_NOT_ALLOWED, "push must be a POST"),
+            Kind::Pull if method == Method::GET && params.stream => session::stream(shared, key),
             Kind::Pull if method == Method::GET || method == Method::POST => {
                 session::pull(shared, key).await
             }

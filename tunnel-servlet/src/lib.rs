@@ -30,6 +30,7 @@ mod relay;
 mod sender;
 mod session;
 mod session_http;
+mod session_stream;
 mod state;
 pub mod status;
 mod status_html;

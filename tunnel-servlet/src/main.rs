@@ -46,6 +46,9 @@ struct Args {
     /// Most bytes of packets in one response.
     #[arg(long, env = "TUNNEL_RESPONSE_LIMIT", default_value_t = 1024 * 1024)]
     response_limit: usize,
+    /// Most bytes of packets in one streamed pull (it also ends after the pull wait).
+    #[arg(long, env = "TUNNEL_STREAM_LIMIT", default_value_t = 64 * 1024 * 1024)]
+    stream_limit: usize,
     /// Largest request body; larger get 413.
     #[arg(long, env = "TUNNEL_MAX_BODY", default_value_t = 4 * 1024 * 1024)]
     max_body: usize,
@@ -203,6 +206,7 @@ impl Args {
             link_secrets,
             pull_wait: self.pull_wait_ms,
             response_limit: self.response_limit,
+            stream_limit: self.stream_limit,
             max_body_size: self.max_body,
             max_packet_size: self.max_packet,
             max_connections: self.max_connections,

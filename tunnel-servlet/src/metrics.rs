@@ -75,6 +75,7 @@ pub struct Metrics {
     rejected: [AtomicU64; 5],
     pushes_total: AtomicU64,
     pulls_total: AtomicU64,
+    streams_total: AtomicU64,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
     packets_dropped: AtomicU64,
@@ -111,8 +112,10 @@ pub struct MetricsSnapshot {
     pub connects_rejected_no_instance: u64,
     /// Push requests served.
     pub pushes_total: u64,
-    /// Pull requests served.
+    /// Pull requests served (streamed pulls included).
     pub pulls_total: u64,
+    /// Streamed pulls served (docs/protocol.md §2.2).
+    pub streams_total: u64,
     /// Bytes of packets received in push bodies.
     pub bytes_up: u64,
     /// Bytes of packets sent in push and pull responses.
@@ -163,6 +166,10 @@ impl Metrics {
     }
     pub(crate) fn pull(&self) {
         bump(&self.pulls_total, 1);
+    }
+    pub(crate) fn stream(&self) {
+        bump(&self.pulls_total, 1);
+        bump(&self.streams_total, 1);
     }
     pub(crate) fn sent_down(&self, bytes: usize) {
         bump(&self.bytes_down, bytes as u64);
@@ -221,6 +228,7 @@ impl Metrics {
             connects_rejected_no_instance: get(&self.rejected[RejectReason::NoInstance as usize]),
             pushes_total: get(&self.pushes_total),
             pulls_total: get(&self.pulls_total),
+            streams_total: get(&self.streams_total),
             bytes_up: get(&self.bytes_up),
             bytes_down: get(&self.bytes_down),
             packets_dropped: get(&self.packets_dropped),
@@ -314,10 +322,12 @@ impl MetricsSnapshot {
             out,
             "tunnel_requests_total",
             "counter",
-            "Push and pull requests served, by type.",
+            "Push and pull requests served, by type (stream: the pulls that were streamed, \
+             also counted as pull).",
             [
                 (labels(&[("type", "push")]), self.pushes_total),
                 (labels(&[("type", "pull")]), self.pulls_total),
+                (labels(&[("type", "stream")]), self.streams_total),
             ],
         );
         family(

@@ -38,6 +38,8 @@ pub(crate) struct Params {
     /// `Affinity` of a connect: connections with the same key go to the same broker
     /// instance while it takes connections (docs/protocol.md §2, §5.1).
     pub(crate) affinity: Option<String>,
+    /// `Stream=1` on a session pull: stream the answer (docs/protocol.md §2.2).
+    pub(crate) stream: bool,
 }
 
 /// Parses the query; unknown keys are ignored, bad values leave the field `None`.
@@ -65,6 +67,7 @@ pub(crate) fn parse(query: Option<&str>) -> Params {
                 params.session_given = true;
                 params.session = value.parse().ok().filter(|id| *id != 0);
             }
+            "Stream" => params.stream = value == "1",
             "Affinity" if !value.is_empty() && value.len() <= MAX_AFFINITY_LEN => {
                 params.affinity = Some(value)
             }
@@ -130,7 +133,10 @@ mod tests {
         assert_eq!((p.kind, p.session_given), (Some(Kind::Session), false));
         let p = parse(Some("Type=pull&Session=4294967295"));
         assert_eq!((p.session, p.session_given), (Some(u32::MAX), true));
-        let p = parse(Some("Type=pull&Session=0"));
+        let p = parse(Some("Type=pull&Session=7&Stream=1"));
+        assert!(p.stream);
+        let p = parse(Some("Type=pull&Session=0&Stream=yes"));
+        assert!(!p.stream);
         assert_eq!((p.session, p.session_given), (None, true));
     }
 

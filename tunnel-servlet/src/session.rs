@@ -30,8 +30,11 @@ pub(crate) struct Session {
     /// Connections with something to hand out, in the order of their turns; each at most
     /// once (`ConnEntry::ready`).
     pub(crate) ready: VecDeque<u32>,
-    /// The held pull, if any; a newer pull supersedes it.
+    /// The held pull or stream, if any; a newer pull supersedes it.
     pub(crate) waiter: Option<Waiter>,
+    /// The id of the newest pull or stream of the session (`Table::next_id`, growing with
+    /// time): an older one that is not waiting when a newer one arrives finds out here.
+    newest_pull: u64,
     /// Bytes queued over all its connections (bounded by `max_session_queue`).
     pub(crate) queued_bytes: usize,
     /// When its client last made a request in it.
@@ -50,6 +53,7 @@ impl Session {
             released: 0,
             ready: VecDeque::new(),
             waiter: None,
+            newest_pull: 0,
             queued_bytes: 0,
             last_activity: now,
             idle_timeout,
@@ -61,6 +65,20 @@ impl Session {
         if let Some(waiter) = self.waiter.take() {
             let _ = waiter.tx.send(why);
         }
+    }
+
+    /// Claims the session's downstream for the pull or stream with id `id`: false when a
+    /// newer one has claimed it (this one then ends). A new claim wakes the held one with
+    /// [`Wake::Superseded`].
+    pub(crate) fn claim_pull(&mut self, id: u64) -> bool {
+        if self.newest_pull > id {
+            return false;
+        }
+        if self.newest_pull < id {
+            self.newest_pull = id;
+            self.wake(Wake::Superseded);
+        }
+        true
     }
 
     /// Whether a pull is held now by a client that is still there: it counts as activity.

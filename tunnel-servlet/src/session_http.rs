@@ -4,10 +4,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use http_body_util::Either;
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::oneshot;
 use tunnel_proto::payload::{encode_reason, encode_token, Attach, SessionRequest};
@@ -21,6 +24,7 @@ use crate::http::{
 use crate::metrics::SessionRejectReason;
 use crate::sender::LinkSender;
 use crate::session::AttachOutcome;
+use crate::session_stream::SessionStream;
 use crate::state::Shared;
 use crate::table::{Waiter, Wake};
 
@@ -111,20 +115,21 @@ pub(crate) fn close(shared: &Shared, key: SessionKey) -> Response<Body> {
 }
 
 /// `?Type=pull&Session=N`: packets of any of the session's connections, filled fairly;
-/// held up to the pull wait while none is queued, then NO_OP.
+/// held up to the pull wait while none is queued, then NO_OP. A newer pull or stream of the
+/// session ends it with NO_OP.
 pub(crate) async fn pull(shared: &Shared, key: SessionKey) -> Response<Body> {
     let config = &shared.config;
     shared.metrics.pull();
     let deadline = tokio::time::Instant::now() + config.pull_wait;
+    let pull_id = shared.table().next_id();
     loop {
-        let (pull_id, woken): (u64, oneshot::Receiver<Wake>) = {
+        let woken: oneshot::Receiver<Wake> = {
             let mut table = shared.table();
-            let pull_id = table.next_id();
-            if table
-                .session_mut(key.id, &key.token, Instant::now())
-                .is_none()
-            {
+            let Some(session) = table.session_mut(key.id, &key.token, Instant::now()) else {
                 return unknown();
+            };
+            if !session.claim_pull(pull_id) {
+                return no_op();
             }
             if table.session_has_ready(key.id) {
                 let out = table.drain_session(key.id, BytesMut::new(), config.response_limit);
@@ -140,10 +145,9 @@ pub(crate) async fn pull(shared: &Shared, key: SessionKey) -> Response<Body> {
             let Some(session) = table.session_mut(key.id, &key.token, Instant::now()) else {
                 return unknown();
             };
-            session.wake(Wake::Superseded);
             let (tx, rx) = oneshot::channel();
             session.waiter = Some(Waiter { id: pull_id, tx });
-            (pull_id, rx)
+            rx
         };
         match tokio::time::timeout_at(deadline, woken).await {
             Ok(Ok(Wake::Superseded)) => return no_op(),
@@ -157,6 +161,9 @@ pub(crate) async fn pull(shared: &Shared, key: SessionKey) -> Response<Body> {
                     if session.waiter.as_ref().is_some_and(|w| w.id == pull_id) {
                         session.waiter = None;
                     }
+                    if !session.claim_pull(pull_id) {
+                        return no_op();
+                    }
                     let out = table.drain_session(key.id, BytesMut::new(), config.response_limit);
                     if !out.is_empty() {
                         drop(table);
@@ -168,6 +175,26 @@ pub(crate) async fn pull(shared: &Shared, key: SessionKey) -> Response<Body> {
             }
         }
     }
+}
+
+/// `GET ?Type=pull&Session=N&Stream=1`: a streamed pull (docs/protocol.md §2.2), 404 for an
+/// unknown session.
+pub(crate) fn stream(shared: &Arc<Shared>, key: SessionKey) -> Response<Body> {
+    let Some(body) = SessionStream::open(shared.clone(), key) else {
+        return unknown();
+    };
+    shared.metrics.stream();
+    let mut resp = Response::new(Either::Right(body));
+    let headers = resp.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Asks nginx not to buffer this response (a proxy that ignores it is detected by the
+    // client, which then polls).
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
 }
 
 /// The packets of one session push that go to one broker link, in body order.

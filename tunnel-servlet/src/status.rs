@@ -240,6 +240,10 @@ impl StatusSnapshot {
                 value: SettingValue::Number(config.response_limit as u64),
             },
             Setting {
+                name: "stream_limit_bytes",
+                value: SettingValue::Number(config.stream_limit as u64),
+            },
+            Setting {
                 name: "relay_id",
                 value: SettingValue::Number(u64::from(config.relay_id)),
             },

@@ -217,7 +217,10 @@ impl StatusSnapshot {
             ),
             (
                 "Requests",
-                format!("{} pushes, {} pulls", t.pushes_total, t.pulls_total),
+                format!(
+                    "{} pushes, {} pulls ({} streamed)",
+                    t.pushes_total, t.pulls_total, t.streams_total
+                ),
             ),
             (
                 "Bytes",

@@ -18,7 +18,7 @@ use std::time::Duration;
 use super::measure;
 use super::report::{num, Json};
 use super::stats::{median, percentile, ratio};
-use super::tunnel::{self, Flavour, RunningPath, TunnelOptions};
+use super::tunnel::{self, Flavour, RunningPath, Transport, TunnelOptions};
 
 /// Label of the baseline the ratios are to.
 const BASE: &str = "3-hop TCP chain";
@@ -34,6 +34,8 @@ pub struct PeersOptions {
     pub bytes: u64,
     pub runs: usize,
     pub flavours: Vec<Flavour>,
+    /// One row per flavour and mode.
+    pub modes: Vec<Transport>,
     pub broker_max_conns: usize,
     pub timeout: Duration,
 }
@@ -69,16 +71,12 @@ pub async fn section(
     say("peers: starting the 3-hop TCP chain".into());
     paths.push(tunnel::start_tcp_chain(target).await?);
     for flavour in &options.flavours {
-        say(format!("peers: starting {}", flavour.label()));
-        paths.push(
-            tunnel::start_tunnel(
-                bin_dir,
-                *flavour,
-                target,
-                &TunnelOptions::new(options.broker_max_conns),
-            )
-            .await?,
-        );
+        for mode in &options.modes {
+            let label = tunnel::tunnel_label(bin_dir, *flavour, *mode)?;
+            say(format!("peers: starting {label}"));
+            let tunnel_options = TunnelOptions::new(options.broker_max_conns).with_transport(*mode);
+            paths.push(tunnel::start_tunnel(bin_dir, *flavour, target, &tunnel_options).await?);
+        }
     }
     paths.push(httptunnel);
     let mut rows: Vec<PeerRow> = paths

@@ -17,7 +17,7 @@ use std::time::Duration;
 use super::measure;
 use super::report::{num, Json};
 use super::stats::{median, percentile, ratio};
-use super::tunnel::{self, Flavour, RunningPath, TunnelOptions};
+use super::tunnel::{self, Flavour, RunningPath, Transport, TunnelOptions};
 
 /// Label of the baseline the ratios are to.
 const BASE: &str = "3-hop TCP chain";
@@ -33,6 +33,8 @@ pub struct RrOptions {
     pub answer: u32,
     pub runs: usize,
     pub flavours: Vec<Flavour>,
+    /// One row per flavour and mode.
+    pub modes: Vec<Transport>,
     /// Connections the tunnel's broker must allow.
     pub broker_max_conns: usize,
     pub timeout: Duration,
@@ -66,16 +68,12 @@ pub async fn section(
     say("rr: starting the 3-hop TCP chain".into());
     paths.push(tunnel::start_tcp_chain(target).await?);
     for flavour in &options.flavours {
-        say(format!("rr: starting {}", flavour.label()));
-        paths.push(
-            tunnel::start_tunnel(
-                bin_dir,
-                *flavour,
-                target,
-                &TunnelOptions::new(options.broker_max_conns),
-            )
-            .await?,
-        );
+        for mode in &options.modes {
+            let label = tunnel::tunnel_label(bin_dir, *flavour, *mode)?;
+            say(format!("rr: starting {label}"));
+            let tunnel_options = TunnelOptions::new(options.broker_max_conns).with_transport(*mode);
+            paths.push(tunnel::start_tunnel(bin_dir, *flavour, target, &tunnel_options).await?);
+        }
     }
     let mut rows: Vec<RrRow> = paths
         .iter()

@@ -105,13 +105,37 @@ pub fn help_lists(program: &Path, flag: &str) -> bool {
 }
 
 /// How the tunnel's client processes reach the relay: in one session per client process
-/// (docs/protocol.md §2.1), or with per-connection requests (`tunnel-client --no-session`).
+/// (docs/protocol.md §2.1), its packets streamed down or polled (§2.2), or with
+/// per-connection requests (`tunnel-client --no-session`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
-    /// The client's default: a session once the client has them.
-    Default,
+    /// A session, streamed (`--mode stream`; a client without `--mode` polls, and its
+    /// label says so).
+    Stream,
+    /// A session, polled (`--mode poll`).
+    Poll,
     /// `--no-session`: one held pull and its own pushes per connection.
     PerConnection,
+}
+
+impl Transport {
+    /// The client arguments that select it, for the client binary `client`.
+    fn client_args(self, client: &Path) -> Vec<String> {
+        let flag = |flag: &str, value: Option<&str>| {
+            if !help_lists(client, flag) {
+                return Vec::new();
+            }
+            let mut args = vec![flag.to_string()];
+            args.extend(value.map(String::from));
+            args
+        };
+        match self {
+            Transport::Stream => flag("--mode", Some("stream")),
+            Transport::Poll => flag("--mode", Some("poll")),
+            // An old client has no sessions: it is per-connection without the flag.
+            Transport::PerConnection => flag("--no-session", None),
+        }
+    }
 }
 
 /// What a started tunnel is made of, beyond its flavour.
@@ -126,23 +150,32 @@ pub struct TunnelOptions {
 }
 
 impl TunnelOptions {
+    /// One client process in a streamed session.
     pub fn new(max_conns: usize) -> TunnelOptions {
         TunnelOptions {
             max_conns,
             clients: 1,
-            transport: Transport::Default,
+            transport: Transport::Stream,
         }
+    }
+
+    pub fn with_transport(self, transport: Transport) -> TunnelOptions {
+        TunnelOptions { transport, ..self }
     }
 }
 
 /// The label of a tunnel of `flavour` run by the client binary in `bin_dir` with
 /// `transport`: what actually runs, found from the client's `--help` (a client without
-/// `--no-session` has no sessions): `tunnel HTTP/1.1 [session]` or `… [per-conn]`.
+/// `--no-session` has no sessions, one without `--mode` polls): `tunnel HTTP/1.1 [stream]`,
+/// `… [poll]` or `… [per-conn]`.
 pub fn tunnel_label(bin_dir: &Path, flavour: Flavour, transport: Transport) -> io::Result<String> {
-    let has_sessions = help_lists(&bin(bin_dir, "tunnel-client")?, "--no-session");
-    let how = match (has_sessions, transport) {
-        (true, Transport::Default) => "session",
-        _ => "per-conn",
+    let client = bin(bin_dir, "tunnel-client")?;
+    let has_sessions = help_lists(&client, "--no-session");
+    let has_modes = help_lists(&client, "--mode");
+    let how = match (has_sessions, has_modes, transport) {
+        (false, _, _) | (_, _, Transport::PerConnection) => "per-conn",
+        (true, true, Transport::Stream) => "stream",
+        _ => "poll",
     };
     Ok(format!("{} [{how}]", flavour.label()))
 }
@@ -245,13 +278,11 @@ pub async fn start_tunnel(
             client_args.extend(["--ca-file".into(), cert_path.display().to_string()]);
         }
     }
-    if options.transport == Transport::PerConnection {
-        let client = bin(bin_dir, "tunnel-client")?;
-        // An old client has no sessions: it is per-connection without the flag.
-        if help_lists(&client, "--no-session") {
-            client_args.push("--no-session".into());
-        }
-    }
+    client_args.extend(
+        options
+            .transport
+            .client_args(&bin(bin_dir, "tunnel-client")?),
+    );
     let relay = start_relay(bin_dir, dir.path(), options.max_conns, relay_args).await?;
     let (link, secret) = (relay.link, relay.secret_file.clone());
     let scheme = if flavour == Flavour::Https {

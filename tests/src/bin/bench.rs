@@ -114,6 +114,12 @@ struct Opts {
     /// Tunnel flavours to measure, comma-separated: http1, http2, https.
     #[arg(long, value_delimiter = ',', default_value = "http1,http2,https")]
     flavours: Vec<String>,
+    /// How the tunnels of the throughput, latency, aggregate, rr and peers sections carry
+    /// their packets, comma-separated, one row each: `stream` (a session whose pull is
+    /// streamed, `tunnel-client --mode stream`), `poll` (`--mode poll`) and `per-conn`
+    /// (`--no-session`). Old binaries (`--old-bin-dir`) run in their first mode only.
+    #[arg(long, value_delimiter = ',', default_value = "stream,poll")]
+    modes: Vec<String>,
     /// Ping-pongs per latency measurement (1-byte; the 16 KiB series runs a quarter).
     #[arg(long, default_value_t = 1000)]
     pings: usize,
@@ -124,8 +130,8 @@ struct Opts {
     #[arg(long, default_value = "http1")]
     idle_flavour: String,
     /// How the idle section's clients reach the relay, comma-separated, one run each:
-    /// `session` (the client's default) and `per-conn` (`tunnel-client --no-session`; a
-    /// client without sessions is per-connection either way, and the label says so).
+    /// `stream`, `poll` and `per-conn` as in `--modes` (a client without sessions is
+    /// per-connection either way, and the label says so).
     #[arg(long, value_delimiter = ',', default_value = "session")]
     idle_transports: Vec<String>,
     /// Connections the inproc-many section opens with the library.
@@ -270,9 +276,12 @@ fn parse_exchange_size(text: &str) -> Result<u32, String> {
 
 fn parse_transport(name: &str) -> Result<Transport, String> {
     match name {
-        "session" => Ok(Transport::Default),
+        "stream" | "session" => Ok(Transport::Stream),
+        "poll" => Ok(Transport::Poll),
         "per-conn" | "per-connection" | "no-session" => Ok(Transport::PerConnection),
-        other => Err(format!("unknown transport {other:?} (session, per-conn)")),
+        other => Err(format!(
+            "unknown transport {other:?} (stream, poll, per-conn)"
+        )),
     }
 }
 
@@ -412,6 +421,15 @@ async fn run(opts: Opts) -> io::Result<()> {
         .map(|t| parse_transport(t))
         .collect::<Result<Vec<_>, _>>()
         .map_err(io::Error::other)?;
+    let modes = opts
+        .modes
+        .iter()
+        .map(|t| parse_transport(t))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io::Error::other)?;
+    if modes.is_empty() {
+        return Err(io::Error::other("--modes names no mode"));
+    }
     let bin_dir = match &opts.bin_dir {
         Some(dir) => dir.clone(),
         None => std::env::current_exe()?
@@ -463,17 +481,21 @@ async fn run(opts: Opts) -> io::Result<()> {
             dirs.push(("old ", old));
         }
         for (prefix, dir) in dirs {
+            let dir_modes = if prefix.is_empty() {
+                &modes[..]
+            } else {
+                &modes[..1]
+            };
             for flavour in &flavours {
-                progress.say(format!("starting {prefix}{}", flavour.label()));
-                let mut path = tunnel::start_tunnel(
-                    dir,
-                    *flavour,
-                    server_addr,
-                    &TunnelOptions::new(broker_max),
-                )
-                .await?;
-                path.label = format!("{prefix}{}", path.label);
-                paths.push(path);
+                for mode in dir_modes {
+                    let options = TunnelOptions::new(broker_max).with_transport(*mode);
+                    let label = tunnel::tunnel_label(dir, *flavour, *mode)?;
+                    progress.say(format!("starting {prefix}{label}"));
+                    let mut path =
+                        tunnel::start_tunnel(dir, *flavour, server_addr, &options).await?;
+                    path.label = format!("{prefix}{}", path.label);
+                    paths.push(path);
+                }
             }
         }
         results = paths
@@ -564,6 +586,7 @@ async fn run(opts: Opts) -> io::Result<()> {
             answer: opts.rr_answer,
             runs: opts.runs,
             flavours: flavours.clone(),
+            modes: modes.clone(),
             broker_max_conns: broker_max,
             timeout: opts.timeout(),
         };
@@ -578,6 +601,7 @@ async fn run(opts: Opts) -> io::Result<()> {
             bytes: opts.peers_bytes,
             runs: opts.runs,
             flavours: flavours.clone(),
+            modes: modes.clone(),
             broker_max_conns: broker_max,
             timeout: opts.timeout(),
         };

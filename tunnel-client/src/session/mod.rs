@@ -8,12 +8,14 @@
 //! - [`pusher`]: the task that batches the outbox (and re-attaches) into pushes.
 //! - [`pull`]: the loop that keeps the session's one pull held and dispatches what comes back.
 //! - [`open`]: opening a connection in the session.
+//! - [`mode`]: whether the pull loop streams or polls (docs/protocol.md §2.2).
 //!
 //! Session state at the relay is soft. When a request is answered 404 the session is
 //! forgotten here too ([`ClientSession::forget`]); the next request opens a new one, and the
 //! pusher re-attaches every live connection with its connection token (ATTACH) before it
 //! sends their packets again.
 
+mod mode;
 mod open;
 mod outbox;
 mod pull;
@@ -34,6 +36,8 @@ use crate::config::ClientConfig;
 use crate::http::{Failure, Relay, RequestError, SessionKey};
 use tunnel_proto::warn_limit::WarningLimit;
 
+use mode::ModeChoice;
+pub use mode::{Downstream, SessionStats, TransportMode};
 pub(crate) use open::connect;
 use outbox::Outbox;
 use registry::Registry;
@@ -71,6 +75,8 @@ pub(crate) struct ClientSession {
     /// Wakes the pull loop when the session may be over: its last connection ended, or its
     /// last `TunnelClient` was dropped.
     idle_wake: Notify,
+    /// Whether the pull loop streams or polls.
+    mode: ModeChoice,
 }
 
 /// The `TunnelClient`s' share of a session: when the last clone is dropped, the session is
@@ -101,7 +107,6 @@ impl ClientSession {
             push_slots: Arc::new(Semaphore::new(config.max_pushes_in_flight.max(1))),
             connect_slots: Semaphore::new(config.max_connects_in_flight.max(1)),
             relay,
-            config,
             key: Mutex::new(None),
             opening: tokio::sync::Mutex::new(()),
             generations: AtomicU64::new(0),
@@ -113,7 +118,14 @@ impl ClientSession {
             failing_since: Mutex::new(None),
             abandoned: AtomicBool::new(false),
             idle_wake: Notify::new(),
+            mode: ModeChoice::new(config.mode, config.stream_reprobe_interval),
+            config,
         }
+    }
+
+    /// How the session's downstream went so far.
+    pub(crate) fn stats(&self) -> SessionStats {
+        self.mode.stats()
     }
 
     /// Whether the relay turned sessions down (the client then opens connections with the
@@ -157,11 +169,7 @@ impl ClientSession {
             }
         };
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        let key = Arc::new(SessionKey {
-            id,
-            token,
-            generation,
-        });
+        let key = Arc::new(SessionKey::new(&self.relay, id, token, generation));
         *self.key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key.clone());
         if generation > 1 {
             let count = self.lock_registry().note_new_session();
