@@ -311,6 +311,10 @@ pub struct NginxOptions {
     pub relay: SocketAddr,
     /// `proxy_buffering on` or `off` (the example ships `off`).
     pub buffering: bool,
+    /// With `buffering`: also `proxy_ignore_headers X-Accel-Buffering`, so nginx buffers
+    /// the relay's streamed pulls too (they ask it not to): a proxy that buffers whatever
+    /// the relay says.
+    pub ignore_accel_buffering: bool,
 }
 
 /// nginx in the foreground, single process, running the rendered example.
@@ -353,12 +357,12 @@ pub fn render_nginx_example(
         "server 127.0.0.1:8080;",
         &format!("server {};", options.relay),
     )?;
-    let buffering = if options.buffering { "on" } else { "off" };
-    replace_once(
-        &text,
-        "proxy_buffering off;",
-        &format!("proxy_buffering {buffering};"),
-    )
+    let buffering = match (options.buffering, options.ignore_accel_buffering) {
+        (false, _) => "proxy_buffering off;",
+        (true, false) => "proxy_buffering on;",
+        (true, true) => "proxy_buffering on;\n        proxy_ignore_headers X-Accel-Buffering;",
+    };
+    replace_once(&text, "proxy_buffering off;", buffering)
 }
 
 impl Nginx {
@@ -366,7 +370,11 @@ impl Nginx {
     /// starts nginx on a free port.
     pub async fn start(parent: &Path, options: &NginxOptions) -> io::Result<Nginx> {
         let program = find_program("nginx", "nginx")?;
-        let tag = if options.buffering { "on" } else { "off" };
+        let tag = match (options.buffering, options.ignore_accel_buffering) {
+            (false, _) => "off",
+            (true, false) => "on",
+            (true, true) => "on-always",
+        };
         let dir = parent.join(format!("nginx-buffering-{tag}"));
         let temp = dir.join("temp");
         std::fs::create_dir_all(&temp)?;
@@ -453,8 +461,10 @@ mod tests {
         let options = NginxOptions {
             relay: "127.0.0.1:4002".parse().unwrap(),
             buffering: true,
+            ignore_accel_buffering: true,
         };
         let out = render_nginx_example(&example, listen, &options).unwrap();
+        assert!(out.contains("proxy_ignore_headers X-Accel-Buffering;"));
         assert!(out.contains("listen 127.0.0.1:4001;"));
         assert!(out.contains("server 127.0.0.1:4002;"));
         assert!(out.contains("proxy_buffering on;"));

@@ -1,7 +1,10 @@
 //! The tunnel through real HTTP intermediaries: squid and tinyproxy as the client's forward
 //! proxy (plain HTTP relay, HTTPS relay through CONNECT, proxy authentication, HTTP_PROXY
 //! from the environment), and nginx as a reverse proxy in front of the relay, running the
-//! shipped example `deploy/nginx/tunnel.conf` (buffering on and off, a 65 s long poll).
+//! shipped example `deploy/nginx/tunnel.conf` (buffering off, on, and on whatever the relay
+//! asks; a 65 s long poll). The session's downstream streams where the path passes a stream
+//! on (squid, nginx unless it buffers regardless) and falls back to polling where it does
+//! not, within the probe deadline; every case checks which mode the client ended in.
 //!
 //! Needs squid, tinyproxy, nginx and openssl (Debian packages of the same names; `.ci/run`
 //! installs them) and the binaries: `cargo build --workspace --bins && cargo test -p
@@ -9,13 +12,15 @@
 
 use std::time::{Duration, Instant};
 
-use tunnel_client::{ClientConfig, ConnectError, ProxyConfig};
+use tunnel_client::{
+    ClientConfig, ConnectError, Downstream, ProxyConfig, SessionStats, TransportMode, TunnelClient,
+};
 use tunnel_proto::ConnectionConfig;
 use tunnel_tests::inproc::{expect_connect_error, InProcessOptions, InProcessTunnel, SERVER_NAME};
 use tunnel_tests::services::{wait_for_log, Nginx, NginxOptions, ProxyUser, Squid, Tinyproxy};
 use tunnel_tests::{
     bin_path, free_addr, init_tracing, sink_source_exchange, wait_for_tcp, ChildProcess,
-    ExchangeSpec, TestDir,
+    ExchangeSpec, FaultConfig, FaultProxy, TestDir,
 };
 
 /// Bytes moved each way in a bulk case.
@@ -24,26 +29,48 @@ const BULK_BYTES: u64 = 4 << 20;
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Connects with `config` and moves `BULK_BYTES` each way, verified with SHA-256 on both
-/// ends; prints the case's line of the report.
-async fn bulk_exchange(case: &str, config: ClientConfig, seed: u64) {
+/// ends; prints the case's line of the report. Returns how the session's downstream went.
+async fn bulk_exchange(case: &str, config: ClientConfig, seed: u64) -> SessionStats {
+    let client = TunnelClient::new(config).unwrap_or_else(|e| panic!("{case}: client: {e}"));
+    bulk_exchange_with(case, &client, seed, Duration::ZERO).await
+}
+
+/// [`bulk_exchange`] with a client made by the caller, idle for `idle_first` between the
+/// connect and the transfer.
+async fn bulk_exchange_with(
+    case: &str,
+    client: &TunnelClient,
+    seed: u64,
+    idle_first: Duration,
+) -> SessionStats {
     let started = Instant::now();
-    let stream = tokio::time::timeout(Duration::from_secs(60), tunnel_client::connect(config))
+    let stream = tokio::time::timeout(Duration::from_secs(60), client.connect())
         .await
         .unwrap_or_else(|_| panic!("{case}: connect did not return within 60 s"))
         .unwrap_or_else(|e| panic!("{case}: connect failed: {e}"));
+    tokio::time::sleep(idle_first).await;
     let spec = ExchangeSpec::symmetric(BULK_BYTES, seed);
     let report = sink_source_exchange(stream, &spec, EXCHANGE_TIMEOUT)
         .await
         .unwrap_or_else(|e| panic!("{case}: exchange failed: {e}"));
     assert_eq!(report.sent, BULK_BYTES, "{case}: bytes sent");
+    let stats = client
+        .session_stats()
+        .unwrap_or_else(|| panic!("{case}: the client has no session"));
     eprintln!(
         "[report] {case}: {} B up + {} B down, SHA-256 verified both ways, 0 B lost, \
-         exchange {:.2?}, with connect {:.2?}",
+         exchange {:.2?}, with connect {:.2?}; downstream {} ({} streams, {} polls, {} \
+         fall-backs)",
         report.sent,
         BULK_BYTES,
         report.elapsed,
-        started.elapsed()
+        started.elapsed(),
+        stats.downstream,
+        stats.streams,
+        stats.polls,
+        stats.fallbacks
     );
+    stats
 }
 
 fn proxy(url: String, user: Option<&ProxyUser>) -> Option<ProxyConfig> {
@@ -82,9 +109,21 @@ async fn squid_forwards_plain_http_and_https_through_connect() {
     let plain = InProcessTunnel::start(InProcessOptions::default())
         .await
         .unwrap();
-    let mut config = plain.client_config(&plain.relay_url());
-    config.proxy = proxy(squid.url(), None);
-    bulk_exchange("squid, http:// relay", config, 1).await;
+    // squid passes a streamed response on as it comes; the client streams in auto mode.
+    // Forced either way, the transfer is intact too.
+    let modes = [
+        (TransportMode::Auto, Downstream::Streaming),
+        (TransportMode::Stream, Downstream::Streaming),
+        (TransportMode::Poll, Downstream::Polling),
+    ];
+    for (i, (mode, expected)) in modes.into_iter().enumerate() {
+        let mut config = plain.client_config(&plain.relay_url());
+        config.proxy = proxy(squid.url(), None);
+        config.mode = mode;
+        let case = format!("squid, http:// relay, mode {mode:?}");
+        let stats = bulk_exchange(&case, config, 1 + 10 * i as u64).await;
+        assert_eq!(stats.downstream, expected, "{case}: {stats:?}");
+    }
     // squid logs a request when it ends; the connect request ended long ago.
     let connect_line = format!("POST {}?Type=connect", plain.relay_url());
     wait_for_log("squid access.log", || squid.access_log(), &connect_line).await;
@@ -311,6 +350,62 @@ async fn tunnel_for_nginx(pull_wait: Duration, keepalive: Duration) -> InProcess
     InProcessTunnel::start(options).await.unwrap()
 }
 
+/// The stream probe deadline of the reverse-proxy cases.
+const PROBE: Duration = Duration::from_secs(1);
+
+/// When `client`'s session first falls back to polling, counted from now (`None`: not
+/// within the exchange deadline).
+fn watch_fallback(client: &TunnelClient) -> tokio::task::JoinHandle<Option<Duration>> {
+    let client = client.clone();
+    let started = Instant::now();
+    tokio::spawn(async move {
+        while started.elapsed() < EXCHANGE_TIMEOUT {
+            if client.session_stats().is_some_and(|s| s.fallbacks > 0) {
+                return Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    })
+}
+
+/// A reverse proxy that buffers every response whole (the test's fault proxy without
+/// faults), in front of the relay: the session's first stream delivers nothing until it
+/// ends, so the client falls back to polling within the probe deadline, and the transfer
+/// is intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffering_reverse_proxy_makes_the_session_poll_within_the_probe_deadline() {
+    init_tracing();
+    let tunnel = InProcessTunnel::start(InProcessOptions::default())
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(tunnel.relay_http_addr(), FaultConfig::none(5))
+        .await
+        .unwrap();
+    let mut config = tunnel.client_config(&proxy.url(tunnel.base_path()));
+    config.stream_probe_timeout = PROBE;
+    let case = "buffering reverse proxy";
+    let client = TunnelClient::new(config).unwrap();
+    let fell_back = watch_fallback(&client);
+    let stats = bulk_exchange_with(case, &client, 21, Duration::ZERO).await;
+    assert_eq!(stats.downstream, Downstream::Polling, "{case}: {stats:?}");
+    assert!(stats.polls >= 1, "{case}: no poll: {stats:?}");
+    let after = fell_back
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{case}: no fall-back seen: {stats:?}"));
+    // The probe's stream is the session's first pull, sent right after the session opens
+    // (a few ms here).
+    assert!(
+        after <= PROBE + Duration::from_millis(500),
+        "{case}: fell back {after:?} after the start, probe deadline {PROBE:?}"
+    );
+    eprintln!(
+        "[report] {case}: fell back to polling {after:?} after the start (probe deadline \
+         {PROBE:?})"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_example_in_front_of_the_relay_with_buffering_on_and_off() {
     init_tracing();
@@ -319,23 +414,43 @@ async fn nginx_example_in_front_of_the_relay_with_buffering_on_and_off() {
     let mut options = InProcessOptions::default();
     options.relay.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
     let tunnel = InProcessTunnel::start(options).await.unwrap();
-    for (buffering, seed) in [(true, 9), (false, 10)] {
+    // (proxy_buffering, proxy_ignore_headers X-Accel-Buffering, seed). nginx passes a
+    // streamed response on as it comes in all three: with buffering on it still forwards
+    // each chunk it reads (measured: the first bytes of an idle stream arrive at once, and
+    // so does a 5-byte chunk of a test upstream with curl). The relay's X-Accel-Buffering:
+    // no turns buffering off for the stream besides.
+    let cases = [(false, false, 10), (true, false, 9), (true, true, 12)];
+    for (buffering, ignore_accel_buffering, seed) in cases {
         let nginx = Nginx::start(
             dir.path(),
             &NginxOptions {
                 relay: tunnel.relay_http_addr(),
                 buffering,
+                ignore_accel_buffering,
             },
         )
         .await
         .unwrap();
         let before = tunnel.accepted_clients().len();
-        let config = tunnel.client_config(&nginx.tunnel_url(tunnel.base_path()));
+        let mut config = tunnel.client_config(&nginx.tunnel_url(tunnel.base_path()));
+        config.stream_probe_timeout = PROBE;
         let case = format!(
-            "nginx reverse proxy, proxy_buffering {}",
-            if buffering { "on" } else { "off" }
+            "nginx reverse proxy, proxy_buffering {}{}",
+            if buffering { "on" } else { "off" },
+            if ignore_accel_buffering {
+                ", X-Accel-Buffering ignored"
+            } else {
+                ""
+            }
         );
-        bulk_exchange(&case, config, seed).await;
+        let client = TunnelClient::new(config).unwrap();
+        // Idle past the probe deadline first: the stream's first packet must cross nginx on
+        // its own, not behind a transfer that fills nginx's buffers.
+        let stats = bulk_exchange_with(&case, &client, seed, PROBE * 2).await;
+        assert_eq!(stats.downstream, Downstream::Streaming, "{case}: {stats:?}");
+        assert!(stats.streams >= 1, "{case}: no stream opened: {stats:?}");
+        assert_eq!(stats.fallbacks, 0, "{case}: fell back: {stats:?}");
+        assert_eq!(stats.polls, 0, "{case}: polled: {stats:?}");
         // nginx replaced X-Forwarded-For with the peer it saw; the relay, trusting nginx,
         // passed that on.
         let clients = tunnel.accepted_clients();
@@ -402,6 +517,7 @@ async fn nginx_example_holds_a_65_second_long_poll() {
         &NginxOptions {
             relay: tunnel.relay_http_addr(),
             buffering: false,
+            ignore_accel_buffering: false,
         },
     )
     .await
