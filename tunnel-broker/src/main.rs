@@ -38,6 +38,11 @@ struct Args {
     )]
     relays: Vec<String>,
 
+    /// Worker threads (0: tokio's default, TOKIO_WORKER_THREADS or one per core). On a
+    /// small machine shared with the relay, 1 gives shorter round trips (BENCHMARKS.md).
+    #[arg(long, env = "TUNNEL_WORKER_THREADS", default_value_t = 0)]
+    worker_threads: usize,
+
     /// Server name clients connect to (ServerName=...).
     #[arg(long, env = "TUNNEL_SERVER_NAME", default_value = "echo")]
     name: String,
@@ -132,14 +137,34 @@ enum Service {
     Echo,
 }
 
-#[tokio::main]
-async fn main() {
+/// The runtime with `worker_threads` workers (0: tokio's default, `TOKIO_WORKER_THREADS` or
+/// one per core). Fewer workers mean fewer hand-offs between threads, each a futex wake-up;
+/// BENCHMARKS.md has the measurements.
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all().build()
+}
+
+fn main() {
+    let args = Args::parse();
+    match runtime(args.worker_threads) {
+        Ok(runtime) => runtime.block_on(async_main(args)),
+        Err(e) => {
+            eprintln!("tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn async_main(args: Args) {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         // Colours only on a terminal: logs redirected to files stay plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
     if let Err(e) = run(args).await {
         tracing::error!("{e}");
         std::process::exit(1);

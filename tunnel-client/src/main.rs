@@ -244,6 +244,11 @@ struct Args {
     #[arg(long)]
     check: bool,
 
+    /// Worker threads of the process (0: one per core). One is best for a forwarding client
+    /// (measured: a shorter round trip at the same throughput, BENCHMARKS.md).
+    #[arg(long, env = "TUNNEL_CLIENT_WORKER_THREADS", default_value_t = 1)]
+    worker_threads: usize,
+
     /// Seconds after Ctrl-C during which open connections may finish before they are aborted.
     #[arg(long, env = "TUNNEL_CLIENT_SHUTDOWN_GRACE", default_value_t = 10)]
     shutdown_grace: u64,
@@ -329,8 +334,29 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
     Ok(config)
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// The runtime with `worker_threads` workers (0: tokio's default, `TOKIO_WORKER_THREADS` or
+/// one per core). Fewer workers mean fewer hand-offs between threads, each a futex wake-up;
+/// BENCHMARKS.md has the measurements.
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all().build()
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match runtime(args.worker_threads) {
+        Ok(runtime) => runtime.block_on(async_main(args)),
+        Err(e) => {
+            eprintln!("tokio runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn async_main(args: Args) -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -339,7 +365,6 @@ async fn main() -> std::process::ExitCode {
         // Colours only on a terminal: logs redirected to files stay plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

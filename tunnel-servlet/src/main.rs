@@ -46,6 +46,11 @@ struct Args {
     /// Most bytes of packets in one response.
     #[arg(long, env = "TUNNEL_RESPONSE_LIMIT", default_value_t = 1024 * 1024)]
     response_limit: usize,
+    /// Worker threads (0: tokio's default, TOKIO_WORKER_THREADS or one per core). One per
+    /// core suits a relay of many clients; on a small machine shared with the broker, 1
+    /// gives shorter round trips (BENCHMARKS.md).
+    #[arg(long, env = "TUNNEL_WORKER_THREADS", default_value_t = 0)]
+    worker_threads: usize,
     /// Most bytes of packets in one streamed pull (it also ends after the pull wait).
     #[arg(long, env = "TUNNEL_STREAM_LIMIT", default_value_t = 64 * 1024 * 1024)]
     stream_limit: usize,
@@ -258,8 +263,29 @@ async fn stop_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// The runtime with `worker_threads` workers (0: tokio's default, `TOKIO_WORKER_THREADS` or
+/// one per core). Fewer workers mean fewer hand-offs between threads, each a futex wake-up;
+/// BENCHMARKS.md has the measurements.
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all().build()
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match runtime(args.worker_threads) {
+        Ok(runtime) => runtime.block_on(async_main(args)),
+        Err(e) => {
+            eprintln!("tokio runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn async_main(args: Args) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -268,7 +294,7 @@ async fn main() -> ExitCode {
         // Colours only on a terminal: logs redirected to files stay plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = match Args::parse().into_config() {
+    let config = match args.into_config() {
         Ok(config) => config,
         Err(msg) => {
             tracing::error!("{msg}");

@@ -70,6 +70,29 @@ impl RunningPath {
     }
 }
 
+/// Tokio worker threads of the processes the bench starts (0: tokio's default).
+static WORKER_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets the worker threads of this process's runtime and of every process it starts:
+/// `TOKIO_WORKER_THREADS` (inherited; tokio's runtimes read it, old tunnel binaries and the
+/// chain's forwarders included) and the tunnel binaries' `--worker-threads`. 0: tokio's
+/// default. Call it before any runtime is built, while the process has one thread.
+pub fn set_worker_threads(threads: usize) {
+    WORKER_THREADS.store(threads, std::sync::atomic::Ordering::Relaxed);
+    if threads > 0 {
+        std::env::set_var("TOKIO_WORKER_THREADS", threads.to_string());
+    }
+}
+
+/// `--worker-threads N` for a tunnel binary that has the flag.
+fn worker_args(program: &Path) -> Vec<String> {
+    if !help_lists(program, "--worker-threads") {
+        return Vec::new();
+    }
+    let threads = WORKER_THREADS.load(std::sync::atomic::Ordering::Relaxed);
+    vec!["--worker-threads".into(), threads.to_string()]
+}
+
 pub fn rust_log() -> Vec<(String, String)> {
     // Per-connection info lines would cost the measured processes time (10,000 connections).
     vec![("RUST_LOG".into(), "warn".into())]
@@ -226,6 +249,7 @@ pub async fn start_relay(
             args.extend([flag.to_string(), max_conns.to_string()]);
         }
     }
+    args.extend(worker_args(&program));
     args.extend(extra_args);
     let mut process = ChildProcess::spawn("relay", &program, args, &rust_log(), dir)?;
     process.wait_listening(http, READY_TIMEOUT).await?;
@@ -278,11 +302,9 @@ pub async fn start_tunnel(
             client_args.extend(["--ca-file".into(), cert_path.display().to_string()]);
         }
     }
-    client_args.extend(
-        options
-            .transport
-            .client_args(&bin(bin_dir, "tunnel-client")?),
-    );
+    let client = bin(bin_dir, "tunnel-client")?;
+    client_args.extend(options.transport.client_args(&client));
+    client_args.extend(worker_args(&client));
     let relay = start_relay(bin_dir, dir.path(), options.max_conns, relay_args).await?;
     let (link, secret) = (relay.link, relay.secret_file.clone());
     let scheme = if flavour == Flavour::Https {
@@ -295,7 +317,8 @@ pub async fn start_tunnel(
         format!("{scheme}://{}/tunnel", relay.http),
     ]);
     let broker_max_conns = options.max_conns;
-    let broker_args: Vec<String> = vec![
+    let broker_program = bin(bin_dir, "tunnel-broker")?;
+    let mut broker_args: Vec<String> = vec![
         "--relay".into(),
         link.to_string(),
         "--name".into(),
@@ -309,6 +332,7 @@ pub async fn start_tunnel(
         "--accept-backlog".into(),
         broker_max_conns.to_string(),
     ];
+    broker_args.extend(worker_args(&broker_program));
     let env = rust_log();
     let log_dir = dir.path().to_path_buf();
     let mut path = RunningPath {
@@ -318,13 +342,7 @@ pub async fn start_tunnel(
         processes: vec![("relay".into(), relay.process)],
         _dir: dir,
     };
-    let broker = ChildProcess::spawn(
-        "broker",
-        &bin(bin_dir, "tunnel-broker")?,
-        broker_args,
-        &env,
-        &log_dir,
-    )?;
+    let broker = ChildProcess::spawn("broker", &broker_program, broker_args, &env, &log_dir)?;
     path.processes.push(("broker".into(), broker));
     for (i, listen) in listens.iter().enumerate() {
         let role = if i == 0 {

@@ -153,6 +153,13 @@ struct Opts {
     /// Deadline of any one measurement, in seconds.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
+    /// Tokio worker threads of every process the bench starts (tunnel processes, chain
+    /// forwarders, the data server) and of the bench itself, set through
+    /// `TOKIO_WORKER_THREADS` and the tunnel binaries' `--worker-threads`; 0 leaves tokio's
+    /// default (one per core). Default 1: on a 2-core machine running three processes per
+    /// path, one worker each gave every path its shortest round trip (BENCHMARKS.md).
+    #[arg(long, default_value_t = 1)]
+    worker_threads: usize,
     /// Small sizes for a smoke run: 3 runs, 16 MiB, 200 pings, 1,000 idle connections,
     /// 512 KiB per aggregate connection, 3 s of request/response, 16 MiB per direction in the
     /// peers section (explicit options given after it still apply).
@@ -377,6 +384,8 @@ fn main() -> std::process::ExitCode {
         };
     }
     opts.apply_quick();
+    // Before any runtime exists: the bench's own and every child's (inherited).
+    tunnel::set_worker_threads(opts.worker_threads);
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
