@@ -2,15 +2,20 @@
 //!
 //! The client's relay URL points at the proxy (`http://<proxy>/tunnel`); the proxy forwards
 //! every request to the relay's address. Like the corporate proxies the tunnel must survive,
-//! it buffers: it reads each whole request before forwarding it and each whole response
-//! before sending it on. On top of that, per request and with configured probabilities drawn
+//! it buffers: it reads each whole request before forwarding it and, by default, each whole
+//! response before sending it on, so a session's streamed pull (docs/protocol.md §2.2)
+//! delivers nothing until it ends and the client falls back to polling. With
+//! [`FaultConfig::stream_responses`] it passes response bodies on as they come instead, and
+//! the client streams through it. On top of that, per request and with configured probabilities drawn
 //! from a seeded generator, it can
 //! - delay the request (uniform in `0..max_delay`, which reorders concurrent requests),
 //! - drop the request (the relay never sees it),
 //! - forward it twice (the duplicate goes after the first answer arrived, as a retrying proxy
 //!   would; its answer is thrown away),
 //! - drop the response (the relay acted, the client learns nothing),
-//! - reset mid-body (status, headers and part of the body, then the connection is cut).
+//! - reset mid-body (status, headers and part of the body, then the connection is cut: half
+//!   of a buffered body; of a passed-on body, a random count of bytes below 256 KiB, so a
+//!   stream is cut early in its life).
 //!
 //! A dropped request or response is answered per [`DropStyle`]: connection closed without an
 //! answer, or 502.
@@ -69,6 +74,9 @@ pub struct FaultConfig {
     pub reset_mid_body: f64,
     /// How drops look. Default [`DropStyle::Mixed`].
     pub drop_style: DropStyle,
+    /// Pass response bodies on as they arrive instead of buffering them whole; the upstream
+    /// deadline then covers the response head only. Default false.
+    pub stream_responses: bool,
     /// Largest request or response body buffered; beyond it the client gets 413 (request)
     /// or 502 (response). Default 16 MiB (above the relay's 4 MiB body and 1 MiB response
     /// limits).
@@ -92,6 +100,7 @@ impl FaultConfig {
             drop_response: 0.0,
             reset_mid_body: 0.0,
             drop_style: DropStyle::Mixed,
+            stream_responses: false,
             max_body: 16 * 1024 * 1024,
             upstream_timeout: Duration::from_secs(60),
             request_body_timeout: Duration::from_secs(30),
@@ -112,7 +121,7 @@ pub struct FaultStats {
     pub requests: u64,
     /// Requests sent upstream, duplicates included.
     pub forwarded: u64,
-    /// Responses delivered whole to clients.
+    /// Responses delivered whole to clients (passed-on responses: counted when they start).
     pub delivered: u64,
     pub delayed: u64,
     pub dropped_requests: u64,
@@ -154,7 +163,12 @@ struct Plan {
     reset: bool,
     /// For a drop: close (true) or 502 (false).
     close: bool,
+    /// Passed-on bodies: bytes sent before a reset.
+    reset_at: u64,
 }
+
+/// Passed-on bodies are reset within their first this many bytes.
+const STREAM_RESET_WITHIN: u64 = 256 * 1024;
 
 struct Faults {
     config: FaultConfig,
@@ -180,13 +194,24 @@ impl Faults {
             drop_response: rng.random_bool(c.drop_response.clamp(0.0, 1.0)),
             reset: rng.random_bool(c.reset_mid_body.clamp(0.0, 1.0)),
             close: rng.random_bool(0.5),
+            reset_at: 0,
+        };
+        // Drawn only when streaming, so that buffering runs keep their fault sequences.
+        let reset_at = if c.stream_responses {
+            rng.random_range(0..STREAM_RESET_WITHIN)
+        } else {
+            0
         };
         let close = match c.drop_style {
             DropStyle::Close => true,
             DropStyle::BadGateway => false,
             DropStyle::Mixed => plan.close,
         };
-        Plan { close, ..plan }
+        Plan {
+            close,
+            reset_at,
+            ..plan
+        }
     }
 }
 
@@ -308,12 +333,13 @@ impl std::error::Error for CutConnection {}
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Answer {
     let counters = &shared.counters;
     bump(&counters.requests);
-    let (max_body, body_timeout, upstream_timeout) = {
+    let (max_body, body_timeout, upstream_timeout, stream_responses) = {
         let faults = shared.faults.lock().expect("fault lock");
         (
             faults.config.max_body,
             faults.config.request_body_timeout,
             faults.config.upstream_timeout,
+            faults.config.stream_responses,
         )
     };
     let (parts, body) = req.into_parts();
@@ -363,6 +389,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Answer {
         upstream_req
     };
 
+    if stream_responses {
+        return pass_on(&shared, plan, build, upstream_timeout).await;
+    }
     let first = forward(&shared, build(), max_body, upstream_timeout).await;
     if plan.duplicate {
         bump(&counters.duplicated);
@@ -390,6 +419,63 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Answer {
     });
     *response.status_mut() = status;
     *response.headers_mut() = resp_headers;
+    Ok(response)
+}
+
+/// The streaming half of [`handle`]: forwards the request (twice for a duplicate, whose
+/// answer is read and thrown away) and passes the answer's body on as it comes, with the
+/// planned drop or reset.
+async fn pass_on(
+    shared: &Arc<Shared>,
+    plan: Plan,
+    build: impl Fn() -> Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Answer {
+    let counters = &shared.counters;
+    bump(&counters.forwarded);
+    let head = tokio::time::timeout(timeout, shared.client.request(build())).await;
+    if plan.duplicate {
+        bump(&counters.duplicated);
+        let shared = Arc::clone(shared);
+        let again = build();
+        tokio::spawn(async move {
+            bump(&shared.counters.forwarded);
+            if let Ok(Ok(resp)) = tokio::time::timeout(timeout, shared.client.request(again)).await
+            {
+                // Bounded by the relay: a streamed pull ends after its pull wait.
+                let mut body = resp.into_body();
+                while let Some(Ok(_)) = body.frame().await {}
+            }
+        });
+    }
+    let resp = match head {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "fault proxy: upstream request failed");
+            bump(&counters.upstream_errors);
+            return Ok(status_response(StatusCode::BAD_GATEWAY));
+        }
+        Err(_) => {
+            bump(&counters.upstream_errors);
+            return Ok(status_response(StatusCode::GATEWAY_TIMEOUT));
+        }
+    };
+    if plan.drop_response {
+        bump(&counters.dropped_responses);
+        return dropped(plan, "response dropped");
+    }
+    let (parts, body) = resp.into_parts();
+    let cut_after = plan.reset.then_some(plan.reset_at);
+    if plan.reset {
+        bump(&counters.resets);
+    } else {
+        bump(&counters.delivered);
+    }
+    let mut response = Response::new(ProxyBody::passed_on(body, cut_after));
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    *response.status_mut() = parts.status;
+    *response.headers_mut() = headers;
     Ok(response)
 }
 
@@ -471,21 +557,38 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Pause between the partial body and the reset, so hyper flushes the part first.
 const RESET_PAUSE: Duration = Duration::from_millis(20);
 
-/// A response body: whole, or announced whole and cut after half.
+/// A response body: whole, or announced whole and cut after half, or passed on as it comes
+/// (and perhaps cut).
 pub struct ProxyBody {
     data: Option<Bytes>,
-    /// Length announced (`content-length`).
-    announced: u64,
+    /// Length announced (`content-length`); none for a passed-on body.
+    announced: Option<u64>,
     /// Truncated bodies: the pause, then the error that makes hyper cut the connection.
     reset: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A passed-on body still coming from upstream.
+    upstream: Option<Incoming>,
+    /// A passed-on body is cut once this many more bytes went through.
+    cut_after: Option<u64>,
 }
 
 impl ProxyBody {
     fn whole(data: Bytes) -> ProxyBody {
         ProxyBody {
-            announced: data.len() as u64,
+            announced: Some(data.len() as u64),
             data: Some(data),
             reset: None,
+            upstream: None,
+            cut_after: None,
+        }
+    }
+
+    fn passed_on(upstream: Incoming, cut_after: Option<u64>) -> ProxyBody {
+        ProxyBody {
+            announced: None,
+            data: None,
+            reset: None,
+            upstream: Some(upstream),
+            cut_after,
         }
     }
 
@@ -494,9 +597,11 @@ impl ProxyBody {
         let announced = (data.len() as u64).max(1);
         let half = data.slice(..data.len() / 2);
         ProxyBody {
-            announced,
+            announced: Some(announced),
             data: Some(half),
             reset: Some(Box::pin(tokio::time::sleep(RESET_PAUSE))),
+            upstream: None,
+            cut_after: None,
         }
     }
 }
@@ -514,6 +619,32 @@ impl Body for ProxyBody {
                 return Poll::Ready(Some(Ok(Frame::data(data))));
             }
         }
+        while let Some(upstream) = self.upstream.as_mut() {
+            let frame = match std::task::ready!(Pin::new(upstream).poll_frame(cx)) {
+                None => {
+                    self.upstream = None;
+                    break;
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(io::Error::other(e)))),
+                Some(Ok(frame)) => frame,
+            };
+            // Trailers (none come from the relay) are not passed on.
+            let Ok(mut data) = frame.into_data() else {
+                continue;
+            };
+            if let Some(left) = self.cut_after {
+                if data.len() as u64 >= left {
+                    data = data.slice(..left as usize);
+                    self.upstream = None;
+                    self.reset = Some(Box::pin(tokio::time::sleep(RESET_PAUSE)));
+                } else {
+                    self.cut_after = Some(left - data.len() as u64);
+                }
+            }
+            if !data.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+        }
         match self.reset.as_mut() {
             None => Poll::Ready(None),
             Some(pause) => {
@@ -527,11 +658,16 @@ impl Body for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.reset.is_none() && !matches!(&self.data, Some(d) if !d.is_empty())
+        self.reset.is_none()
+            && self.upstream.is_none()
+            && !matches!(&self.data, Some(d) if !d.is_empty())
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.announced)
+        match self.announced {
+            Some(len) => SizeHint::with_exact(len),
+            None => SizeHint::default(),
+        }
     }
 }
 

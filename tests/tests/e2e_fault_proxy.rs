@@ -1,4 +1,6 @@
-//! The three binaries with the fault-injecting buffering proxy between client and relay.
+//! The three binaries with the fault-injecting proxy between client and relay: buffering
+//! whole responses (the client, in its default mode, falls back to polling) or passing them
+//! on (it streams).
 //!
 //! Needs the binaries: `cargo build --workspace --bins && cargo test -p tunnel-tests --test e2e_fault_proxy`.
 
@@ -67,7 +69,47 @@ async fn works_through_a_buffering_proxy_without_faults() {
         "no traffic went through the proxy: {stats:?}"
     );
     assert_eq!(stats.upstream_errors, 0, "{stats:?}");
+    // The client (in its default mode, auto) tried a stream, found it held back, and polls.
+    assert_downstream(&chain, "the session polls").await;
     chain.assert_alive();
+}
+
+/// The same proxy passing response bodies on as they come: the client streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_through_a_proxy_that_passes_responses_on() {
+    init_tracing();
+    let config = FaultConfig {
+        stream_responses: true,
+        ..FaultConfig::none(3)
+    };
+    let (_server, proxy, mut chain) = chain_behind_proxy(config).await;
+    run_exchanges(&chain, 5, 1 << 20, 300).await;
+    let stats = proxy.stats();
+    eprintln!("proxy: {stats:?}");
+    assert_eq!(stats.upstream_errors, 0, "{stats:?}");
+    assert_downstream(&chain, "the session streams").await;
+    chain.assert_alive();
+}
+
+/// Checks the client's log line of its downstream decision (and that it is the only one),
+/// and that the relay served at least one streamed pull (the probe, in either case).
+async fn assert_downstream(chain: &Chain, line: &str) {
+    let log = chain
+        .client
+        .as_ref()
+        .map(|c| c.log_contents())
+        .unwrap_or_default();
+    assert!(log.contains(line), "client log lacks {line:?}:\n{log}");
+    let decisions =
+        log.matches("the session polls").count() + log.matches("the session streams").count();
+    assert_eq!(decisions, 1, "one decision logged:\n{log}");
+    let streams = chain
+        .relay_metric("tunnel_requests_total{type=\"stream\"}")
+        .await;
+    assert!(
+        streams.parse::<u64>().is_ok_and(|n| n >= 1),
+        "streamed pulls at the relay: {streams}"
+    );
 }
 
 /// A few percent of every fault at once: each must be repaired by retries and retransmission

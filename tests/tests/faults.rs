@@ -1,7 +1,12 @@
-//! Fault matrix: several full-duplex transfers at once through the fault-injecting buffering
-//! proxy between client and relay, at 5 %, 10 % and 20 % drop rates, checking that every
-//! byte arrives exactly once (length and SHA-256 at both ends, server-side byte counts) and
-//! that the transfers finish.
+//! Fault matrix: several full-duplex transfers at once through the fault-injecting proxy
+//! between client and relay, at 5 %, 10 % and 20 % drop rates, checking that every byte
+//! arrives exactly once (length and SHA-256 at both ends, server-side byte counts) and that
+//! the transfers finish. Every case runs in both downstream modes (docs/protocol.md §2.2):
+//! polling (`--mode poll`) through the proxy buffering whole responses, and streaming
+//! (`--mode stream`) through the proxy passing response bodies on as they come, where a
+//! reset cuts a stream within its first 256 KiB; the relay there ends each stream after
+//! 1 MiB, so that the faults hit dozens of streams per case. Each case checks from the relay's metrics
+//! that the client used its mode.
 //!
 //! Each rate `r` applies to requests dropped before the relay AND to responses dropped after
 //! it (so about `2r` of the requests fail), on top of fixed smaller rates of the other
@@ -62,25 +67,61 @@ fn faults_at(rate: f64, seed: u64) -> FaultConfig {
     }
 }
 
+/// How the session's packets come down in a case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `--mode poll`, through the proxy buffering whole responses.
+    Poll,
+    /// `--mode stream`, through the proxy passing response bodies on as they come.
+    Stream,
+}
+
+/// The relay's `--stream-limit` in streaming cases.
+const STREAM_LIMIT: usize = 1 << 20;
+
+/// The relay's count of streamed pulls.
+const STREAMS_METRIC: &str = "tunnel_requests_total{type=\"stream\"}";
+
 /// Runs one case of the matrix and checks it; `faults` is `None` for the clean baseline.
-async fn run_case(name: &str, faults: Option<FaultConfig>) {
+async fn run_case(case: &str, mode: Mode, faults: Option<FaultConfig>) {
     init_tracing();
     let _serial = SERIAL.lock().await;
+    let name = &format!("{case}, {mode:?}");
     let bytes = BYTES_EACH_WAY;
+    let streaming = mode == Mode::Stream;
     let server = SinkSourceServer::start().await.unwrap();
     let relay_http = free_addr();
-    let proxy = FaultProxy::start(relay_http, FaultConfig::none(1))
-        .await
-        .unwrap();
+    let clean = FaultConfig {
+        stream_responses: streaming,
+        ..FaultConfig::none(1)
+    };
+    let proxy = FaultProxy::start(relay_http, clean).await.unwrap();
+    let client_mode = if streaming { "stream" } else { "poll" };
     let options = ChainOptions {
         relay_http: Some(relay_http),
         client_relay_url: Some(proxy.url("/tunnel")),
+        client_args: vec!["--mode".into(), client_mode.into()],
+        // Streams end every MiB (and after 2 s idle) rather than every 64 MiB (20 s): a case
+        // then opens dozens of streams, and the faults hit them, not only the pushes.
+        relay_args: if streaming {
+            vec![
+                "--stream-limit".into(),
+                STREAM_LIMIT.to_string(),
+                "--pull-wait-ms".into(),
+                "2000".into(),
+            ]
+        } else {
+            Vec::new()
+        },
         ..ChainOptions::forward_to_sink_source(server.addr())
     };
     let mut chain = Chain::start(options).await;
     // Faults start once the chain is up, so start-up stays quick and deterministic.
     if let Some(faults) = faults.clone() {
-        proxy.set_config(faults);
+        proxy.set_config(FaultConfig {
+            stream_responses: streaming,
+            ..faults
+        });
     }
     let before = proxy.stats();
     let server_before = server.stats();
@@ -96,17 +137,31 @@ async fn run_case(name: &str, faults: Option<FaultConfig>) {
     .await;
 
     let stats = proxy.stats();
-    let server_after = server.stats();
+    // The server counts an exchange complete once it has seen the client's end of stream,
+    // which may come a moment after the client's side of the exchange returned.
+    let settle = tokio::time::Instant::now() + LOG_WAIT;
+    let mut server_after = server.stats();
+    while server_after.completed - server_before.completed < CONNECTIONS
+        && tokio::time::Instant::now() < settle
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        server_after = server.stats();
+    }
     let injected = (stats.dropped_requests - before.dropped_requests)
         + (stats.dropped_responses - before.dropped_responses)
         + (stats.duplicated - before.duplicated)
         + (stats.resets - before.resets);
     let retransmits = wait_for_client_logs(&chain, CONNECTIONS).await - retransmits_before;
     let relay_drops = chain.relay_metric("tunnel_packets_dropped_total").await;
+    let streams: u64 = chain
+        .relay_metric(STREAMS_METRIC)
+        .await
+        .parse()
+        .unwrap_or_else(|e| panic!("{name}: {STREAMS_METRIC}: {e}"));
     eprintln!(
         "| {name} | {} MiB ({} conns x {} MiB each way) | {} bytes lost | {:.1} s | {:.1} MiB/s | \
          faults {injected} of {} requests (drop req {}, drop resp {}, dup {}, reset {}, delayed {}) | \
-         client retransmits {retransmits} | relay queue drops {relay_drops} |",
+         client retransmits {retransmits} | relay queue drops {relay_drops} | streamed pulls {streams} |",
         outcome.verified >> 20,
         CONNECTIONS,
         bytes >> 20,
@@ -150,6 +205,13 @@ async fn run_case(name: &str, faults: Option<FaultConfig>) {
             "{name}: no drop was injected, so nothing was tested: {stats:?}"
         );
     }
+    if streaming {
+        // 64 MiB down in streams of at most 1 MiB, and in push answers (which carry queued
+        // packets too): measured 31-46 streams per case.
+        assert!(streams >= 16, "{name}: {streams} streamed pulls");
+    } else {
+        assert_eq!(streams, 0, "{name}: the client streamed");
+    }
     chain.assert_alive();
 }
 
@@ -176,20 +238,24 @@ async fn wait_for_client_logs(chain: &Chain, connections: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn baseline_without_faults() {
-    run_case("no faults", None).await;
+    run_case("no faults", Mode::Poll, None).await;
+    run_case("no faults", Mode::Stream, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drops_at_5_percent() {
-    run_case("5% drops", Some(faults_at(0.05, 0x0505))).await;
+    run_case("5% drops", Mode::Poll, Some(faults_at(0.05, 0x0505))).await;
+    run_case("5% drops", Mode::Stream, Some(faults_at(0.05, 0x0506))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drops_at_10_percent() {
-    run_case("10% drops", Some(faults_at(0.10, 0x1010))).await;
+    run_case("10% drops", Mode::Poll, Some(faults_at(0.10, 0x1010))).await;
+    run_case("10% drops", Mode::Stream, Some(faults_at(0.10, 0x1011))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drops_at_20_percent() {
-    run_case("20% drops", Some(faults_at(0.20, 0x2020))).await;
+    run_case("20% drops", Mode::Poll, Some(faults_at(0.20, 0x2020))).await;
+    run_case("20% drops", Mode::Stream, Some(faults_at(0.20, 0x2021))).await;
 }
