@@ -9,6 +9,8 @@
 //! - a malformed SESSION_INIT or push body gets 400 and nothing of it is forwarded;
 //! - the session limit and the per-session connection limit get 503 and are counted;
 //! - the session token never appears in the relay's or the broker's log at trace level;
+//! - a streamed pull opens with a packet at once, carries echoes as they come, and ends
+//!   after the pull wait or when a newer pull supersedes it;
 //! - after the relay is killed and started again on the same ports, a connection is attached
 //!   to a new session with its token once the broker has re-linked, and data flows.
 //!
@@ -583,6 +585,139 @@ async fn init_ack_is_resent_in_the_session_and_an_idle_session_expires() {
             "{got:?}"
         );
         new.echo(conn, 1, b"in the new session").await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Reads packets from a streamed pull until `done` says the ones collected suffice, the
+/// response ends (`true`), or `limit` passes (a failure).
+async fn read_stream(
+    resp: &mut reqwest::Response,
+    decoder: &mut tunnel_proto::Decoder,
+    got: &mut Vec<Packet>,
+    limit: Duration,
+    mut done: impl FnMut(&[Packet]) -> bool,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done(got) {
+        let chunk = tokio::time::timeout_at(deadline, resp.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("stream: nothing more within {limit:?}; got {got:?}"))
+            .expect("stream body");
+        let Some(chunk) = chunk else {
+            decoder.finish().expect("stream ends between packets");
+            return true;
+        };
+        decoder.feed(&chunk);
+        while let Some(packet) = decoder.next_packet().expect("stream holds packets") {
+            got.push(packet);
+        }
+    }
+    false
+}
+
+/// The streamed pull (docs/protocol.md §2.2) at the wire: it opens with a packet at once,
+/// carries the echoes of two pushes in the same response, ends after the pull wait, ends when
+/// a newer pull supersedes it, and is a 404 for an unknown session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_pull_carries_packets_as_they_come_and_ends_in_time() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let setup = EchoSetup::start(&relay_args(&[]), &[], "info").await;
+        let raw = Raw::new(&setup.relay.tunnel_url());
+        let s = open_session(&raw).await.unwrap();
+        let conn = s.connect().await.unwrap();
+        s.wait_accepted(&[conn]).await;
+        let stream_request = |id: u32, token: Token| {
+            s.request(reqwest::Method::GET, "Type=pull&Stream=1", id, token)
+        };
+
+        let opened = Instant::now();
+        let mut resp = stream_request(s.id, s.token).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.content_length().is_none(), "a stream has no length");
+        assert_eq!(resp.headers()["x-accel-buffering"], "no");
+        let mut decoder = tunnel_proto::Decoder::new(1 << 21);
+        let mut got = Vec::new();
+        // The first packet at once (nothing is queued: a NO_OP).
+        read_stream(
+            &mut resp,
+            &mut decoder,
+            &mut got,
+            Duration::from_millis(500),
+            |g| !g.is_empty(),
+        )
+        .await;
+        assert_eq!(got[0].kind, PacketType::NoOp, "{got:?}");
+        // Two echoes, one after the other, in the same response.
+        for (seq, payload) in [(0u32, &b"first"[..]), (1, &b"second"[..])] {
+            let answer = s.push_packets(&[data(conn, seq, payload)]).await;
+            got.extend(answer);
+            let ended = read_stream(
+                &mut resp,
+                &mut decoder,
+                &mut got,
+                Duration::from_secs(5),
+                |g| has_data(g, conn, payload),
+            )
+            .await;
+            assert!(!ended, "the stream ended before the echo of {payload:?}");
+        }
+        // Ends after the pull wait (1 s here).
+        let ended = read_stream(
+            &mut resp,
+            &mut decoder,
+            &mut got,
+            Duration::from_secs(5),
+            |_| false,
+        )
+        .await;
+        assert!(ended);
+        let lasted = opened.elapsed();
+        assert!(
+            lasted >= Duration::from_millis(900) && lasted < Duration::from_secs(4),
+            "the stream lasted {lasted:?}, the pull wait is 1 s"
+        );
+
+        // A newer pull ends the stream at once.
+        let mut resp = stream_request(s.id, s.token).send().await.unwrap();
+        let mut decoder = tunnel_proto::Decoder::new(1 << 21);
+        let mut got = Vec::new();
+        read_stream(
+            &mut resp,
+            &mut decoder,
+            &mut got,
+            Duration::from_millis(500),
+            |g| !g.is_empty(),
+        )
+        .await;
+        let superseded = Instant::now();
+        let pull = tokio::spawn({
+            let s = s.clone();
+            async move { s.pull_as(s.id, s.token).await }
+        });
+        let ended = read_stream(
+            &mut resp,
+            &mut decoder,
+            &mut got,
+            Duration::from_millis(800),
+            |_| false,
+        )
+        .await;
+        assert!(ended, "superseded stream still open");
+        assert!(superseded.elapsed() < Duration::from_millis(800));
+        assert_eq!(pull.await.unwrap().0, StatusCode::OK);
+
+        // An unknown session: 404 before any stream.
+        let resp = stream_request(s.id ^ 1, s.token).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            setup
+                .relay
+                .metric("tunnel_requests_total{type=\"stream\"}")
+                .await,
+            Some(2)
+        );
     })
     .await
     .expect("test timed out");
