@@ -2,7 +2,8 @@
 //!
 //! Handlers lock the table only for map operations and never across an await. A push body is
 //! validated whole before any of it is forwarded, then forwarded as is (it is already the
-//! packets back to back). Responses always complete: a pull is held at most `pull_wait`.
+//! packets back to back). Every response ends: a pull is held, and a streamed pull
+//! (`session_stream.rs`) kept open, at most `pull_wait`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
