@@ -48,6 +48,35 @@ pub fn check_packets(data: &[u8]) {
         stream_err = decoder.finish().err();
     }
 
+    // The third way, as a streamed upstream reads a request body: whole packets taken from
+    // the decoder in runs (`take_whole`), each run decoded with `decode_all`.
+    let mut runs = Decoder::new(max);
+    let mut batched = Vec::new();
+    let mut batch_err = None;
+    'runs: for piece in body.chunks(chunk) {
+        runs.feed(piece);
+        loop {
+            match runs.take_whole().and_then(|run| decode_all(run, max)) {
+                Ok(packets) if packets.is_empty() => break,
+                Ok(packets) => batched.extend(packets),
+                Err(e) => {
+                    batch_err = Some(e);
+                    break 'runs;
+                }
+            }
+        }
+    }
+    if batch_err.is_none() {
+        batch_err = runs.finish().err();
+    }
+    assert_eq!(
+        batch_err, stream_err,
+        "take_whole and next_packet disagree on the error"
+    );
+    if batch_err.is_none() {
+        assert_eq!(batched, streamed, "take_whole and next_packet disagree");
+    }
+
     match whole {
         Ok(packets) => {
             assert_eq!(

@@ -315,6 +315,21 @@ pub struct NginxOptions {
     /// the relay's streamed pulls too (they ask it not to): a proxy that buffers whatever
     /// the relay says.
     pub ignore_accel_buffering: bool,
+    /// Listen for HTTP/2 without TLS (h2c, prior knowledge) instead of HTTP/1.1; nginx
+    /// still speaks HTTP/1.1 to the relay.
+    pub http2: bool,
+}
+
+impl NginxOptions {
+    /// The example as shipped (buffering off, HTTP/1.1), in front of the relay at `relay`.
+    pub fn example(relay: SocketAddr) -> NginxOptions {
+        NginxOptions {
+            relay,
+            buffering: false,
+            ignore_accel_buffering: false,
+            http2: false,
+        }
+    }
 }
 
 /// nginx in the foreground, single process, running the rendered example.
@@ -351,7 +366,8 @@ pub fn render_nginx_example(
     listen: SocketAddr,
     options: &NginxOptions,
 ) -> io::Result<String> {
-    let text = replace_once(example, "listen 80;", &format!("listen {listen};"))?;
+    let http2 = if options.http2 { " http2" } else { "" };
+    let text = replace_once(example, "listen 80;", &format!("listen {listen}{http2};"))?;
     let text = replace_once(
         &text,
         "server 127.0.0.1:8080;",
@@ -375,7 +391,8 @@ impl Nginx {
             (true, false) => "on",
             (true, true) => "on-always",
         };
-        let dir = parent.join(format!("nginx-buffering-{tag}"));
+        let h2 = if options.http2 { "-h2c" } else { "" };
+        let dir = parent.join(format!("nginx-buffering-{tag}{h2}"));
         let temp = dir.join("temp");
         std::fs::create_dir_all(&temp)?;
         let example = std::fs::read_to_string(workspace_root().join(NGINX_EXAMPLE))?;
@@ -462,6 +479,7 @@ mod tests {
             relay: "127.0.0.1:4002".parse().unwrap(),
             buffering: true,
             ignore_accel_buffering: true,
+            http2: false,
         };
         let out = render_nginx_example(&example, listen, &options).unwrap();
         assert!(out.contains("proxy_ignore_headers X-Accel-Buffering;"));

@@ -4,7 +4,9 @@
 //! shipped example `deploy/nginx/tunnel.conf` (buffering off, on, and on whatever the relay
 //! asks; a 65 s long poll). The session's downstream streams where the path passes a stream
 //! on (squid, nginx unless it buffers regardless) and falls back to polling where it does
-//! not, within the probe deadline; every case checks which mode the client ended in.
+//! not, within the probe deadline; every case checks which mode the client ended in. Over
+//! HTTP/2 (h2c and HTTPS straight to the relay) the session streams upstream too; behind
+//! nginx speaking HTTP/2, which holds request bodies until they end, it keeps pushing.
 //!
 //! Needs squid, tinyproxy, nginx and openssl (Debian packages of the same names; `.ci/run`
 //! installs them) and the binaries: `cargo build --workspace --bins && cargo test -p
@@ -13,7 +15,8 @@
 use std::time::{Duration, Instant};
 
 use tunnel_client::{
-    ClientConfig, ConnectError, Downstream, ProxyConfig, SessionStats, TransportMode, TunnelClient,
+    ClientConfig, ConnectError, Downstream, HttpVersion, ProxyConfig, SessionStats, TransportMode,
+    TunnelClient, Upstream,
 };
 use tunnel_proto::ConnectionConfig;
 use tunnel_tests::inproc::{expect_connect_error, InProcessOptions, InProcessTunnel, SERVER_NAME};
@@ -60,7 +63,7 @@ async fn bulk_exchange_with(
     eprintln!(
         "[report] {case}: {} B up + {} B down, SHA-256 verified both ways, 0 B lost, \
          exchange {:.2?}, with connect {:.2?}; downstream {} ({} streams, {} polls, {} \
-         fall-backs)",
+         fall-backs), upstream {} ({} upstreams, {} fall-backs)",
         report.sent,
         BULK_BYTES,
         report.elapsed,
@@ -68,7 +71,10 @@ async fn bulk_exchange_with(
         stats.downstream,
         stats.streams,
         stats.polls,
-        stats.fallbacks
+        stats.fallbacks,
+        stats.upstream,
+        stats.upstreams,
+        stats.upstream_fallbacks
     );
     stats
 }
@@ -427,6 +433,7 @@ async fn nginx_example_in_front_of_the_relay_with_buffering_on_and_off() {
                 relay: tunnel.relay_http_addr(),
                 buffering,
                 ignore_accel_buffering,
+                http2: false,
             },
         )
         .await
@@ -512,16 +519,9 @@ async fn nginx_example_holds_a_65_second_long_poll() {
     let dir = TestDir::new("nginx-long-poll").unwrap();
     // Keepalives every 200 s: nothing crosses the idle connection during the wait.
     let tunnel = tunnel_for_nginx(LONG_PULL_WAIT, Duration::from_secs(200)).await;
-    let nginx = Nginx::start(
-        dir.path(),
-        &NginxOptions {
-            relay: tunnel.relay_http_addr(),
-            buffering: false,
-            ignore_accel_buffering: false,
-        },
-    )
-    .await
-    .unwrap();
+    let nginx = Nginx::start(dir.path(), &NginxOptions::example(tunnel.relay_http_addr()))
+        .await
+        .unwrap();
     let mut config = tunnel.client_config(&nginx.tunnel_url(tunnel.base_path()));
     config.pull_timeout = LONG_PULL_WAIT + Duration::from_secs(30);
     config.connection.keepalive_interval = Duration::from_secs(200);
@@ -564,4 +564,91 @@ async fn nginx_example_holds_a_65_second_long_poll() {
         report.elapsed,
         started.elapsed()
     );
+}
+
+/// Over HTTP/2 straight to the relay (h2c by prior knowledge, and HTTPS with h2 chosen by
+/// ALPN), the session's packets go up in a streamed upstream: the client ends streaming
+/// both ways, the relay served upstreams and (nearly) no pushes, and the transfer is intact.
+/// `--mode poll` uses pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http2_the_session_streams_upstream() {
+    init_tracing();
+    let dir = TestDir::new("upstream").unwrap();
+    let h2c = InProcessTunnel::start(InProcessOptions::default())
+        .await
+        .unwrap();
+    let (https, ca) = https_tunnel(&dir).await;
+    for (case, tunnel, mode, seed) in [
+        ("h2c, auto", &h2c, TransportMode::Auto, 31),
+        ("HTTPS (h2 by ALPN), auto", &https, TransportMode::Auto, 32),
+        ("h2c, poll", &h2c, TransportMode::Poll, 33),
+    ] {
+        let before = tunnel.relay().metrics();
+        let mut config = tunnel.client_config(&tunnel.relay_url());
+        if tunnel.relay_url().starts_with("https") {
+            config.ca_file = Some(ca.clone());
+        } else {
+            config.http_version = HttpVersion::Http2PriorKnowledge;
+        }
+        config.mode = mode;
+        let stats = bulk_exchange(case, config, seed).await;
+        let after = tunnel.relay().metrics();
+        let upstreams = after.upstreams_total - before.upstreams_total;
+        let pushes = after.pushes_total - before.pushes_total;
+        eprintln!("[report] {case}: relay served {upstreams} upstream(s) and {pushes} push(es)");
+        if mode == TransportMode::Poll {
+            assert_eq!(stats.upstreams, 0, "{case}: {stats:?}");
+            assert_eq!(upstreams, 0, "{case}");
+            assert!(pushes > 0, "{case}");
+            continue;
+        }
+        assert_eq!(stats.downstream, Downstream::Streaming, "{case}: {stats:?}");
+        assert_eq!(stats.upstream, Upstream::Streaming, "{case}: {stats:?}");
+        assert!(stats.upstreams >= 1, "{case}: {stats:?}");
+        assert_eq!(stats.upstream_fallbacks, 0, "{case}: {stats:?}");
+        assert_eq!(
+            upstreams, stats.upstreams,
+            "{case}: relay and client disagree"
+        );
+        // The pushes before the first upstream's headers came, at most.
+        assert!(pushes < 20, "{case}: {pushes} pushes beside the upstream");
+    }
+}
+
+/// nginx speaking HTTP/2 to the client (h2c) in front of the relay, with the shipped
+/// example's defaults: it holds a request body until the body ends, so the streamed
+/// upstream's headers never come; the client keeps pushing, falls back within the probe
+/// deadline, and the transfer is intact. The downstream still streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_over_http2_holds_request_bodies_so_the_session_pushes() {
+    init_tracing();
+    let dir = TestDir::new("nginx-h2").unwrap();
+    let tunnel = tunnel_for_nginx(Duration::from_secs(20), Duration::from_secs(30)).await;
+    let nginx = Nginx::start(
+        dir.path(),
+        &NginxOptions {
+            http2: true,
+            ..NginxOptions::example(tunnel.relay_http_addr())
+        },
+    )
+    .await
+    .unwrap();
+    let mut config = tunnel.client_config(&nginx.tunnel_url(tunnel.base_path()));
+    config.http_version = HttpVersion::Http2PriorKnowledge;
+    config.stream_probe_timeout = PROBE;
+    let case = "nginx over h2c";
+    let client = TunnelClient::new(config).unwrap();
+    // Idle past the probe deadline first: the connection's first packets up ask for an
+    // upstream, which nginx never answers.
+    let stats = bulk_exchange_with(case, &client, 34, PROBE * 2).await;
+    assert_eq!(stats.upstream, Upstream::Pushing, "{case}: {stats:?}");
+    assert!(stats.upstream_fallbacks >= 1, "{case}: {stats:?}");
+    assert_eq!(stats.upstreams, 0, "{case}: {stats:?}");
+    assert_eq!(stats.downstream, Downstream::Streaming, "{case}: {stats:?}");
+    let log = nginx.access_log();
+    assert!(
+        log.contains("HTTP/2.0"),
+        "{case}: nginx did not serve HTTP/2:\n{log}"
+    );
+    assert_eq!(tunnel.relay().metrics().upstreams_total, 0, "{case}");
 }

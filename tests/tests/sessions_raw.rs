@@ -11,6 +11,8 @@
 //! - the session token never appears in the relay's or the broker's log at trace level;
 //! - a streamed pull opens with a packet at once, carries echoes as they come, and ends
 //!   after the pull wait or when a newer pull supersedes it;
+//! - a streamed upstream (HTTP/2) is answered at once, carries packets as they are written,
+//!   sends its answers down the pull, ends with its body and is reset by a malformed packet;
 //! - after the relay is killed and started again on the same ports, a connection is attached
 //!   to a new session with its token once the broker has re-linked, and data flows.
 //!
@@ -715,6 +717,152 @@ async fn a_streamed_pull_carries_packets_as_they_come_and_ends_in_time() {
             setup
                 .relay
                 .metric("tunnel_requests_total{type=\"stream\"}")
+                .await,
+            Some(2)
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The body of a raw streamed upstream: what the test writes into the channel, each write
+/// one DATA frame (or a few, as HTTP/2 splits them), as it comes.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|b| b.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// Opens a streamed upstream of session `s` with `token`: the writer of its body, and the
+/// response (or the error that ended the request).
+async fn open_upstream(
+    s: &RawSession,
+    id: u32,
+    token: Token,
+) -> (
+    tokio::sync::mpsc::Sender<Bytes>,
+    Result<reqwest::Response, reqwest::Error>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let resp = s
+        .request(reqwest::Method::POST, "Type=push&Stream=1", id, token)
+        .body(reqwest::Body::wrap(ChannelBody(rx)))
+        .send()
+        .await;
+    (tx, resp)
+}
+
+/// The streamed upstream (docs/protocol.md §2.3) at the wire, over h2c: the relay answers
+/// its headers before any of the body; packets reach the broker as they are written, a packet
+/// split over two writes once its second half is in; the answers a push would carry (here a
+/// CONN_ABORT for a connection not in the session) come down the pull; the response ends
+/// when the body does; a malformed packet resets it; HTTP/1.1 gets 400 and an unknown
+/// session 404; counted as type=upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_upstream_carries_packets_as_they_are_written() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let setup = EchoSetup::start(&relay_args(&[]), &[], "info").await;
+        let mut raw = Raw::new(&setup.relay.tunnel_url());
+        raw.http = reqwest::Client::builder()
+            .no_proxy()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let s = open_session(&raw).await.unwrap();
+        let conn = s.connect().await.unwrap();
+        s.wait_accepted(&[conn]).await;
+
+        // Headers first, with nothing of the body sent.
+        let started = Instant::now();
+        let (tx, resp) = open_upstream(&s, s.id, s.token).await;
+        let resp = resp.expect("upstream answered");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "headers came after {:?}",
+            started.elapsed()
+        );
+
+        // A whole packet in one write: its echo comes down the pull.
+        tx.send(data(conn, 0, b"streamed up").to_bytes())
+            .await
+            .unwrap();
+        s.pull_until(Vec::new(), Duration::from_secs(5), |g| {
+            has_data(g, conn, b"streamed up")
+        })
+        .await;
+        // A packet split over two writes, the second 300 ms later: nothing is forwarded
+        // until it is whole.
+        let split = data(conn, 1, b"split in two").to_bytes();
+        tx.send(split.slice(..10)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tx.send(split.slice(10..)).await.unwrap();
+        s.pull_until(Vec::new(), Duration::from_secs(5), |g| {
+            has_data(g, conn, b"split in two")
+        })
+        .await;
+        // A connection not in the session: the CONN_ABORT comes down the pull.
+        let stranger = RawConn {
+            id: conn.id ^ 0x4000_0000,
+            token: conn.token,
+        };
+        tx.send(data(stranger, 0, b"who?").to_bytes())
+            .await
+            .unwrap();
+        s.pull_until(Vec::new(), Duration::from_secs(5), |g| {
+            unknown_aborts(g, stranger) == 1
+        })
+        .await;
+        // The body ends: so does the response, empty.
+        drop(tx);
+        let rest = tokio::time::timeout(Duration::from_secs(5), resp.bytes())
+            .await
+            .expect("the upstream's response ended with its body")
+            .expect("ended cleanly");
+        assert!(
+            rest.is_empty(),
+            "an upstream's response carries nothing: {rest:?}"
+        );
+
+        // A malformed packet resets the upstream; the session goes on.
+        let (tx, resp) = open_upstream(&s, s.id, s.token).await;
+        let mut resp = resp.expect("upstream answered");
+        tx.send(Bytes::from_static(&[0xff; 24])).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(5), resp.chunk())
+            .await
+            .expect("the upstream was reset");
+        assert!(
+            ended.is_err(),
+            "a malformed upstream ends in a reset: {ended:?}"
+        );
+        s.echo(conn, 2, b"still here").await;
+
+        // An unknown session: 404. HTTP/1.1: 400.
+        let (_tx, resp) = open_upstream(&s, s.id ^ 1, s.token).await;
+        assert_eq!(resp.unwrap().status(), StatusCode::NOT_FOUND);
+        let h1 = RawSession {
+            raw: Raw::new(&setup.relay.tunnel_url()),
+            ..s.clone()
+        };
+        let (_tx, resp) = open_upstream(&h1, s.id, s.token).await;
+        let resp = resp.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert!(resp.text().await.unwrap().contains("HTTP/2"));
+        assert_eq!(
+            setup
+                .relay
+                .metric("tunnel_requests_total{type=\"upstream\"}")
                 .await,
             Some(2)
         );

@@ -50,6 +50,7 @@ impl SessionKey {
                 pull: relay.session_url("pull", id),
                 stream: relay.session_url("stream", id),
                 push: relay.session_url("push", id),
+                upstream: relay.session_url("upstream", id),
                 close: relay.session_url("close", id),
             },
         }
@@ -65,7 +66,17 @@ struct SessionUrls {
     pull: Url,
     stream: Url,
     push: Url,
+    upstream: Url,
     close: Url,
+}
+
+/// A session the relay opened.
+#[derive(Debug)]
+pub struct OpenedSession {
+    pub id: u32,
+    pub token: Token,
+    /// The answer came over HTTP/2: the path can carry a streamed upstream.
+    pub http2: bool,
 }
 
 /// Why one request did not produce a 200 answer with a readable body.
@@ -529,12 +540,19 @@ impl Relay {
     }
 
     /// URL of a request in session `id`: `Type` and `Session`, plus `ServerName` (and the
-    /// affinity key) on connect. `stream` is a pull with `Stream=1` (docs/protocol.md §2.2).
+    /// affinity key) on connect. `stream` is a pull with `Stream=1` (docs/protocol.md §2.2),
+    /// `upstream` a push with `Stream=1` (§2.3).
     fn session_url(&self, kind: &str, id: u32) -> Url {
+        let streamed = kind == "stream" || kind == "upstream";
         let mut url = self.base.clone();
         {
             let mut q = url.query_pairs_mut();
-            q.append_pair("Type", if kind == "stream" { "pull" } else { kind });
+            let kind = match kind {
+                "stream" => "pull",
+                "upstream" => "push",
+                other => other,
+            };
+            q.append_pair("Type", kind);
             if kind == "connect" {
                 q.append_pair("ServerName", &self.server_name);
                 if let Some(key) = &self.affinity {
@@ -542,25 +560,32 @@ impl Relay {
                 }
             }
             q.append_pair("Session", &id.to_string());
-            if kind == "stream" {
+            if streamed {
                 q.append_pair("Stream", "1");
             }
         }
         url
     }
 
-    /// `POST Type=session` with one SESSION_INIT: the new session's id and token.
-    pub async fn open_session(&self, init: &Packet) -> Result<(u32, Token), RequestError> {
+    /// `POST Type=session` with one SESSION_INIT: the new session's id and token, and
+    /// whether the answer came over HTTP/2.
+    pub async fn open_session(&self, init: &Packet) -> Result<OpenedSession, RequestError> {
         let mut url = self.base.clone();
         url.query_pairs_mut().append_pair("Type", "session");
-        let packets = self.post_packets(url, None, init.to_bytes()).await?;
+        let response = self.post_response(url, init.to_bytes()).await?;
+        let http2 = response.version() == reqwest::Version::HTTP_2;
+        let packets = self.packets_of(response).await?;
         let answer = packets
             .into_iter()
             .find(|p| p.kind == PacketType::SessionInit && p.conn_id != 0)
             .ok_or_else(|| RequestError::BadBody("session answer holds no SESSION_INIT".into()))?;
         let token = tunnel_proto::payload::decode_token(answer.payload)
             .map_err(|e| RequestError::BadBody(format!("session answer: {e}")))?;
-        Ok((answer.conn_id, token))
+        Ok(OpenedSession {
+            id: answer.conn_id,
+            token,
+            http2,
+        })
     }
 
     /// `POST Type=connect` in a session; the answer's packets.
@@ -606,6 +631,39 @@ impl Relay {
         Ok(response)
     }
 
+    /// `POST Type=push&Stream=1` of a session (docs/protocol.md §2.3), over HTTP/2: `body`
+    /// goes up as it is written; the response (200, nothing in it) comes as soon as the
+    /// relay has the request's headers, and ends when the upstream does. No deadline: it
+    /// lives as long as its body (the caller bounds the wait for the headers).
+    pub async fn session_upstream(
+        &self,
+        key: &SessionKey,
+        body: reqwest::Body,
+    ) -> Result<reqwest::Response, RequestError> {
+        // A streamed body can be sent once; should the route fail over (no connection to
+        // the proxy), the retry goes with an empty body, which ends that upstream at once.
+        let body = std::sync::Mutex::new(Some(body));
+        let response = self
+            .send(|client| {
+                let body = body
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .unwrap_or_default();
+                client
+                    .post(key.urls.upstream.clone())
+                    .header(SESSION_TOKEN_HEADER, key.token.to_hex())
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body)
+            })
+            .await?;
+        let status = response.status();
+        if status != StatusCode::OK {
+            return Err(RequestError::Status { status });
+        }
+        Ok(response)
+    }
+
     /// The next bytes of a streamed pull, as they arrive; `None` at its end.
     pub async fn stream_chunk(
         response: &mut reqwest::Response,
@@ -641,17 +699,24 @@ impl Relay {
     /// `POST Type=connect` as [`Relay::connect`], keeping what `--check` reports.
     pub async fn probe_connect(&self, init: &Packet) -> Result<ProbeAnswer, RequestError> {
         let url = self.url("connect", None);
-        let body = init.to_bytes();
-        let response = self
-            .send(|client| {
-                client
-                    .post(url.clone())
-                    .timeout(self.request_timeout)
-                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                    .body(body.clone())
-            })
-            .await?;
+        let response = self.post_response(url, init.to_bytes()).await?;
         Ok(self.probe_answer(response).await)
+    }
+
+    /// POSTs packets without a secret; the response, whatever its status.
+    async fn post_response(
+        &self,
+        url: Url,
+        body: Bytes,
+    ) -> Result<reqwest::Response, RequestError> {
+        self.send(|client| {
+            client
+                .post(url.clone())
+                .timeout(self.request_timeout)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body.clone())
+        })
+        .await
     }
 
     /// `GET Type=pull` as [`Relay::pull`], keeping what `--check` reports.

@@ -64,7 +64,7 @@ pub use connect::{connect, TunnelClient};
 pub use error::ConnectError;
 pub use pac::PacSource;
 pub use proxy_auth::ProxyAuthConfig;
-pub use session::{Downstream, SessionStats, TransportMode};
+pub use session::{Downstream, SessionStats, TransportMode, Upstream};
 pub use tunnel_proto::connection::{Stats, StreamError};
 pub use tunnel_proto::driver::{StreamConfig, TunnelStream};
 pub use tunnel_proto::ConnectionConfig;

@@ -221,6 +221,7 @@ struct Args {
     /// In a session, how the relay's packets come down: `auto` streams them in one
     /// long-lived response where the path delivers it at once and falls back to completed
     /// long polls where a proxy buffers (logged at info); `stream` or `poll` forces one.
+    /// Over HTTP/2, packets up stream too (one long-lived request body) unless `poll`.
     #[arg(long, env = "TUNNEL_CLIENT_MODE", default_value = "auto", value_parser = mode)]
     mode: TransportMode,
 

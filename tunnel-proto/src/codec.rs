@@ -99,6 +99,36 @@ impl Decoder {
         result
     }
 
+    /// The whole packets buffered so far, back to back as they came (empty if none is whole
+    /// yet), for a caller that forwards them as they are and decodes them with
+    /// [`decode_all`]. Only the headers are checked here (sizes, version, type); a bad one
+    /// fails the stream as [`Decoder::next_packet`] would, once the whole packets before it
+    /// are taken.
+    pub fn take_whole(&mut self) -> Result<Bytes, DecodeError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        let mut whole = 0;
+        while self.buf.len() - whole >= HEADER_LEN {
+            match Header::parse(&self.buf[whole..], self.max_packet_size) {
+                Ok(header) if self.buf.len() - whole >= header.size => whole += header.size,
+                Ok(header) => {
+                    self.buf.reserve(header.size - (self.buf.len() - whole));
+                    break;
+                }
+                // The packets before a bad header are handed out first; the next call
+                // fails on it (so errors come in stream order, as with `next_packet`).
+                Err(_) if whole > 0 => break,
+                Err(err) => {
+                    self.failed = Some(err.clone());
+                    self.buf = BytesMut::new();
+                    return Err(err);
+                }
+            }
+        }
+        Ok(self.buf.split_to(whole).freeze())
+    }
+
     /// Call at the end of the stream: an error if a packet was cut off.
     pub fn finish(&self) -> Result<(), DecodeError> {
         if let Some(err) = &self.failed {

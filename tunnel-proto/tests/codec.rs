@@ -1356,3 +1356,39 @@ fn conn_move_request_and_answers_round_trip_and_reject_bad_input() {
     );
     assert!(MoveAnswer::decode(Bytes::new()).is_err());
 }
+
+/// `take_whole` hands out the whole packets buffered, back to back as they came, and keeps a
+/// partial one for later; a bad header fails it only once the packets before it are taken.
+#[test]
+fn take_whole_hands_out_runs_of_whole_packets() {
+    let packets = all_sample_packets();
+    let body = encode_all(&packets);
+    let first_two = packets[0].wire_len() + packets[1].wire_len();
+    let mut d = Decoder::default();
+    d.feed(&body[..first_two + 3]);
+    let run = d.take_whole().unwrap();
+    assert_eq!(
+        &run[..],
+        &body[..first_two],
+        "the wire bytes of the whole packets"
+    );
+    assert_eq!(
+        decode_all(run, DEFAULT_MAX_PACKET_SIZE).unwrap(),
+        packets[..2]
+    );
+    assert!(d.take_whole().unwrap().is_empty(), "a partial packet waits");
+    d.feed(&body[first_two + 3..]);
+    let rest = d.take_whole().unwrap();
+    assert_eq!(
+        decode_all(rest, DEFAULT_MAX_PACKET_SIZE).unwrap(),
+        packets[2..]
+    );
+    d.finish().unwrap();
+
+    let mut d = Decoder::default();
+    d.feed(&packets[0].to_bytes());
+    d.feed(&[0xff; HEADER_LEN]);
+    assert_eq!(d.take_whole().unwrap(), packets[0].to_bytes());
+    assert!(matches!(d.take_whole(), Err(DecodeError::BadVersion(_))));
+    assert!(d.take_whole().is_err(), "the stream stays failed");
+}

@@ -28,12 +28,14 @@ use crate::query::{self, Kind};
 use crate::sender::SendError;
 use crate::session_http::{self as session, SessionKey};
 use crate::session_stream::SessionStream;
+use crate::session_upstream::SessionUpstream;
 use crate::state::Shared;
 use crate::status::StatusSnapshot;
 use crate::table::{NoPlace, Waiter, Wake};
 
-/// Every response's body: whole, or a streamed pull (docs/protocol.md §2.2).
-pub(crate) type Body = Either<Full<Bytes>, SessionStream>;
+/// Every response's body: whole, a streamed pull (docs/protocol.md §2.2), or the empty body
+/// that reads a streamed upstream (§2.3).
+pub(crate) type Body = Either<Full<Bytes>, Either<SessionStream, SessionUpstream>>;
 
 /// A response of `status` with `body` of `content_type`, never cached: every answer of the
 /// relay is about one moment.
@@ -165,6 +167,9 @@ async fn tunnel(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) 
         return match kind {
             Kind::Close if method == Method::POST => session::close(shared, key),
             Kind::Close => error(StatusCode::METHOD_NOT_ALLOWED, "close must be a POST"),
+            Kind::Push if method == Method::POST && params.stream => {
+                session::upstream(req, shared, key)
+            }
             Kind::Push if method == Method::POST => session::push(req, shared, key).await,
             Kind::Push => error(StatusCode::METHOD_NOT_ALLOWED, "push must be a POST"),
             Kind::Pull if method == Method::GET && params.stream => session::stream(shared, key),

@@ -31,6 +31,7 @@ mod sender;
 mod session;
 mod session_http;
 mod session_stream;
+mod session_upstream;
 mod state;
 pub mod status;
 mod status_html;

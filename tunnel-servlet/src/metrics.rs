@@ -76,6 +76,7 @@ pub struct Metrics {
     pushes_total: AtomicU64,
     pulls_total: AtomicU64,
     streams_total: AtomicU64,
+    upstreams_total: AtomicU64,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
     packets_dropped: AtomicU64,
@@ -116,6 +117,8 @@ pub struct MetricsSnapshot {
     pub pulls_total: u64,
     /// Streamed pulls served (docs/protocol.md §2.2).
     pub streams_total: u64,
+    /// Streamed upstreams served (docs/protocol.md §2.3).
+    pub upstreams_total: u64,
     /// Bytes of packets received in push bodies.
     pub bytes_up: u64,
     /// Bytes of packets sent in push and pull responses.
@@ -170,6 +173,13 @@ impl Metrics {
     pub(crate) fn stream(&self) {
         bump(&self.pulls_total, 1);
         bump(&self.streams_total, 1);
+    }
+    pub(crate) fn upstream(&self) {
+        bump(&self.upstreams_total, 1);
+    }
+    /// Bytes of packets received in a streamed upstream.
+    pub(crate) fn received_up(&self, bytes: usize) {
+        bump(&self.bytes_up, bytes as u64);
     }
     pub(crate) fn sent_down(&self, bytes: usize) {
         bump(&self.bytes_down, bytes as u64);
@@ -229,6 +239,7 @@ impl Metrics {
             pushes_total: get(&self.pushes_total),
             pulls_total: get(&self.pulls_total),
             streams_total: get(&self.streams_total),
+            upstreams_total: get(&self.upstreams_total),
             bytes_up: get(&self.bytes_up),
             bytes_down: get(&self.bytes_down),
             packets_dropped: get(&self.packets_dropped),
@@ -323,11 +334,12 @@ impl MetricsSnapshot {
             "tunnel_requests_total",
             "counter",
             "Push and pull requests served, by type (stream: the pulls that were streamed, \
-             also counted as pull).",
+             also counted as pull; upstream: the streamed pushes, not counted as push).",
             [
                 (labels(&[("type", "push")]), self.pushes_total),
                 (labels(&[("type", "pull")]), self.pulls_total),
                 (labels(&[("type", "stream")]), self.streams_total),
+                (labels(&[("type", "upstream")]), self.upstreams_total),
             ],
         );
         family(

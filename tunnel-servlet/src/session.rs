@@ -12,12 +12,17 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use tunnel_proto::Token;
 
 use crate::table::{Waiter, Wake};
 
 /// Most bytes one connection adds to a session answer per visit (at least one packet).
 pub(crate) const VISIT_LIMIT: usize = 64 * 1024;
+
+/// Most bytes of answers to a streamed upstream's packets waiting for the session's pull
+/// (about 200 CONN_ABORTs); past it answers are dropped, and the client asks again.
+pub(crate) const MAX_ANSWERS: usize = 16 * 1024;
 
 /// One session.
 pub(crate) struct Session {
@@ -32,6 +37,10 @@ pub(crate) struct Session {
     pub(crate) ready: VecDeque<u32>,
     /// The held pull or stream, if any; a newer pull supersedes it.
     pub(crate) waiter: Option<Waiter>,
+    /// Answers to packets of a streamed upstream (ATTACH answers, CONN_ABORTs, last words),
+    /// which has no response of its own to carry them: the next pull hands them out first.
+    /// At most [`MAX_ANSWERS`] bytes.
+    pub(crate) answers: BytesMut,
     /// The id of the newest pull or stream of the session (`Table::next_id`, growing with
     /// time): an older one that is not waiting when a newer one arrives finds out here.
     newest_pull: u64,
@@ -53,6 +62,7 @@ impl Session {
             released: 0,
             ready: VecDeque::new(),
             waiter: None,
+            answers: BytesMut::new(),
             newest_pull: 0,
             queued_bytes: 0,
             last_activity: now,

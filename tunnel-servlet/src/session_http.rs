@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode, Version};
 use tokio::sync::oneshot;
 use tunnel_proto::payload::{encode_reason, encode_token, Attach, SessionRequest};
 use tunnel_proto::warn_limit::WarningLimit;
@@ -25,6 +25,7 @@ use crate::metrics::SessionRejectReason;
 use crate::sender::LinkSender;
 use crate::session::AttachOutcome;
 use crate::session_stream::SessionStream;
+use crate::session_upstream::SessionUpstream;
 use crate::state::Shared;
 use crate::table::{Waiter, Wake};
 
@@ -184,7 +185,7 @@ pub(crate) fn stream(shared: &Arc<Shared>, key: SessionKey) -> Response<Body> {
         return unknown();
     };
     shared.metrics.stream();
-    let mut resp = Response::new(Either::Right(body));
+    let mut resp = Response::new(Either::Right(Either::Left(body)));
     let headers = resp.headers_mut();
     headers.insert(
         CONTENT_TYPE,
@@ -194,6 +195,35 @@ pub(crate) fn stream(shared: &Arc<Shared>, key: SessionKey) -> Response<Body> {
     // Asks nginx not to buffer this response (a proxy that ignores it is detected by the
     // client, which then polls).
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// `POST ?Type=push&Session=N&Stream=1`: a streamed upstream (docs/protocol.md §2.3), over
+/// HTTP/2 only; 404 for an unknown session.
+pub(crate) fn upstream(
+    req: Request<Incoming>,
+    shared: &Arc<Shared>,
+    key: SessionKey,
+) -> Response<Body> {
+    if req.version() != Version::HTTP_2 {
+        return error(StatusCode::BAD_REQUEST, "a streamed push needs HTTP/2");
+    }
+    if shared
+        .table()
+        .session_mut(key.id, &key.token, Instant::now())
+        .is_none()
+    {
+        return unknown();
+    }
+    shared.metrics.upstream();
+    let body = SessionUpstream::new(shared.clone(), key, req.into_body());
+    let mut resp = Response::new(Either::Right(Either::Right(body)));
+    let headers = resp.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
@@ -231,25 +261,75 @@ fn check_push(list: &[Packet]) -> Result<Vec<(u32, Attach)>, &'static str> {
     Ok(attaches)
 }
 
-/// `POST ?Type=push&Session=N`: ATTACHes first, then the other packets to the links of their
-/// connections, each link's in body order. The answer: the ATTACHes' answers, a CONN_ABORT
-/// per connection not in the session, the last word of ended connections pushed to, then
-/// queued packets of the session, filled fairly.
+/// `POST ?Type=push&Session=N`: the body's packets applied ([`apply_push`]). The answer:
+/// the ATTACHes' answers, a CONN_ABORT per connection not in the session, the last word of
+/// ended connections pushed to, then queued packets of the session, filled fairly.
 pub(crate) async fn push(
     req: Request<Incoming>,
     shared: &Shared,
     key: SessionKey,
 ) -> Response<Body> {
-    let config = &shared.config;
     let (body, list) = match read_push_body(req, shared).await {
         Ok(read) => read,
         Err(resp) => return resp,
     };
+    shared.metrics.push(body.len());
+    let answer = match apply_push(shared, key, body, list).await {
+        Ok(answer) => answer,
+        Err(refused) => return refused.response(),
+    };
+    let out = shared
+        .table()
+        .drain_session(key.id, answer, shared.config.response_limit);
+    shared.metrics.sent_down(out.len());
+    packets(out)
+}
+
+/// Why pushed packets were not applied.
+#[derive(Debug)]
+pub(crate) enum PushRefused {
+    /// The packets break a rule of session pushes (400).
+    Malformed(&'static str),
+    /// No such session, or a wrong token (404).
+    UnknownSession,
+    /// A broker link did not take them in time (503).
+    LinkBusy(&'static str),
+}
+
+impl PushRefused {
+    pub(crate) fn response(&self) -> Response<Body> {
+        match self {
+            PushRefused::Malformed(why) => error(StatusCode::BAD_REQUEST, why),
+            PushRefused::UnknownSession => unknown(),
+            PushRefused::LinkBusy(why) => error(StatusCode::SERVICE_UNAVAILABLE, why),
+        }
+    }
+
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            PushRefused::Malformed(why) | PushRefused::LinkBusy(why) => why,
+            PushRefused::UnknownSession => "unknown session",
+        }
+    }
+}
+
+/// Applies packets pushed in session `key` (a push body, or a run of a streamed upstream;
+/// `body` is `list` back to back): ATTACHes first, then the other packets to the links of
+/// their connections, each link's in body order. Returns the answers: the ATTACHes', a
+/// CONN_ABORT per connection not in the session, and the last word of ended connections
+/// pushed to.
+pub(crate) async fn apply_push(
+    shared: &Shared,
+    key: SessionKey,
+    body: Bytes,
+    list: Vec<Packet>,
+) -> Result<BytesMut, PushRefused> {
+    let config = &shared.config;
     let attaches = match check_push(&list) {
         Ok(attaches) => attaches,
         Err(why) => {
             tracing::debug!(session = key.id, why, "session push refused");
-            return error(StatusCode::BAD_REQUEST, why);
+            return Err(PushRefused::Malformed(why));
         }
     };
     let now = Instant::now();
@@ -264,7 +344,7 @@ pub(crate) async fn push(
     {
         let mut table = shared.table();
         if table.session_mut(key.id, &key.token, now).is_none() {
-            return unknown();
+            return Err(PushRefused::UnknownSession);
         }
         for (id, attach) in &attaches {
             let abort = |reason| Packet::new(PacketType::ConnAbort, *id, encode_reason(reason));
@@ -346,7 +426,6 @@ pub(crate) async fn push(
             }
         }
     }
-    shared.metrics.push(body.len());
     // Best effort: a lost question is asked again at the client's next ATTACH.
     for (sender, ask) in move_asks {
         if sender.try_send_packet(&ask).is_err() {
@@ -367,7 +446,7 @@ pub(crate) async fn push(
             bytes.freeze()
         };
         if let Err(err) = to_link.sender.send(bytes, config.link_send_timeout).await {
-            return error(StatusCode::SERVICE_UNAVAILABLE, link_error_text(err));
+            return Err(PushRefused::LinkBusy(link_error_text(err)));
         }
     }
     let mut table = shared.table();
@@ -379,8 +458,5 @@ pub(crate) async fn push(
             word.encode(&mut answer);
         }
     }
-    let out = table.drain_session(key.id, answer, config.response_limit);
-    drop(table);
-    shared.metrics.sent_down(out.len());
-    packets(out)
+    Ok(answer)
 }

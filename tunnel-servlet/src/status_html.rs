@@ -218,8 +218,8 @@ impl StatusSnapshot {
             (
                 "Requests",
                 format!(
-                    "{} pushes, {} pulls ({} streamed)",
-                    t.pushes_total, t.pulls_total, t.streams_total
+                    "{} pushes, {} streamed upstreams, {} pulls ({} streamed)",
+                    t.pushes_total, t.upstreams_total, t.pulls_total, t.streams_total
                 ),
             ),
             (

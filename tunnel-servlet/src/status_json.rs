@@ -148,6 +148,7 @@ impl StatusSnapshot {
             .num("pushes_total", t.pushes_total)
             .num("pulls_total", t.pulls_total)
             .num("streams_total", t.streams_total)
+            .num("upstreams_total", t.upstreams_total)
             .num("bytes_up", t.bytes_up)
             .num("bytes_down", t.bytes_down)
             .num("packets_dropped", t.packets_dropped)

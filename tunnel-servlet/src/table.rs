@@ -1619,18 +1619,44 @@ impl Table {
         entry.ending.as_ref()?.last_word.as_deref().cloned()
     }
 
-    /// Whether session `sid` has connections with packets to hand out.
+    /// Whether session `sid` has answers or connections with packets to hand out.
     pub(crate) fn session_has_ready(&self, sid: u32) -> bool {
-        self.sessions.get(&sid).is_some_and(|s| !s.ready.is_empty())
+        self.sessions
+            .get(&sid)
+            .is_some_and(|s| !s.ready.is_empty() || !s.answers.is_empty())
+    }
+
+    /// Queues answers to packets of session `sid`'s streamed upstream for its pull, and wakes
+    /// the pull. Past [`MAX_ANSWERS`](crate::session::MAX_ANSWERS) they are dropped: the
+    /// client asks again (an ATTACH is re-sent until answered, a packet of an unknown
+    /// connection is retransmitted).
+    pub(crate) fn queue_session_answers(&mut self, sid: u32, answers: &[u8]) {
+        let Some(session) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        if session.answers.len() + answers.len() > crate::session::MAX_ANSWERS {
+            tracing::debug!(
+                session = sid,
+                bytes = answers.len(),
+                "answers to the session's upstream not fetched; dropped"
+            );
+            return;
+        }
+        session.answers.extend_from_slice(answers);
+        session.wake(Wake::Data);
     }
 
     /// Fills a session answer fairly: visits the ready connections in turn, at most
     /// [`VISIT_LIMIT`] bytes (at least one packet) each per visit, until `limit` bytes (at
     /// least one packet) or nothing is left. A connection with more goes to the back of the
     /// list; one whose next packet does not fit keeps its place at the front.
-    /// `out` holds what the answer carries already (a push's answers to its ATTACHes).
+    /// `out` holds what the answer carries already (a push's answers to its ATTACHes); the
+    /// answers queued for the session's upstream go next.
     pub(crate) fn drain_session(&mut self, sid: u32, mut out: BytesMut, limit: usize) -> Bytes {
         let now = Instant::now();
+        if let Some(session) = self.sessions.get_mut(&sid) {
+            out.extend_from_slice(&session.answers.split());
+        }
         // Every turn takes a packet or shortens the list, so this ends; the bound is a
         // second guard.
         let most_turns = self.sessions.get(&sid).map_or(0, |s| s.ready.len()) + limit;

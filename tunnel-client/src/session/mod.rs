@@ -9,6 +9,8 @@
 //! - [`pull`]: the loop that keeps the session's one pull held and dispatches what comes back.
 //! - [`open`]: opening a connection in the session.
 //! - [`mode`]: whether the pull loop streams or polls (docs/protocol.md §2.2).
+//! - [`upstream`]: the streamed upstream that carries the pusher's batches over HTTP/2
+//!   (§2.3).
 //!
 //! Session state at the relay is soft. When a request is answered 404 the session is
 //! forgotten here too ([`ClientSession::forget`]); the next request opens a new one, and the
@@ -21,6 +23,7 @@ mod outbox;
 mod pull;
 mod pusher;
 mod registry;
+mod upstream;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,6 +44,8 @@ pub use mode::{Downstream, SessionStats, TransportMode};
 pub(crate) use open::connect;
 use outbox::Outbox;
 use registry::Registry;
+pub use upstream::Upstream;
+use upstream::UpstreamState;
 
 /// The session of one `TunnelClient` and everything its connections share.
 pub(crate) struct ClientSession {
@@ -77,6 +82,8 @@ pub(crate) struct ClientSession {
     idle_wake: Notify,
     /// Whether the pull loop streams or polls.
     mode: ModeChoice,
+    /// The streamed upstream, where the path speaks HTTP/2.
+    upstream: UpstreamState,
 }
 
 /// The `TunnelClient`s' share of a session: when the last clone is dropped, the session is
@@ -119,13 +126,19 @@ impl ClientSession {
             abandoned: AtomicBool::new(false),
             idle_wake: Notify::new(),
             mode: ModeChoice::new(config.mode, config.stream_reprobe_interval),
+            upstream: UpstreamState::default(),
             config,
         }
     }
 
-    /// How the session's downstream went so far.
+    /// How the session's downstream and upstream went so far.
     pub(crate) fn stats(&self) -> SessionStats {
-        self.mode.stats()
+        SessionStats {
+            upstream: self.upstream.current(),
+            upstreams: self.upstream.opened(),
+            upstream_fallbacks: self.upstream.fallbacks(),
+            ..self.mode.stats()
+        }
     }
 
     /// Whether the relay turned sessions down (the client then opens connections with the
@@ -156,7 +169,7 @@ impl ClientSession {
             idle_timeout_ms: u32::try_from(allowance.as_millis()).unwrap_or(u32::MAX),
         };
         let init = Packet::new(PacketType::SessionInit, 0, request.encode());
-        let (id, token) = match self.relay.open_session(&init).await {
+        let opened = match self.relay.open_session(&init).await {
             Ok(opened) => opened,
             Err(e) => {
                 if e.status() == Some(reqwest::StatusCode::BAD_REQUEST)
@@ -168,8 +181,10 @@ impl ClientSession {
                 return Err(e);
             }
         };
+        let id = opened.id;
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        let key = Arc::new(SessionKey::new(&self.relay, id, token, generation));
+        let key = Arc::new(SessionKey::new(&self.relay, id, opened.token, generation));
+        self.upstream.set_http2(opened.http2);
         *self.key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key.clone());
         if generation > 1 {
             let count = self.lock_registry().note_new_session();

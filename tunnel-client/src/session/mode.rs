@@ -57,6 +57,13 @@ pub struct SessionStats {
     pub polls: u64,
     /// Times a stream was found buffered and the session fell back to polling.
     pub fallbacks: u64,
+    /// How the session's packets go up now (docs/protocol.md §2.3).
+    pub upstream: super::Upstream,
+    /// Streamed upstreams opened.
+    pub upstreams: u64,
+    /// Times a streamed upstream got no answer in time (or was refused) and the session
+    /// kept pushing.
+    pub upstream_fallbacks: u64,
 }
 
 /// The session's choice of downstream mode.
@@ -174,6 +181,9 @@ impl ModeChoice {
             streams: self.streams.load(Ordering::Relaxed),
             polls: self.polls.load(Ordering::Relaxed),
             fallbacks: self.fallbacks.load(Ordering::Relaxed),
+            upstream: super::Upstream::Pushing,
+            upstreams: 0,
+            upstream_fallbacks: 0,
         }
     }
 }

@@ -1,6 +1,7 @@
-//! The session's pusher: one task that turns the outbox into push requests, batched across
-//! connections up to `max_push_body`, at most `max_pushes_in_flight` at once, and puts the
-//! ATTACHes a new session needs in front of them.
+//! The session's pusher: one task that turns the outbox into batches across connections, up
+//! to `max_push_body` each, and puts the ATTACHes a new session needs in front of them. A
+//! batch goes down the session's streamed upstream when one is open (HTTP/2,
+//! [`super::upstream`]), else in a push request, at most `max_pushes_in_flight` at once.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -15,6 +16,7 @@ use tunnel_proto::payload::Attach;
 use tunnel_proto::warn_limit::WarningLimit;
 use tunnel_proto::{Packet, PacketType};
 
+use super::upstream::{Upstream, UpstreamSlot};
 use super::ClientSession;
 use crate::http::{Failure, SessionKey};
 
@@ -38,18 +40,15 @@ impl PacketSink for SessionSink {
         Box::pin(async move {
             let session = &self.session;
             session.outbox.put(packets).await;
-            // A free push slot and a session: push from here, one task switch sooner than the
-            // pusher would (this is the latency of an interactive connection). Otherwise, or
-            // if packets are left, the pusher takes over.
+            // A free slot (in the upstream, or for a push) and a session: send from here, one
+            // task switch sooner than the pusher would (this is the latency of an interactive
+            // connection). Otherwise, or if packets are left, the pusher takes over.
             let mut attaches_pending = false;
-            if let (Some(key), Ok(permit)) = (
-                session.current(),
-                session.push_slots.clone().try_acquire_owned(),
-            ) {
-                let (body, attach_at) = build_body(session, &key);
-                attaches_pending = attach_at.is_some();
-                if !body.is_empty() {
-                    tokio::spawn(push(session.clone(), key, body, permit));
+            if let Some(key) = session.current() {
+                if let Some(slot) = Slot::try_take(session, &key) {
+                    let (body, attach_at) = build_body(session, &key);
+                    attaches_pending = attach_at.is_some();
+                    slot.send(session, key, body);
                 }
             }
             // The pusher also keeps the clock of unanswered ATTACHes.
@@ -81,19 +80,16 @@ pub(super) async fn run(session: Weak<ClientSession>, wake: Arc<Notify>, slots: 
             }
             continue;
         }
-        let Ok(permit) = slots.clone().acquire_owned().await else {
+        let Some(strong) = session.upgrade() else {
             return;
         };
-        let Some(session) = session.upgrade() else {
-            return;
-        };
-        let key = match session.key().await {
+        let key = match strong.key().await {
             Ok(key) => {
                 open_backoff = None;
                 key
             }
             Err(error) => {
-                drop(permit);
+                let session = strong;
                 session.note_failure(&error, "opening a session for a push");
                 let config = &session.config;
                 let delay = open_backoff
@@ -104,12 +100,63 @@ pub(super) async fn run(session: Weak<ClientSession>, wake: Arc<Notify>, slots: 
                 continue;
             }
         };
+        // Wait for a slot without keeping the session alive.
+        strong.want_upstream(&key);
+        let upstream = strong.upstream.waiting_slot(&key);
+        drop(strong);
+        let slot = match upstream {
+            Some(waiting) => match waiting.wait().await {
+                Some(slot) => Slot::Upstream(slot),
+                // The upstream ended meanwhile: look again.
+                None => continue,
+            },
+            None => match slots.clone().acquire_owned().await {
+                Ok(permit) => Slot::Push(permit),
+                Err(_) => return,
+            },
+        };
+        let Some(session) = session.upgrade() else {
+            return;
+        };
         let (body, attach_at) = build_body(&session, &key);
         next_attach = attach_at;
-        if body.is_empty() {
-            continue;
+        slot.send(&session, key, body);
+    }
+}
+
+/// Where the next batch goes: the open streamed upstream, or a push request.
+enum Slot {
+    Upstream(UpstreamSlot),
+    Push(OwnedSemaphorePermit),
+}
+
+impl Slot {
+    /// A slot free now: in the session's open upstream if it has one (and room), else for a
+    /// push. Asks for an upstream if the session should have one.
+    fn try_take(session: &Arc<ClientSession>, key: &Arc<SessionKey>) -> Option<Slot> {
+        session.want_upstream(key);
+        if session.upstream.current() == Upstream::Streaming {
+            return session.upstream.try_slot(key).map(Slot::Upstream);
         }
-        tokio::spawn(push(session, key, body, permit));
+        session
+            .push_slots
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(Slot::Push)
+    }
+
+    /// Sends `body` (nothing if it is empty).
+    fn send(self, session: &Arc<ClientSession>, key: Arc<SessionKey>, body: Bytes) {
+        if body.is_empty() {
+            return;
+        }
+        match self {
+            Slot::Upstream(slot) => slot.send(body),
+            Slot::Push(permit) => {
+                tokio::spawn(push(session.clone(), key, body, permit));
+            }
+        }
     }
 }
 
