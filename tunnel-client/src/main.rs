@@ -225,6 +225,11 @@ struct Args {
     #[arg(long, env = "TUNNEL_CLIENT_MODE", default_value = "auto", value_parser = mode)]
     mode: TransportMode,
 
+    /// Over HTTP/2: push every batch in a request of its own instead of streaming packets up
+    /// in one long-lived request body.
+    #[arg(long, env = "TUNNEL_CLIENT_NO_STREAM_UPSTREAM")]
+    no_stream_upstream: bool,
+
     /// In `auto` mode: how long a streamed response may take to deliver its first bytes
     /// before the path is taken to buffer and the session polls.
     #[arg(long, env = "TUNNEL_CLIENT_STREAM_PROBE_TIMEOUT", default_value = "2s", value_parser = duration)]
@@ -326,6 +331,7 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
         tcp_connect_timeout: args.tcp_connect_timeout,
         affinity: args.affinity.clone(),
         session: !args.no_session,
+        stream_upstream: !args.no_stream_upstream,
         mode: args.mode,
         stream_probe_timeout: args.stream_probe_timeout,
         max_connects_in_flight: args.max_connects_in_flight.max(1),

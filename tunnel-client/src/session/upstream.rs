@@ -3,7 +3,8 @@
 //! each.
 //!
 //! - Only over HTTP/2 (the session's opening answer says which version the path speaks),
-//!   and not in [`TransportMode::Poll`](super::TransportMode::Poll).
+//!   not in [`TransportMode::Poll`](super::TransportMode::Poll), and not with
+//!   `ClientConfig::stream_upstream` off.
 //! - The relay answers an upstream's headers at once. Until they come, batches keep going in
 //!   pushes; once they come, batches go down the upstream. Headers that miss the probe
 //!   deadline mean the path holds request bodies back (a proxy that buffers them, or a relay
@@ -38,6 +39,9 @@ pub(crate) const UPSTREAM_LIMIT: usize = 64 * 1024 * 1024;
 
 /// Batches queued for an upstream's body (each at most `max_push_body`).
 const QUEUED_BATCHES: usize = 4;
+
+/// How long after an upstream request failed without an answer the next one may be tried.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 /// How often an open upstream checks whether it is idle or full.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -203,10 +207,19 @@ impl ClientSession {
     pub(super) fn want_upstream(self: &Arc<Self>, key: &Arc<SessionKey>) {
         let state = &self.upstream;
         if self.config.mode == super::TransportMode::Poll
+            || !self.config.stream_upstream
             || !state.http2.load(Ordering::Relaxed)
-            || state.lock_open().is_some()
         {
             return;
+        }
+        {
+            let mut open = state.lock_open();
+            match open.as_ref() {
+                Some(o) if o.generation == key.generation => return,
+                // Opened in a session the relay has forgotten: let it end.
+                Some(_) => *open = None,
+                None => {}
+            }
         }
         if let Some(until) = *state
             .pushing_until
@@ -333,10 +346,17 @@ fn upstream_refused(session: &ClientSession, key: &SessionKey, error: &RequestEr
             format!("a streamed upstream was refused ({error}); the session pushes, and tries again in {interval:?}")
         });
     } else {
+        // The path failed (the pushes see it too): not a verdict on streaming, but no new
+        // attempt for a second, so an outage does not make one per batch.
         tracing::debug!(
             session = key.id,
             "opening a session upstream failed: {error}"
         );
+        *session
+            .upstream
+            .pushing_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + RETRY_AFTER_FAILURE);
     }
 }
 
