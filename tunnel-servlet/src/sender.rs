@@ -115,6 +115,7 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
     let dead_after = keepalive * 3;
     let keepalive_packet = Packet::new(PacketType::NoOp, 0, Bytes::new()).to_bytes();
     let mut batch = BytesMut::new();
+    let mut parts: Vec<Bytes> = Vec::new();
     loop {
         let first = tokio::select! {
             _ = crate::state::stopped(&mut closed_rx) => break,
@@ -122,15 +123,17 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
         };
         let mut permits = Vec::new();
         match first {
-            Err(_) => batch.extend_from_slice(&keepalive_packet),
+            Err(_) => parts.push(keepalive_packet.clone()),
             Ok(None) => break,
             Ok(Some(chunk)) => {
-                batch.extend_from_slice(&chunk.bytes);
+                let mut queued = chunk.bytes.len();
+                parts.push(chunk.bytes);
                 permits.push(chunk.permit);
-                while batch.len() < COALESCE_LIMIT {
+                while queued < COALESCE_LIMIT {
                     match queue.rx.try_recv() {
                         Ok(chunk) => {
-                            batch.extend_from_slice(&chunk.bytes);
+                            queued += chunk.bytes.len();
+                            parts.push(chunk.bytes);
                             permits.push(chunk.permit);
                         }
                         Err(_) => break,
@@ -138,7 +141,18 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
                 }
             }
         }
-        match tokio::time::timeout(dead_after, io.write_all(&batch)).await {
+        // One chunk (a whole push body, say) is written as it is; several are copied into
+        // one buffer first, so that they leave in one write. A profile of a bulk upload
+        // found this copy at a tenth of the relay's time when it was made for every chunk.
+        let bytes: &[u8] = if parts.len() == 1 {
+            &parts[0]
+        } else {
+            for part in &parts {
+                batch.extend_from_slice(part);
+            }
+            &batch
+        };
+        match tokio::time::timeout(dead_after, io.write_all(bytes)).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
                 tracing::debug!(error = %err, "link write failed");
@@ -149,10 +163,11 @@ pub(crate) async fn run_writer<W: AsyncWrite + Unpin>(
                 break;
             }
         }
+        parts.clear();
         batch.clear();
         drop(permits);
         if batch.capacity() > COALESCE_LIMIT * 4 {
-            // One huge chunk went through; do not keep its buffer around.
+            // A huge batch went through; do not keep its buffer around.
             batch = BytesMut::new();
         }
     }
