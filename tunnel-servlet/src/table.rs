@@ -2271,6 +2271,48 @@ mod tests {
         );
     }
 
+    /// Answers to a streamed upstream's packets wake the session's pull, go out first in its
+    /// next answer, and are bounded: past the bound they are dropped (the client asks again).
+    #[test]
+    fn upstream_answers_go_first_wake_the_pull_and_are_bounded() {
+        let (mut table, sid, ids) = session_with(1);
+        let limits = QueueLimits {
+            limit: 1000,
+            control_slack: 100,
+            session_limit: 1500,
+        };
+        assert_eq!(
+            table.enqueue(ids[0], data_of(ids[0], 100), limits, false),
+            Admit::Queued
+        );
+        let (tx, mut rx) = oneshot::channel();
+        table.sessions.get_mut(&sid).unwrap().waiter = Some(Waiter { id: 1, tx });
+        let abort = Packet::new(PacketType::ConnAbort, 77, Bytes::from_static(b"x")).to_bytes();
+        table.queue_session_answers(sid, &abort);
+        assert!(matches!(rx.try_recv(), Ok(Wake::Data)), "the pull is woken");
+        let out = table.drain_session(sid, BytesMut::new(), 1 << 20);
+        let packets = tunnel_proto::decode_all(out, 1 << 20).unwrap();
+        assert_eq!(packets.len(), 2);
+        assert_eq!(
+            (packets[0].kind, packets[0].conn_id),
+            (PacketType::ConnAbort, 77)
+        );
+        assert_eq!(packets[1].conn_id, ids[0]);
+        assert!(!table.session_has_ready(sid));
+
+        let big = vec![0u8; crate::session::MAX_ANSWERS];
+        table.queue_session_answers(sid, &big);
+        assert!(table.session_has_ready(sid));
+        table.queue_session_answers(sid, &abort);
+        assert_eq!(
+            table.sessions[&sid].answers.len(),
+            crate::session::MAX_ANSWERS,
+            "past the bound, answers are dropped"
+        );
+        // An unknown session: nothing happens.
+        table.queue_session_answers(sid ^ 1, &abort);
+    }
+
     #[test]
     fn the_session_limit_and_tokens() {
         let mut table = Table::new(Arc::new(Metrics::default()));
