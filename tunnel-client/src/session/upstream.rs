@@ -34,7 +34,8 @@ use crate::http::{Failure, Relay, RequestError, SessionKey};
 pub(crate) const UPSTREAM_IDLE: Duration = Duration::from_secs(10);
 
 /// Bytes after which an upstream is ended and the next batch opens a new one (a bound for
-/// proxies that count a request's size).
+/// proxies that count a request's size). Checked every [`CHECK_EVERY`], so a fast upstream
+/// may carry a second's worth more.
 pub(crate) const UPSTREAM_LIMIT: usize = 64 * 1024 * 1024;
 
 /// Batches queued for an upstream's body (each at most `max_push_body`).
