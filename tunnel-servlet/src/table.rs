@@ -2083,6 +2083,14 @@ mod tests {
     }
 
     /// A table with a linked "s" and session `sid` holding `n` connections.
+    /// Queue bounds small enough for a session test to reach: 1000 bytes a connection (100
+    /// more for control packets), 1500 for the whole session.
+    const SESSION_TEST_LIMITS: QueueLimits = QueueLimits {
+        limit: 1000,
+        control_slack: 100,
+        session_limit: 1500,
+    };
+
     fn session_with(n: usize) -> (Table, u32, Vec<u32>) {
         let mut table = Table::new(Arc::new(Metrics::default()));
         let _link = link(&mut table, "s");
@@ -2245,11 +2253,7 @@ mod tests {
     #[test]
     fn the_session_queue_is_bounded_as_a_whole() {
         let (mut table, sid, ids) = session_with(2);
-        let limits = QueueLimits {
-            limit: 1000,
-            control_slack: 100,
-            session_limit: 1500,
-        };
+        let limits = SESSION_TEST_LIMITS;
         assert_eq!(
             table.enqueue(ids[0], data_of(ids[0], 876), limits, false),
             Admit::Queued
@@ -2276,11 +2280,7 @@ mod tests {
     #[test]
     fn upstream_answers_go_first_wake_the_pull_and_are_bounded() {
         let (mut table, sid, ids) = session_with(1);
-        let limits = QueueLimits {
-            limit: 1000,
-            control_slack: 100,
-            session_limit: 1500,
-        };
+        let limits = SESSION_TEST_LIMITS;
         assert_eq!(
             table.enqueue(ids[0], data_of(ids[0], 100), limits, false),
             Admit::Queued
