@@ -359,7 +359,7 @@ async fn serve(stream: TunnelStream, client: ClientInfo, service: Service) {
                 // not FIN), so it does not take a broken connection for a clean close.
                 let _ = tcp.set_zero_linger();
             }
-            (outcome.a_to_b, outcome.b_to_a, outcome.result)
+            (outcome.from_tunnel, outcome.to_tunnel, outcome.result)
         }
     };
     let elapsed = started.elapsed();

@@ -467,8 +467,8 @@ async fn handle(
     let closed = tunnel.closed();
     tracing::info!(%peer, conn_id, "local connection opened");
     let mut socket = socket;
-    let copied = splice_until(&mut socket, tunnel, stop).await;
-    let (bytes_up, bytes_down) = (copied.a_to_b, copied.b_to_a);
+    let copied = splice_until(tunnel, &mut socket, stop).await;
+    let (bytes_up, bytes_down) = (copied.to_tunnel, copied.from_tunnel);
     match copied.result {
         Ok(()) => tracing::info!(%peer, conn_id, bytes_up, bytes_down, "local connection closed"),
         Err(e) => {

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::packet::{Packet, PacketType, DEFAULT_MAX_DATA_PAYLOAD};
 use crate::payload::{self, ConnOption, SackBlock, MAX_SACK_BLOCKS};
@@ -168,7 +168,10 @@ const RTO_GRANULARITY: Duration = Duration::from_millis(1);
 /// What the application has written, in order, not yet cut into packets.
 #[derive(Debug)]
 enum Outgoing {
+    /// Copied in by `write`; later small writes are appended to it.
     Data(BytesMut),
+    /// Handed over whole by `write_bytes`, without a copy.
+    Bulk(Bytes),
     Option(ConnOption),
     Close,
 }
@@ -369,11 +372,7 @@ impl Connection {
     /// Writes are appended to the last queued chunk up to a packet's payload, so small
     /// writes leave as few packets.
     pub fn write(&mut self, data: &[u8]) -> Result<usize, StreamError> {
-        self.check_open()?;
-        if self.close_requested {
-            return Err(StreamError::WriteAfterClose);
-        }
-        let n = data.len().min(self.send_capacity());
+        let n = self.room_for(data.len())?;
         if n == 0 {
             return Ok(0);
         }
@@ -402,6 +401,37 @@ impl Connection {
         self.outgoing_bytes += n;
         self.stats.bytes_sent += n as u64;
         Ok(n)
+    }
+
+    /// [`write`](Self::write) without a copy: takes up to `send_capacity()` bytes from the
+    /// front of `data` (which keeps the rest) and returns how many. A bulk write is queued as
+    /// the `Bytes` it is, and its packets' payloads share its memory; a short one (under
+    /// 8 KiB) is copied and coalesced as `write` does, so that it does not hold a larger
+    /// buffer it was cut from until it is acknowledged.
+    pub fn write_bytes(&mut self, data: &mut Bytes) -> Result<usize, StreamError> {
+        if data.len() < BULK_WRITE {
+            let n = self.write(data)?;
+            data.advance(n);
+            return Ok(n);
+        }
+        let n = self.room_for(data.len())?;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.outgoing.push_back(Outgoing::Bulk(data.split_to(n)));
+        self.outgoing_bytes += n;
+        self.stats.bytes_sent += n as u64;
+        Ok(n)
+    }
+
+    /// How much of a write of `len` bytes the send buffer takes now, or why none may be
+    /// written any more.
+    fn room_for(&self, len: usize) -> Result<usize, StreamError> {
+        self.check_open()?;
+        if self.close_requested {
+            return Err(StreamError::WriteAfterClose);
+        }
+        Ok(len.min(self.send_capacity()))
     }
 
     /// Half-close: CONN_CLOSE is queued after all data written so far. Idempotent.
@@ -879,6 +909,15 @@ impl Connection {
                 let chunk = buf.split_to(n).freeze();
                 if !buf.is_empty() {
                     self.outgoing.push_front(Outgoing::Data(buf));
+                }
+                self.outgoing_bytes -= chunk.len();
+                (PacketType::Data, chunk)
+            }
+            Outgoing::Bulk(mut buf) => {
+                let n = buf.len().min(self.config.max_data_payload);
+                let chunk = buf.split_to(n);
+                if !buf.is_empty() {
+                    self.outgoing.push_front(Outgoing::Bulk(buf));
                 }
                 self.outgoing_bytes -= chunk.len();
                 (PacketType::Data, chunk)

@@ -68,6 +68,52 @@ fn small_writes_are_coalesced_into_one_packet() {
 }
 
 #[test]
+fn a_bulk_write_bytes_is_sent_without_a_copy_and_a_short_one_is_coalesced() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    let bulk = Bytes::from((0..10_000u32).map(|i| i as u8).collect::<Vec<_>>());
+    let mut rest = bulk.clone();
+    assert_eq!(a.write_bytes(&mut rest).unwrap(), 10_000);
+    assert!(rest.is_empty());
+    // A short write_bytes is appended to a copied chunk, like `write`.
+    let mut short = Bytes::from_static(b"abc");
+    assert_eq!(a.write_bytes(&mut short).unwrap(), 3);
+    assert_eq!(a.write(b"def").unwrap(), 3);
+    let sent = drain(&mut a, now);
+    let data: Vec<_> = sent.iter().filter(|p| p.kind == PacketType::Data).collect();
+    let sizes: Vec<_> = data.iter().map(|p| p.payload.len()).collect();
+    assert_eq!(sizes, [1000; 8], "cut at max_data_payload, window of 8");
+    // The payloads are slices of the written buffer, not copies of it.
+    let start = bulk.as_ptr() as usize;
+    assert_eq!(data[1].payload.as_ptr() as usize, start + 1000);
+    for p in sent {
+        b.handle_packet(p, now);
+    }
+    exchange(&mut a, &mut b, now);
+    let mut expected = bulk.to_vec();
+    expected.extend_from_slice(b"abcdef");
+    let mut got = read_all(&mut b);
+    exchange(&mut a, &mut b, now);
+    got.extend(read_all(&mut b));
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn write_bytes_takes_what_the_send_buffer_has_room_for() {
+    let now = Instant::now();
+    let (mut a, _) = pair(now);
+    let mut data = Bytes::from(vec![1u8; 100 * 1024]);
+    assert_eq!(a.write_bytes(&mut data).unwrap(), 64 * 1024);
+    assert_eq!(data.len(), 36 * 1024, "the rest stays with the caller");
+    assert_eq!(a.write_bytes(&mut data).unwrap(), 0, "full");
+    a.close().unwrap();
+    assert!(matches!(
+        a.write_bytes(&mut data),
+        Err(StreamError::WriteAfterClose)
+    ));
+}
+
+#[test]
 fn sender_stops_at_the_window_and_resumes_on_update() {
     let now = Instant::now();
     let (mut a, mut b) = pair(now);

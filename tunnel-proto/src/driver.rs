@@ -69,6 +69,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{watch, Notify};
 
@@ -419,29 +420,25 @@ impl ConnHandle {
     }
 }
 
-impl AsyncRead for TunnelStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if buf.remaining() == 0 {
-            return Poll::Ready(Ok(()));
-        }
+impl TunnelStream {
+    /// Takes received bytes without copying them: at most `max` bytes of the next in-order
+    /// payload, as the `Bytes` the packet arrived in. An empty chunk means end of stream.
+    /// [`AsyncRead::poll_read`] is this plus a copy; a forwarder that writes the chunk to a
+    /// socket saves the copy (see [`crate::splice`]). Takes `&self`, so one task may read
+    /// while another writes.
+    pub fn poll_read_chunk(&self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<Bytes>> {
         let mut inner = self.shared.lock();
         if let Some(e) = &inner.error {
             return Poll::Ready(Err(io::Error::from(e.clone())));
         }
-        match inner.conn.read_chunk(buf.remaining()) {
+        match inner.conn.read_chunk(max) {
             Ok(Some(chunk)) => {
-                let freed_window = !chunk.is_empty();
-                buf.put_slice(&chunk);
                 drop(inner);
-                if freed_window {
+                if !chunk.is_empty() {
                     // Reading frees receive window: the driver may owe a window update.
                     self.shared.driver_wake.notify_one();
                 }
-                Poll::Ready(Ok(()))
+                Poll::Ready(Ok(chunk))
             }
             Ok(None) => {
                 if inner.ended {
@@ -458,22 +455,43 @@ impl AsyncRead for TunnelStream {
             Err(e) => Poll::Ready(Err(io::Error::from(e))),
         }
     }
-}
 
-impl AsyncWrite for TunnelStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
+    /// Queues bytes to send without copying a bulk write: takes as much of the front of
+    /// `data` as the send buffer has room for (`data` keeps the rest) and returns how much
+    /// (see [`Connection::write_bytes`]). Pending while the send buffer is full. Takes
+    /// `&self`, so one task may write while another reads.
+    pub fn poll_write_bytes(
+        &self,
         cx: &mut Context<'_>,
-        buf: &[u8],
+        data: &mut Bytes,
     ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
+        self.poll_write_with(cx, |conn| conn.write_bytes(data))
+    }
+
+    /// Half-closes the sending direction, as `shutdown` does (see [`AsyncWrite`]).
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        let result = {
+            let mut inner = self.shared.lock();
+            if let Some(e) = &inner.error {
+                return Err(io::Error::from(e.clone()));
+            }
+            inner.shutdown = true;
+            inner.conn.close()
+        };
+        self.shared.driver_wake.notify_one();
+        result.map_err(io::Error::from)
+    }
+
+    fn poll_write_with(
+        &self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(&mut Connection) -> Result<usize, StreamError>,
+    ) -> Poll<io::Result<usize>> {
         let mut inner = self.shared.lock();
         if let Some(e) = &inner.error {
             return Poll::Ready(Err(io::Error::from(e.clone())));
         }
-        match inner.conn.write(buf) {
+        match write(&mut inner.conn) {
             Ok(0) => {
                 if inner.ended {
                     return Poll::Ready(Err(io::Error::new(
@@ -492,6 +510,34 @@ impl AsyncWrite for TunnelStream {
             Err(e) => Poll::Ready(Err(io::Error::from(e))),
         }
     }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let chunk = std::task::ready!(self.poll_read_chunk(cx, buf.remaining()))?;
+        buf.put_slice(&chunk);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.poll_write_with(cx, |conn| conn.write(buf))
+    }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Written bytes are already queued in the connection, which delivers them reliably;
@@ -504,16 +550,7 @@ impl AsyncWrite for TunnelStream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let result = {
-            let mut inner = self.shared.lock();
-            if let Some(e) = &inner.error {
-                return Poll::Ready(Err(io::Error::from(e.clone())));
-            }
-            inner.shutdown = true;
-            inner.conn.close()
-        };
-        self.shared.driver_wake.notify_one();
-        Poll::Ready(result.map_err(io::Error::from))
+        Poll::Ready(self.shutdown_write())
     }
 }
 

@@ -10,8 +10,8 @@
 //! - [`secret`]: reading a link secret file the way the relay and broker binaries do.
 //! - [`warn_limit`]: at most one warning of a kind per interval ([`warn_limited!`]).
 //! - With the `driver` feature: [`driver`] ([`TunnelStream`], a tokio `AsyncRead` +
-//!   `AsyncWrite` over any packet transport), [`splice`] (joining two streams with
-//!   half-close) and [`backoff`] (retry delays).
+//!   `AsyncWrite` over any packet transport), [`splice`] (joining a tunnel stream to a
+//!   socket with half-close, without copies) and [`backoff`] (retry delays).
 //!
 //! # Example: a packet on the wire and back
 //!
