@@ -174,3 +174,56 @@ pub fn encode_all<'a>(packets: impl IntoIterator<Item = &'a Packet>) -> Bytes {
     }
     out.freeze()
 }
+
+/// Payloads at least this long are referenced by [`PacketParts`], not copied.
+const SHARED_PAYLOAD: usize = 4 * 1024;
+
+/// Packets encoded back to back as a list of buffers whose concatenation is the wire
+/// format, for a request body written with vectored I/O: headers and short payloads are
+/// copied into shared buffers, long payloads are referenced as they are (their `Bytes`
+/// share the sender's memory). [`encode_all`] copies every payload into one buffer; a
+/// profile of a bulk upload found that copy at a tenth of the client's time.
+#[derive(Debug, Default)]
+pub struct PacketParts {
+    parts: Vec<Bytes>,
+    /// Headers and short payloads since the last long payload.
+    tail: BytesMut,
+    len: usize,
+}
+
+impl PacketParts {
+    /// No packets yet.
+    pub fn new() -> PacketParts {
+        PacketParts::default()
+    }
+
+    /// Appends one encoded packet.
+    pub fn push(&mut self, packet: &Packet) {
+        self.len += packet.wire_len();
+        if packet.payload.len() < SHARED_PAYLOAD {
+            packet.encode(&mut self.tail);
+            return;
+        }
+        packet.encode_header(&mut self.tail);
+        self.parts.push(self.tail.split().freeze());
+        self.parts.push(packet.payload.clone());
+    }
+
+    /// Bytes on the wire so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no packet was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The buffers, in wire order (none empty).
+    pub fn into_parts(mut self) -> Vec<Bytes> {
+        if !self.tail.is_empty() {
+            self.parts.push(self.tail.freeze());
+        }
+        self.parts
+    }
+}

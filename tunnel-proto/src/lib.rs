@@ -44,7 +44,7 @@ pub mod driver;
 #[cfg(feature = "driver")]
 pub mod splice;
 
-pub use codec::{decode_all, encode_all, Decoder};
+pub use codec::{decode_all, encode_all, Decoder, PacketParts};
 pub use connection::{Connection, ConnectionConfig};
 #[cfg(feature = "driver")]
 pub use driver::TunnelStream;

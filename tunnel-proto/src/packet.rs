@@ -193,9 +193,17 @@ impl Packet {
     /// Panics only if the payload exceeds `u32::MAX - 24` bytes, which no caller in this
     /// project can produce (payloads are bounded far below that).
     pub fn encode(&self, out: &mut BytesMut) {
+        out.reserve(self.wire_len());
+        self.encode_header(out);
+        out.put_slice(&self.payload);
+    }
+
+    /// Appends the packet's header alone, checksum included, for a caller that sends the
+    /// payload from its own buffer right after it (see
+    /// [`PacketParts`](crate::codec::PacketParts)). Panics as [`encode`](Self::encode) does.
+    pub fn encode_header(&self, out: &mut BytesMut) {
         let size = u32::try_from(self.wire_len()).expect("packet larger than 4 GiB");
         let start = out.len();
-        out.reserve(self.wire_len());
         out.put_u16(VERSION);
         out.put_u16(self.kind.code());
         out.put_u32(size);
@@ -204,7 +212,6 @@ impl Packet {
         out.put_u16(self.window);
         out.put_u16(self.flags);
         out.put_u32(0);
-        out.put_slice(&self.payload);
         let sum = checksum(&out[start..start + HEADER_LEN], &self.payload);
         BigEndian::write_u32(&mut out[start + CHECKSUM_OFFSET..start + HEADER_LEN], sum);
     }

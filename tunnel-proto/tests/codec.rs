@@ -7,7 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tunnel_proto::codec::{decode_all, encode_all, Decoder};
+use tunnel_proto::codec::{decode_all, encode_all, Decoder, PacketParts};
 use tunnel_proto::error::{DecodeError, PayloadError};
 use tunnel_proto::packet::{Packet, PacketType, DEFAULT_MAX_PACKET_SIZE, HEADER_LEN};
 use tunnel_proto::payload::{
@@ -1391,4 +1391,43 @@ fn take_whole_hands_out_runs_of_whole_packets() {
     assert_eq!(d.take_whole().unwrap(), packets[0].to_bytes());
     assert!(matches!(d.take_whole(), Err(DecodeError::BadVersion(_))));
     assert!(d.take_whole().is_err(), "the stream stays failed");
+}
+
+#[test]
+fn packet_parts_are_the_wire_bytes_and_share_long_payloads() {
+    let long = Bytes::from((0..70_000u32).map(|i| (i % 253) as u8).collect::<Vec<_>>());
+    let packets = vec![
+        Packet::new(PacketType::Ack, 3, Bytes::new()).with_seq(9),
+        Packet::new(PacketType::Data, 3, Bytes::from_static(b"short")).with_seq(10),
+        Packet::new(PacketType::Data, 3, long.slice(..4096)).with_seq(11),
+        Packet::new(PacketType::Data, 4, long.clone()).with_seq(1),
+        Packet::new(PacketType::ConnClose, 4, Bytes::new()).with_seq(2),
+        Packet::new(PacketType::Data, 5, long.slice(100..4095)).with_seq(1),
+    ];
+    let mut parts = PacketParts::new();
+    assert!(parts.is_empty());
+    for p in &packets {
+        parts.push(p);
+    }
+    let whole = encode_all(&packets);
+    assert_eq!(parts.len(), whole.len());
+    let parts = parts.into_parts();
+    assert!(parts.iter().all(|p| !p.is_empty()));
+    assert_eq!(
+        parts.concat(),
+        whole.to_vec(),
+        "the same bytes as encode_all"
+    );
+    // Payloads from 4 KiB up are their own parts, pointing into the sender's buffer.
+    let shared: Vec<_> = parts
+        .iter()
+        .filter(|p| p.as_ptr() >= long.as_ptr() && p.as_ptr() < long[long.len()..].as_ptr())
+        .map(|p| p.len())
+        .collect();
+    assert_eq!(shared, [4096, 70_000], "the 4095-byte payload is copied");
+    assert_eq!(parts.len(), 5, "header, payload, header, payload, the rest");
+    assert_eq!(
+        decode_all(Bytes::from(parts.concat()), DEFAULT_MAX_PACKET_SIZE).unwrap(),
+        packets
+    );
 }
