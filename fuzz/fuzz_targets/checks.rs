@@ -4,6 +4,8 @@
 
 use bytes::Bytes;
 use tunnel_proto::codec::{decode_all, encode_all, Decoder};
+use tunnel_proto::error::DecodeError;
+use tunnel_proto::packet::Packet;
 use tunnel_proto::packet::HEADER_LEN;
 use tunnel_proto::payload::{
     decode_listen_state, decode_reason, decode_sack, decode_token, encode_listen_state,
@@ -27,54 +29,27 @@ pub fn check_packets(data: &[u8]) {
 
     let whole = decode_all(Bytes::copy_from_slice(body), max);
 
-    let mut decoder = Decoder::new(max);
-    let mut streamed = Vec::new();
-    let mut stream_err = None;
-    'feed: for piece in body.chunks(chunk) {
-        decoder.feed(piece);
-        loop {
-            match decoder.next_packet() {
-                Ok(Some(p)) => streamed.push(p),
-                Ok(None) => break,
-                Err(e) => {
-                    assert_eq!(decoder.next_packet(), Err(e.clone()), "decoder revived");
-                    stream_err = Some(e);
-                    break 'feed;
-                }
-            }
-        }
-    }
-    if stream_err.is_none() {
-        stream_err = decoder.finish().err();
-    }
+    // The Decoder fed by copy (`feed`, as the broker link's reads are) and fed the chunks
+    // themselves (`feed_bytes`, as HTTP bodies are): the same packets and the same error.
+    let (streamed, stream_err) = stream_decode(body, chunk, max, false);
+    let by_chunks = stream_decode(body, chunk, max, true);
+    assert_eq!(
+        by_chunks,
+        (streamed.clone(), stream_err.clone()),
+        "feed_bytes and feed disagree"
+    );
 
     // The third way, as a streamed upstream reads a request body: whole packets taken from
-    // the decoder in runs (`take_whole`), each run decoded with `decode_all`.
-    let mut runs = Decoder::new(max);
-    let mut batched = Vec::new();
-    let mut batch_err = None;
-    'runs: for piece in body.chunks(chunk) {
-        runs.feed(piece);
-        loop {
-            match runs.take_whole().and_then(|run| decode_all(run, max)) {
-                Ok(packets) if packets.is_empty() => break,
-                Ok(packets) => batched.extend(packets),
-                Err(e) => {
-                    batch_err = Some(e);
-                    break 'runs;
-                }
-            }
+    // the decoder in runs (`take_whole`), each run decoded with `decode_all`; fed both ways.
+    for feed_bytes in [false, true] {
+        let (batched, batch_err) = runs_decode(body, chunk, max, feed_bytes);
+        assert_eq!(
+            batch_err, stream_err,
+            "take_whole and next_packet disagree on the error"
+        );
+        if batch_err.is_none() {
+            assert_eq!(batched, streamed, "take_whole and next_packet disagree");
         }
-    }
-    if batch_err.is_none() {
-        batch_err = runs.finish().err();
-    }
-    assert_eq!(
-        batch_err, stream_err,
-        "take_whole and next_packet disagree on the error"
-    );
-    if batch_err.is_none() {
-        assert_eq!(batched, streamed, "take_whole and next_packet disagree");
     }
 
     match whole {
@@ -91,6 +66,70 @@ pub fn check_packets(data: &[u8]) {
     // Whatever the streaming decoder accepted before an error re-encodes to a prefix.
     let prefix = encode_all(&streamed);
     assert_eq!(&prefix[..], &body[..prefix.len()], "re-encoding differs");
+}
+
+/// Feeds `body` to a Decoder `chunk` bytes at a time and, after each piece, takes what `take`
+/// gives until it gives nothing: what it took, and the error that ended the stream, if any.
+/// With `sticky`, an error of `take` must come again on the next call.
+fn decode_in_pieces(
+    body: &[u8],
+    chunk: usize,
+    max: usize,
+    feed_bytes: bool,
+    sticky: bool,
+    take: impl Fn(&mut Decoder) -> Result<Vec<Packet>, DecodeError>,
+) -> (Vec<Packet>, Option<DecodeError>) {
+    let mut decoder = Decoder::new(max);
+    let mut packets = Vec::new();
+    for piece in body.chunks(chunk) {
+        feed(&mut decoder, piece, feed_bytes);
+        loop {
+            match take(&mut decoder) {
+                Ok(taken) if taken.is_empty() => break,
+                Ok(taken) => packets.extend(taken),
+                Err(e) => {
+                    if sticky {
+                        assert_eq!(take(&mut decoder), Err(e.clone()), "decoder revived");
+                    }
+                    return (packets, Some(e));
+                }
+            }
+        }
+    }
+    (packets, decoder.finish().err())
+}
+
+/// One packet at a time, as the client reads a streamed pull.
+fn stream_decode(
+    body: &[u8],
+    chunk: usize,
+    max: usize,
+    feed_bytes: bool,
+) -> (Vec<Packet>, Option<DecodeError>) {
+    decode_in_pieces(body, chunk, max, feed_bytes, true, |d| {
+        d.next_packet().map(|p| p.into_iter().collect())
+    })
+}
+
+/// Whole packets in runs (`take_whole`), each decoded with `decode_all`, as the relay reads
+/// a streamed upstream.
+fn runs_decode(
+    body: &[u8],
+    chunk: usize,
+    max: usize,
+    feed_bytes: bool,
+) -> (Vec<Packet>, Option<DecodeError>) {
+    decode_in_pieces(body, chunk, max, feed_bytes, false, |d| {
+        d.take_whole().and_then(|run| decode_all(run, max))
+    })
+}
+
+fn feed(decoder: &mut Decoder, piece: &[u8], feed_bytes: bool) {
+    if feed_bytes {
+        decoder.feed_bytes(Bytes::copy_from_slice(piece));
+    } else {
+        decoder.feed(piece);
+    }
 }
 
 /// The broker link's own messages, the handshake and the capacity/listen state (LINK_INIT with

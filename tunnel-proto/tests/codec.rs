@@ -1431,3 +1431,34 @@ fn packet_parts_are_the_wire_bytes_and_share_long_payloads() {
         packets
     );
 }
+
+#[test]
+fn feed_bytes_hands_out_whole_packets_as_slices_of_the_chunk() {
+    let packets: Vec<Packet> = (0..6u32)
+        .map(|i| {
+            let payload: Vec<u8> = (0..10_000 + i).map(|b| (b % 251) as u8).collect();
+            Packet::new(PacketType::Data, 5, Bytes::from(payload)).with_seq(i)
+        })
+        .collect();
+    let wire = encode_all(&packets);
+    // Three chunks: the cuts fall inside the second and the fifth packet.
+    let cuts = [0, 15_000, 45_000, wire.len()];
+    let mut decoder = Decoder::default();
+    let mut got = Vec::new();
+    let mut sliced = 0;
+    for pair in cuts.windows(2) {
+        let chunk = wire.slice(pair[0]..pair[1]);
+        let range = chunk.as_ptr() as usize..chunk.as_ptr() as usize + chunk.len();
+        decoder.feed_bytes(chunk);
+        while let Some(packet) = decoder.next_packet().unwrap() {
+            if range.contains(&(packet.payload.as_ptr() as usize)) {
+                sliced += 1;
+            }
+            got.push(packet);
+        }
+    }
+    decoder.finish().unwrap();
+    assert_eq!(got, packets);
+    assert_eq!(sliced, 4, "the packets no cut falls in are not copied");
+    assert_eq!(decoder.buffered(), 0);
+}

@@ -103,7 +103,7 @@ async fn read(
             }
             Next::Stopping => return Ok(()),
         };
-        decoder.feed(&data);
+        decoder.feed_bytes(data);
         loop {
             let run = decoder.take_whole()?;
             if run.is_empty() {

@@ -7,6 +7,7 @@
 //!   when the relay ends the stream (after its pull wait or size limit), the next one is
 //!   opened at once.
 
+use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -113,7 +114,7 @@ async fn stream(session: Arc<ClientSession>, key: Arc<SessionKey>) -> FetchResul
             return Ok(Fetched::StreamEnded);
         };
         let first = !reader.got_bytes;
-        let packets = reader.feed(&chunk)?;
+        let packets = reader.feed(chunk)?;
         if first && reader.got_bytes {
             session.request_succeeded();
             if probe_deadline.is_some() {
@@ -132,7 +133,7 @@ async fn drain(
     mut reader: StreamReader,
 ) {
     while let Ok(Some(chunk)) = Relay::stream_chunk(&mut response).await {
-        match reader.feed(&chunk) {
+        match reader.feed(chunk) {
             Ok(packets) => session.dispatch(packets, key.generation),
             Err(_) => return,
         }
@@ -154,9 +155,9 @@ impl StreamReader {
     }
 
     /// The whole packets `chunk` completes.
-    fn feed(&mut self, chunk: &[u8]) -> Result<Vec<Packet>, RequestError> {
+    fn feed(&mut self, chunk: Bytes) -> Result<Vec<Packet>, RequestError> {
         self.got_bytes |= !chunk.is_empty();
-        self.decoder.feed(chunk);
+        self.decoder.feed_bytes(chunk);
         let mut packets = Vec::new();
         while let Some(packet) = self.decoder.next_packet().map_err(bad_body)? {
             packets.push(packet);
