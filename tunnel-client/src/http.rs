@@ -21,6 +21,9 @@ pub const TOKEN_HEADER: &str = "Tunnel-Token";
 /// Header carrying the session's secret (docs/protocol.md §2.1).
 pub const SESSION_TOKEN_HEADER: &str = "Tunnel-Session-Token";
 
+/// Largest HTTP/2 frame the client accepts: a few whole packets (HTTP/2's default is 16 KiB).
+const HTTP2_MAX_FRAME_SIZE: u32 = 256 * 1024;
+
 /// The header that names session `key`'s secret in a request.
 fn session_secret(key: &SessionKey) -> (&'static str, String) {
     (SESSION_TOKEN_HEADER, key.token.to_hex())
@@ -273,6 +276,9 @@ fn client_builder(config: &ClientConfig) -> Result<reqwest::ClientBuilder, Conne
         .pool_idle_timeout(config.http_pool_idle_timeout)
         // Keeps the relay's certificate with each response, for `tunnel-client --check`.
         .tls_info(true)
+        // Streamed pulls carry packets of up to 64 KiB: with the default 16 KiB frames nearly
+        // every packet is cut and copied back together.
+        .http2_max_frame_size(HTTP2_MAX_FRAME_SIZE)
         .user_agent(concat!("tunnel-client/", env!("CARGO_PKG_VERSION")));
     builder = match config.http_version {
         HttpVersion::Auto => builder,

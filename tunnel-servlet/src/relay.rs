@@ -31,6 +31,9 @@ use crate::metrics::MetricsSnapshot;
 use crate::state::{accept_until_stopped, run_sweeper, stopped, Shared};
 use crate::{admin, first_byte, http, link, tls};
 
+/// Largest HTTP/2 frame the relay accepts: a few whole packets (HTTP/2's default is 16 KiB).
+const MAX_FRAME_SIZE: u32 = 256 * 1024;
+
 /// Asks a relay to stop. Cloneable; stopping twice is harmless.
 #[derive(Clone)]
 pub struct ShutdownHandle {
@@ -271,7 +274,10 @@ async fn serve_http(
         // A client process multiplexes all its tunnel connections on one HTTP/2 connection,
         // each with a held pull and a few pushes: a low stream limit would queue pulls
         // behind each other. Streams cost memory only while open.
-        .max_concurrent_streams(max_streams(config.max_connections));
+        .max_concurrent_streams(max_streams(config.max_connections))
+        // Streamed upstreams carry packets of up to 64 KiB: with the default 16 KiB frames
+        // nearly every packet is cut and copied back together.
+        .max_frame_size(MAX_FRAME_SIZE);
     let builder = Arc::new(builder);
     let mut stopping = shared.stopping.clone();
     let mut tasks = tokio::task::JoinSet::new();
