@@ -4,10 +4,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
-use tunnel_proto::{Decoder, Packet, PacketType};
+use tunnel_proto::chunks::Chunks;
+use tunnel_proto::{Decoder, Packet, PacketParts, PacketType};
 
 use crate::config::BrokerConfig;
 use crate::demux;
@@ -93,18 +94,18 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<Packet>,
     mut stop: watch::Receiver<bool>,
 ) -> LinkEnd {
-    let mut buf = BytesMut::new();
     loop {
         let first = tokio::select! {
             biased;
             _ = crate::shared::stopped(&mut stop) => {
                 // Flush what is queued (aborts of a shutdown among it), then close.
-                buf.clear();
+                let mut batch = PacketParts::new();
                 while let Ok(packet) = rx.try_recv() {
-                    packet.encode(&mut buf);
+                    batch.push(&packet);
                 }
+                let mut batch = Chunks::from(batch.into_parts());
                 let flush = async {
-                    writer.write_all(&buf).await?;
+                    writer.write_all_buf(&mut batch).await?;
                     writer.shutdown().await
                 };
                 if let Err(e) = tokio::time::timeout(config.link_write_timeout, flush).await.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
@@ -120,16 +121,20 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 Err(_) => Packet::new(PacketType::NoOp, 0, Bytes::new()),
             },
         };
-        buf.clear();
-        first.encode(&mut buf);
-        while buf.len() < config.link_write_batch_bytes {
+        // Long payloads are written from the connections' own buffers, gathered into one
+        // vectored write with the headers (copying them into one buffer was 5 % of the
+        // broker's time during a download).
+        let mut batch = PacketParts::new();
+        batch.push(&first);
+        while batch.len() < config.link_write_batch_bytes {
             match rx.try_recv() {
-                Ok(packet) => packet.encode(&mut buf),
+                Ok(packet) => batch.push(&packet),
                 Err(_) => break,
             }
         }
+        let mut batch = Chunks::from(batch.into_parts());
         let write = async {
-            writer.write_all(&buf).await?;
+            writer.write_all_buf(&mut batch).await?;
             writer.flush().await
         };
         match tokio::time::timeout(config.link_write_timeout, write).await {

@@ -2,7 +2,8 @@
 //! I/O, and with the `driver` feature the one async driver that client and broker share.
 //!
 //! - [`packet`]: the 24-byte-header packet and its thirteen types (§1).
-//! - [`codec`]: decoding packets from a byte stream or a whole body, with typed errors.
+//! - [`codec`]: decoding packets from a byte stream or a whole body, with typed errors,
+//!   and encoding them as buffers for vectored writes ([`chunks`]).
 //! - [`payload`]: typed payloads (LINK_INIT, CONN_INIT, options, selective acks, reasons).
 //! - [`connection`]: the reliable, flow-controlled connection as a sans-IO state machine
 //!   (§4, §6): time and packets go in as arguments, packets to send and bytes come out.
@@ -28,6 +29,7 @@
 
 #![warn(missing_docs)]
 
+pub mod chunks;
 pub mod codec;
 pub mod connection;
 pub mod error;

@@ -44,15 +44,15 @@
 //! # }
 //! ```
 
-use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::io::{self, IoSlice};
+use std::io;
 use std::task::Poll;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use crate::chunks::Chunks;
 use crate::driver::TunnelStream;
 
 /// Largest read from the socket, and most bytes taken from the tunnel for one socket write:
@@ -67,6 +67,11 @@ pub const MIN_COPY_BUFFER: usize = 2 * 1024;
 
 /// Most received payloads written to the socket in one vectored write.
 const MAX_WRITE_CHUNKS: usize = 64;
+
+/// Whether `chunks` holds enough for one socket write.
+fn is_full(chunks: &Chunks) -> bool {
+    chunks.remaining() >= COPY_BUFFER || chunks.count() >= MAX_WRITE_CHUNKS
+}
 
 /// The socket's read buffer: it grows while reads fill it (bulk transfer) and shrinks back
 /// when they come small again (interactive or idle). Each read is split off as `Bytes` and
@@ -107,58 +112,6 @@ impl ReadBuffer {
             self.buf = BytesMut::new();
         }
         data
-    }
-}
-
-/// Received payloads waiting to be written to the socket, as one vectored buffer.
-#[derive(Default)]
-struct Chunks {
-    queue: VecDeque<Bytes>,
-    len: usize,
-}
-
-impl Chunks {
-    fn push(&mut self, chunk: Bytes) {
-        self.len += chunk.len();
-        self.queue.push_back(chunk);
-    }
-
-    fn is_full(&self) -> bool {
-        self.len >= COPY_BUFFER || self.queue.len() >= MAX_WRITE_CHUNKS
-    }
-}
-
-impl Buf for Chunks {
-    fn remaining(&self) -> usize {
-        self.len
-    }
-
-    fn chunk(&self) -> &[u8] {
-        self.queue.front().map_or(&[], |c| c.as_ref())
-    }
-
-    fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
-        let mut n = 0;
-        for (slot, chunk) in dst.iter_mut().zip(&self.queue) {
-            *slot = IoSlice::new(chunk);
-            n += 1;
-        }
-        n
-    }
-
-    fn advance(&mut self, mut cnt: usize) {
-        self.len -= cnt;
-        while cnt > 0 {
-            let Some(front) = self.queue.front_mut() else {
-                return;
-            };
-            if front.len() > cnt {
-                front.advance(cnt);
-                return;
-            }
-            cnt -= front.len();
-            self.queue.pop_front();
-        }
     }
 }
 
@@ -269,17 +222,17 @@ async fn tunnel_to_socket<W: AsyncWrite + Unpin>(
                 }
                 Poll::Ready(Ok(chunk)) => {
                     chunks.push(chunk);
-                    if chunks.is_full() {
+                    if is_full(&chunks) {
                         return Poll::Ready(Ok(()));
                     }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending if chunks.len > 0 => return Poll::Ready(Ok(())),
+                Poll::Pending if chunks.has_remaining() => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,
             }
         })
         .await?;
-        let len = chunks.len;
+        let len = chunks.remaining();
         socket.write_all_buf(&mut chunks).await?;
         *count += len as u64;
         if ended {
@@ -348,20 +301,6 @@ mod tests {
         assert_eq!(&buffer.take(n)[..], b"small");
         assert_eq!(buffer.size, MIN_COPY_BUFFER, "small read: shrink");
         assert_eq!(buffer.buf.capacity(), 0, "the large buffer is let go");
-    }
-
-    #[test]
-    fn chunks_are_one_buffer_across_their_parts() {
-        let mut chunks = Chunks::default();
-        chunks.push(Bytes::from_static(b"abc"));
-        chunks.push(Bytes::from_static(b"defg"));
-        let mut slices = [IoSlice::new(&[]); 4];
-        assert_eq!(chunks.chunks_vectored(&mut slices), 2);
-        assert_eq!(&*slices[1], b"defg");
-        chunks.advance(4);
-        assert_eq!((chunks.remaining(), chunks.chunk()), (3, &b"efg"[..]));
-        chunks.advance(3);
-        assert_eq!((chunks.remaining(), chunks.chunk()), (0, &b""[..]));
     }
 
     #[tokio::test]
