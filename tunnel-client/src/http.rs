@@ -8,7 +8,6 @@ use bytes::{Bytes, BytesMut};
 use reqwest::{StatusCode, Url};
 use tunnel_proto::{Packet, PacketType, Token};
 
-use crate::body::PartsBody;
 use crate::config::{ClientConfig, HttpVersion};
 use crate::error::ConnectError;
 
@@ -496,7 +495,7 @@ impl Relay {
 
     /// `POST Type=connect` with one CONN_INIT; the answer's packets.
     pub async fn connect(&self, init: &Packet) -> Result<Vec<Packet>, RequestError> {
-        self.post_packets(self.url("connect", None), None, init.to_bytes().into())
+        self.post_packets(self.url("connect", None), None, init.to_bytes())
             .await
     }
 
@@ -506,14 +505,14 @@ impl Relay {
         &self,
         url: Url,
         secret: Option<(&'static str, String)>,
-        body: PartsBody,
+        body: Bytes,
     ) -> Result<Vec<Packet>, RequestError> {
         self.exchange(|client| {
             let request = client
                 .post(url.clone())
                 .timeout(self.request_timeout)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                .body(reqwest::Body::wrap(body.clone()));
+                .body(body.clone());
             match &secret {
                 Some((name, value)) => request.header(*name, value.clone()),
                 None => request,
@@ -542,7 +541,7 @@ impl Relay {
         body: Bytes,
     ) -> Result<Vec<Packet>, RequestError> {
         let url = self.url("push", Some(conn_id));
-        self.post_packets(url, Some((TOKEN_HEADER, token.to_hex())), body.into())
+        self.post_packets(url, Some((TOKEN_HEADER, token.to_hex())), body)
             .await
     }
 
@@ -602,7 +601,7 @@ impl Relay {
         init: &Packet,
     ) -> Result<Vec<Packet>, RequestError> {
         let url = key.urls.connect.clone();
-        self.post_packets(url, Some(session_secret(key)), init.to_bytes().into())
+        self.post_packets(url, Some(session_secret(key)), init.to_bytes())
             .await
     }
 
@@ -683,7 +682,7 @@ impl Relay {
     pub async fn session_push(
         &self,
         key: &SessionKey,
-        body: PartsBody,
+        body: Bytes,
     ) -> Result<Vec<Packet>, RequestError> {
         let url = key.urls.push.clone();
         self.post_packets(url, Some(session_secret(key)), body)
@@ -693,7 +692,7 @@ impl Relay {
     /// `POST Type=close` of a session: the client is done with it.
     pub async fn close_session(&self, key: &SessionKey) -> Result<(), RequestError> {
         let url = key.urls.close.clone();
-        self.post_packets(url, Some(session_secret(key)), PartsBody::default())
+        self.post_packets(url, Some(session_secret(key)), Bytes::new())
             .await
             .map(|_| ())
     }

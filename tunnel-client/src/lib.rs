@@ -43,7 +43,6 @@
 #![warn(missing_docs)]
 
 mod auth;
-mod body;
 mod check;
 mod config;
 mod connect;

@@ -6,6 +6,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tunnel_proto::backoff::Backoff;
@@ -13,11 +14,10 @@ use tunnel_proto::connection::StreamError;
 use tunnel_proto::driver::PacketSink;
 use tunnel_proto::payload::Attach;
 use tunnel_proto::warn_limit::WarningLimit;
-use tunnel_proto::{Packet, PacketParts, PacketType};
+use tunnel_proto::{Packet, PacketType};
 
 use super::upstream::{Upstream, UpstreamSlot};
 use super::ClientSession;
-use crate::body::PartsBody;
 use crate::http::{Failure, SessionKey};
 
 /// Longest the pusher sleeps with nothing to do before it checks whether its session is
@@ -147,7 +147,7 @@ impl Slot {
     }
 
     /// Sends `body` (nothing if it is empty).
-    fn send(self, session: &Arc<ClientSession>, key: Arc<SessionKey>, body: PartsBody) {
+    fn send(self, session: &Arc<ClientSession>, key: Arc<SessionKey>, body: Bytes) {
         if body.is_empty() {
             return;
         }
@@ -162,9 +162,9 @@ impl Slot {
 
 /// The next push body: due ATTACHes first, then queued packets of connections that may be
 /// sent in this session. Also when the next ATTACH falls due.
-fn build_body(session: &ClientSession, key: &SessionKey) -> (PartsBody, Option<Instant>) {
+fn build_body(session: &ClientSession, key: &SessionKey) -> (Bytes, Option<Instant>) {
     let max = session.config.max_push_body;
-    let mut out = PacketParts::new();
+    let mut out = BytesMut::new();
     let now = Instant::now();
     // An ATTACH takes at most 24 + 16 + 2 + 255 bytes; half a body is plenty for a batch.
     let max_attaches = (max / 2 / 300).max(1);
@@ -178,7 +178,7 @@ fn build_body(session: &ClientSession, key: &SessionKey) -> (PartsBody, Option<I
             server: server.to_string(),
         }
         .encode();
-        out.push(&Packet::new(PacketType::Attach, conn_id, payload));
+        Packet::new(PacketType::Attach, conn_id, payload).encode(&mut out);
     }
     let packets = session.outbox.take(max.saturating_sub(out.len()).max(1));
     if !packets.is_empty() {
@@ -186,7 +186,7 @@ fn build_body(session: &ClientSession, key: &SessionKey) -> (PartsBody, Option<I
         let mut held_back = 0usize;
         for packet in packets {
             if registry.may_send(packet.conn_id, key.generation) {
-                out.push(&packet);
+                packet.encode(&mut out);
             } else {
                 // Not attached to this session yet: the relay would answer "unknown
                 // connection". Dropped; the connection retransmits what matters.
@@ -200,14 +200,14 @@ fn build_body(session: &ClientSession, key: &SessionKey) -> (PartsBody, Option<I
             );
         }
     }
-    (PartsBody::new(out.into_parts()), next_attach)
+    (out.freeze(), next_attach)
 }
 
 /// One push request with its retries.
 async fn push(
     session: Arc<ClientSession>,
     key: Arc<SessionKey>,
-    body: PartsBody,
+    body: Bytes,
     _permit: OwnedSemaphorePermit,
 ) {
     let config = &session.config;
