@@ -187,7 +187,7 @@ impl ClientSession {
         self.upstream.set_http2(opened.http2);
         *self.key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key.clone());
         if generation > 1 {
-            let count = self.lock_registry().note_new_session();
+            let count = self.lock_registry().note_new_session(generation);
             tracing::info!(
                 session = id,
                 connections = count,

@@ -61,9 +61,13 @@ struct Entry {
 pub(super) struct Registry {
     conns: HashMap<u32, Entry>,
     orphans: HashMap<u32, (Instant, Vec<Packet>)>,
-    /// Some connection may need an ATTACH: set when a new session opens, cleared when a scan
-    /// finds none (so the common case costs no scan).
-    attach_pending: bool,
+    /// The session generation some connection may need an ATTACH to (0: none): set when a
+    /// new session opens, cleared when a scan for that generation (or a newer one) finds none
+    /// due or unanswered, so the common case costs no scan. A scan for an older generation (a
+    /// push built with the key of a session that was just replaced) neither sends ATTACHes
+    /// nor clears it: that would leave the connections unattached to the new session for
+    /// good.
+    attach_pending_for: u64,
 }
 
 /// What [`Registry::route`] leaves to do outside the lock.
@@ -110,7 +114,7 @@ impl Registry {
             },
         };
         if generation < current_generation {
-            self.attach_pending = true;
+            self.attach_pending_for = self.attach_pending_for.max(current_generation);
         }
         if let Some((_, packets)) = self.orphans.remove(&conn_id) {
             for packet in packets {
@@ -146,9 +150,11 @@ impl Registry {
             .is_none_or(|e| e.attached >= generation)
     }
 
-    /// A new session was opened: every connection must be attached to it.
-    pub(super) fn note_new_session(&mut self) -> usize {
-        self.attach_pending = !self.conns.is_empty();
+    /// Session `generation` was opened: every connection must be attached to it.
+    pub(super) fn note_new_session(&mut self, generation: u64) -> usize {
+        if !self.conns.is_empty() {
+            self.attach_pending_for = self.attach_pending_for.max(generation);
+        }
         for entry in self.conns.values_mut() {
             entry.attach_sent = None;
         }
@@ -163,7 +169,7 @@ impl Registry {
         max: usize,
         now: Instant,
     ) -> (Vec<AttachRequest>, Option<Instant>) {
-        if !self.attach_pending {
+        if self.attach_pending_for == 0 || generation < self.attach_pending_for {
             return (Vec::new(), None);
         }
         let mut due = Vec::new();
@@ -188,7 +194,7 @@ impl Registry {
             }
         }
         if due.is_empty() && next.is_none() {
-            self.attach_pending = false;
+            self.attach_pending_for = 0;
         }
         (due, next)
     }
@@ -343,7 +349,7 @@ mod tests {
             registry.attaches_due(2, 10, now).0.is_empty(),
             "no new session yet"
         );
-        registry.note_new_session();
+        registry.note_new_session(2);
         assert!(!registry.may_send(1, 2));
         let (due, next) = registry.attaches_due(2, 10, now);
         assert_eq!(due.len(), 2);
@@ -357,6 +363,19 @@ mod tests {
         registry.route(vec![packet(PacketType::Attach, 2)], 2);
         let (due, next) = registry.attaches_due(2, 10, now + ATTACH_RESEND * 2);
         assert!(due.is_empty() && next.is_none());
+    }
+
+    #[test]
+    fn a_push_built_for_the_replaced_session_leaves_the_attaches_due() {
+        // The pusher took session 1's key, then session 2 opened before it built its body.
+        let mut registry = Registry::default();
+        let _rx = registry.register(1, token(), "echo".into(), 1, 1);
+        registry.note_new_session(2);
+        let now = Instant::now();
+        assert_eq!(registry.attaches_due(1, 10, now), (Vec::new(), None));
+        let (due, next) = registry.attaches_due(2, 10, now);
+        assert_eq!(due.iter().map(|d| d.0).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(next, Some(now + ATTACH_RESEND));
     }
 
     #[test]
