@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 use reqwest::{StatusCode, Url};
 use tunnel_proto::{Packet, PacketType, Token};
 
+use crate::body::PartsBody;
 use crate::config::{ClientConfig, HttpVersion};
 use crate::error::ConnectError;
 
@@ -495,7 +496,7 @@ impl Relay {
 
     /// `POST Type=connect` with one CONN_INIT; the answer's packets.
     pub async fn connect(&self, init: &Packet) -> Result<Vec<Packet>, RequestError> {
-        self.post_packets(self.url("connect", None), None, init.to_bytes())
+        self.post_packets(self.url("connect", None), None, init.to_bytes().into())
             .await
     }
 
@@ -505,14 +506,14 @@ impl Relay {
         &self,
         url: Url,
         secret: Option<(&'static str, String)>,
-        body: Bytes,
+        body: PartsBody,
     ) -> Result<Vec<Packet>, RequestError> {
         self.exchange(|client| {
             let request = client
                 .post(url.clone())
                 .timeout(self.request_timeout)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                .body(body.clone());
+                .body(reqwest::Body::wrap(body.clone()));
             match &secret {
                 Some((name, value)) => request.header(*name, value.clone()),
                 None => request,
@@ -541,7 +542,7 @@ impl Relay {
         body: Bytes,
     ) -> Result<Vec<Packet>, RequestError> {
         let url = self.url("push", Some(conn_id));
-        self.post_packets(url, Some((TOKEN_HEADER, token.to_hex())), body)
+        self.post_packets(url, Some((TOKEN_HEADER, token.to_hex())), body.into())
             .await
     }
 
@@ -601,7 +602,7 @@ impl Relay {
         init: &Packet,
     ) -> Result<Vec<Packet>, RequestError> {
         let url = key.urls.connect.clone();
-        self.post_packets(url, Some(session_secret(key)), init.to_bytes())
+        self.post_packets(url, Some(session_secret(key)), init.to_bytes().into())
             .await
     }
 
@@ -682,7 +683,7 @@ impl Relay {
     pub async fn session_push(
         &self,
         key: &SessionKey,
-        body: Bytes,
+        body: PartsBody,
     ) -> Result<Vec<Packet>, RequestError> {
         let url = key.urls.push.clone();
         self.post_packets(url, Some(session_secret(key)), body)
@@ -692,7 +693,7 @@ impl Relay {
     /// `POST Type=close` of a session: the client is done with it.
     pub async fn close_session(&self, key: &SessionKey) -> Result<(), RequestError> {
         let url = key.urls.close.clone();
-        self.post_packets(url, Some(session_secret(key)), Bytes::new())
+        self.post_packets(url, Some(session_secret(key)), PartsBody::default())
             .await
             .map(|_| ())
     }

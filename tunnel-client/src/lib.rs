@@ -43,6 +43,7 @@
 #![warn(missing_docs)]
 
 mod auth;
+mod body;
 mod check;
 mod config;
 mod connect;

@@ -6,7 +6,6 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tunnel_proto::backoff::Backoff;
@@ -14,10 +13,11 @@ use tunnel_proto::connection::StreamError;
 use tunnel_proto::driver::PacketSink;
 use tunnel_proto::payload::Attach;
 use tunnel_proto::warn_limit::WarningLimit;
-use tunnel_proto::{Packet, PacketType};
+use tunnel_proto::{Packet, PacketParts, PacketType};
 
 use super::upstream::{Upstream, UpstreamSlot};
 use super::ClientSession;
+use crate::body::PartsBody;
 use crate::http::{Failure, SessionKey};
 
 /// Longest the pusher sleeps with nothing to do before it checks whether its session is
@@ -147,7 +147,7 @@ impl Slot {
     }
 
     /// Sends `body` (nothing if it is empty).
-    fn send(self, session: &Arc<ClientSession>, key: Arc<SessionKey>, body: Bytes) {
+    fn send(self, session: &Arc<ClientSession>, key: Arc<SessionKey>, body: PartsBody) {
         if body.is_empty() {
             return;
         }
@@ -162,9 +162,9 @@ impl Slot {
 
 /// The next push body: due ATTACHes first, then queued packets of connections that may be
 /// sent in this session. Also when the next ATTACH falls due.
-fn build_body(session: &ClientSession, key: &SessionKey) -> (Bytes, Option<Instant>) {
+fn build_body(session: &ClientSession, key: &SessionKey) -> (PartsBody, Option<Instant>) {
     let max = session.config.max_push_body;
-    let mut out = BytesMut::new();
+    let mut out = PacketParts::new();
     let now = Instant::now();
     // An ATTACH takes at most 24 + 16 + 2 + 255 bytes; half a body is plenty for a batch.
     let max_attaches = (max / 2 / 300).max(1);
@@ -178,7 +178,7 @@ fn build_body(session: &ClientSession, key: &SessionKey) -> (Bytes, Option<Insta
             server: server.to_string(),
         }
         .encode();
-        Packet::new(PacketType::Attach, conn_id, payload).encode(&mut out);
+        out.push(&Packet::new(PacketType::Attach, conn_id, payload));
     }
     let packets = session.outbox.take(max.saturating_sub(out.len()).max(1));
     if !packets.is_empty() {
@@ -186,7 +186,7 @@ fn build_body(session: &ClientSession, key: &SessionKey) -> (Bytes, Option<Insta
         let mut held_back = 0usize;
         for packet in packets {
             if registry.may_send(packet.conn_id, key.generation) {
-                packet.encode(&mut out);
+                out.push(&packet);
             } else {
                 // Not attached to this session yet: the relay would answer "unknown
                 // connection". Dropped; the connection retransmits what matters.
@@ -200,14 +200,14 @@ fn build_body(session: &ClientSession, key: &SessionKey) -> (Bytes, Option<Insta
             );
         }
     }
-    (out.freeze(), next_attach)
+    (PartsBody::new(out.into_parts()), next_attach)
 }
 
 /// One push request with its retries.
 async fn push(
     session: Arc<ClientSession>,
     key: Arc<SessionKey>,
-    body: Bytes,
+    body: PartsBody,
     _permit: OwnedSemaphorePermit,
 ) {
     let config = &session.config;

@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::ClientSession;
+use crate::body::PartsBody;
 use crate::http::{Failure, Relay, RequestError, SessionKey};
 
 /// An upstream that carried no batch for this long is ended by the client, ahead of the
@@ -69,7 +70,7 @@ impl std::fmt::Display for Upstream {
 struct Open {
     /// The session generation it was opened in.
     generation: u64,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<PartsBody>,
     /// Bytes handed to it, and when the last batch was.
     sent: Arc<AtomicUsize>,
     last_batch: Arc<Mutex<Instant>>,
@@ -77,13 +78,13 @@ struct Open {
 
 /// A place for one batch in the open upstream.
 pub(super) struct UpstreamSlot {
-    permit: mpsc::OwnedPermit<Bytes>,
+    permit: mpsc::OwnedPermit<PartsBody>,
     sent: Arc<AtomicUsize>,
     last_batch: Arc<Mutex<Instant>>,
 }
 
 impl UpstreamSlot {
-    pub(super) fn send(self, batch: Bytes) {
+    pub(super) fn send(self, batch: PartsBody) {
         self.sent.fetch_add(batch.len(), Ordering::Relaxed);
         *self.last_batch.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         self.permit.send(batch);
@@ -93,7 +94,7 @@ impl UpstreamSlot {
 /// A slot of an open upstream to wait for (it keeps the upstream's queue open, not the
 /// session alive).
 pub(super) struct WaitingSlot {
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<PartsBody>,
     sent: Arc<AtomicUsize>,
     last_batch: Arc<Mutex<Instant>>,
 }
@@ -255,7 +256,13 @@ async fn run(session: Weak<ClientSession>, relay: Relay, key: Arc<SessionKey>) {
         let key = key.clone();
         async move {
             relay
-                .session_upstream(&key, reqwest::Body::wrap(ChannelBody { rx }))
+                .session_upstream(
+                    &key,
+                    reqwest::Body::wrap(ChannelBody {
+                        rx,
+                        batch: PartsBody::default(),
+                    }),
+                )
                 .await
         }
     });
@@ -361,10 +368,13 @@ fn upstream_refused(session: &ClientSession, key: &SessionKey, error: &RequestEr
     }
 }
 
-/// The body of an upstream request: the batches of its channel, each as it comes; it ends
-/// when the channel's senders are gone and it is empty.
+/// The body of an upstream request: the batches of its channel, each as it comes (a batch's
+/// buffers one DATA frame each); it ends when the channel's senders are gone and it is
+/// empty.
 struct ChannelBody {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<PartsBody>,
+    /// What is left of the batch being sent.
+    batch: PartsBody,
 }
 
 impl http_body::Body for ChannelBody {
@@ -375,8 +385,14 @@ impl http_body::Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|batch| batch.map(|b| Ok(http_body::Frame::data(b))))
+        loop {
+            if let Some(part) = self.batch.next_part() {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(part))));
+            }
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(batch) => self.batch = batch,
+                None => return Poll::Ready(None),
+            }
+        }
     }
 }
