@@ -27,6 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tunnel_proto::packet::HEADER_LEN;
 use tunnel_proto::{Packet, PacketType};
 
 /// Serialises the tests that measure time or memory.
@@ -121,8 +122,13 @@ async fn malformed_and_huge_bodies_are_refused_without_allocating() {
     while let Some(status) = tasks.join_next().await {
         assert_eq!(status.unwrap(), Some(413), "4 GiB Content-Length");
     }
+    // Valid packets, so that the limit refuses it and not the decoding (a push body is
+    // decoded as it arrives).
+    static PAYLOAD: [u8; 16 * 1024 - HEADER_LEN] = [0u8; 16 * 1024 - HEADER_LEN];
+    let packet = data(conn, 0, &PAYLOAD).to_bytes();
+    let chunk = [&packet[..], &packet[..], &packet[..], &packet[..]].concat();
     assert_eq!(
-        chunked_push(setup.relay.http, conn.id, &hex, 5 << 20).await,
+        chunked_push(setup.relay.http, conn.id, &hex, chunk, 5 << 20).await,
         Some(413),
         "5 MiB chunked body over the 4 MiB limit"
     );
@@ -142,15 +148,21 @@ async fn malformed_and_huge_bodies_are_refused_without_allocating() {
     );
 }
 
-/// Pushes `len` zero bytes with chunked encoding (no Content-Length, so only the running
-/// count can stop it); the status line's code, `None` if the relay closed without one.
-async fn chunked_push(addr: SocketAddr, conn_id: u32, hex: &str, len: usize) -> Option<u16> {
+/// Pushes `chunk` over and over, `len` bytes in all, with chunked encoding (no
+/// Content-Length, so only the running count can stop it); the status line's code, `None`
+/// if the relay closed without one.
+async fn chunked_push(
+    addr: SocketAddr,
+    conn_id: u32,
+    hex: &str,
+    chunk: Vec<u8>,
+    len: usize,
+) -> Option<u16> {
     let mut tcp = TcpStream::connect(addr).await.ok()?;
     let head = format!(
         "POST /tunnel?Type=push&ServerName=raw&ConnId={conn_id} HTTP/1.1\r\nHost: relay\r\nTunnel-Token: {hex}\r\nTransfer-Encoding: chunked\r\n\r\n"
     );
     tcp.write_all(head.as_bytes()).await.ok()?;
-    let chunk = vec![0u8; 64 * 1024];
     let (mut rd, mut wr) = tcp.into_split();
     let writer = tokio::spawn(async move {
         let mut sent = 0;

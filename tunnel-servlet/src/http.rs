@@ -20,7 +20,7 @@ use hyper::header::{
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::oneshot;
 use tunnel_proto::payload::{encode_token, BrokerConnInit};
-use tunnel_proto::{decode_all, Packet, PacketType, Token};
+use tunnel_proto::{decode_all, Decoder, Packet, PacketType, Token};
 
 use crate::forwarded;
 use crate::metrics::{RejectReason, SessionRejectReason};
@@ -223,6 +223,14 @@ async fn tunnel(req: Request<Incoming>, peer: SocketAddr, shared: &Arc<Shared>) 
     }
 }
 
+/// The request's `Content-Length`, if it has a valid one.
+fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Reads the whole body, at most `limit` bytes, within the body deadline.
 pub(crate) async fn read_body(
     req: Request<Incoming>,
@@ -230,12 +238,7 @@ pub(crate) async fn read_body(
     shared: &Shared,
 ) -> Result<Bytes, Response<Body>> {
     let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, "request body over the limit");
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if declared_length(&req).is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
     let body = Limited::new(req.into_body(), limit);
@@ -453,21 +456,81 @@ pub(crate) fn client_may_send(kind: PacketType) -> bool {
 
 /// Reads a push body (per connection or in a session) and decodes its packets; the answer
 /// to a body over the limit, too slow or not packets otherwise.
+/// A push body as it was read: runs of whole packets, each the wire bytes of its packets
+/// back to back as the body's frames brought them, and the packets decoded from them.
+#[derive(Debug, Default)]
+pub(crate) struct PushBody {
+    pub runs: Vec<Bytes>,
+    pub packets: Vec<Packet>,
+    /// Bytes in all runs.
+    pub len: usize,
+}
+
+/// Why a push body was not read whole.
+enum PushBodyFailure {
+    Read(Box<dyn std::error::Error + Send + Sync>),
+    Decode(tunnel_proto::DecodeError),
+}
+
+/// Reads and decodes a push body frame by frame, at most `max_body_size` bytes, within the
+/// body deadline. The packets are slices of the frames (only a packet cut by a frame's edge
+/// is copied), and the runs go to the broker as they are: collecting a large body into one
+/// buffer first was a tenth of the relay's time in a profile of a bulk upload.
 pub(crate) async fn read_push_body(
     req: Request<Incoming>,
     shared: &Shared,
-) -> Result<(Bytes, Vec<Packet>), Response<Body>> {
+) -> Result<PushBody, Response<Body>> {
     let config = &shared.config;
-    let body = read_body(req, config.max_body_size, shared).await?;
-    match decode_all(body.clone(), config.max_packet_size) {
-        Ok(list) => Ok((body, list)),
-        Err(err) => {
+    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, "request body over the limit");
+    if declared_length(&req).is_some_and(|n| n > config.max_body_size as u64) {
+        return Err(too_large());
+    }
+    let mut body = Limited::new(req.into_body(), config.max_body_size);
+    let mut decoder = Decoder::new(config.max_packet_size);
+    let mut read = PushBody::default();
+    let reading = async {
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map_err(PushBodyFailure::Read)?.into_data() else {
+                continue; // trailers carry nothing for us
+            };
+            decoder.feed_bytes(data);
+            loop {
+                let run = decoder.take_whole().map_err(PushBodyFailure::Decode)?;
+                if run.is_empty() {
+                    break;
+                }
+                let packets = decode_all(run.clone(), config.max_packet_size)
+                    .map_err(PushBodyFailure::Decode)?;
+                read.packets.extend(packets);
+                read.len += run.len();
+                read.runs.push(run);
+            }
+        }
+        decoder.finish().map_err(PushBodyFailure::Decode)
+    };
+    match tokio::time::timeout(config.body_read_timeout, reading).await {
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time",
+        )),
+        Ok(Err(PushBodyFailure::Read(err))) if err.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(too_large())
+        }
+        Ok(Err(PushBodyFailure::Read(err))) => {
+            tracing::debug!(error = %err, "request body read failed");
+            Err(error(
+                StatusCode::BAD_REQUEST,
+                "request body could not be read",
+            ))
+        }
+        Ok(Err(PushBodyFailure::Decode(err))) => {
             tracing::debug!(error = %err, "malformed push body");
             Err(error(
                 StatusCode::BAD_REQUEST,
                 "push body is not valid packets",
             ))
         }
+        Ok(Ok(())) => Ok(read),
     }
 }
 
@@ -479,11 +542,12 @@ async fn push(
     token: Token,
 ) -> Response<Body> {
     let config = &shared.config;
-    let (body, list) = match read_push_body(req, shared).await {
+    let body = match read_push_body(req, shared).await {
         Ok(read) => read,
         Err(resp) => return resp,
     };
-    if let Some(bad) = list
+    if let Some(bad) = body
+        .packets
         .iter()
         .find(|p| p.conn_id != conn_id || !client_may_send(p.kind))
     {
@@ -513,14 +577,15 @@ async fn push(
                 "no link to that broker instance right now",
             );
         };
-        let client_aborts = table.client_pushed(conn_id, &list, body.len(), Instant::now(), |ms| {
-            config.inactivity_timeout_for(ms)
-        });
+        let client_aborts =
+            table.client_pushed(conn_id, &body.packets, body.len, Instant::now(), |ms| {
+                config.inactivity_timeout_for(ms)
+            });
         (link.sender, client_aborts)
     };
-    shared.metrics.push(body.len());
-    if !body.is_empty() {
-        if let Err(err) = sender.send(body, config.link_send_timeout).await {
+    shared.metrics.push(body.len);
+    for run in body.runs {
+        if let Err(err) = sender.send(run, config.link_send_timeout).await {
             return error(StatusCode::SERVICE_UNAVAILABLE, link_error_text(err));
         }
     }

@@ -269,12 +269,12 @@ pub(crate) async fn push(
     shared: &Shared,
     key: SessionKey,
 ) -> Response<Body> {
-    let (body, list) = match read_push_body(req, shared).await {
+    let body = match read_push_body(req, shared).await {
         Ok(read) => read,
         Err(resp) => return resp,
     };
-    shared.metrics.push(body.len());
-    let answer = match apply_push(shared, key, body, list).await {
+    shared.metrics.push(body.len);
+    let answer = match apply_push(shared, key, body.runs, body.packets).await {
         Ok(answer) => answer,
         Err(refused) => return refused.response(),
     };
@@ -314,14 +314,14 @@ impl PushRefused {
 }
 
 /// Applies packets pushed in session `key` (a push body, or a run of a streamed upstream;
-/// `body` is `list` back to back): ATTACHes first, then the other packets to the links of
-/// their connections, each link's in body order. Returns the answers: the ATTACHes', a
+/// the `runs` are `list` back to back): ATTACHes first, then the other packets to the links
+/// of their connections, each link's in body order. Returns the answers: the ATTACHes', a
 /// CONN_ABORT per connection not in the session, and the last word of ended connections
 /// pushed to.
 pub(crate) async fn apply_push(
     shared: &Shared,
     key: SessionKey,
-    body: Bytes,
+    runs: Vec<Bytes>,
     list: Vec<Packet>,
 ) -> Result<BytesMut, PushRefused> {
     let config = &shared.config;
@@ -436,17 +436,19 @@ pub(crate) async fn apply_push(
     for to_link in to_links {
         // The common case, one client's traffic to one broker: the body is already those
         // packets back to back, so it goes as it came (no copy, no checksums computed again).
-        let bytes = if whole_body && single_link {
-            body.clone()
+        let chunks = if whole_body && single_link {
+            runs.clone()
         } else {
             let mut bytes = BytesMut::new();
             for packet in &to_link.packets {
                 packet.encode(&mut bytes);
             }
-            bytes.freeze()
+            vec![bytes.freeze()]
         };
-        if let Err(err) = to_link.sender.send(bytes, config.link_send_timeout).await {
-            return Err(PushRefused::LinkBusy(link_error_text(err)));
+        for chunk in chunks {
+            if let Err(err) = to_link.sender.send(chunk, config.link_send_timeout).await {
+                return Err(PushRefused::LinkBusy(link_error_text(err)));
+            }
         }
     }
     let mut table = shared.table();

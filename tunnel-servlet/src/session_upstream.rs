@@ -111,7 +111,7 @@ async fn read(
             }
             let list = decode_all(run.clone(), config.max_packet_size)?;
             shared.metrics.received_up(run.len());
-            match apply_push(&shared, key, run, list).await {
+            match apply_push(&shared, key, vec![run], list).await {
                 Ok(answers) if answers.is_empty() => {}
                 Ok(answers) => shared.table().queue_session_answers(key.id, &answers),
                 // Lost like a push that failed; the connections retransmit.
