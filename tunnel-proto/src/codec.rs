@@ -265,10 +265,11 @@ pub fn encode_all<'a>(packets: impl IntoIterator<Item = &'a Packet>) -> Bytes {
 const SHARED_PAYLOAD: usize = 4 * 1024;
 
 /// Packets encoded back to back as a list of buffers whose concatenation is the wire
-/// format, for a write with vectored I/O (the broker's link writer): headers and short
-/// payloads are copied into shared buffers, long payloads are referenced as they are (their
-/// `Bytes` share the sender's memory). [`encode_all`] copies every payload into one buffer;
-/// a profile of a download found that copy at 5 % of the broker's time.
+/// format, for a write with vectored I/O (the client's push bodies, the broker's link
+/// writer): headers and short payloads are copied into shared buffers, long payloads are
+/// referenced as they are (their `Bytes` share the sender's memory). [`encode_all`] copies
+/// every payload into one buffer; profiles found that copy at a tenth of the client's time
+/// during an upload and 5 % of the broker's during a download.
 #[derive(Debug, Default)]
 pub struct PacketParts {
     parts: Vec<Bytes>,
