@@ -458,6 +458,11 @@ async fn nginx_example_in_front_of_the_relay_with_buffering_on_and_off() {
         assert!(stats.streams >= 1, "{case}: no stream opened: {stats:?}");
         assert_eq!(stats.fallbacks, 0, "{case}: fell back: {stats:?}");
         assert_eq!(stats.polls, 0, "{case}: polled: {stats:?}");
+        // The example buffers request bodies (proxy_request_buffering on): the streamed
+        // upstream's probe goes unanswered and the session pushes.
+        assert_eq!(stats.upstream, Upstream::Pushing, "{case}: {stats:?}");
+        assert!(stats.upstream_fallbacks >= 1, "{case}: {stats:?}");
+        assert_eq!(stats.upstreams, 0, "{case}: {stats:?}");
         // nginx replaced X-Forwarded-For with the peer it saw; the relay, trusting nginx,
         // passed that on.
         let clients = tunnel.accepted_clients();
@@ -566,12 +571,13 @@ async fn nginx_example_holds_a_65_second_long_poll() {
     );
 }
 
-/// Over HTTP/2 straight to the relay (h2c by prior knowledge, and HTTPS with h2 chosen by
-/// ALPN), the session's packets go up in a streamed upstream: the client ends streaming
-/// both ways, the relay served upstreams and (nearly) no pushes, and the transfer is intact.
-/// `--mode poll` uses pushes.
+/// Straight to the relay, over HTTP/2 (h2c by prior knowledge, and HTTPS with h2 chosen by
+/// ALPN) and over HTTP/1.1 (a chunked body, used once the relay answered its probe), the
+/// session's packets go up in a streamed upstream: the client ends streaming both ways, the
+/// relay served upstreams and (nearly) no pushes, and the transfer is intact. `--mode poll`
+/// uses pushes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn over_http2_the_session_streams_upstream() {
+async fn straight_to_the_relay_the_session_streams_upstream() {
     init_tracing();
     let dir = TestDir::new("upstream").unwrap();
     let h2c = InProcessTunnel::start(InProcessOptions::default())
@@ -582,11 +588,14 @@ async fn over_http2_the_session_streams_upstream() {
         ("h2c, auto", &h2c, TransportMode::Auto, 31),
         ("HTTPS (h2 by ALPN), auto", &https, TransportMode::Auto, 32),
         ("h2c, poll", &h2c, TransportMode::Poll, 33),
+        ("HTTP/1.1, auto", &h2c, TransportMode::Auto, 35),
     ] {
         let before = tunnel.relay().metrics();
         let mut config = tunnel.client_config(&tunnel.relay_url());
         if tunnel.relay_url().starts_with("https") {
             config.ca_file = Some(ca.clone());
+        } else if case.starts_with("HTTP/1.1") {
+            config.http_version = HttpVersion::Http1Only;
         } else {
             config.http_version = HttpVersion::Http2PriorKnowledge;
         }
@@ -651,4 +660,106 @@ async fn nginx_over_http2_holds_request_bodies_so_the_session_pushes() {
         "{case}: nginx did not serve HTTP/2:\n{log}"
     );
     assert_eq!(tunnel.relay().metrics().upstreams_total, 0, "{case}");
+}
+
+/// A proxy that passes every request head on at once but holds a chunked request body
+/// until the client closes the connection (bodies with a `Content-Length`, and responses,
+/// pass as they come): the kind of path on which a streamed upstream's headers are answered
+/// and its packets still never arrive. Raw TCP, one upstream connection per client
+/// connection.
+async fn start_head_first_proxy(relay: std::net::SocketAddr) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(upstream) = tokio::net::TcpStream::connect(relay).await else {
+                    return;
+                };
+                let (mut client_rd, mut client_wr) = client.into_split();
+                let (mut up_rd, mut up_wr) = upstream.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut up_rd, &mut client_wr).await;
+                });
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 16 * 1024];
+                loop {
+                    // One request head, then its body by Content-Length.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match client_rd.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    if up_wr.write_all(&buf[..head_end]).await.is_err() {
+                        return;
+                    }
+                    buf.drain(..head_end);
+                    if head.contains("transfer-encoding: chunked") {
+                        // Held: read and kept back until the client goes away.
+                        while let Ok(n) = client_rd.read(&mut chunk).await {
+                            if n == 0 {
+                                return;
+                            }
+                        }
+                        return;
+                    }
+                    let mut length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while length > 0 {
+                        if buf.is_empty() {
+                            match client_rd.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let take = length.min(buf.len());
+                        if up_wr.write_all(&buf[..take]).await.is_err() {
+                            return;
+                        }
+                        buf.drain(..take);
+                        length -= take;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Over HTTP/1.1 through a proxy that passes a streamed upstream's head on at once but holds
+/// its body: the relay answers the headers, the probe's answer never comes, so the session
+/// falls back to pushes within the probe deadline and the transfer is intact. (Headers
+/// alone, the HTTP/2 probe, would have taken this path for one that streams.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_holding_chunked_request_bodies_makes_the_session_push() {
+    init_tracing();
+    let tunnel = InProcessTunnel::start(InProcessOptions::default())
+        .await
+        .unwrap();
+    let proxy = start_head_first_proxy(tunnel.relay_http_addr()).await;
+    let url = format!("http://{proxy}{}", tunnel.base_path());
+    let mut config = tunnel.client_config(&url);
+    config.http_version = HttpVersion::Http1Only;
+    config.stream_probe_timeout = PROBE;
+    let case = "proxy holding chunked request bodies";
+    let client = TunnelClient::new(config).unwrap();
+    let stats = bulk_exchange_with(case, &client, 36, PROBE * 2).await;
+    assert_eq!(stats.downstream, Downstream::Streaming, "{case}: {stats:?}");
+    assert_eq!(stats.upstream, Upstream::Pushing, "{case}: {stats:?}");
+    assert!(stats.upstream_fallbacks >= 1, "{case}: {stats:?}");
+    assert_eq!(stats.upstreams, 0, "{case}: {stats:?}");
+    // The relay did see the upstream (its head went through) and answered it.
+    assert!(
+        tunnel.relay().metrics().upstreams_total >= 1,
+        "{case}: the upstream's head never reached the relay"
+    );
 }

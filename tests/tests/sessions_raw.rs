@@ -11,7 +11,7 @@
 //! - the session token never appears in the relay's or the broker's log at trace level;
 //! - a streamed pull opens with a packet at once, carries echoes as they come, and ends
 //!   after the pull wait or when a newer pull supersedes it;
-//! - a streamed upstream (HTTP/2) is answered at once, carries packets as they are written,
+//! - a streamed upstream (HTTP/2 or HTTP/1.1) is answered at once, carries packets as they are written,
 //!   sends its answers down the pull, ends with its body and is reset by a malformed packet;
 //! - after the relay is killed and started again on the same ports, a connection is attached
 //!   to a new session with its token once the broker has re-linked, and data flows.
@@ -766,8 +766,9 @@ async fn open_upstream(
 /// its headers before any of the body; packets reach the broker as they are written, a packet
 /// split over two writes once its second half is in; the answers a push would carry (here a
 /// CONN_ABORT for a connection not in the session) come down the pull; the response ends
-/// when the body does; a malformed packet resets it; HTTP/1.1 gets 400 and an unknown
-/// session 404; counted as type=upstream.
+/// when the body does; a malformed packet resets it; an unknown session gets 404. Over
+/// HTTP/1.1 (chunked) the same: a probe (NOOP, conn_id 0) is answered down the response at
+/// once, and packets written after it reach the broker. Counted as type=upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_upstream_carries_packets_as_they_are_written() {
     tokio::time::timeout(TEST_LIMIT, async {
@@ -848,23 +849,50 @@ async fn a_streamed_upstream_carries_packets_as_they_are_written() {
         );
         s.echo(conn, 2, b"still here").await;
 
-        // An unknown session: 404. HTTP/1.1: 400.
+        // An unknown session: 404.
         let (_tx, resp) = open_upstream(&s, s.id ^ 1, s.token).await;
         assert_eq!(resp.unwrap().status(), StatusCode::NOT_FOUND);
+
+        // HTTP/1.1: the probe is answered with a NOOP as soon as it is written, then packets
+        // go through, and the response ends with the body.
         let h1 = RawSession {
             raw: Raw::new(&setup.relay.tunnel_url()),
             ..s.clone()
         };
-        let (_tx, resp) = open_upstream(&h1, s.id, s.token).await;
-        let resp = resp.unwrap();
-        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-        assert!(resp.text().await.unwrap().contains("HTTP/2"));
+        let (tx, resp) = open_upstream(&h1, s.id, s.token).await;
+        let mut resp = resp.expect("HTTP/1.1 upstream answered");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+        let probe = Packet::new(PacketType::NoOp, 0, Bytes::new()).to_bytes();
+        tx.send(probe.clone()).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(2), resp.chunk())
+            .await
+            .expect("the probe was answered at once")
+            .expect("the response goes on")
+            .expect("a chunk, not the end");
+        assert_eq!(answer, probe, "a probe's answer is one NOOP");
+        tx.send(data(conn, 3, b"chunked up").to_bytes())
+            .await
+            .unwrap();
+        s.pull_until(Vec::new(), Duration::from_secs(5), |g| {
+            has_data(g, conn, b"chunked up")
+        })
+        .await;
+        drop(tx);
+        let rest = tokio::time::timeout(Duration::from_secs(5), resp.bytes())
+            .await
+            .expect("the HTTP/1.1 upstream's response ended with its body")
+            .expect("ended cleanly");
+        assert!(
+            rest.is_empty(),
+            "nothing after the probe's answer: {rest:?}"
+        );
         assert_eq!(
             setup
                 .relay
                 .metric("tunnel_requests_total{type=\"upstream\"}")
                 .await,
-            Some(2)
+            Some(3)
         );
     })
     .await

@@ -173,9 +173,10 @@ pub struct ClientConfig {
     /// In `Auto` mode, after a fall-back to polling: when to try streaming again (a proxy
     /// may have changed, or the route). Default: 5 min.
     pub stream_reprobe_interval: Duration,
-    /// In a session over HTTP/2, unless `mode` is `Poll`: send packets up in one streamed
-    /// request body (docs/protocol.md §2.3) where the path answers it at once. `false`
-    /// sends every batch in a push request of its own. Default: `true`.
+    /// In a session, unless `mode` is `Poll`: send packets up in one streamed request body
+    /// (docs/protocol.md §2.3) where the path answers it within the probe deadline (over
+    /// HTTP/1.1, once the relay answered the probe the body starts with). `false` sends every
+    /// batch in a push request of its own. Default: `true`.
     pub stream_upstream: bool,
 }
 

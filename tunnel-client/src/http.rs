@@ -79,7 +79,7 @@ struct SessionUrls {
 pub struct OpenedSession {
     pub id: u32,
     pub token: Token,
-    /// The answer came over HTTP/2: the path can carry a streamed upstream.
+    /// The answer came over HTTP/2 (a streamed upstream needs no probe, §2.3).
     pub http2: bool,
 }
 

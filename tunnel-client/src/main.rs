@@ -225,8 +225,8 @@ struct Args {
     #[arg(long, env = "TUNNEL_CLIENT_MODE", default_value = "auto", value_parser = mode)]
     mode: TransportMode,
 
-    /// Over HTTP/2: push every batch in a request of its own instead of streaming packets up
-    /// in one long-lived request body.
+    /// Push every batch in a request of its own instead of streaming packets up in one
+    /// long-lived request body where the path carries it.
     #[arg(long, env = "TUNNEL_CLIENT_NO_STREAM_UPSTREAM")]
     no_stream_upstream: bool,
 

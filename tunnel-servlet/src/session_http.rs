@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
-use hyper::{Request, Response, StatusCode, Version};
+use hyper::{Request, Response, StatusCode};
 use tokio::sync::oneshot;
 use tunnel_proto::payload::{encode_reason, encode_token, Attach, SessionRequest};
 use tunnel_proto::warn_limit::WarningLimit;
@@ -198,16 +198,13 @@ pub(crate) fn stream(shared: &Arc<Shared>, key: SessionKey) -> Response<Body> {
     resp
 }
 
-/// `POST ?Type=push&Session=N&Stream=1`: a streamed upstream (docs/protocol.md §2.3), over
-/// HTTP/2 only; 404 for an unknown session.
+/// `POST ?Type=push&Session=N&Stream=1`: a streamed upstream (docs/protocol.md §2.3); 404
+/// for an unknown session.
 pub(crate) fn upstream(
     req: Request<Incoming>,
     shared: &Arc<Shared>,
     key: SessionKey,
 ) -> Response<Body> {
-    if req.version() != Version::HTTP_2 {
-        return error(StatusCode::BAD_REQUEST, "a streamed push needs HTTP/2");
-    }
     if shared
         .table()
         .session_mut(key.id, &key.token, Instant::now())

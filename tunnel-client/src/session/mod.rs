@@ -9,8 +9,8 @@
 //! - [`pull`]: the loop that keeps the session's one pull held and dispatches what comes back.
 //! - [`open`]: opening a connection in the session.
 //! - [`mode`]: whether the pull loop streams or polls (docs/protocol.md §2.2).
-//! - [`upstream`]: the streamed upstream that carries the pusher's batches over HTTP/2
-//!   (§2.3).
+//! - [`upstream`]: the streamed upstream that carries the pusher's batches where the path
+//!   allows (§2.3).
 //!
 //! Session state at the relay is soft. When a request is answered 404 the session is
 //! forgotten here too ([`ClientSession::forget`]); the next request opens a new one, and the
@@ -82,7 +82,7 @@ pub(crate) struct ClientSession {
     idle_wake: Notify,
     /// Whether the pull loop streams or polls.
     mode: ModeChoice,
-    /// The streamed upstream, where the path speaks HTTP/2.
+    /// The streamed upstream, where the path carries one.
     upstream: UpstreamState,
 }
 

@@ -1,15 +1,17 @@
-//! The session's streamed upstream (docs/protocol.md §2.3): over HTTP/2, one request whose
-//! body stays open carries the pusher's batches as DATA frames, instead of a push request
-//! each.
+//! The session's streamed upstream (docs/protocol.md §2.3): one request whose body stays
+//! open carries the pusher's batches (DATA frames over HTTP/2, chunks over HTTP/1.1),
+//! instead of a push request each.
 //!
-//! - Only over HTTP/2 (the session's opening answer says which version the path speaks),
-//!   not in [`TransportMode::Poll`](super::TransportMode::Poll), and not with
+//! - Not in [`TransportMode::Poll`](super::TransportMode::Poll), and not with
 //!   `ClientConfig::stream_upstream` off.
-//! - The relay answers an upstream's headers at once. Until they come, batches keep going in
-//!   pushes; once they come, batches go down the upstream. Headers that miss the probe
-//!   deadline mean the path holds request bodies back (a proxy that buffers them, or a relay
-//!   without streamed upstreams): the session keeps pushing, and tries again after the
-//!   re-probe interval. The decision is logged once at info level.
+//! - The relay answers an upstream's headers at once. Over HTTP/1.1, where a proxy may pass
+//!   the request head on and hold the body, the body starts with a probe (a NOOP with
+//!   conn_id 0) that the relay answers down the response; the upstream counts as answered
+//!   once that answer comes (over HTTP/2, once the headers come). Until it is answered,
+//!   batches keep going in pushes. No answer within the probe deadline means the path holds
+//!   request bodies back (a proxy that buffers them, or a relay without streamed upstreams):
+//!   the session keeps pushing, and tries again after the re-probe interval. The decision
+//!   is logged once at info level.
 //! - The client ends an upstream after [`UPSTREAM_IDLE`] without a batch, or after
 //!   [`UPSTREAM_LIMIT`] bytes: it lets go of the channel's sender, so what is queued still
 //!   goes, then the body ends. The next batch opens a new one.
@@ -25,6 +27,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+
+use tunnel_proto::{Packet, PacketType};
 
 use super::ClientSession;
 use crate::body::PartsBody;
@@ -51,7 +55,7 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How the session's packets go up now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Upstream {
-    /// One long-lived HTTP/2 request body carries the batches.
+    /// One long-lived request body carries the batches.
     Streaming,
     /// Each batch goes in a push request of its own.
     Pushing,
@@ -117,7 +121,7 @@ pub(crate) struct UpstreamState {
     open: Mutex<Option<Open>>,
     /// An upstream is being opened (one at a time).
     opening: AtomicBool,
-    /// The path spoke HTTP/2 when the session opened.
+    /// The path spoke HTTP/2 when the session opened (HTTP/1.1 upstreams are probed).
     http2: AtomicBool,
     /// Pushing since an upstream missed its probe deadline, until this instant.
     pushing_until: Mutex<Option<Instant>>,
@@ -174,7 +178,12 @@ impl UpstreamState {
 
     /// The open upstream of `key`, to wait on for room; `None` when there is none.
     pub(super) fn waiting_slot(&self, key: &SessionKey) -> Option<WaitingSlot> {
-        let open = self.lock_open();
+        let mut open = self.lock_open();
+        // Its request ended (the body is gone) before its task cleared it: without this the
+        // pusher would find it again at once, and spin.
+        if open.as_ref().is_some_and(|o| o.tx.is_closed()) {
+            *open = None;
+        }
         let open = open.as_ref().filter(|o| o.generation == key.generation)?;
         Some(WaitingSlot {
             tx: open.tx.clone(),
@@ -208,17 +217,14 @@ impl ClientSession {
     /// Opens an upstream in the background if the session should have one and has none.
     pub(super) fn want_upstream(self: &Arc<Self>, key: &Arc<SessionKey>) {
         let state = &self.upstream;
-        if self.config.mode == super::TransportMode::Poll
-            || !self.config.stream_upstream
-            || !state.http2.load(Ordering::Relaxed)
-        {
+        if self.config.mode == super::TransportMode::Poll || !self.config.stream_upstream {
             return;
         }
         {
             let mut open = state.lock_open();
             match open.as_ref() {
-                Some(o) if o.generation == key.generation => return,
-                // Opened in a session the relay has forgotten: let it end.
+                Some(o) if o.generation == key.generation && !o.tx.is_closed() => return,
+                // Opened in a session the relay has forgotten, or ended: let it go.
                 Some(_) => *open = None,
                 None => {}
             }
@@ -242,39 +248,48 @@ impl ClientSession {
 /// Opens one upstream, serves it until it ends, and clears it.
 async fn run(session: Weak<ClientSession>, relay: Relay, key: Arc<SessionKey>) {
     let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
-    let probe = {
+    let (probe, http2) = {
         let Some(s) = session.upgrade() else { return };
-        if s.config.mode == super::TransportMode::Auto {
+        let probe = if s.config.mode == super::TransportMode::Auto {
             s.config.stream_probe_timeout
         } else {
             s.config.request_timeout
-        }
+        };
+        (probe, s.upstream.http2.load(Ordering::Relaxed))
+    };
+    // Over HTTP/1.1 a proxy may pass the request head on at once and still hold the body:
+    // the upstream is used only once the relay has answered the probe its body starts with.
+    let first = if http2 {
+        PartsBody::default()
+    } else {
+        PartsBody::from(Packet::new(PacketType::NoOp, 0, Bytes::new()).to_bytes())
     };
     let sent_at = Instant::now();
-    let mut opening = Box::pin({
+    let opening = {
         let relay = relay.clone();
         let key = key.clone();
         async move {
-            relay
-                .session_upstream(
-                    &key,
-                    reqwest::Body::wrap(ChannelBody {
-                        rx,
-                        batch: PartsBody::default(),
-                    }),
-                )
-                .await
+            let mut response = relay
+                .session_upstream(&key, reqwest::Body::wrap(ChannelBody { rx, batch: first }))
+                .await?;
+            if !http2 && Relay::stream_chunk(&mut response).await?.is_none() {
+                return Ok(None);
+            }
+            Ok(Some(response))
         }
-    });
-    let answered = tokio::time::timeout(probe, &mut opening).await;
+    };
+    let answered = tokio::time::timeout(probe, opening).await;
     let Some(s) = session.upgrade() else { return };
     s.upstream.opening.store(false, Ordering::Release);
     let mut response = match answered {
-        Ok(Ok(response)) => response,
+        Ok(Ok(Some(response))) => response,
         Ok(Err(error)) => {
             upstream_refused(&s, &key, &error);
             return;
         }
+        // The relay ended the upstream before answering its probe (it is stopping, or the
+        // session is gone): not a verdict on the path.
+        Ok(Ok(None)) => return,
         Err(_) => {
             s.upstream.fallbacks.fetch_add(1, Ordering::Relaxed);
             let interval = s.config.stream_reprobe_interval;
@@ -313,7 +328,7 @@ async fn run(session: Weak<ClientSession>, relay: Relay, key: Arc<SessionKey>) {
         tokio::select! {
             chunk = Relay::stream_chunk(&mut response) => {
                 match chunk {
-                    // The relay sends nothing down an upstream.
+                    // The relay sends nothing else down an upstream.
                     Ok(Some(_)) => continue,
                     Ok(None) => tracing::debug!(session = key.id, "session upstream ended by the relay"),
                     Err(error) => tracing::debug!(session = key.id, "session upstream failed: {error}"),
