@@ -582,10 +582,18 @@ struct Step {
     deadline: Option<Instant>,
 }
 
+/// Where the driver's timer rests before the first step with a deadline.
+const IDLE_TIMER: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// The driver task: see the module documentation.
 async fn drive(shared: Arc<Shared>, sink: Arc<dyn PacketSink>, config: StreamConfig) {
     // A packet taken from the connection that did not fit the previous batch.
     let mut carry: Option<Packet> = None;
+    // One timer for the task's life, moved to each step's deadline. A new timer per step
+    // made the runtime wake its own I/O driver (an eventfd write) nearly every time one was
+    // armed; moving a timer later costs nothing until it would fire.
+    let timer = tokio::time::sleep_until(tokio::time::Instant::now() + IDLE_TIMER);
+    tokio::pin!(timer);
     loop {
         let step = {
             let mut inner = shared.lock();
@@ -603,9 +611,13 @@ async fn drive(shared: Arc<Shared>, sink: Arc<dyn PacketSink>, config: StreamCon
         let notified = shared.driver_wake.notified();
         match step.deadline {
             Some(deadline) => {
+                let deadline = tokio::time::Instant::from_std(deadline);
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
                 tokio::select! {
                     _ = notified => {}
-                    _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {}
+                    _ = &mut timer => {}
                 }
             }
             None => notified.await,
