@@ -95,7 +95,10 @@ fn worker_args(program: &Path) -> Vec<String> {
 
 pub fn rust_log() -> Vec<(String, String)> {
     // Per-connection info lines would cost the measured processes time (10,000 connections).
-    vec![("RUST_LOG".into(), "warn".into())]
+    // BENCH_RUST_LOG overrides it, to look into a run (the logs are in the tunnel's temporary
+    // directory, /tmp/tunnel-tests-bench-*, while it runs).
+    let level = std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into());
+    vec![("RUST_LOG".into(), level)]
 }
 
 pub fn bin(bin_dir: &Path, name: &str) -> io::Result<PathBuf> {

@@ -1,7 +1,7 @@
 //! The session's pusher: one task that turns the outbox into batches across connections, up
 //! to `max_push_body` each, and puts the ATTACHes a new session needs in front of them. A
-//! batch goes down the session's streamed upstream when one is open (HTTP/2,
-//! [`super::upstream`]), else in a push request, at most `max_pushes_in_flight` at once.
+//! batch goes down the session's streamed upstream when one is open
+//! ([`super::upstream`]), else in a push request, at most `max_pushes_in_flight` at once.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;

@@ -43,8 +43,12 @@ pub(crate) const UPSTREAM_IDLE: Duration = Duration::from_secs(10);
 /// may carry a second's worth more.
 pub(crate) const UPSTREAM_LIMIT: usize = 64 * 1024 * 1024;
 
-/// Batches queued for an upstream's body (each at most `max_push_body`).
-const QUEUED_BATCHES: usize = 4;
+/// Batches queued for an upstream's body (each at most `max_push_body`). One: the pusher
+/// builds the next batch while the body writes this one, which keeps the upstream busy. With
+/// four, 100 busy connections over HTTP/1.1 fell into retransmission storms in about half the
+/// bench's runs (every connection's timer fired within a few ms, each resent its window, and
+/// the aggregate dropped from ~900 to 40–120 MiB/s): see BENCHMARKS.md.
+const QUEUED_BATCHES: usize = 1;
 
 /// How long after an upstream request failed without an answer the next one may be tried.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
