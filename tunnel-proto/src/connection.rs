@@ -193,6 +193,35 @@ struct InFlight {
     fast_retransmitted: bool,
 }
 
+/// What a connection does about the packets that were in flight when its retransmission
+/// timer fired, until the cumulative ack passes the last of them (see
+/// `Connection::on_retransmission_timeout`).
+#[derive(Debug, Clone, Copy)]
+struct TimeoutRecovery {
+    /// The last packet in flight when the timer fired.
+    last: u32,
+    stage: RecoveryStage,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum RecoveryStage {
+    /// Only the first packet not selectively acked was resent; waiting for the ack that
+    /// reaches it.
+    FirstResent {
+        seq: u32,
+        /// When its original was sent.
+        original_sent_at: Instant,
+        /// When it was resent.
+        resent_at: Instant,
+    },
+    /// Originals are being acknowledged: the newest acknowledged one took `path_delay`,
+    /// the path's delay as it is now, queue included. The rest is deemed lost once out that
+    /// long plus a margin (`detect_losses`).
+    Draining { path_delay: Duration },
+    /// Everything not selectively acked was resent; only the timer acts now.
+    AllResent,
+}
+
 /// How the connection ended, if it has.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Ending {
@@ -250,6 +279,8 @@ pub struct Connection {
     rttvar: Duration,
     /// Retransmission timer, running while anything is in flight.
     rto_deadline: Option<Instant>,
+    /// Set by a retransmission timeout until an acknowledgement settles it.
+    timeout_recovery: Option<TimeoutRecovery>,
     /// A hole seen by selective acks becomes a loss at this time unless it fills first.
     loss_check_at: Option<Instant>,
     /// Reorder window in quarters of the smoothed RTT (see `INITIAL_REORDER_QUARTERS`).
@@ -307,6 +338,7 @@ impl Connection {
             srtt: None,
             rttvar: Duration::ZERO,
             rto_deadline: None,
+            timeout_recovery: None,
             loss_check_at: None,
             reorder_quarters: INITIAL_REORDER_QUARTERS,
             last_sent: now,
@@ -670,6 +702,7 @@ impl Connection {
     fn on_cumulative_ack(&mut self, ack: u32, now: Instant) {
         let mut rtt_sample = None;
         let mut repaired_hole = false;
+        let mut newest_original_sent_at = None;
         while let Some(front) = self.in_flight.front() {
             if !seq::le(front.seq, ack) {
                 break;
@@ -684,8 +717,11 @@ impl Connection {
             if !done.sacked && retransmitted_in_vain(&done, self.srtt, now) {
                 self.widen_reorder_window();
             }
-            if done.transmissions == 1 && !done.sacked && !repaired_hole {
-                rtt_sample = Some(now.saturating_duration_since(done.sent_at));
+            if done.transmissions == 1 && !done.sacked {
+                newest_original_sent_at = Some(done.sent_at);
+                if !repaired_hole {
+                    rtt_sample = Some(now.saturating_duration_since(done.sent_at));
+                }
             }
             self.in_flight_bytes -= done.payload.len();
             if done.kind == PacketType::ConnClose {
@@ -694,6 +730,7 @@ impl Connection {
         }
         self.peer_ack = ack;
         self.dup_acks = 0;
+        self.settle_timeout_recovery(ack, newest_original_sent_at, now);
         // Karn: an ack of retransmitted packets only keeps the backed-off timeout; the next
         // packet sent once gives a sample and a fresh estimate.
         if let Some(sample) = rtt_sample {
@@ -771,6 +808,30 @@ impl Connection {
                 if now >= due {
                     p.lost = true;
                     p.fast_retransmitted = true;
+                } else {
+                    self.loss_check_at = Some(self.loss_check_at.map_or(due, |t| t.min(due)));
+                }
+            }
+        }
+        if let Some(TimeoutRecovery {
+            last,
+            stage: RecoveryStage::Draining { path_delay },
+        }) = self.timeout_recovery
+        {
+            // See `settle_timeout_recovery`. A queue draining after a timeout delivers one
+            // connection's packets spread out among other connections', so the margin is
+            // at least a quarter of the minimum timeout, whatever the reorder window.
+            let margin = reorder_window.max(self.config.rto_min / 4);
+            for p in self.in_flight.iter_mut() {
+                if !seq::le(p.seq, last) {
+                    break;
+                }
+                if p.sacked || p.lost {
+                    continue;
+                }
+                let due = p.sent_at + path_delay + margin;
+                if now >= due {
+                    p.lost = true;
                 } else {
                     self.loss_check_at = Some(self.loss_check_at.map_or(due, |t| t.min(due)));
                 }
@@ -1022,6 +1083,7 @@ impl Connection {
             p.lost = true;
             p.fast_retransmitted = false;
         }
+        self.timeout_recovery = None;
         self.rto_deadline = (!self.in_flight.is_empty()).then(|| now + self.rto);
         if self.probe_at.is_some() {
             self.probe_at = Some(now);
@@ -1030,17 +1092,117 @@ impl Connection {
         self.ack_due = true;
     }
 
-    /// RFC 6298 §5.4–5.6: back off and resend. Every packet not selectively acked is resent:
-    /// on this transport a whole HTTP request of packets is lost at once, and resending one
-    /// per timeout would take a timeout per packet.
+    /// RFC 6298 §5.4–5.6: back off and resend. The first timeout resends only the first
+    /// packet not selectively acked, and the acknowledgements that follow decide about the
+    /// rest (`settle_timeout_recovery`, `detect_losses`).
+    ///
+    /// Resending every packet in flight at once would repair a lost HTTP request (a whole
+    /// batch of packets) a round trip sooner, but a timeout is also what a long queue looks
+    /// like: when a session's shared queue delays every connection past the minimum timeout,
+    /// all their timers fire together, and whole windows resent at once double the queue
+    /// that caused it (a retransmission storm). One packet per connection and timeout cannot.
+    ///
+    /// A timeout during that recovery (before the cumulative ack passed what was in flight
+    /// at the first) means a lossy or broken path rather than a queue: then every packet not
+    /// selectively acked is resent at once, as on a restored path, so that a lossy path
+    /// does not pay a round trip per attempt.
     fn on_retransmission_timeout(&mut self, now: Instant) {
         self.rto = (self.rto * 2).min(self.config.rto_max);
-        for p in self.in_flight.iter_mut().filter(|p| !p.sacked) {
-            p.lost = true;
-            p.fast_retransmitted = false;
-        }
         self.dup_acks = 0;
         self.rto_deadline = (!self.in_flight.is_empty()).then(|| now + self.rto);
+        for p in self.in_flight.iter_mut() {
+            p.fast_retransmitted = false;
+        }
+        let Some(last) = self.in_flight.back().map(|p| p.seq) else {
+            return;
+        };
+        if self.timeout_recovery.is_some() {
+            for p in self.in_flight.iter_mut().filter(|p| !p.sacked) {
+                p.lost = true;
+            }
+            self.timeout_recovery = Some(TimeoutRecovery {
+                last,
+                stage: RecoveryStage::AllResent,
+            });
+        } else if let Some(head) = self.in_flight.iter_mut().find(|p| !p.sacked) {
+            head.lost = true;
+            self.timeout_recovery = Some(TimeoutRecovery {
+                last,
+                stage: RecoveryStage::FirstResent {
+                    seq: head.seq,
+                    original_sent_at: head.sent_at,
+                    resent_at: now,
+                },
+            });
+        }
+    }
+
+    /// The cumulative ack moved to `ack` during a timeout's recovery, acknowledging among
+    /// others originals sent once, the newest of them sent at `newest_original_sent_at`.
+    /// Once it passes the last packet in flight at the timeout, the recovery is over. Before
+    /// that, after only the first packet was resent:
+    /// - an ack that stops at that packet, late enough to be the copy's, says the copy alone
+    ///   got through: the rest was lost with it (a lost HTTP request) and is resent now;
+    /// - an ack that goes further, or comes too soon to be the copy's, acknowledges
+    ///   originals: the timeout may have been a delay rather than a loss (a spurious timeout,
+    ///   RFC 4015). The time the newest of them took is the path's delay now;
+    ///   `detect_losses` deems the rest lost only once they have been out that long and a
+    ///   margin more, so a queue that is draining costs nothing more, and a real loss waits
+    ///   for no other timeout.
+    fn settle_timeout_recovery(
+        &mut self,
+        ack: u32,
+        newest_original_sent_at: Option<Instant>,
+        now: Instant,
+    ) {
+        let Some(recovery) = &mut self.timeout_recovery else {
+            return;
+        };
+        if !seq::lt(ack, recovery.last) {
+            self.timeout_recovery = None;
+            return;
+        }
+        let original_sent_at = match recovery.stage {
+            RecoveryStage::AllResent => return,
+            RecoveryStage::Draining { .. } => newest_original_sent_at,
+            RecoveryStage::FirstResent {
+                seq,
+                original_sent_at,
+                resent_at,
+            } => {
+                if seq::lt(ack, seq) {
+                    return; // not there yet
+                }
+                let copy_could_return = self
+                    .srtt
+                    .is_none_or(|srtt| now.saturating_duration_since(resent_at) >= srtt / 2);
+                match newest_original_sent_at {
+                    Some(sent_at) => Some(sent_at),
+                    None if ack == seq && !copy_could_return => Some(original_sent_at),
+                    None => None,
+                }
+            }
+        };
+        match (original_sent_at, recovery.stage) {
+            (Some(sent_at), _) => {
+                recovery.stage = RecoveryStage::Draining {
+                    path_delay: now.saturating_duration_since(sent_at),
+                };
+            }
+            (None, RecoveryStage::FirstResent { .. }) => {
+                let last = recovery.last;
+                recovery.stage = RecoveryStage::AllResent;
+                for p in self.in_flight.iter_mut() {
+                    if !seq::le(p.seq, last) {
+                        break;
+                    }
+                    if !p.sacked {
+                        p.lost = true;
+                    }
+                }
+            }
+            (None, _) => {}
+        }
     }
 
     /// RFC 6298 §2: smoothed RTT and variance.
@@ -1139,6 +1301,7 @@ impl Connection {
         self.reorder.clear();
         self.readable.clear();
         self.rto_deadline = None;
+        self.timeout_recovery = None;
         self.loss_check_at = None;
         self.probe_at = None;
     }

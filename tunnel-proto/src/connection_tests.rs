@@ -171,17 +171,151 @@ fn whole_lost_batch_is_resent_after_the_timeout() {
     assert_eq!(deadline, now + Duration::from_secs(1), "initial RTO");
     a.handle_timeout(deadline);
     let resent = drain(&mut a, deadline);
-    assert_eq!(resent.len(), 5, "every packet of the lost batch is resent");
-    assert_eq!(a.stats().retransmits, 5);
+    assert_eq!(resent.len(), 1, "the timeout resends the first packet only");
+    assert_eq!(resent[0].seq, 0);
     for p in resent {
         b.handle_packet(p, deadline);
     }
-    exchange(&mut a, &mut b, deadline);
+    // The copy's ack comes back alone: the rest of the batch was lost with it.
+    let back = deadline + Duration::from_millis(20);
+    for p in drain(&mut b, back) {
+        a.handle_packet(p, back);
+    }
+    let rest = drain(&mut a, back);
+    assert_eq!(
+        rest.iter().map(|p| p.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4],
+        "the rest of the batch is resent on that ack, without another timeout"
+    );
+    assert_eq!(a.stats().retransmits, 5);
+    for p in rest {
+        b.handle_packet(p, back);
+    }
+    exchange(&mut a, &mut b, back);
     assert_eq!(read_all(&mut b), vec![1u8; 5000]);
     // Back-off doubled the timeout; the next one uses it.
     a.write(&[2u8; 10]).unwrap();
     drain(&mut a, deadline);
     assert_eq!(a.rto_deadline, Some(deadline + Duration::from_secs(2)));
+}
+
+#[test]
+fn a_timeout_that_was_only_a_delay_costs_one_packet() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    a.write(&[4u8; 8000]).unwrap();
+    let delayed = drain(&mut a, now);
+    assert_eq!(delayed.len(), 8);
+    // A queue holds the batch past the timeout (as a session's shared upstream can).
+    let deadline = a.poll_timeout().unwrap();
+    a.handle_timeout(deadline);
+    let copies = drain(&mut a, deadline);
+    assert_eq!(copies.len(), 1, "one packet per timeout, not the window");
+    // The queue drains: the originals arrive one by one, 5 ms apart, and each ack the
+    // receiver sends reaches the sender; the acks pass the resent packet, so nothing else is
+    // resent, however long the sender waits between them.
+    let mut t = deadline + Duration::from_millis(300);
+    for p in delayed {
+        b.handle_packet(p, t);
+        for ack in drain(&mut b, t) {
+            a.handle_packet(ack, t);
+        }
+        assert!(drain(&mut a, t).is_empty());
+        t += Duration::from_millis(5);
+        if let Some(check) = a.poll_timeout().filter(|&d| d <= t) {
+            a.handle_timeout(check);
+            assert!(
+                drain(&mut a, check).is_empty(),
+                "nothing resent at {check:?}"
+            );
+        }
+    }
+    b.handle_timeout(t); // its delayed ack of the last one
+    for ack in drain(&mut b, t) {
+        a.handle_packet(ack, t);
+    }
+    assert_eq!(a.stats().retransmits, 1);
+    assert_eq!(a.rto_deadline, None, "everything is acknowledged");
+    // The copy arrives after all, as a duplicate; the stream is intact.
+    for p in copies {
+        b.handle_packet(p, t);
+    }
+    exchange(&mut a, &mut b, t);
+    assert_eq!(read_all(&mut b), vec![4u8; 8000]);
+    assert_eq!(a.stats().retransmits, 1);
+}
+
+#[test]
+fn after_a_timeout_the_packets_an_ack_leaves_behind_are_resent_without_another_timeout() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    a.write(&[6u8; 5000]).unwrap();
+    let mut sent = drain(&mut a, now);
+    assert_eq!(sent.len(), 5);
+    let deadline = a.poll_timeout().unwrap();
+    a.handle_timeout(deadline);
+    let copy = drain(&mut a, deadline);
+    assert_eq!(copy.len(), 1);
+    // Packet 0's original and packets 3 and 4 are lost; 1 and 2 were only late.
+    sent.truncate(3);
+    sent.remove(0);
+    let t = deadline + Duration::from_millis(40);
+    for p in copy.into_iter().chain(sent) {
+        b.handle_packet(p, t);
+    }
+    b.handle_timeout(t + Duration::from_millis(5));
+    for ack in drain(&mut b, t + Duration::from_millis(5)) {
+        a.handle_packet(ack, t + Duration::from_millis(5));
+    }
+    assert!(
+        drain(&mut a, t).is_empty(),
+        "3 and 4 were sent with 1 and 2: not given up yet"
+    );
+    // They are deemed lost once out as long as 2 took, plus the margin, well before the
+    // backed-off timer (2 s).
+    let check = a.poll_timeout().unwrap();
+    assert!(
+        check < deadline + Duration::from_millis(300),
+        "{:?}",
+        check - deadline
+    );
+    a.handle_timeout(check);
+    let rest = drain(&mut a, check);
+    assert_eq!(rest.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![3, 4]);
+    for p in rest {
+        b.handle_packet(p, check);
+    }
+    exchange(&mut a, &mut b, check);
+    assert_eq!(read_all(&mut b), vec![6u8; 5000]);
+    assert_eq!(a.stats().retransmits, 3);
+}
+
+#[test]
+fn a_second_timeout_in_a_row_resends_everything() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    a.write(&[5u8; 3000]).unwrap();
+    assert_eq!(drain(&mut a, now).len(), 3); // lost
+    let first = a.poll_timeout().unwrap();
+    a.handle_timeout(first);
+    let copy = drain(&mut a, first);
+    assert_eq!(copy.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![0]); // lost too
+    let second = a.poll_timeout().unwrap();
+    assert_eq!(second, first + Duration::from_secs(2), "backed off");
+    a.handle_timeout(second);
+    let all = drain(&mut a, second);
+    assert_eq!(all.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![0, 1, 2]);
+    for p in all {
+        b.handle_packet(p, second);
+    }
+    exchange(&mut a, &mut b, second);
+    assert_eq!(read_all(&mut b), vec![5u8; 3000]);
+    // A timeout after the recovery ended resends one packet only again.
+    a.write(&[7u8; 2000]).unwrap();
+    assert_eq!(drain(&mut a, second).len(), 2); // lost
+    let third = a.poll_timeout().unwrap();
+    a.handle_timeout(third);
+    assert_eq!(drain(&mut a, third).len(), 1);
 }
 
 #[test]
