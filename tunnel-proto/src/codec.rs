@@ -133,6 +133,13 @@ impl Decoder {
     /// The next whole packet, `Ok(None)` if more bytes are needed, or the error that ended the
     /// stream (returned again on every later call).
     pub fn next_packet(&mut self) -> Result<Option<Packet>, DecodeError> {
+        Ok(self.next_packet_and_wire()?.map(|(packet, _)| packet))
+    }
+
+    /// As [`Decoder::next_packet`], with the bytes the packet was decoded from (header
+    /// included; the payload is a slice of them), for a relay that passes the packet on
+    /// unchanged: writing those bytes out again costs no encoding and no second checksum.
+    pub fn next_packet_and_wire(&mut self) -> Result<Option<(Packet, Bytes)>, DecodeError> {
         if let Some(err) = &self.failed {
             return Err(err.clone());
         }
@@ -144,7 +151,7 @@ impl Decoder {
             // Whole in the chunk (see `settle`): a slice of it.
             Header::parse(&self.chunk, self.max_packet_size).and_then(|header| {
                 let bytes = self.chunk.split_to(header.size);
-                header.finish(bytes).map(Some)
+                header.finish(bytes.clone()).map(|p| Some((p, bytes)))
             })
         } else {
             if self.buf.len() < HEADER_LEN {
@@ -157,7 +164,7 @@ impl Decoder {
                     return Ok(None);
                 }
                 let bytes = self.buf.split_to(header.size).freeze();
-                header.finish(bytes).map(Some)
+                header.finish(bytes.clone()).map(|p| Some((p, bytes)))
             })
         };
         if let Err(err) = &result {

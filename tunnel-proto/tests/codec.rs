@@ -181,6 +181,32 @@ fn encoding_matches_the_documented_layout() {
 }
 
 #[test]
+fn a_decoded_packet_comes_with_the_bytes_it_was_decoded_from() {
+    let first = Packet::new(PacketType::Data, 3, Bytes::from_static(b"first")).with_seq(1);
+    let second = Packet::new(PacketType::Ack, 3, Bytes::new()).with_window(9);
+    let mut wire = first.to_bytes().to_vec();
+    wire.extend_from_slice(&second.to_bytes());
+    // Whole in one chunk (slices of it), then cut across two chunks (through the buffer).
+    for cut in [wire.len(), first.wire_len() + 5] {
+        let mut d = Decoder::default();
+        d.feed_bytes(Bytes::copy_from_slice(&wire[..cut]));
+        let mut got = Vec::new();
+        while let Some(received) = d.next_packet_and_wire().unwrap() {
+            got.push(received);
+        }
+        d.feed_bytes(Bytes::copy_from_slice(&wire[cut..]));
+        while let Some(received) = d.next_packet_and_wire().unwrap() {
+            got.push(received);
+        }
+        assert_eq!(got.len(), 2, "cut at {cut}");
+        assert_eq!(got[0].0, first);
+        assert_eq!(got[0].1, first.to_bytes());
+        assert_eq!(got[1].0, second);
+        assert_eq!(got[1].1, second.to_bytes());
+    }
+}
+
+#[test]
 fn every_packet_type_round_trips() {
     for (i, &kind) in PacketType::ALL.iter().enumerate() {
         assert_eq!(PacketType::from_code(kind.code()), Some(kind));

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -23,7 +24,7 @@ use tunnel_proto::{Decoder, Packet, PacketType};
 
 use crate::sender::{self, LinkSender};
 use crate::state::{accept_until_stopped, stopped, Shared};
-use crate::table::{LinkHandle, LinkInfo, Offer, Table};
+use crate::table::{LinkHandle, LinkInfo, Offer, Queued, Table};
 
 /// Longest broker keepalive the relay honours: a broker announcing more cannot keep a dead
 /// link counted as alive for longer than three of these.
@@ -307,8 +308,8 @@ async fn read_link<R: AsyncRead + Unpin>(
     let mut batch = Vec::new();
     loop {
         loop {
-            match decoder.next_packet() {
-                Ok(Some(packet)) => batch.push(packet),
+            match decoder.next_packet_and_wire() {
+                Ok(Some(received)) => batch.push(received),
                 Ok(None) => break,
                 Err(err) => {
                     tracing::warn!(server = name, error = %err, "undecodable packet on link");
@@ -320,8 +321,8 @@ async fn read_link<R: AsyncRead + Unpin>(
             let mut offers = Vec::new();
             {
                 let mut table = shared.table();
-                for packet in batch.drain(..) {
-                    offers.extend(route(&mut table, shared, link, packet));
+                for (packet, wire) in batch.drain(..) {
+                    offers.extend(route(&mut table, shared, link, packet, wire));
                 }
             }
             send_offers(offers);
@@ -348,9 +349,15 @@ async fn read_link<R: AsyncRead + Unpin>(
     }
 }
 
-/// Sorts one packet from a broker's link into the table; returns the CONN_INIT to send if
-/// the packet made the relay punt a connection to another instance.
-fn route(table: &mut Table, shared: &Shared, link: &ReadLink<'_>, packet: Packet) -> Option<Offer> {
+/// Sorts one packet from a broker's link (decoded from `wire`) into the table; returns the
+/// CONN_INIT to send if the packet made the relay punt a connection to another instance.
+fn route(
+    table: &mut Table,
+    shared: &Shared,
+    link: &ReadLink<'_>,
+    packet: Packet,
+    wire: Bytes,
+) -> Option<Offer> {
     let config = &shared.config;
     let (name, sender) = (link.name, link.sender);
     let id = packet.conn_id;
@@ -428,8 +435,10 @@ fn route(table: &mut Table, shared: &Shared, link: &ReadLink<'_>, packet: Packet
             table.note_close(id, false);
             table.enqueue(id, packet, shared.queue_limits(), false);
         }
+        // DATA and ACK, the bulk of a download: passed on as they came.
         _ => {
-            table.enqueue(id, packet, shared.queue_limits(), false);
+            let queued = Queued::forwarded(packet, wire);
+            table.enqueue(id, queued, shared.queue_limits(), false);
         }
     }
     None

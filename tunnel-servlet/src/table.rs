@@ -79,6 +79,39 @@ struct Pending {
     tried: Vec<InstanceId>,
 }
 
+/// A packet queued for a client. One that came from the broker's link and goes on unchanged
+/// keeps the bytes it came in (`wire`): they are written out as they are, where encoding it
+/// again would compute its checksum a second time (a pass over every byte of a download).
+pub(crate) struct Queued {
+    packet: Packet,
+    wire: Option<Bytes>,
+}
+
+impl Queued {
+    /// `packet`, decoded from `wire` (its whole encoding, as
+    /// `Decoder::next_packet_and_wire` hands it out).
+    pub(crate) fn forwarded(packet: Packet, wire: Bytes) -> Queued {
+        debug_assert_eq!(wire.len(), packet.wire_len());
+        Queued {
+            packet,
+            wire: Some(wire),
+        }
+    }
+
+    fn encode(&self, out: &mut BytesMut) {
+        match &self.wire {
+            Some(wire) => out.extend_from_slice(wire),
+            None => self.packet.encode(out),
+        }
+    }
+}
+
+impl From<Packet> for Queued {
+    fn from(packet: Packet) -> Queued {
+        Queued { packet, wire: None }
+    }
+}
+
 /// One virtual connection.
 pub(crate) struct ConnEntry {
     pub(crate) server: Arc<str>,
@@ -90,7 +123,7 @@ pub(crate) struct ConnEntry {
     affinity: Option<Box<str>>,
     pub(crate) token: Token,
     client_addr: Box<str>,
-    queue: VecDeque<Packet>,
+    queue: VecDeque<Queued>,
     queued_bytes: usize,
     pub(crate) last_activity: Instant,
     pub(crate) inactivity_timeout: Duration,
@@ -757,13 +790,15 @@ impl Table {
     pub(crate) fn enqueue(
         &mut self,
         id: u32,
-        packet: Packet,
+        packet: impl Into<Queued>,
         limits: QueueLimits,
         force: bool,
     ) -> Admit {
         let Some(entry) = self.conns.get_mut(&id) else {
             return Admit::UnknownConn;
         };
+        let queued = packet.into();
+        let packet = &queued.packet;
         let len = packet.wire_len();
         let slack = if is_control(packet.kind) {
             limits.control_slack
@@ -786,7 +821,7 @@ impl Table {
             });
         }
         entry.queued_bytes += len;
-        entry.queue.push_back(packet);
+        entry.queue.push_back(queued);
         match &mut session {
             Some(session) => {
                 session.queued_bytes += len;
@@ -839,7 +874,7 @@ impl Table {
         }
         let mut taken = 0;
         while let Some(front) = entry.queue.front() {
-            let len = front.wire_len();
+            let len = front.packet.wire_len();
             let this_visit = out.len() - start;
             if !out.is_empty() && out.len() + len > total_max {
                 break;
@@ -847,8 +882,8 @@ impl Table {
             if this_visit > 0 && this_visit + len > visit_max {
                 break;
             }
-            if let Some(packet) = entry.queue.pop_front() {
-                packet.encode(out);
+            if let Some(queued) = entry.queue.pop_front() {
+                queued.encode(out);
                 entry.queued_bytes -= len;
                 taken += len;
             }
@@ -1900,6 +1935,36 @@ mod tests {
         assert_eq!(view.brokers[1].connections, 4_999);
         assert_eq!(view.brokers[1].traffic.connections_opened, 5_000);
         assert_eq!(view.queued_bytes, 0);
+    }
+
+    #[test]
+    fn a_forwarded_packet_leaves_as_the_bytes_it_came_in() {
+        let mut table = Table::new(Arc::new(Metrics::default()));
+        let now = Instant::now();
+        let (id, _) = table.open("s", InstanceId::LEGACY, None, 16, "c", now, MINUTE);
+        let data = Packet::new(PacketType::Data, id, Bytes::from_static(b"payload")).with_seq(4);
+        let wire = data.to_bytes();
+        let ack = Packet::new(PacketType::Ack, id, Bytes::new()).with_seq(2);
+        assert_eq!(
+            table.enqueue(
+                id,
+                Queued::forwarded(data.clone(), wire.clone()),
+                ROOMY,
+                false
+            ),
+            Admit::Queued
+        );
+        assert_eq!(table.enqueue(id, ack.clone(), ROOMY, false), Admit::Queued);
+        let out = table.drain(id, 1 << 20);
+        assert_eq!(
+            &out[..wire.len()],
+            &wire[..],
+            "the received bytes, as they are"
+        );
+        assert_eq!(
+            tunnel_proto::decode_all(out, 1 << 20).unwrap(),
+            vec![data, ack]
+        );
     }
 
     #[test]
