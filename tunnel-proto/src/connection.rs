@@ -1117,9 +1117,7 @@ impl Connection {
             return;
         };
         if self.timeout_recovery.is_some() {
-            for p in self.in_flight.iter_mut().filter(|p| !p.sacked) {
-                p.lost = true;
-            }
+            self.mark_unsacked_lost_through(last);
             self.timeout_recovery = Some(TimeoutRecovery {
                 last,
                 stage: RecoveryStage::AllResent,
@@ -1162,9 +1160,15 @@ impl Connection {
             self.timeout_recovery = None;
             return;
         }
-        let original_sent_at = match recovery.stage {
-            RecoveryStage::AllResent => return,
-            RecoveryStage::Draining { .. } => newest_original_sent_at,
+        match recovery.stage {
+            RecoveryStage::AllResent => {}
+            RecoveryStage::Draining { .. } => {
+                if let Some(sent_at) = newest_original_sent_at {
+                    recovery.stage = RecoveryStage::Draining {
+                        path_delay: now.saturating_duration_since(sent_at),
+                    };
+                }
+            }
             RecoveryStage::FirstResent {
                 seq,
                 original_sent_at,
@@ -1176,32 +1180,34 @@ impl Connection {
                 let copy_could_return = self
                     .srtt
                     .is_none_or(|srtt| now.saturating_duration_since(resent_at) >= srtt / 2);
-                match newest_original_sent_at {
-                    Some(sent_at) => Some(sent_at),
-                    None if ack == seq && !copy_could_return => Some(original_sent_at),
-                    None => None,
-                }
-            }
-        };
-        match (original_sent_at, recovery.stage) {
-            (Some(sent_at), _) => {
-                recovery.stage = RecoveryStage::Draining {
-                    path_delay: now.saturating_duration_since(sent_at),
-                };
-            }
-            (None, RecoveryStage::FirstResent { .. }) => {
-                let last = recovery.last;
-                recovery.stage = RecoveryStage::AllResent;
-                for p in self.in_flight.iter_mut() {
-                    if !seq::le(p.seq, last) {
-                        break;
+                let originals_sent_at = newest_original_sent_at
+                    .or((ack == seq && !copy_could_return).then_some(original_sent_at));
+                match originals_sent_at {
+                    Some(sent_at) => {
+                        recovery.stage = RecoveryStage::Draining {
+                            path_delay: now.saturating_duration_since(sent_at),
+                        };
                     }
-                    if !p.sacked {
-                        p.lost = true;
+                    None => {
+                        recovery.stage = RecoveryStage::AllResent;
+                        let last = recovery.last;
+                        self.mark_unsacked_lost_through(last);
                     }
                 }
             }
-            (None, _) => {}
+        }
+    }
+
+    /// Marks every packet in flight up to `last` that the peer has not selectively acked as
+    /// lost, to be resent by the next `poll_transmit`.
+    fn mark_unsacked_lost_through(&mut self, last: u32) {
+        for p in self.in_flight.iter_mut() {
+            if !seq::le(p.seq, last) {
+                break;
+            }
+            if !p.sacked {
+                p.lost = true;
+            }
         }
     }
 
