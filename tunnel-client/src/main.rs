@@ -354,6 +354,7 @@ fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    tunnel_proto::malloc::keep_freed_memory();
     match runtime(args.worker_threads) {
         Ok(runtime) => runtime.block_on(async_main(args)),
         Err(e) => {

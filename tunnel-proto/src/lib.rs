@@ -10,6 +10,7 @@
 //! - [`seq`]: serial-number arithmetic on sequence numbers.
 //! - [`secret`]: reading a link secret file the way the relay and broker binaries do.
 //! - [`warn_limit`]: at most one warning of a kind per interval ([`warn_limited!`]).
+//! - [`malloc`]: the allocator settings the binaries apply at start (fewer page faults).
 //! - With the `driver` feature: [`driver`] ([`TunnelStream`], a tokio `AsyncRead` +
 //!   `AsyncWrite` over any packet transport), [`splice`] (joining a tunnel stream to a
 //!   socket with half-close, without copies) and [`backoff`] (retry delays).
@@ -33,6 +34,7 @@ pub mod chunks;
 pub mod codec;
 pub mod connection;
 pub mod error;
+pub mod malloc;
 pub mod packet;
 pub mod payload;
 pub mod secret;
