@@ -75,7 +75,7 @@ fn send_offers(offers: Vec<Offer>) {
 }
 
 /// Room kept free in the read buffer so each read can take a good share of a burst.
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
 
 /// Accepts links until the relay stops.
 pub(crate) async fn run_listener(
