@@ -303,6 +303,20 @@ impl PacketParts {
         self.parts.push(packet.payload.clone());
     }
 
+    /// Appends packets already encoded, as they were received (a relay passing a broker's
+    /// packets on): from [`SHARED_PAYLOAD`] bytes up they are referenced, shorter ones copied.
+    pub fn push_encoded(&mut self, wire: Bytes) {
+        self.len += wire.len();
+        if wire.len() < SHARED_PAYLOAD {
+            self.tail.extend_from_slice(&wire);
+            return;
+        }
+        if !self.tail.is_empty() {
+            self.parts.push(self.tail.split().freeze());
+        }
+        self.parts.push(wire);
+    }
+
     /// Bytes on the wire so far.
     pub fn len(&self) -> usize {
         self.len
@@ -319,5 +333,22 @@ impl PacketParts {
             self.parts.push(self.tail.freeze());
         }
         self.parts
+    }
+
+    /// The packets as one buffer, for a body sent whole: copied together unless they are
+    /// one buffer already.
+    pub fn into_bytes(self) -> Bytes {
+        let mut parts = self.into_parts();
+        match parts.len() {
+            0 => Bytes::new(),
+            1 => parts.pop().unwrap_or_default(),
+            _ => {
+                let mut out = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+                for part in &parts {
+                    out.extend_from_slice(part);
+                }
+                out.freeze()
+            }
+        }
     }
 }

@@ -1459,6 +1459,42 @@ fn packet_parts_are_the_wire_bytes_and_share_long_payloads() {
 }
 
 #[test]
+fn packet_parts_pass_encoded_packets_on_and_share_the_long_ones() {
+    let long = Packet::new(PacketType::Data, 3, Bytes::from(vec![0x5a; 20_000])).with_seq(4);
+    let ack = Packet::new(PacketType::Ack, 3, Bytes::new()).with_seq(7);
+    let long_wire = long.to_bytes();
+    let mut parts = PacketParts::new();
+    parts.push(&ack);
+    parts.push_encoded(ack.to_bytes());
+    parts.push_encoded(long_wire.clone());
+    parts.push_encoded(ack.to_bytes());
+    let expected = encode_all(&[ack.clone(), ack.clone(), long.clone(), ack.clone()]);
+    assert_eq!(parts.len(), expected.len());
+    let list = parts.into_parts();
+    assert_eq!(
+        list.len(),
+        3,
+        "the two short ones together, the long one, the last one"
+    );
+    assert_eq!(
+        list[1].as_ptr(),
+        long_wire.as_ptr(),
+        "the long packet is the bytes it came in"
+    );
+    assert_eq!(list.concat(), expected.to_vec());
+
+    // As one buffer: the same bytes; a lone buffer is handed on without a copy.
+    let mut parts = PacketParts::new();
+    parts.push_encoded(ack.to_bytes());
+    parts.push_encoded(long_wire.clone());
+    assert_eq!(parts.into_bytes(), encode_all(&[ack.clone(), long.clone()]));
+    let mut lone = PacketParts::new();
+    lone.push_encoded(long_wire.clone());
+    assert_eq!(lone.into_bytes().as_ptr(), long_wire.as_ptr());
+    assert!(PacketParts::new().into_bytes().is_empty());
+}
+
+#[test]
 fn feed_bytes_hands_out_whole_packets_as_slices_of_the_chunk() {
     let packets: Vec<Packet> = (0..6u32)
         .map(|i| {

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::oneshot;
+use tunnel_proto::codec::PacketParts;
 use tunnel_proto::payload::{encode_reason, encode_token, Attach, SessionRequest};
 use tunnel_proto::warn_limit::WarningLimit;
 use tunnel_proto::{decode_all, Packet, PacketType, Token};
@@ -133,7 +134,9 @@ pub(crate) async fn pull(shared: &Shared, key: SessionKey) -> Response<Body> {
                 return no_op();
             }
             if table.session_has_ready(key.id) {
-                let out = table.drain_session(key.id, BytesMut::new(), config.response_limit);
+                let out = table
+                    .drain_session(key.id, PacketParts::new(), config.response_limit)
+                    .into_bytes();
                 if !out.is_empty() {
                     drop(table);
                     shared.metrics.sent_down(out.len());
@@ -165,7 +168,9 @@ pub(crate) async fn pull(shared: &Shared, key: SessionKey) -> Response<Body> {
                     if !session.claim_pull(pull_id) {
                         return no_op();
                     }
-                    let out = table.drain_session(key.id, BytesMut::new(), config.response_limit);
+                    let out = table
+                        .drain_session(key.id, PacketParts::new(), config.response_limit)
+                        .into_bytes();
                     if !out.is_empty() {
                         drop(table);
                         shared.metrics.sent_down(out.len());
@@ -275,9 +280,14 @@ pub(crate) async fn push(
         Ok(answer) => answer,
         Err(refused) => return refused.response(),
     };
+    let mut out = PacketParts::new();
+    if !answer.is_empty() {
+        out.push_encoded(answer.freeze());
+    }
     let out = shared
         .table()
-        .drain_session(key.id, answer, shared.config.response_limit);
+        .drain_session(key.id, out, shared.config.response_limit)
+        .into_bytes();
     shared.metrics.sent_down(out.len());
     packets(out)
 }

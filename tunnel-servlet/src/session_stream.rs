@@ -13,7 +13,13 @@
 //! link queues a packet, the session's waiter wakes that task directly, with no task in
 //! between. Packets leave the connection queues only when hyper asks for the next frame, so
 //! a slow reader leaves them queued (bounded there) instead of buffered here.
+//!
+//! A batch goes out as several frames: the packets a broker sent, from 4 KiB up, as the
+//! bytes they came in over the link, and the short ones between them copied together
+//! (`PacketParts`). Copying every batch into one buffer was 4 % of the relay's time during
+//! a download.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -21,10 +27,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 use tokio::time::Sleep;
+use tunnel_proto::codec::PacketParts;
 use tunnel_proto::{Packet, PacketType};
 
 use crate::session_http::SessionKey;
@@ -47,12 +54,14 @@ pub(crate) struct SessionStream {
     /// Registered as the session's waiter: woken when packets are queued, by a newer pull,
     /// or when the session or the relay goes away.
     woken: Option<oneshot::Receiver<Wake>>,
+    /// The rest of the batch being sent, one frame each.
+    frames: VecDeque<Bytes>,
     ended: bool,
 }
 
 /// What the stream does next.
 enum Step {
-    Send(Bytes),
+    Send(Vec<Bytes>),
     Wait(oneshot::Receiver<Wake>),
     End,
 }
@@ -81,6 +90,7 @@ impl SessionStream {
             budget,
             first: true,
             woken: None,
+            frames: VecDeque::new(),
             ended: false,
         })
     }
@@ -99,18 +109,20 @@ impl SessionStream {
         }
         if table.session_has_ready(self.key.id) {
             let limit = config.response_limit.min(self.budget);
-            let out = table.drain_session(self.key.id, BytesMut::new(), limit);
+            let out = table.drain_session(self.key.id, PacketParts::new(), limit);
             if !out.is_empty() {
                 drop(table);
                 self.budget = self.budget.saturating_sub(out.len());
                 self.first = false;
                 shared.metrics.sent_down(out.len());
-                return Step::Send(out);
+                return Step::Send(out.into_parts());
             }
         }
         if self.first {
             self.first = false;
-            return Step::Send(Packet::new(PacketType::NoOp, 0, Bytes::new()).to_bytes());
+            return Step::Send(vec![
+                Packet::new(PacketType::NoOp, 0, Bytes::new()).to_bytes()
+            ]);
         }
         if shared.is_stopping() {
             return Step::End;
@@ -133,6 +145,9 @@ impl Body for SessionStream {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = &mut *self;
+        if let Some(frame) = this.frames.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(frame))));
+        }
         loop {
             if this.ended {
                 return Poll::Ready(None);
@@ -156,7 +171,12 @@ impl Body for SessionStream {
                 }
             }
             match this.next_step() {
-                Step::Send(bytes) => return Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                Step::Send(frames) => {
+                    this.frames = frames.into();
+                    if let Some(frame) = this.frames.pop_front() {
+                        return Poll::Ready(Some(Ok(Frame::data(frame))));
+                    }
+                }
                 Step::Wait(rx) => this.woken = Some(rx),
                 Step::End => this.ended = true,
             }
@@ -164,7 +184,7 @@ impl Body for SessionStream {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended
+        self.ended && self.frames.is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -11,8 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
+use tunnel_proto::codec::PacketParts;
 use tunnel_proto::payload::{
     encode_reason, AnnouncedConn, Attach, BrokerConnInit, Capacity, ConnOption, InstanceId,
     ListenMode, ListenState, MoveAnswer, MoveRequest,
@@ -98,10 +99,12 @@ impl Queued {
         }
     }
 
-    fn encode(&self, out: &mut BytesMut) {
-        match &self.wire {
-            Some(wire) => out.extend_from_slice(wire),
-            None => self.packet.encode(out),
+    /// Appends the packet to an answer: the bytes it came in if it was forwarded (a long
+    /// one is referenced, not copied), else its encoding.
+    fn encode(self, out: &mut PacketParts) {
+        match self.wire {
+            Some(wire) => out.push_encoded(wire),
+            None => out.push(&self.packet),
         }
     }
 }
@@ -835,9 +838,9 @@ impl Table {
     /// Takes queued packets for `id`, encoded back to back, up to `limit` bytes (at least one
     /// packet if any is queued). An ended connection whose queue is now empty is forgotten.
     pub(crate) fn drain(&mut self, id: u32, limit: usize) -> Bytes {
-        let mut out = BytesMut::new();
+        let mut out = PacketParts::new();
         self.visit(id, &mut out, usize::MAX, limit, true, Instant::now());
-        out.freeze()
+        out.into_bytes()
     }
 
     /// One turn of connection `id` in an answer: appends its packets to `out`, at most
@@ -851,7 +854,7 @@ impl Table {
     fn visit(
         &mut self,
         id: u32,
-        out: &mut BytesMut,
+        out: &mut PacketParts,
         visit_max: usize,
         total_max: usize,
         repeat_last_word: bool,
@@ -863,9 +866,9 @@ impl Table {
         let start = out.len();
         if entry.init_ack_resend_due(now) {
             if let Some(u) = entry.unconfirmed {
-                Packet::new(PacketType::ConnInitAck, id, Bytes::new())
-                    .with_window(u.window)
-                    .encode(out);
+                out.push(
+                    &Packet::new(PacketType::ConnInitAck, id, Bytes::new()).with_window(u.window),
+                );
             }
         }
         if let Some(u) = &mut entry.unconfirmed {
@@ -901,7 +904,7 @@ impl Table {
                 // Delivered (again): keep repeating it for a little while.
                 Some(word) => {
                     if repeat_last_word && added == 0 {
-                        word.encode(out);
+                        out.push(word);
                     }
                     ending.forget_at = ending.forget_at.min(now + LAST_WORD_KEPT);
                 }
@@ -1687,10 +1690,17 @@ impl Table {
     /// list; one whose next packet does not fit keeps its place at the front.
     /// `out` holds what the answer carries already (a push's answers to its ATTACHes); the
     /// answers queued for the session's upstream go next.
-    pub(crate) fn drain_session(&mut self, sid: u32, mut out: BytesMut, limit: usize) -> Bytes {
+    pub(crate) fn drain_session(
+        &mut self,
+        sid: u32,
+        mut out: PacketParts,
+        limit: usize,
+    ) -> PacketParts {
         let now = Instant::now();
         if let Some(session) = self.sessions.get_mut(&sid) {
-            out.extend_from_slice(&session.answers.split());
+            if !session.answers.is_empty() {
+                out.push_encoded(session.answers.split().freeze());
+            }
         }
         // Every turn takes a packet or shortens the list, so this ends; the bound is a
         // second guard.
@@ -1726,7 +1736,7 @@ impl Table {
                 break;
             }
         }
-        out.freeze()
+        out
     }
 
     /// Forgets session `sid`: its connections stay (with their own inactivity timeouts,
@@ -1964,6 +1974,32 @@ mod tests {
         assert_eq!(
             tunnel_proto::decode_all(out, 1 << 20).unwrap(),
             vec![data, ack]
+        );
+    }
+
+    /// A session's answer refers to a long forwarded packet where the link put it (a streamed
+    /// pull sends it as a frame of its own), and copies the short packets around it together.
+    #[test]
+    fn a_session_answer_refers_to_long_forwarded_packets() {
+        let (mut table, sid, ids) = session_with(1);
+        let id = ids[0];
+        let long = Packet::new(PacketType::Data, id, Bytes::from(vec![9; 20_000])).with_seq(1);
+        let wire = long.to_bytes();
+        let ack = Packet::new(PacketType::Ack, id, Bytes::new()).with_seq(3);
+        for queued in [
+            Queued::from(ack.clone()),
+            Queued::forwarded(long.clone(), wire.clone()),
+            Queued::from(ack.clone()),
+        ] {
+            assert_eq!(table.enqueue(id, queued, ROOMY, false), Admit::Queued);
+        }
+        let out = table.drain_session(sid, PacketParts::new(), 1 << 20);
+        let parts = out.into_parts();
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts[1].as_ptr(), wire.as_ptr(), "not copied");
+        assert_eq!(
+            tunnel_proto::decode_all(Bytes::from(parts.concat()), 1 << 20).unwrap(),
+            vec![ack.clone(), long, ack]
         );
     }
 
@@ -2212,7 +2248,11 @@ mod tests {
         for id in small {
             table.enqueue(*id, data_of(*id, 100), ROOMY, false);
         }
-        let got = ids_in(table.drain_session(sid, BytesMut::new(), 1 << 20));
+        let got = ids_in(
+            table
+                .drain_session(sid, PacketParts::new(), 1 << 20)
+                .into_bytes(),
+        );
         // One visit of the big one (64 KiB), then the others, then its next turns.
         assert_eq!(&got[..3], &[big, small[0], small[1]], "{got:?}");
         assert!(got.iter().filter(|id| **id == big).count() >= 2);
@@ -2230,11 +2270,19 @@ mod tests {
         }
         assert_eq!(table.sessions[&sid].ready, [ids[2], ids[0], ids[1]]);
         // A small limit: the first packet always goes, the next turn waits at the front.
-        let got = ids_in(table.drain_session(sid, BytesMut::new(), 40));
+        let got = ids_in(
+            table
+                .drain_session(sid, PacketParts::new(), 40)
+                .into_bytes(),
+        );
         assert_eq!(got, [ids[2]]);
         // It had its turn: the one whose packet did not fit keeps its place at the front.
         assert_eq!(table.sessions[&sid].ready, [ids[0], ids[1], ids[2]]);
-        let got = ids_in(table.drain_session(sid, BytesMut::new(), 1 << 20));
+        let got = ids_in(
+            table
+                .drain_session(sid, PacketParts::new(), 1 << 20)
+                .into_bytes(),
+        );
         assert_eq!(got, [ids[0], ids[0], ids[1], ids[2]]);
         assert!(table.sessions[&sid].ready.is_empty());
         assert!(!table.session_has_ready(sid));
@@ -2332,7 +2380,7 @@ mod tests {
         let abort = Packet::new(PacketType::ConnAbort, ids[1], Bytes::from(vec![0; 50]));
         assert_eq!(table.enqueue(ids[1], abort, limits, false), Admit::Queued);
         assert_eq!(table.sessions[&sid].queued_bytes, 900 + 74);
-        table.drain_session(sid, BytesMut::new(), 1 << 20);
+        table.drain_session(sid, PacketParts::new(), 1 << 20);
         assert_eq!(table.sessions[&sid].queued_bytes, 0);
         assert_eq!(
             table.enqueue(ids[1], data_of(ids[1], 876), limits, false),
@@ -2355,8 +2403,8 @@ mod tests {
         let abort = Packet::new(PacketType::ConnAbort, 77, Bytes::from_static(b"x")).to_bytes();
         table.queue_session_answers(sid, &abort);
         assert!(matches!(rx.try_recv(), Ok(Wake::Data)), "the pull is woken");
-        let out = table.drain_session(sid, BytesMut::new(), 1 << 20);
-        let packets = tunnel_proto::decode_all(out, 1 << 20).unwrap();
+        let out = table.drain_session(sid, PacketParts::new(), 1 << 20);
+        let packets = tunnel_proto::decode_all(out.into_bytes(), 1 << 20).unwrap();
         assert_eq!(packets.len(), 2);
         assert_eq!(
             (packets[0].kind, packets[0].conn_id),
@@ -2466,7 +2514,11 @@ mod tests {
         let id = ids[0];
         let ack = Packet::new(PacketType::ConnInitAck, id, Bytes::new()).with_window(32);
         table.enqueue(id, ack, ROOMY, false);
-        let got = ids_in(table.drain_session(sid, BytesMut::new(), 1 << 20));
+        let got = ids_in(
+            table
+                .drain_session(sid, PacketParts::new(), 1 << 20)
+                .into_bytes(),
+        );
         assert_eq!(got, [id]);
         let rules = SweepRules {
             broker_grace: MINUTE,
@@ -2480,7 +2532,7 @@ mod tests {
         // The client pushes a packet of it: no more copies.
         table.client_pushed(id, [], 0, Instant::now(), |_| MINUTE);
         let later = Instant::now() + INIT_ACK_RESEND * 4;
-        table.drain_session(sid, BytesMut::new(), 1 << 20);
+        table.drain_session(sid, PacketParts::new(), 1 << 20);
         table.sweep(later, &rules);
         assert!(!table.session_has_ready(sid));
     }
@@ -2494,11 +2546,19 @@ mod tests {
         table.end_with(id, abort, "aborted by broker: gone", now + MINUTE);
         // Not repeated while it is still queued (the drain hands it out).
         assert!(table.last_word_again(id).is_none());
-        let got = ids_in(table.drain_session(sid, BytesMut::new(), 1 << 20));
+        let got = ids_in(
+            table
+                .drain_session(sid, PacketParts::new(), 1 << 20)
+                .into_bytes(),
+        );
         assert_eq!(got, [id]);
         // Once: the next answers of the session do not repeat it...
         table.enqueue(ids[1], data_of(ids[1], 10), ROOMY, false);
-        let got = ids_in(table.drain_session(sid, BytesMut::new(), 1 << 20));
+        let got = ids_in(
+            table
+                .drain_session(sid, PacketParts::new(), 1 << 20)
+                .into_bytes(),
+        );
         assert_eq!(got, [ids[1]]);
         // ...but the answer to a push of that connection does, until it is forgotten.
         let word = table.last_word_again(id).expect("the last word");
@@ -2594,7 +2654,13 @@ mod move_tests {
         assert!(table.belongs_to(id, "s", a) && table.in_session(id, sid));
         // The broker's acceptance (in case the client was still opening) and the ATTACH's
         // answer are queued for the session's pull.
-        let out = decode_all(table.drain_session(sid, BytesMut::new(), 1 << 20), 1 << 20).unwrap();
+        let out = decode_all(
+            table
+                .drain_session(sid, PacketParts::new(), 1 << 20)
+                .into_bytes(),
+            1 << 20,
+        )
+        .unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(
             (out[0].kind, out[0].conn_id, out[0].window),
@@ -2616,7 +2682,7 @@ mod move_tests {
         );
         assert!(!table.belongs_to(id, "s", a));
         assert!(table
-            .drain_session(sid, BytesMut::new(), 1 << 20)
+            .drain_session(sid, PacketParts::new(), 1 << 20)
             .is_empty());
     }
 
