@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
+use tunnel_proto::chunks::Chunks;
 use tunnel_proto::warn_limit::WarningLimit;
 
 use bytes::Bytes;
@@ -35,7 +36,9 @@ use crate::table::{NoPlace, Waiter, Wake};
 
 /// Every response's body: whole, a streamed pull (docs/protocol.md §2.2), or the empty body
 /// that reads a streamed upstream (§2.3).
-pub(crate) type Body = Either<Full<Bytes>, Either<SessionStream, SessionUpstream>>;
+/// Their data is a list of buffers ([`Chunks`]), so that a streamed pull sends the packets a
+/// broker sent as the bytes the link read them into, and still as one chunk per batch.
+pub(crate) type Body = Either<Full<Chunks>, Either<SessionStream, SessionUpstream>>;
 
 /// A response of `status` with `body` of `content_type`, never cached: every answer of the
 /// relay is about one moment.
@@ -44,7 +47,7 @@ pub(crate) fn uncached(
     content_type: &'static str,
     body: impl Into<Bytes>,
 ) -> Response<Body> {
-    let mut resp = Response::new(Either::Left(Full::new(body.into())));
+    let mut resp = Response::new(Either::Left(Full::new(Chunks::from(vec![body.into()]))));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -14,12 +14,12 @@
 //! between. Packets leave the connection queues only when hyper asks for the next frame, so
 //! a slow reader leaves them queued (bounded there) instead of buffered here.
 //!
-//! A batch goes out as several frames: the packets a broker sent, from 4 KiB up, as the
-//! bytes they came in over the link, and the short ones between them copied together
-//! (`PacketParts`). Copying every batch into one buffer was 4 % of the relay's time during
-//! a download.
+//! A batch is one frame (one chunk over HTTP/1.1) made of several buffers ([`Chunks`]): the
+//! packets a broker sent, from 4 KiB up, as the bytes they came in over the link, and the
+//! short ones between them copied together (`PacketParts`). Copying every batch into one
+//! buffer was 4 % of the relay's time during a download; a frame per buffer instead cost the
+//! client more over HTTP/1.1 (chunk headers) than it saved the relay (BENCHMARKS.md).
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -31,6 +31,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 use tokio::time::Sleep;
+use tunnel_proto::chunks::Chunks;
 use tunnel_proto::codec::PacketParts;
 use tunnel_proto::{Packet, PacketType};
 
@@ -54,14 +55,12 @@ pub(crate) struct SessionStream {
     /// Registered as the session's waiter: woken when packets are queued, by a newer pull,
     /// or when the session or the relay goes away.
     woken: Option<oneshot::Receiver<Wake>>,
-    /// The rest of the batch being sent, one frame each.
-    frames: VecDeque<Bytes>,
     ended: bool,
 }
 
 /// What the stream does next.
 enum Step {
-    Send(Vec<Bytes>),
+    Send(Chunks),
     Wait(oneshot::Receiver<Wake>),
     End,
 }
@@ -90,7 +89,6 @@ impl SessionStream {
             budget,
             first: true,
             woken: None,
-            frames: VecDeque::new(),
             ended: false,
         })
     }
@@ -115,14 +113,13 @@ impl SessionStream {
                 self.budget = self.budget.saturating_sub(out.len());
                 self.first = false;
                 shared.metrics.sent_down(out.len());
-                return Step::Send(out.into_parts());
+                return Step::Send(Chunks::from(out.into_parts()));
             }
         }
         if self.first {
             self.first = false;
-            return Step::Send(vec![
-                Packet::new(PacketType::NoOp, 0, Bytes::new()).to_bytes()
-            ]);
+            let no_op = Packet::new(PacketType::NoOp, 0, Bytes::new()).to_bytes();
+            return Step::Send(Chunks::from(vec![no_op]));
         }
         if shared.is_stopping() {
             return Step::End;
@@ -137,17 +134,14 @@ impl SessionStream {
 }
 
 impl Body for SessionStream {
-    type Data = Bytes;
+    type Data = Chunks;
     type Error = Infallible;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Chunks>, Infallible>>> {
         let this = &mut *self;
-        if let Some(frame) = this.frames.pop_front() {
-            return Poll::Ready(Some(Ok(Frame::data(frame))));
-        }
         loop {
             if this.ended {
                 return Poll::Ready(None);
@@ -171,12 +165,7 @@ impl Body for SessionStream {
                 }
             }
             match this.next_step() {
-                Step::Send(frames) => {
-                    this.frames = frames.into();
-                    if let Some(frame) = this.frames.pop_front() {
-                        return Poll::Ready(Some(Ok(Frame::data(frame))));
-                    }
-                }
+                Step::Send(batch) => return Poll::Ready(Some(Ok(Frame::data(batch)))),
                 Step::Wait(rx) => this.woken = Some(rx),
                 Step::End => this.ended = true,
             }
@@ -184,7 +173,7 @@ impl Body for SessionStream {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.frames.is_empty()
+        self.ended
     }
 
     fn size_hint(&self) -> SizeHint {

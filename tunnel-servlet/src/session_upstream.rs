@@ -31,6 +31,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tunnel_proto::chunks::Chunks;
 use tunnel_proto::warn_limit::WarningLimit;
 use tunnel_proto::{decode_all, encode_all, DecodeError, Decoder, Packet, PacketType};
 
@@ -70,10 +71,11 @@ impl SessionUpstream {
     }
 
     /// The answer to the probes that came since the last one, if any did.
-    fn probe_answer(&self) -> Option<Frame<Bytes>> {
-        self.probed
-            .swap(false, Ordering::AcqRel)
-            .then(|| Frame::data(Packet::new(PacketType::NoOp, 0, Bytes::new()).to_bytes()))
+    fn probe_answer(&self) -> Option<Frame<Chunks>> {
+        self.probed.swap(false, Ordering::AcqRel).then(|| {
+            let no_op = Packet::new(PacketType::NoOp, 0, Bytes::new()).to_bytes();
+            Frame::data(Chunks::from(vec![no_op]))
+        })
     }
 }
 
@@ -164,13 +166,13 @@ async fn read(
 }
 
 impl Body for SessionUpstream {
-    type Data = Bytes;
+    type Data = Chunks;
     type Error = UpstreamError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+    ) -> Poll<Option<Result<Frame<Chunks>, UpstreamError>>> {
         if !self.ended {
             match self.run.as_mut().poll(cx) {
                 Poll::Pending => {}
