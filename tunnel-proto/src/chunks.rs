@@ -30,6 +30,14 @@ impl Chunks {
     }
 }
 
+impl From<Bytes> for Chunks {
+    fn from(chunk: Bytes) -> Chunks {
+        let mut chunks = Chunks::default();
+        chunks.push(chunk);
+        chunks
+    }
+}
+
 impl From<Vec<Bytes>> for Chunks {
     fn from(parts: Vec<Bytes>) -> Chunks {
         let mut chunks = Chunks::default();

@@ -10,6 +10,7 @@
 
 use bytes::{Bytes, BytesMut};
 
+use crate::chunks::Chunks;
 use crate::error::DecodeError;
 use crate::packet::{Header, Packet, DEFAULT_MAX_PACKET_SIZE, HEADER_LEN};
 
@@ -268,6 +269,12 @@ pub fn encode_all<'a>(packets: impl IntoIterator<Item = &'a Packet>) -> Bytes {
     out.freeze()
 }
 
+impl From<PacketParts> for Chunks {
+    fn from(parts: PacketParts) -> Chunks {
+        Chunks::from(parts.into_parts())
+    }
+}
+
 /// Payloads at least this long are referenced by [`PacketParts`], not copied.
 const SHARED_PAYLOAD: usize = 4 * 1024;
 
@@ -336,7 +343,8 @@ impl PacketParts {
     }
 
     /// The packets as one buffer, for a body sent whole: copied together unless they are
-    /// one buffer already.
+    /// one buffer already. A body that can be a list of buffers takes [`Chunks`] instead
+    /// (`From<PacketParts>`), without the copy.
     pub fn into_bytes(self) -> Bytes {
         let mut parts = self.into_parts();
         match parts.len() {

@@ -6,7 +6,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tunnel_proto::codec::{decode_all, encode_all, Decoder, PacketParts};
 use tunnel_proto::error::{DecodeError, PayloadError};
 use tunnel_proto::packet::{Packet, PacketType, DEFAULT_MAX_PACKET_SIZE, HEADER_LEN};
@@ -1492,6 +1492,17 @@ fn packet_parts_pass_encoded_packets_on_and_share_the_long_ones() {
     lone.push_encoded(long_wire.clone());
     assert_eq!(lone.into_bytes().as_ptr(), long_wire.as_ptr());
     assert!(PacketParts::new().into_bytes().is_empty());
+
+    // As a body of several buffers: the same bytes, read as one `Buf`.
+    let mut parts = PacketParts::new();
+    parts.push_encoded(ack.to_bytes());
+    parts.push_encoded(long_wire.clone());
+    let mut body = tunnel_proto::chunks::Chunks::from(parts);
+    assert_eq!(body.count(), 2);
+    assert_eq!(
+        body.copy_to_bytes(body.remaining()),
+        encode_all(&[ack, long])
+    );
 }
 
 #[test]

@@ -47,7 +47,12 @@ pub(crate) fn uncached(
     content_type: &'static str,
     body: impl Into<Bytes>,
 ) -> Response<Body> {
-    let mut resp = Response::new(Either::Left(Full::new(Chunks::from(vec![body.into()]))));
+    uncached_chunks(status, content_type, Chunks::from(body.into()))
+}
+
+/// As [`uncached`], with a body of several buffers (sent with one vectored write).
+fn uncached_chunks(status: StatusCode, content_type: &'static str, body: Chunks) -> Response<Body> {
+    let mut resp = Response::new(Either::Left(Full::new(body)));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -74,9 +79,10 @@ pub(crate) fn metrics(snapshot: &StatusSnapshot) -> Response<Body> {
     )
 }
 
-/// A 200 whose body is packets.
-pub(crate) fn packets(body: Bytes) -> Response<Body> {
-    uncached(StatusCode::OK, "application/octet-stream", body)
+/// A 200 whose body is packets: encoded in one buffer, or a session's answer whose long
+/// packets are the bytes the broker link read (`PacketParts`), sent without a copy.
+pub(crate) fn packets(body: impl Into<Chunks>) -> Response<Body> {
+    uncached_chunks(StatusCode::OK, "application/octet-stream", body.into())
 }
 
 pub(crate) fn no_op() -> Response<Body> {

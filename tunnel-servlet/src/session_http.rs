@@ -134,9 +134,7 @@ pub(crate) async fn pull(shared: &Shared, key: SessionKey) -> Response<Body> {
                 return no_op();
             }
             if table.session_has_ready(key.id) {
-                let out = table
-                    .drain_session(key.id, PacketParts::new(), config.response_limit)
-                    .into_bytes();
+                let out = table.drain_session(key.id, PacketParts::new(), config.response_limit);
                 if !out.is_empty() {
                     drop(table);
                     shared.metrics.sent_down(out.len());
@@ -168,9 +166,8 @@ pub(crate) async fn pull(shared: &Shared, key: SessionKey) -> Response<Body> {
                     if !session.claim_pull(pull_id) {
                         return no_op();
                     }
-                    let out = table
-                        .drain_session(key.id, PacketParts::new(), config.response_limit)
-                        .into_bytes();
+                    let out =
+                        table.drain_session(key.id, PacketParts::new(), config.response_limit);
                     if !out.is_empty() {
                         drop(table);
                         shared.metrics.sent_down(out.len());
@@ -286,8 +283,7 @@ pub(crate) async fn push(
     }
     let out = shared
         .table()
-        .drain_session(key.id, out, shared.config.response_limit)
-        .into_bytes();
+        .drain_session(key.id, out, shared.config.response_limit);
     shared.metrics.sent_down(out.len());
     packets(out)
 }
