@@ -311,7 +311,7 @@ impl PacketParts {
     }
 
     /// Appends packets already encoded, as they were received (a relay passing a broker's
-    /// packets on): from [`SHARED_PAYLOAD`] bytes up they are referenced, shorter ones copied.
+    /// packets on): from 4 KiB up they are referenced, shorter ones copied.
     pub fn push_encoded(&mut self, wire: Bytes) {
         self.len += wire.len();
         if wire.len() < SHARED_PAYLOAD {
