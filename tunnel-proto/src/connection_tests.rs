@@ -24,6 +24,22 @@ fn drain(c: &mut Connection, now: Instant) -> Vec<Packet> {
     std::iter::from_fn(|| c.poll_transmit(now)).collect()
 }
 
+/// A timeout's setting: `a` writes `data` and sends it at `now` (the packets are returned,
+/// not delivered), then its first retransmission timeout fires. Returns the packets sent, the
+/// timeout's instant and what the timeout resent.
+fn send_then_time_out(
+    a: &mut Connection,
+    data: &[u8],
+    now: Instant,
+) -> (Vec<Packet>, Instant, Vec<Packet>) {
+    a.write(data).unwrap();
+    let sent = drain(a, now);
+    let deadline = a.poll_timeout().unwrap();
+    a.handle_timeout(deadline);
+    let resent = drain(a, deadline);
+    (sent, deadline, resent)
+}
+
 fn read_all(c: &mut Connection) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -164,13 +180,9 @@ fn stale_ack_never_shrinks_the_window() {
 fn whole_lost_batch_is_resent_after_the_timeout() {
     let now = Instant::now();
     let (mut a, mut b) = pair(now);
-    a.write(&[1u8; 5000]).unwrap();
-    let lost = drain(&mut a, now);
+    let (lost, deadline, resent) = send_then_time_out(&mut a, &[1u8; 5000], now);
     assert_eq!(lost.len(), 5);
-    let deadline = a.poll_timeout().unwrap();
     assert_eq!(deadline, now + Duration::from_secs(1), "initial RTO");
-    a.handle_timeout(deadline);
-    let resent = drain(&mut a, deadline);
     assert_eq!(resent.len(), 1, "the timeout resends the first packet only");
     assert_eq!(resent[0].seq, 0);
     for p in resent {
@@ -203,13 +215,9 @@ fn whole_lost_batch_is_resent_after_the_timeout() {
 fn a_timeout_that_was_only_a_delay_costs_one_packet() {
     let now = Instant::now();
     let (mut a, mut b) = pair(now);
-    a.write(&[4u8; 8000]).unwrap();
-    let delayed = drain(&mut a, now);
-    assert_eq!(delayed.len(), 8);
     // A queue holds the batch past the timeout (as a session's shared upstream can).
-    let deadline = a.poll_timeout().unwrap();
-    a.handle_timeout(deadline);
-    let copies = drain(&mut a, deadline);
+    let (delayed, deadline, copies) = send_then_time_out(&mut a, &[4u8; 8000], now);
+    assert_eq!(delayed.len(), 8);
     assert_eq!(copies.len(), 1, "one packet per timeout, not the window");
     // The queue drains: the originals arrive one by one, 5 ms apart, and each ack the
     // receiver sends reaches the sender; the acks pass the resent packet, so nothing else is
@@ -249,12 +257,8 @@ fn a_timeout_that_was_only_a_delay_costs_one_packet() {
 fn after_a_timeout_the_packets_an_ack_leaves_behind_are_resent_without_another_timeout() {
     let now = Instant::now();
     let (mut a, mut b) = pair(now);
-    a.write(&[6u8; 5000]).unwrap();
-    let mut sent = drain(&mut a, now);
+    let (mut sent, deadline, copy) = send_then_time_out(&mut a, &[6u8; 5000], now);
     assert_eq!(sent.len(), 5);
-    let deadline = a.poll_timeout().unwrap();
-    a.handle_timeout(deadline);
-    let copy = drain(&mut a, deadline);
     assert_eq!(copy.len(), 1);
     // Packet 0's original and packets 3 and 4 are lost; 1 and 2 were only late.
     sent.truncate(3);
@@ -294,11 +298,8 @@ fn after_a_timeout_the_packets_an_ack_leaves_behind_are_resent_without_another_t
 fn a_second_timeout_in_a_row_resends_everything() {
     let now = Instant::now();
     let (mut a, mut b) = pair(now);
-    a.write(&[5u8; 3000]).unwrap();
-    assert_eq!(drain(&mut a, now).len(), 3); // lost
-    let first = a.poll_timeout().unwrap();
-    a.handle_timeout(first);
-    let copy = drain(&mut a, first);
+    let (lost, first, copy) = send_then_time_out(&mut a, &[5u8; 3000], now);
+    assert_eq!(lost.len(), 3);
     assert_eq!(copy.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![0]); // lost too
     let second = a.poll_timeout().unwrap();
     assert_eq!(second, first + Duration::from_secs(2), "backed off");
@@ -311,11 +312,9 @@ fn a_second_timeout_in_a_row_resends_everything() {
     exchange(&mut a, &mut b, second);
     assert_eq!(read_all(&mut b), vec![5u8; 3000]);
     // A timeout after the recovery ended resends one packet only again.
-    a.write(&[7u8; 2000]).unwrap();
-    assert_eq!(drain(&mut a, second).len(), 2); // lost
-    let third = a.poll_timeout().unwrap();
-    a.handle_timeout(third);
-    assert_eq!(drain(&mut a, third).len(), 1);
+    let (lost, _, copy) = send_then_time_out(&mut a, &[7u8; 2000], second);
+    assert_eq!(lost.len(), 2);
+    assert_eq!(copy.len(), 1);
 }
 
 #[test]

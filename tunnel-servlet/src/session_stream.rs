@@ -113,13 +113,13 @@ impl SessionStream {
                 self.budget = self.budget.saturating_sub(out.len());
                 self.first = false;
                 shared.metrics.sent_down(out.len());
-                return Step::Send(Chunks::from(out.into_parts()));
+                return Step::Send(Chunks::from(out));
             }
         }
         if self.first {
             self.first = false;
             let no_op = Packet::new(PacketType::NoOp, 0, Bytes::new()).to_bytes();
-            return Step::Send(Chunks::from(vec![no_op]));
+            return Step::Send(Chunks::from(no_op));
         }
         if shared.is_stopping() {
             return Step::End;

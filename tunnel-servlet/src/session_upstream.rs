@@ -74,7 +74,7 @@ impl SessionUpstream {
     fn probe_answer(&self) -> Option<Frame<Chunks>> {
         self.probed.swap(false, Ordering::AcqRel).then(|| {
             let no_op = Packet::new(PacketType::NoOp, 0, Bytes::new()).to_bytes();
-            Frame::data(Chunks::from(vec![no_op]))
+            Frame::data(Chunks::from(no_op))
         })
     }
 }

@@ -1977,8 +1977,8 @@ mod tests {
         );
     }
 
-    /// A session's answer refers to a long forwarded packet where the link put it (a streamed
-    /// pull sends it as a frame of its own), and copies the short packets around it together.
+    /// A session's answer refers to a long forwarded packet where the link put it (the
+    /// response body sends it from there), and copies the short packets around it together.
     #[test]
     fn a_session_answer_refers_to_long_forwarded_packets() {
         let (mut table, sid, ids) = session_with(1);
@@ -2226,8 +2226,8 @@ mod tests {
     }
 
     /// The conn ids of the packets of an answer, in order.
-    fn ids_in(answer: Bytes) -> Vec<u32> {
-        tunnel_proto::decode_all(answer, 2 << 20)
+    fn ids_in(answer: PacketParts) -> Vec<u32> {
+        tunnel_proto::decode_all(answer.into_bytes(), 2 << 20)
             .unwrap()
             .iter()
             .map(|p| p.conn_id)
@@ -2248,11 +2248,7 @@ mod tests {
         for id in small {
             table.enqueue(*id, data_of(*id, 100), ROOMY, false);
         }
-        let got = ids_in(
-            table
-                .drain_session(sid, PacketParts::new(), 1 << 20)
-                .into_bytes(),
-        );
+        let got = ids_in(table.drain_session(sid, PacketParts::new(), 1 << 20));
         // One visit of the big one (64 KiB), then the others, then its next turns.
         assert_eq!(&got[..3], &[big, small[0], small[1]], "{got:?}");
         assert!(got.iter().filter(|id| **id == big).count() >= 2);
@@ -2270,19 +2266,11 @@ mod tests {
         }
         assert_eq!(table.sessions[&sid].ready, [ids[2], ids[0], ids[1]]);
         // A small limit: the first packet always goes, the next turn waits at the front.
-        let got = ids_in(
-            table
-                .drain_session(sid, PacketParts::new(), 40)
-                .into_bytes(),
-        );
+        let got = ids_in(table.drain_session(sid, PacketParts::new(), 40));
         assert_eq!(got, [ids[2]]);
         // It had its turn: the one whose packet did not fit keeps its place at the front.
         assert_eq!(table.sessions[&sid].ready, [ids[0], ids[1], ids[2]]);
-        let got = ids_in(
-            table
-                .drain_session(sid, PacketParts::new(), 1 << 20)
-                .into_bytes(),
-        );
+        let got = ids_in(table.drain_session(sid, PacketParts::new(), 1 << 20));
         assert_eq!(got, [ids[0], ids[0], ids[1], ids[2]]);
         assert!(table.sessions[&sid].ready.is_empty());
         assert!(!table.session_has_ready(sid));
@@ -2514,11 +2502,7 @@ mod tests {
         let id = ids[0];
         let ack = Packet::new(PacketType::ConnInitAck, id, Bytes::new()).with_window(32);
         table.enqueue(id, ack, ROOMY, false);
-        let got = ids_in(
-            table
-                .drain_session(sid, PacketParts::new(), 1 << 20)
-                .into_bytes(),
-        );
+        let got = ids_in(table.drain_session(sid, PacketParts::new(), 1 << 20));
         assert_eq!(got, [id]);
         let rules = SweepRules {
             broker_grace: MINUTE,
@@ -2546,19 +2530,11 @@ mod tests {
         table.end_with(id, abort, "aborted by broker: gone", now + MINUTE);
         // Not repeated while it is still queued (the drain hands it out).
         assert!(table.last_word_again(id).is_none());
-        let got = ids_in(
-            table
-                .drain_session(sid, PacketParts::new(), 1 << 20)
-                .into_bytes(),
-        );
+        let got = ids_in(table.drain_session(sid, PacketParts::new(), 1 << 20));
         assert_eq!(got, [id]);
         // Once: the next answers of the session do not repeat it...
         table.enqueue(ids[1], data_of(ids[1], 10), ROOMY, false);
-        let got = ids_in(
-            table
-                .drain_session(sid, PacketParts::new(), 1 << 20)
-                .into_bytes(),
-        );
+        let got = ids_in(table.drain_session(sid, PacketParts::new(), 1 << 20));
         assert_eq!(got, [ids[1]]);
         // ...but the answer to a push of that connection does, until it is forgotten.
         let word = table.last_word_again(id).expect("the last word");
