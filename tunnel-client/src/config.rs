@@ -105,8 +105,9 @@ pub struct ClientConfig {
     /// Deadline of one connect or push request. Default: 30 s.
     pub request_timeout: Duration,
     /// Push requests in flight at once: per connection, or in a session (see
-    /// [`ClientConfig::session`]) for all connections together; the driver waits for a free
-    /// slot (back-pressure). Default: 4.
+    /// [`ClientConfig::session`]) for all connections together, where a session's streamed
+    /// upstream takes one of them; the driver waits for a free slot (back-pressure).
+    /// Default: 4.
     pub max_pushes_in_flight: usize,
     /// Idle HTTP connections kept open to the relay for reuse (shared by all connections of
     /// a `TunnelClient`). Over HTTP/1.1 each held pull occupies a connection of its own; without

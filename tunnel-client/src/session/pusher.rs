@@ -110,9 +110,14 @@ pub(super) async fn run(session: Weak<ClientSession>, wake: Arc<Notify>, slots: 
                 // The upstream ended meanwhile: look again.
                 None => continue,
             },
-            None => match slots.clone().acquire_owned().await {
-                Ok(permit) => Slot::Push(permit),
-                Err(_) => return,
+            None => tokio::select! {
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => Slot::Push(permit),
+                    Err(_) => return,
+                },
+                // An upstream opened meanwhile (it wakes the pusher; it may hold the last push
+                // slot), or more packets came: look again.
+                _ = wake.notified() => continue,
             },
         };
         let Some(session) = session.upgrade() else {

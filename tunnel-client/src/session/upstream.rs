@@ -251,6 +251,19 @@ impl ClientSession {
 
 /// Opens one upstream, serves it until it ends, and clears it.
 async fn run(session: Weak<ClientSession>, relay: Relay, key: Arc<SessionKey>) {
+    // An upstream is a request in flight like a push and takes one of the push slots for its
+    // whole life (pushes go on beside it until its probe is answered, and an ending upstream
+    // overlaps the next one). Without this, the held pull, an upstream, the pushes and the
+    // connects were one HTTP/1.1 connection more than `ClientConfig::max_connects_in_flight`
+    // documents, and a proxy that allows 8 connections per client denied some.
+    let slots = match session.upgrade() {
+        Some(s) => s.push_slots.clone(),
+        None => return,
+    };
+    // Waits at most as long as a push in flight takes (`request_timeout`).
+    let Ok(_slot) = slots.acquire_owned().await else {
+        return;
+    };
     let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
     let (probe, http2) = {
         let Some(s) = session.upgrade() else { return };
