@@ -784,7 +784,8 @@ impl Connection {
     }
 
     /// Marks packets lost without waiting for the timer: a hole with `DUP_THRESHOLD` selectively
-    /// acked packets above it, or `DUP_THRESHOLD` duplicate acks for the first one.
+    /// acked packets above it, a hole with fewer a smoothed RTT later, or `DUP_THRESHOLD`
+    /// duplicate acks for the first one.
     ///
     /// Concurrent HTTP pushes overtake each other, so a hole may just be a push still on its
     /// way. As in RACK (RFC 8985), a hole only counts as a loss once its packet has been out
@@ -798,13 +799,26 @@ impl Connection {
                 srtt * self.reorder_quarters / 4
             })
             .max(MIN_REORDER_WINDOW);
+        // Fewer than `DUP_THRESHOLD` packets above a hole: the tail of a burst (a queue on the
+        // way dropped its last packets), where no further acks will come to count. As in
+        // RACK, a packet sent after the hole got through, so the hole is lost once it has had
+        // a round trip more than that packet needed plus the reorder window: a millisecond
+        // or two on a fast path, instead of the retransmission timeout (200 ms at least).
+        let tail_patience = self.srtt.map(|srtt| srtt + reorder_window);
         self.loss_check_at = None;
         let mut sacked_above = 0;
         for p in self.in_flight.iter_mut().rev() {
             if p.sacked {
                 sacked_above += 1;
-            } else if sacked_above >= DUP_THRESHOLD && !p.fast_retransmitted && !p.lost {
-                let due = p.sent_at + reorder_window;
+            } else if sacked_above > 0 && !p.fast_retransmitted && !p.lost {
+                let patience = if sacked_above >= DUP_THRESHOLD {
+                    reorder_window
+                } else if let Some(patience) = tail_patience {
+                    patience
+                } else {
+                    continue; // no round trip measured yet: the timeout decides
+                };
+                let due = p.sent_at + patience;
                 if now >= due {
                     p.lost = true;
                     p.fast_retransmitted = true;
@@ -1107,6 +1121,15 @@ impl Connection {
     /// selectively acked is resent at once, as on a restored path, so that a lossy path
     /// does not pay a round trip per attempt.
     fn on_retransmission_timeout(&mut self, now: Instant) {
+        tracing::debug!(
+            conn_id = self.conn_id,
+            rto = ?self.rto,
+            srtt = ?self.srtt,
+            in_flight = self.in_flight.len(),
+            sacked = self.in_flight.iter().filter(|p| p.sacked).count(),
+            recovering = self.timeout_recovery.is_some(),
+            "retransmission timeout"
+        );
         self.rto = (self.rto * 2).min(self.config.rto_max);
         self.dup_acks = 0;
         self.rto_deadline = (!self.in_flight.is_empty()).then(|| now + self.rto);

@@ -348,6 +348,56 @@ fn selective_acks_trigger_fast_retransmit_of_the_hole() {
 }
 
 #[test]
+fn a_hole_in_the_tail_of_a_burst_is_resent_a_round_trip_later_not_at_the_timeout() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair(t0);
+    // A first exchange measures the round trip: 10 ms (two packets: acked at once).
+    a.write(&[1u8; 2000]).unwrap();
+    let rtt = Duration::from_millis(10);
+    for p in drain(&mut a, t0) {
+        b.handle_packet(p, t0 + rtt / 2);
+    }
+    let t1 = t0 + rtt;
+    for p in drain(&mut b, t0 + rtt / 2) {
+        a.handle_packet(p, t1);
+    }
+    assert_eq!(a.srtt, Some(rtt));
+    // A burst of three whose second packet is lost: one packet above the hole, and no more
+    // to come.
+    a.write(&[2u8; 3000]).unwrap();
+    let mut sent = drain(&mut a, t1);
+    assert_eq!(sent.len(), 3);
+    let lost = sent.remove(1);
+    let t2 = t1 + rtt;
+    for p in sent {
+        b.handle_packet(p, t2 - rtt / 2);
+    }
+    for p in drain(&mut b, t2 - rtt / 2) {
+        a.handle_packet(p, t2);
+    }
+    assert!(
+        drain(&mut a, t2).is_empty(),
+        "one packet above a hole is not yet a loss"
+    );
+    // The hole is lost a smoothed RTT plus the reorder window (half of it) after it was sent.
+    let check = a.poll_timeout().unwrap();
+    assert_eq!(check, t1 + rtt + rtt / 2);
+    assert!(check < t1 + a.config.rto_min, "before any timeout");
+    a.handle_timeout(check);
+    let resent = drain(&mut a, check);
+    assert_eq!(
+        resent.iter().map(|p| p.seq).collect::<Vec<_>>(),
+        vec![lost.seq]
+    );
+    b.handle_packet(resent[0].clone(), check);
+    exchange(&mut a, &mut b, check);
+    let mut expected = vec![1u8; 2000];
+    expected.extend_from_slice(&[2u8; 3000]);
+    assert_eq!(read_all(&mut b), expected);
+    assert_eq!(a.stats().retransmits, 1);
+}
+
+#[test]
 fn half_close_then_finish_both_ways() {
     let now = Instant::now();
     let (mut a, mut b) = pair(now);

@@ -111,7 +111,9 @@ impl Params {
                 .min(self.configs[1].recv_window)
                 .max(1),
         );
-        let per_round = self.max_one_way_delay() * 2 + self.configs[0].rto_max / 2;
+        // Either side's timer may back off to its ceiling: the larger one bounds a round.
+        let rto_max = self.configs[0].rto_max.max(self.configs[1].rto_max);
+        let per_round = self.max_one_way_delay() * 2 + rto_max / 2;
         Duration::from_secs(300) + per_round * (packets / window + 1) * 2 + self.app_time() * 3
     }
 
