@@ -244,7 +244,8 @@ async fn five_hundred_connections_through_a_squid_that_allows_eight_per_client()
          pull each, i.e. without sessions) cannot pass; with a session, the held pull, the pushes \
          and the connect requests in flight, and the idle pooled connections, must stay within \
          {MAXCONN} together (measured on the first session client: 1 pull + 4 pushes + 2 \
-         connects in flight pass, 1 + 4 + 3 do not; a streamed upstream takes a push slot). First failures: {:#?}",
+         connects in flight pass, 1 + 4 + 3 do not; a streamed upstream takes a push slot). \
+         First failures: {:#?}",
         failures.len(),
         &failures[..failures.len().min(5)]
     );
