@@ -393,6 +393,7 @@ pub(crate) async fn log_close(handle: ConnHandle) {
             bytes_sent = stats.bytes_sent,
             bytes_received = stats.bytes_received,
             retransmits = stats.retransmits,
+            tail_probes = stats.tail_probes,
             "tunnel connection closed"
         ),
         Some(e) => tracing::warn!(
@@ -400,6 +401,7 @@ pub(crate) async fn log_close(handle: ConnHandle) {
             bytes_sent = stats.bytes_sent,
             bytes_received = stats.bytes_received,
             retransmits = stats.retransmits,
+            tail_probes = stats.tail_probes,
             "tunnel connection failed: {e}"
         ),
     }

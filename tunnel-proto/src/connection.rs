@@ -147,6 +147,10 @@ pub struct Stats {
     /// Sequenced packets received that were already delivered or already held in the reorder
     /// buffer; they are dropped.
     pub duplicates_received: u64,
+    /// Tail-loss probes: the last packet in flight sent again because no acknowledgement came
+    /// for two round trips (docs/protocol.md §4). Not counted in `retransmits`: most of them
+    /// find nothing lost, and those that do bring on the retransmissions that repair it.
+    pub tail_probes: u64,
 }
 
 /// Fast retransmit after this many duplicate ACKs, or this many selectively acked packets
@@ -164,6 +168,9 @@ const INITIAL_REORDER_QUARTERS: u32 = 2;
 const MAX_REORDER_QUARTERS: u32 = 8;
 /// RFC 6298 clock granularity term.
 const RTO_GRANULARITY: Duration = Duration::from_millis(1);
+/// Shortest wait before a tail-loss probe, so that a scheduling hiccup of a few milliseconds
+/// on a fast path does not send one.
+const MIN_TAIL_PROBE_TIMEOUT: Duration = Duration::from_millis(10);
 
 /// What the application has written, in order, not yet cut into packets.
 #[derive(Debug)]
@@ -191,6 +198,8 @@ struct InFlight {
     /// Already fast-retransmitted since the last timeout: don't do it again on more
     /// duplicate acks (only the timer may).
     fast_retransmitted: bool,
+    /// Marked lost by the tail-loss probe: its next sending is a probe, counted as such.
+    tail_probe: bool,
 }
 
 /// What a connection does about the packets that were in flight when its retransmission
@@ -283,6 +292,12 @@ pub struct Connection {
     timeout_recovery: Option<TimeoutRecovery>,
     /// A hole seen by selective acks becomes a loss at this time unless it fills first.
     loss_check_at: Option<Instant>,
+    /// The tail-loss probe goes out at this time unless an acknowledgement comes first
+    /// (`arm_tail_probe`).
+    tail_probe_at: Option<Instant>,
+    /// A tail-loss probe went out and nothing new was acknowledged since: no other probe
+    /// until then, the retransmission timer takes over.
+    tail_probe_sent: bool,
     /// Reorder window in quarters of the smoothed RTT (see `INITIAL_REORDER_QUARTERS`).
     reorder_quarters: u32,
     last_sent: Instant,
@@ -340,6 +355,8 @@ impl Connection {
             rto_deadline: None,
             timeout_recovery: None,
             loss_check_at: None,
+            tail_probe_at: None,
+            tail_probe_sent: false,
             reorder_quarters: INITIAL_REORDER_QUARTERS,
             last_sent: now,
             last_received: now,
@@ -682,14 +699,15 @@ impl Connection {
             .front()
             .is_some_and(|p| !seq::le(p.seq, edge_before));
 
-        if ack != self.peer_ack {
+        let mut acked_new = ack != self.peer_ack;
+        if acked_new {
             self.on_cumulative_ack(ack, now);
         } else if !self.in_flight.is_empty() && !window_opened && !probing {
             self.dup_acks += 1;
         }
 
         match payload::decode_sack(packet.payload) {
-            Ok(blocks) => self.apply_sack(&blocks, now),
+            Ok(blocks) => acked_new |= self.apply_sack(&blocks, now),
             Err(err) => tracing::debug!(conn_id = self.conn_id, %err, "ignoring bad SACK blocks"),
         }
         if window_opened {
@@ -697,6 +715,10 @@ impl Connection {
         }
         self.detect_losses(now);
         self.update_probe(now);
+        if acked_new {
+            self.tail_probe_sent = false;
+            self.arm_tail_probe(now);
+        }
     }
 
     fn on_cumulative_ack(&mut self, ack: u32, now: Instant) {
@@ -740,14 +762,18 @@ impl Connection {
         self.check_finished();
     }
 
-    fn apply_sack(&mut self, blocks: &[SackBlock], now: Instant) {
+    /// Marks the packets the peer holds out of order; true if any was not marked before.
+    fn apply_sack(&mut self, blocks: &[SackBlock], now: Instant) -> bool {
         let mut rtt_sample = None;
         let mut spurious = false;
+        let mut newly_sacked = false;
         for block in blocks {
             for p in self.in_flight.iter_mut() {
                 if !p.sacked && seq::le(block.first, p.seq) && seq::le(p.seq, block.last) {
+                    newly_sacked = true;
                     p.sacked = true;
                     p.lost = false;
+                    p.tail_probe = false;
                     spurious |= retransmitted_in_vain(p, self.srtt, now);
                     if p.transmissions == 1 {
                         rtt_sample = Some(now.saturating_duration_since(p.sent_at));
@@ -761,6 +787,7 @@ impl Connection {
         if spurious {
             self.widen_reorder_window();
         }
+        newly_sacked
     }
 
     /// Reordering fooled the loss detection (see `retransmitted_in_vain`).
@@ -960,7 +987,11 @@ impl Connection {
         p.lost = false;
         p.transmissions += 1;
         p.sent_at = now;
-        self.stats.retransmits += 1;
+        if std::mem::take(&mut p.tail_probe) {
+            self.stats.tail_probes += 1;
+        } else {
+            self.stats.retransmits += 1;
+        }
         let packet = Packet::new(p.kind, conn_id, p.payload.clone()).with_seq(p.seq);
         self.rto_deadline.get_or_insert(now + self.rto);
         Some(packet)
@@ -1012,9 +1043,11 @@ impl Connection {
             sacked: false,
             lost: false,
             fast_retransmitted: false,
+            tail_probe: false,
         });
         self.rto_deadline.get_or_insert(now + self.rto);
         self.update_probe(now);
+        self.arm_tail_probe(now);
         Some(Packet::new(kind, self.conn_id, payload).with_seq(seq))
     }
 
@@ -1045,6 +1078,7 @@ impl Connection {
             self.ack_deadline,
             self.rto_deadline,
             self.loss_check_at,
+            self.tail_probe_at,
             self.probe_at,
             Some(self.last_sent + self.config.keepalive_interval),
             Some(self.last_received + self.config.idle_timeout),
@@ -1070,8 +1104,13 @@ impl Connection {
         }
         if self.rto_deadline.is_some_and(|d| now >= d) {
             self.on_retransmission_timeout(now);
-        } else if self.loss_check_at.is_some_and(|d| now >= d) {
-            self.detect_losses(now);
+        } else {
+            if self.loss_check_at.is_some_and(|d| now >= d) {
+                self.detect_losses(now);
+            }
+            if self.tail_probe_at.is_some_and(|d| now >= d) {
+                self.send_tail_probe(now);
+            }
         }
         if self.probe_at.is_some_and(|d| now >= d) {
             // The probe is one packet past the window; the receiver drops it and answers with
@@ -1098,12 +1137,68 @@ impl Connection {
             p.fast_retransmitted = false;
         }
         self.timeout_recovery = None;
+        self.tail_probe_at = None;
+        self.tail_probe_sent = false;
         self.rto_deadline = (!self.in_flight.is_empty()).then(|| now + self.rto);
         if self.probe_at.is_some() {
             self.probe_at = Some(now);
         }
         // Our ack and window may have been lost in the outage too.
         self.ack_due = true;
+    }
+
+    /// Arms the tail-loss probe (RFC 8985 §7) after new data went out or something new was
+    /// acknowledged: if nothing more is acknowledged within two smoothed RTTs plus the
+    /// peer's ACK delay (assumed to be ours), the last packet in flight is sent again.
+    ///
+    /// Loss detection needs acknowledgements of later packets to see a hole; when the last
+    /// packets of a burst are lost (a queue on the way dropped them, a request carrying them
+    /// failed), none come, and without the probe only the retransmission timeout (200 ms at
+    /// least) would repair them. The probe's copy draws an acknowledgement that shows what
+    /// is missing below it (`detect_losses`), a few milliseconds after the loss on a fast
+    /// path. At most one probe goes out until something new is acknowledged, and none before
+    /// a round trip was measured, during a timeout's recovery or while probing a closed
+    /// window: the retransmission timer covers those.
+    fn arm_tail_probe(&mut self, now: Instant) {
+        let last_in_window = self
+            .in_flight
+            .iter()
+            .rev()
+            .find(|p| !p.sacked)
+            .is_some_and(|p| seq::le(p.seq, self.peer_right_edge));
+        self.tail_probe_at = match self.srtt {
+            Some(srtt)
+                if last_in_window && !self.tail_probe_sent && self.timeout_recovery.is_none() =>
+            {
+                let wait = (srtt * 2 + self.config.ack_delay).max(MIN_TAIL_PROBE_TIMEOUT);
+                Some(now + wait)
+            }
+            _ => None,
+        };
+    }
+
+    /// The tail-loss probe's time came: marks the last packet in flight not selectively
+    /// acked for resending, unless a retransmission is already waiting to go.
+    fn send_tail_probe(&mut self, now: Instant) {
+        self.tail_probe_at = None;
+        if self.in_flight.iter().any(|p| p.lost) {
+            return;
+        }
+        let in_flight = self.in_flight.len();
+        let Some(last) = self.in_flight.iter_mut().rev().find(|p| !p.sacked) else {
+            return;
+        };
+        tracing::debug!(
+            conn_id = self.conn_id,
+            seq = last.seq,
+            srtt = ?self.srtt,
+            in_flight,
+            waited = ?now.saturating_duration_since(last.sent_at),
+            "tail-loss probe"
+        );
+        last.lost = true;
+        last.tail_probe = true;
+        self.tail_probe_sent = true;
     }
 
     /// RFC 6298 §5.4–5.6: back off and resend. The first timeout resends only the first
@@ -1132,6 +1227,7 @@ impl Connection {
         );
         self.rto = (self.rto * 2).min(self.config.rto_max);
         self.dup_acks = 0;
+        self.tail_probe_at = None;
         self.rto_deadline = (!self.in_flight.is_empty()).then(|| now + self.rto);
         for p in self.in_flight.iter_mut() {
             p.fast_retransmitted = false;

@@ -40,6 +40,23 @@ fn send_then_time_out(
     (sent, deadline, resent)
 }
 
+/// A pair whose `a` has measured one round trip of `rtt`: it sent 2,000 bytes of 1s (two
+/// packets, acknowledged at once) and has their ACK. Returns the pair and the ACK's instant.
+fn pair_after_a_round_trip(rtt: Duration) -> (Connection, Connection, Instant) {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair(t0);
+    a.write(&[1u8; 2000]).unwrap();
+    for p in drain(&mut a, t0) {
+        b.handle_packet(p, t0 + rtt / 2);
+    }
+    let t1 = t0 + rtt;
+    for p in drain(&mut b, t0 + rtt / 2) {
+        a.handle_packet(p, t1);
+    }
+    assert_eq!(a.srtt, Some(rtt));
+    (a, b, t1)
+}
+
 fn read_all(c: &mut Connection) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -349,19 +366,8 @@ fn selective_acks_trigger_fast_retransmit_of_the_hole() {
 
 #[test]
 fn a_hole_in_the_tail_of_a_burst_is_resent_a_round_trip_later_not_at_the_timeout() {
-    let t0 = Instant::now();
-    let (mut a, mut b) = pair(t0);
-    // A first exchange measures the round trip: 10 ms (two packets: acked at once).
-    a.write(&[1u8; 2000]).unwrap();
     let rtt = Duration::from_millis(10);
-    for p in drain(&mut a, t0) {
-        b.handle_packet(p, t0 + rtt / 2);
-    }
-    let t1 = t0 + rtt;
-    for p in drain(&mut b, t0 + rtt / 2) {
-        a.handle_packet(p, t1);
-    }
-    assert_eq!(a.srtt, Some(rtt));
+    let (mut a, mut b, t1) = pair_after_a_round_trip(rtt);
     // A burst of three whose second packet is lost: one packet above the hole, and no more
     // to come.
     a.write(&[2u8; 3000]).unwrap();
@@ -395,6 +401,74 @@ fn a_hole_in_the_tail_of_a_burst_is_resent_a_round_trip_later_not_at_the_timeout
     expected.extend_from_slice(&[2u8; 3000]);
     assert_eq!(read_all(&mut b), expected);
     assert_eq!(a.stats().retransmits, 1);
+}
+
+#[test]
+fn a_lost_tail_is_probed_two_round_trips_later_and_repaired_without_the_timeout() {
+    let rtt = Duration::from_millis(10);
+    let (mut a, mut b, t1) = pair_after_a_round_trip(rtt);
+    assert_eq!(a.tail_probe_at, None, "everything is acknowledged");
+    // A burst of three whose last two packets are lost: nothing above the hole will be
+    // acknowledged, so no selective ack can reveal it.
+    a.write(&[2u8; 3000]).unwrap();
+    let sent = drain(&mut a, t1);
+    assert_eq!(sent.len(), 3);
+    b.handle_packet(sent[0].clone(), t1 + rtt / 2);
+    let delayed_ack = t1 + rtt / 2 + a.config.ack_delay;
+    b.handle_timeout(delayed_ack);
+    let t2 = delayed_ack + rtt / 2;
+    for p in drain(&mut b, delayed_ack) {
+        a.handle_packet(p, t2);
+    }
+    assert!(drain(&mut a, t2).is_empty(), "nothing is known lost yet");
+    // Two smoothed RTTs plus the peer's ACK delay later, the last packet goes again, long
+    // before the retransmission timeout.
+    let probe_at = a.poll_timeout().unwrap();
+    let srtt = a.srtt.unwrap();
+    assert_eq!(probe_at, t2 + srtt * 2 + a.config.ack_delay);
+    assert!(probe_at < a.rto_deadline.unwrap());
+    a.handle_timeout(probe_at);
+    let probe = drain(&mut a, probe_at);
+    assert_eq!(
+        probe.iter().map(|p| p.seq).collect::<Vec<_>>(),
+        vec![sent[2].seq]
+    );
+    assert_eq!(a.stats().tail_probes, 1);
+    assert_eq!(a.stats().retransmits, 0);
+    // One probe per episode: without an answer, the timer is next.
+    assert_eq!(a.poll_timeout(), a.rto_deadline);
+    // The probe's copy arrives; its selective ack shows the hole below it, which is resent
+    // at once (it has been out far longer than a round trip).
+    let t3 = probe_at + rtt / 2;
+    b.handle_packet(probe[0].clone(), t3);
+    let t4 = t3 + rtt / 2;
+    for p in drain(&mut b, t3) {
+        a.handle_packet(p, t4);
+    }
+    let resent = drain(&mut a, t4);
+    assert_eq!(
+        resent.iter().map(|p| p.seq).collect::<Vec<_>>(),
+        vec![sent[1].seq]
+    );
+    for p in resent {
+        b.handle_packet(p, t4);
+    }
+    exchange(&mut a, &mut b, t4);
+    let mut expected = vec![1u8; 2000];
+    expected.extend_from_slice(&[2u8; 3000]);
+    assert_eq!(read_all(&mut b), expected);
+    assert_eq!(a.stats().retransmits, 1);
+    assert_eq!(a.stats().tail_probes, 1);
+    assert_eq!(a.tail_probe_at, None, "everything is acknowledged");
+}
+
+#[test]
+fn no_tail_probe_before_a_round_trip_is_measured() {
+    let now = Instant::now();
+    let (mut a, _b) = pair(now);
+    a.write(&[1u8; 3000]).unwrap();
+    assert_eq!(drain(&mut a, now).len(), 3);
+    assert_eq!(a.poll_timeout(), Some(now + a.config.rto_initial));
 }
 
 #[test]
