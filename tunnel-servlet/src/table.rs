@@ -420,6 +420,37 @@ fn is_control(kind: PacketType) -> bool {
     !matches!(kind, PacketType::Data | PacketType::Ack | PacketType::NoOp)
 }
 
+/// Queues an ACK ahead of its connection's queued DATA, in place of an ACK queued before it
+/// if there is one (then the queue holds at most one ACK, before all DATA).
+///
+/// An ACK is about the other direction: it owes nothing to the DATA queued beside it, and
+/// the sender on the other side waits for it. Behind a deep queue (1 MiB per connection by
+/// default, served 64 KiB per turn among a session's busy connections) it came a round of
+/// every other connection per 64 KiB late: with 100 connections busy both ways, long enough
+/// for the senders' retransmission timers to fire on packets that had all arrived. And the
+/// newest ACK says all the older one did (the cumulative ack only grows, the window the
+/// sender takes is the largest advertised, the selective acks are the receiver's state now).
+fn queue_ack(queue: &mut VecDeque<Queued>, ack: Queued) {
+    match queued_ack(queue) {
+        Some(i) => queue[i] = ack,
+        None => {
+            let first_data = queue
+                .iter()
+                .position(|q| q.packet.kind == PacketType::Data)
+                .unwrap_or(queue.len());
+            queue.insert(first_data, ack);
+        }
+    }
+}
+
+/// Where the ACK of a queue is, if it holds one: before its first DATA (`queue_ack`).
+fn queued_ack(queue: &VecDeque<Queued>) -> Option<usize> {
+    queue
+        .iter()
+        .take_while(|q| q.packet.kind != PacketType::Data)
+        .position(|q| q.packet.kind == PacketType::Ack)
+}
+
 /// Compares the room left on two instances: the greater unused share of capacity first
 /// (so instances fill in proportion to their capacities), then the greater unused count.
 fn compare_room(a: &Instance, b: &Instance) -> std::cmp::Ordering {
@@ -808,11 +839,18 @@ impl Table {
         } else {
             0
         };
+        // An ACK takes the place of one already queued (below): only what it adds counts.
+        let replaced = if packet.kind == PacketType::Ack {
+            queued_ack(&entry.queue).map_or(0, |i| entry.queue[i].packet.wire_len())
+        } else {
+            0
+        };
+        let growth = len.saturating_sub(replaced);
         let mut session = entry.session.and_then(|sid| self.sessions.get_mut(&sid));
-        let over_conn = entry.queued_bytes + len > limits.limit + slack;
+        let over_conn = entry.queued_bytes + growth > limits.limit + slack;
         let over_session = session
             .as_ref()
-            .is_some_and(|s| s.queued_bytes + len > limits.session_limit.saturating_add(slack));
+            .is_some_and(|s| s.queued_bytes + growth > limits.session_limit.saturating_add(slack));
         if !force && (over_conn || over_session) {
             self.metrics.dropped();
             return Admit::Dropped;
@@ -823,11 +861,15 @@ impl Table {
                 resend_at: None,
             });
         }
-        entry.queued_bytes += len;
-        entry.queue.push_back(queued);
+        entry.queued_bytes = entry.queued_bytes + len - replaced;
+        if queued.packet.kind == PacketType::Ack {
+            queue_ack(&mut entry.queue, queued);
+        } else {
+            entry.queue.push_back(queued);
+        }
         match &mut session {
             Some(session) => {
-                session.queued_bytes += len;
+                session.queued_bytes = session.queued_bytes + len - replaced;
                 list_ready(id, entry, session);
             }
             None => entry.wake(Wake::Data),
@@ -1954,7 +1996,7 @@ mod tests {
         let (id, _) = table.open("s", InstanceId::LEGACY, None, 16, "c", now, MINUTE);
         let data = Packet::new(PacketType::Data, id, Bytes::from_static(b"payload")).with_seq(4);
         let wire = data.to_bytes();
-        let ack = Packet::new(PacketType::Ack, id, Bytes::new()).with_seq(2);
+        let close = Packet::new(PacketType::ConnClose, id, Bytes::new()).with_seq(5);
         assert_eq!(
             table.enqueue(
                 id,
@@ -1964,7 +2006,10 @@ mod tests {
             ),
             Admit::Queued
         );
-        assert_eq!(table.enqueue(id, ack.clone(), ROOMY, false), Admit::Queued);
+        assert_eq!(
+            table.enqueue(id, close.clone(), ROOMY, false),
+            Admit::Queued
+        );
         let out = table.drain(id, 1 << 20);
         assert_eq!(
             &out[..wire.len()],
@@ -1973,7 +2018,7 @@ mod tests {
         );
         assert_eq!(
             tunnel_proto::decode_all(out, 1 << 20).unwrap(),
-            vec![data, ack]
+            vec![data, close]
         );
     }
 
@@ -1985,11 +2030,12 @@ mod tests {
         let id = ids[0];
         let long = Packet::new(PacketType::Data, id, Bytes::from(vec![9; 20_000])).with_seq(1);
         let wire = long.to_bytes();
-        let ack = Packet::new(PacketType::Ack, id, Bytes::new()).with_seq(3);
+        let option = Packet::new(PacketType::ConnOption, id, Bytes::from_static(&[1, 0]));
+        let short = Packet::new(PacketType::Data, id, Bytes::from_static(b"hi")).with_seq(2);
         for queued in [
-            Queued::from(ack.clone()),
+            Queued::from(option.clone()),
             Queued::forwarded(long.clone(), wire.clone()),
-            Queued::from(ack.clone()),
+            Queued::from(short.clone()),
         ] {
             assert_eq!(table.enqueue(id, queued, ROOMY, false), Admit::Queued);
         }
@@ -1999,7 +2045,43 @@ mod tests {
         assert_eq!(parts[1].as_ptr(), wire.as_ptr(), "not copied");
         assert_eq!(
             tunnel_proto::decode_all(Bytes::from(parts.concat()), 1 << 20).unwrap(),
-            vec![ack.clone(), long, ack]
+            vec![option, long, short]
+        );
+    }
+
+    /// An ACK goes out before the DATA its connection has queued, and a newer one takes the
+    /// place of an older one, even when the queue is full.
+    #[test]
+    fn an_ack_overtakes_queued_data_and_replaces_the_ack_before_it() {
+        let mut table = Table::new(Arc::new(Metrics::default()));
+        let now = Instant::now();
+        let (id, _) = table.open("s", InstanceId::LEGACY, None, 16, "c", now, MINUTE);
+        let data =
+            |seq| Packet::new(PacketType::Data, id, Bytes::from(vec![7; 1000])).with_seq(seq);
+        // Cumulative ack `seq`, the peer holding `held` out of order.
+        let ack = |seq, held: u32| {
+            let sack = [held.to_be_bytes(), held.to_be_bytes()].concat();
+            Packet::new(PacketType::Ack, id, Bytes::from(sack)).with_seq(seq)
+        };
+        let full = QueueLimits {
+            limit: 2 * data(0).wire_len() + ack(0, 0).wire_len(),
+            control_slack: 0,
+            session_limit: usize::MAX,
+        };
+        for packet in [data(1), data(2), ack(5, 8), ack(6, 9)] {
+            let admit = table.enqueue(id, packet, full, false);
+            assert_eq!(admit, Admit::Queued);
+        }
+        assert_eq!(table.enqueue(id, data(3), full, false), Admit::Dropped);
+        let out = table.drain(id, 1 << 20);
+        assert_eq!(
+            tunnel_proto::decode_all(out, 1 << 20).unwrap(),
+            vec![ack(6, 9), data(1), data(2)]
+        );
+        assert_eq!(
+            table.view().queued_bytes,
+            0,
+            "the replaced ACK is not counted"
         );
     }
 
