@@ -420,8 +420,9 @@ fn is_control(kind: PacketType) -> bool {
     !matches!(kind, PacketType::Data | PacketType::Ack | PacketType::NoOp)
 }
 
-/// Queues an ACK ahead of its connection's queued DATA, in place of an ACK queued before it
-/// if there is one (then the queue holds at most one ACK, before all DATA).
+/// Queues an ACK ahead of its connection's queued DATA, in place of the ACK queued before it
+/// at `old_ack` if there is one (`queued_ack`): the queue holds at most one ACK, before all
+/// DATA.
 ///
 /// An ACK is about the other direction: it owes nothing to the DATA queued beside it, and
 /// the sender on the other side waits for it. Behind a deep queue (1 MiB per connection by
@@ -430,8 +431,8 @@ fn is_control(kind: PacketType) -> bool {
 /// for the senders' retransmission timers to fire on packets that had all arrived. And the
 /// newest ACK says all the older one did (the cumulative ack only grows, the window the
 /// sender takes is the largest advertised, the selective acks are the receiver's state now).
-fn queue_ack(queue: &mut VecDeque<Queued>, ack: Queued) {
-    match queued_ack(queue) {
+fn queue_ack(queue: &mut VecDeque<Queued>, ack: Queued, old_ack: Option<usize>) {
+    match old_ack {
         Some(i) => queue[i] = ack,
         None => {
             let first_data = queue
@@ -840,11 +841,10 @@ impl Table {
             0
         };
         // An ACK takes the place of one already queued (below): only what it adds counts.
-        let replaced = if packet.kind == PacketType::Ack {
-            queued_ack(&entry.queue).map_or(0, |i| entry.queue[i].packet.wire_len())
-        } else {
-            0
-        };
+        let old_ack = (packet.kind == PacketType::Ack)
+            .then(|| queued_ack(&entry.queue))
+            .flatten();
+        let replaced = old_ack.map_or(0, |i| entry.queue[i].packet.wire_len());
         let growth = len.saturating_sub(replaced);
         let mut session = entry.session.and_then(|sid| self.sessions.get_mut(&sid));
         let over_conn = entry.queued_bytes + growth > limits.limit + slack;
@@ -863,7 +863,7 @@ impl Table {
         }
         entry.queued_bytes = entry.queued_bytes + len - replaced;
         if queued.packet.kind == PacketType::Ack {
-            queue_ack(&mut entry.queue, queued);
+            queue_ack(&mut entry.queue, queued, old_ack);
         } else {
             entry.queue.push_back(queued);
         }
