@@ -61,7 +61,8 @@ fn denied_lines(squid: &Squid, needle: &str) -> usize {
         .count()
 }
 
-/// Sends one `GET url` through squid on the connection `s` and returns the status code.
+/// Sends one `GET url` through squid on the connection `s`, reads the answer to its end and
+/// returns the status code.
 async fn status_of(mut s: TcpStream, url: &str) -> Result<u16, String> {
     let host = url
         .trim_start_matches("http://")
@@ -72,16 +73,13 @@ async fn status_of(mut s: TcpStream, url: &str) -> Result<u16, String> {
     let request = format!("GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     tokio::time::timeout(PROBE_TIMEOUT, async {
         s.write_all(request.as_bytes()).await?;
-        let mut head = [0u8; 64];
-        let mut got = 0;
-        while got < 12 {
-            let n = s.read(&mut head[got..]).await?;
-            if n == 0 {
-                break;
-            }
-            got += n;
-        }
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&head[..got]).into_owned())
+        // Read the whole answer, up to squid's close (`Connection: close`): squid then no
+        // longer counts this connection against the client's limit. A connection dropped
+        // after its status line is only released once squid notices, and under load that
+        // can be after the tunnel part has started and met a limit already taken.
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&answer).into_owned())
     })
     .await
     .map_err(|_| format!("no answer within {PROBE_TIMEOUT:?}"))?
