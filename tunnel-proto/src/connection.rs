@@ -38,6 +38,13 @@ pub struct ConnectionConfig {
     /// Bytes the application may have written that are not yet acknowledged by the peer
     /// (queued plus in flight). `write` accepts no more until acks free room. Default 4 MiB.
     pub send_buffer: usize,
+    /// Bytes the application may have written that have not been sent yet (queued, waiting
+    /// for the peer's window or the transport). `write` accepts no more beyond this, even
+    /// with room in `send_buffer`, until packets leave: like TCP's `TCP_NOTSENT_LOWAT`, it
+    /// keeps a connection whose transport is slower than its writer (one of many sharing a
+    /// session) from reading its writer's whole `send_buffer` ahead into memory. Default
+    /// 256 KiB.
+    pub unsent_limit: usize,
     /// Retransmission timeout before any RTT sample (RFC 6298 says 1 s). Default 1 s.
     pub rto_initial: Duration,
     /// Floor of the retransmission timeout. Default 200 ms.
@@ -68,6 +75,7 @@ impl Default for ConnectionConfig {
             recv_window: 64,
             max_data_payload: DEFAULT_MAX_DATA_PAYLOAD,
             send_buffer: 4 * 1024 * 1024,
+            unsent_limit: 256 * 1024,
             rto_initial: Duration::from_secs(1),
             rto_min: Duration::from_millis(200),
             rto_max: Duration::from_secs(10),
@@ -407,14 +415,18 @@ impl Connection {
     // Application side
     // ------------------------------------------------------------------------------------
 
-    /// Bytes `write` would accept now: room left in `send_buffer`, 0 once closed or ended.
+    /// Bytes `write` would accept now: room left in `send_buffer` and under `unsent_limit`,
+    /// 0 once closed or ended.
     pub fn send_capacity(&self) -> usize {
         if self.ending != Ending::Open || self.close_requested {
             return 0;
         }
+        let unacknowledged = self.outgoing_bytes + self.in_flight_bytes;
+        let unsent_room = self.config.unsent_limit.saturating_sub(self.outgoing_bytes);
         self.config
             .send_buffer
-            .saturating_sub(self.outgoing_bytes + self.in_flight_bytes)
+            .saturating_sub(unacknowledged)
+            .min(unsent_room)
     }
 
     /// Queues up to `send_capacity()` bytes; `Ok(0)` means full (wait for writability).

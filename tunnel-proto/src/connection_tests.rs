@@ -755,3 +755,42 @@ fn a_zero_ack_delay_acks_everything_at_once() {
     }
     assert_eq!(kinds(&drain(&mut b, now)), [PacketType::Ack]);
 }
+
+#[test]
+fn writes_stop_at_the_unsent_limit_and_resume_as_packets_leave() {
+    let now = Instant::now();
+    let config = ConnectionConfig {
+        unsent_limit: 3000,
+        ..cfg()
+    };
+    let mut a = Connection::new(7, config.recv_window, config.clone(), now);
+    let mut b = Connection::new(7, config.recv_window, config, now);
+    let data = vec![9u8; 20_000];
+    assert_eq!(
+        a.write(&data).unwrap(),
+        3000,
+        "the send buffer has room for all of it"
+    );
+    assert_eq!(a.send_capacity(), 0);
+    assert!(!a.is_writable());
+    // Three packets leave: the unsent room is back, the send buffer counts them in flight.
+    let sent = drain(&mut a, now);
+    assert_eq!(sent.len(), 3);
+    assert!(a.is_writable());
+    assert_eq!(a.write(&data).unwrap(), 3000);
+    // Once the peer's window (8 packets) is full, what waits for it is held to the limit.
+    let sent_too = drain(&mut a, now);
+    assert_eq!(sent_too.len(), 3);
+    assert_eq!(a.write(&data).unwrap(), 3000);
+    assert_eq!(drain(&mut a, now).len(), 2, "the window's last two packets");
+    assert_eq!(a.send_capacity(), 2000, "1000 bytes wait for the window");
+    assert_eq!(a.write(&data).unwrap(), 2000);
+    assert_eq!(a.send_capacity(), 0);
+    // Every byte written arrives once, in order.
+    let mut got = Vec::new();
+    for p in sent.into_iter().chain(sent_too) {
+        b.handle_packet(p, now);
+    }
+    got.extend(read_all(&mut b));
+    assert_eq!(got.len(), 6000);
+}
