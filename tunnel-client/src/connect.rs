@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use tunnel_proto::warn_limit::WarningLimit;
 
 use tokio::time::Instant;
+use tunnel_proto::packet::HEADER_LEN;
 use tunnel_proto::payload::{decode_reason, decode_token, encode_reason, ConnOption};
 use tunnel_proto::{Connection, Packet, PacketType, Token};
 
@@ -81,6 +82,14 @@ impl TunnelClient {
     /// Checks the configuration and builds the HTTP client; no request is made yet. Fails
     /// with [`ConnectError::InvalidConfig`] (bad URL, proxy or CA file).
     pub fn new(config: ClientConfig) -> Result<TunnelClient, ConnectError> {
+        let largest = config.max_packet_size.saturating_sub(HEADER_LEN);
+        if !(1..=largest).contains(&config.connection.max_data_payload) {
+            return Err(ConnectError::InvalidConfig(format!(
+                "max data payload {} bytes: must be 1 to {largest} (the largest packet, {} \
+                 bytes, less its 24-byte header)",
+                config.connection.max_data_payload, config.max_packet_size
+            )));
+        }
         let relay = Relay::new(&config)?;
         let session = config.session.then(|| {
             let session = Arc::new(ClientSession::new(relay.clone(), config.clone()));

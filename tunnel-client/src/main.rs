@@ -206,6 +206,13 @@ struct Args {
     #[arg(long, env = "TUNNEL_CLIENT_RECV_WINDOW", default_value_t = tunnel_client::DEFAULT_CLIENT_RECV_WINDOW)]
     recv_window: u16,
 
+    /// Largest DATA payload the client sends, in bytes. Larger packets cost less per byte;
+    /// lower it only for a relay (`--max-packet`) or a broker (`max_packet_size`) that takes
+    /// smaller packets than the default 24 bytes + 1 MiB (a packet is the payload plus a
+    /// 24-byte header).
+    #[arg(long, env = "TUNNEL_CLIENT_MAX_DATA_PAYLOAD", default_value_t = tunnel_client::DEFAULT_CLIENT_MAX_DATA_PAYLOAD)]
+    max_data_payload: usize,
+
     /// Affinity key sent with every connect: where several broker instances serve the name,
     /// connections with the same key go to the same instance (a room, a tenant). Not a secret:
     /// it travels in the URL.
@@ -338,6 +345,7 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
         ..ClientConfig::new(args.relay.clone(), args.server.clone())
     };
     config.connection.recv_window = args.recv_window;
+    config.connection.max_data_payload = args.max_data_payload;
     Ok(config)
 }
 

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::timeout;
-use tunnel_client::{ClientConfig, ConnectError, TunnelStream};
+use tunnel_client::{ClientConfig, ConnectError, TunnelClient, TunnelStream};
 use tunnel_proto::driver::{self as stream, ConnHandle, PacketSink};
 use tunnel_proto::payload::{encode_reason, encode_token};
 use tunnel_proto::{Connection, ConnectionConfig, Packet, PacketType, Token};
@@ -320,6 +320,21 @@ async fn invalid_url_is_a_config_error() {
     let config = ClientConfig::new("ftp://127.0.0.1/tunnel", "echo");
     let err = tunnel_client::connect(config).await.unwrap_err();
     assert!(matches!(err, ConnectError::InvalidConfig(_)), "{err:?}");
+}
+
+#[test]
+fn a_data_payload_the_largest_packet_cannot_carry_is_a_config_error() {
+    let mut config = ClientConfig::new("http://127.0.0.1:1/tunnel", "echo");
+    config.connection.max_data_payload = config.max_packet_size - 24;
+    assert!(TunnelClient::new(config.clone()).is_ok(), "a payload that fits");
+    for payload in [0, config.max_packet_size - 23] {
+        config.connection.max_data_payload = payload;
+        let err = TunnelClient::new(config.clone()).unwrap_err();
+        assert!(
+            matches!(&err, ConnectError::InvalidConfig(m) if m.contains("max data payload")),
+            "{payload}: {err:?}"
+        );
+    }
 }
 
 #[tokio::test]
