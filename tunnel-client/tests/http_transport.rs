@@ -326,7 +326,10 @@ async fn invalid_url_is_a_config_error() {
 fn a_data_payload_the_largest_packet_cannot_carry_is_a_config_error() {
     let mut config = ClientConfig::new("http://127.0.0.1:1/tunnel", "echo");
     config.connection.max_data_payload = config.max_packet_size - 24;
-    assert!(TunnelClient::new(config.clone()).is_ok(), "a payload that fits");
+    assert!(
+        TunnelClient::new(config.clone()).is_ok(),
+        "a payload that fits"
+    );
     for payload in [0, config.max_packet_size - 23] {
         config.connection.max_data_payload = payload;
         let err = TunnelClient::new(config.clone()).unwrap_err();

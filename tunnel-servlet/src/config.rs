@@ -10,6 +10,13 @@ use tunnel_proto::packet::DEFAULT_MAX_PACKET_SIZE;
 use crate::auth::{ClientAuth, LinkSecrets};
 use crate::cidr::Cidr;
 
+/// Default of [`RelayConfig::queue_limit`]: a whole window of the client's default 16 DATA
+/// packets of 64 KiB with their 24-byte headers (1,048,960 bytes), and room for the ACK and
+/// NO_OPs queued beside them. At exactly 1 MiB the sixteenth packet of a full window did
+/// not fit, and was dropped and retransmitted whenever a client read more slowly than its
+/// broker sent (BENCHMARKS.md).
+pub const DEFAULT_QUEUE_LIMIT: usize = 1024 * 1024 + 4 * 1024;
+
 /// PEM files of a TLS certificate chain and its private key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -53,8 +60,9 @@ pub struct RelayConfig {
     /// ways (waiting only for their last acknowledgements) do not count, but the table holds
     /// at most twice this many entries. Default 20,000.
     pub max_connections: usize,
-    /// Bytes a connection's downstream queue may hold; DATA/ACK packets beyond are dropped
-    /// (and counted) so one slow client never stalls its broker's link. Default 1 MiB.
+    /// Bytes a connection's downstream queue may hold, headers included; DATA/ACK packets
+    /// beyond are dropped (and counted) so one slow client never stalls its broker's link.
+    /// Default [`DEFAULT_QUEUE_LIMIT`], 1 MiB + 4 KiB.
     pub queue_limit: usize,
     /// Extra room beyond `queue_limit` for the few control packets that must not be dropped
     /// (CONN_INIT_ACK, CONN_REJECTED, CONN_ABORT, CONN_CLOSE, CONN_OPTION). Default 64 KiB.
@@ -160,7 +168,7 @@ impl Default for RelayConfig {
             max_body_size: 4 * 1024 * 1024,
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
             max_connections: 20_000,
-            queue_limit: 1024 * 1024,
+            queue_limit: DEFAULT_QUEUE_LIMIT,
             queue_control_slack: 64 * 1024,
             client_inactivity_timeout: Duration::from_secs(60),
             max_client_inactivity_timeout: Duration::from_secs(3600),

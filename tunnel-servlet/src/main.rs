@@ -64,7 +64,7 @@ struct Args {
     #[arg(long, env = "TUNNEL_MAX_CONNECTIONS", default_value_t = 20_000)]
     max_connections: usize,
     /// Bytes a connection's downstream queue holds before packets are dropped.
-    #[arg(long, env = "TUNNEL_QUEUE_LIMIT", default_value_t = 1024 * 1024)]
+    #[arg(long, env = "TUNNEL_QUEUE_LIMIT", default_value_t = tunnel_servlet::config::DEFAULT_QUEUE_LIMIT)]
     queue_limit: usize,
     /// Default client inactivity timeout, in ms (CONN_OPTION 2 overrides it per connection).
     #[arg(long, env = "TUNNEL_INACTIVITY_MS", default_value = "60000", value_parser = millis)]
