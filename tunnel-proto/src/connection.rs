@@ -294,6 +294,13 @@ pub struct Connection {
     rto: Duration,
     srtt: Option<Duration>,
     rttvar: Duration,
+    /// Smallest RTT sample: an ack that comes sooner after a resend than this is the
+    /// original's (RFC 8985 §6.2), not the resent copy's.
+    min_rtt: Option<Duration>,
+    /// When the most recently sent packet the peer is known to hold was sent (RACK's
+    /// `xmit_ts`, RFC 8985): a resent packet still missing after a packet sent later got
+    /// through is lost again (`detect_losses`).
+    newest_delivered_sent_at: Option<Instant>,
     /// Retransmission timer, running while anything is in flight.
     rto_deadline: Option<Instant>,
     /// Set by a retransmission timeout until an acknowledgement settles it.
@@ -360,6 +367,8 @@ impl Connection {
             rto,
             srtt: None,
             rttvar: Duration::ZERO,
+            min_rtt: None,
+            newest_delivered_sent_at: None,
             rto_deadline: None,
             timeout_recovery: None,
             loss_check_at: None,
@@ -748,6 +757,11 @@ impl Connection {
             // acknowledged only now because it waited behind a resent one (or was already
             // selectively acked, and sampled then) would measure the repair, not the path.
             repaired_hole |= done.transmissions > 1;
+            if !done.sacked {
+                self.newest_delivered_sent_at =
+                    self.newest_delivered_sent_at
+                        .max(delivery_time(&done, self.min_rtt, now));
+            }
             if !done.sacked && retransmitted_in_vain(&done, self.srtt, now) {
                 self.widen_reorder_window();
             }
@@ -779,10 +793,12 @@ impl Connection {
         let mut rtt_sample = None;
         let mut spurious = false;
         let mut newly_sacked = false;
+        let mut newest_delivered = self.newest_delivered_sent_at;
         for block in blocks {
             for p in self.in_flight.iter_mut() {
                 if !p.sacked && seq::le(block.first, p.seq) && seq::le(p.seq, block.last) {
                     newly_sacked = true;
+                    newest_delivered = newest_delivered.max(delivery_time(p, self.min_rtt, now));
                     p.sacked = true;
                     p.lost = false;
                     p.tail_probe = false;
@@ -796,6 +812,7 @@ impl Connection {
         if let Some(sample) = rtt_sample {
             self.on_rtt_sample(sample);
         }
+        self.newest_delivered_sent_at = newest_delivered;
         if spurious {
             self.widen_reorder_window();
         }
@@ -846,9 +863,27 @@ impl Connection {
         let tail_patience = self.srtt.map(|srtt| srtt + reorder_window);
         self.loss_check_at = None;
         let mut sacked_above = 0;
+        let newest_delivered = self.newest_delivered_sent_at;
         for p in self.in_flight.iter_mut().rev() {
             if p.sacked {
                 sacked_above += 1;
+            } else if p.fast_retransmitted && !p.lost {
+                // Resent once already and still missing: lost again once a packet sent
+                // after the resend got through and the resend has had a round trip and the
+                // reorder window (RACK), rather than waiting for the timeout or a tail-loss
+                // probe per packet.
+                let (Some(delivered), Some(patience)) = (newest_delivered, tail_patience) else {
+                    continue;
+                };
+                if delivered <= p.sent_at {
+                    continue;
+                }
+                let due = p.sent_at + patience;
+                if now >= due {
+                    p.lost = true;
+                } else {
+                    self.loss_check_at = Some(self.loss_check_at.map_or(due, |t| t.min(due)));
+                }
             } else if sacked_above > 0 && !p.fast_retransmitted && !p.lost {
                 let patience = if sacked_above >= DUP_THRESHOLD {
                     reorder_window
@@ -1344,6 +1379,7 @@ impl Connection {
 
     /// RFC 6298 §2: smoothed RTT and variance.
     fn on_rtt_sample(&mut self, sample: Duration) {
+        self.min_rtt = Some(self.min_rtt.map_or(sample, |m| m.min(sample)));
         match self.srtt {
             None => {
                 self.srtt = Some(sample);
@@ -1452,6 +1488,15 @@ impl Connection {
             self.probe_at = None;
         }
     }
+}
+
+/// When the peer's copy of `p`, acknowledged at `now`, was sent: its last sending, unless
+/// it was resent and the ack came sooner after that than any round trip took, which makes
+/// it the ack of an earlier copy (RFC 8985 §6.2): then `None`.
+fn delivery_time(p: &InFlight, min_rtt: Option<Duration>, now: Instant) -> Option<Instant> {
+    let unambiguous = p.transmissions == 1
+        || min_rtt.is_some_and(|min| now.saturating_duration_since(p.sent_at) >= min);
+    unambiguous.then_some(p.sent_at)
 }
 
 /// Eifel-style check (RFC 3522, without timestamps): an acknowledgement that arrives less

@@ -57,6 +57,10 @@ fn pair_after_a_round_trip(rtt: Duration) -> (Connection, Connection, Instant) {
     (a, b, t1)
 }
 
+fn seqs(packets: &[Packet]) -> Vec<u32> {
+    packets.iter().map(|p| p.seq).collect()
+}
+
 fn read_all(c: &mut Connection) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -212,7 +216,7 @@ fn whole_lost_batch_is_resent_after_the_timeout() {
     }
     let rest = drain(&mut a, back);
     assert_eq!(
-        rest.iter().map(|p| p.seq).collect::<Vec<_>>(),
+        seqs(&rest),
         vec![1, 2, 3, 4],
         "the rest of the batch is resent on that ack, without another timeout"
     );
@@ -302,7 +306,7 @@ fn after_a_timeout_the_packets_an_ack_leaves_behind_are_resent_without_another_t
     );
     a.handle_timeout(check);
     let rest = drain(&mut a, check);
-    assert_eq!(rest.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![3, 4]);
+    assert_eq!(seqs(&rest), vec![3, 4]);
     for p in rest {
         b.handle_packet(p, check);
     }
@@ -317,12 +321,12 @@ fn a_second_timeout_in_a_row_resends_everything() {
     let (mut a, mut b) = pair(now);
     let (lost, first, copy) = send_then_time_out(&mut a, &[5u8; 3000], now);
     assert_eq!(lost.len(), 3);
-    assert_eq!(copy.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![0]); // lost too
+    assert_eq!(seqs(&copy), vec![0]); // lost too
     let second = a.poll_timeout().unwrap();
     assert_eq!(second, first + Duration::from_secs(2), "backed off");
     a.handle_timeout(second);
     let all = drain(&mut a, second);
-    assert_eq!(all.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert_eq!(seqs(&all), vec![0, 1, 2]);
     for p in all {
         b.handle_packet(p, second);
     }
@@ -391,10 +395,7 @@ fn a_hole_in_the_tail_of_a_burst_is_resent_a_round_trip_later_not_at_the_timeout
     assert!(check < t1 + a.config.rto_min, "before any timeout");
     a.handle_timeout(check);
     let resent = drain(&mut a, check);
-    assert_eq!(
-        resent.iter().map(|p| p.seq).collect::<Vec<_>>(),
-        vec![lost.seq]
-    );
+    assert_eq!(seqs(&resent), vec![lost.seq]);
     b.handle_packet(resent[0].clone(), check);
     exchange(&mut a, &mut b, check);
     let mut expected = vec![1u8; 2000];
@@ -429,10 +430,7 @@ fn a_lost_tail_is_probed_two_round_trips_later_and_repaired_without_the_timeout(
     assert!(probe_at < a.rto_deadline.unwrap());
     a.handle_timeout(probe_at);
     let probe = drain(&mut a, probe_at);
-    assert_eq!(
-        probe.iter().map(|p| p.seq).collect::<Vec<_>>(),
-        vec![sent[2].seq]
-    );
+    assert_eq!(seqs(&probe), vec![sent[2].seq]);
     assert_eq!(a.stats().tail_probes, 1);
     assert_eq!(a.stats().retransmits, 0);
     // One probe per episode: without an answer, the timer is next.
@@ -446,10 +444,7 @@ fn a_lost_tail_is_probed_two_round_trips_later_and_repaired_without_the_timeout(
         a.handle_packet(p, t4);
     }
     let resent = drain(&mut a, t4);
-    assert_eq!(
-        resent.iter().map(|p| p.seq).collect::<Vec<_>>(),
-        vec![sent[1].seq]
-    );
+    assert_eq!(seqs(&resent), vec![sent[1].seq]);
     for p in resent {
         b.handle_packet(p, t4);
     }
@@ -460,6 +455,54 @@ fn a_lost_tail_is_probed_two_round_trips_later_and_repaired_without_the_timeout(
     assert_eq!(a.stats().retransmits, 1);
     assert_eq!(a.stats().tail_probes, 1);
     assert_eq!(a.tail_probe_at, None, "everything is acknowledged");
+}
+
+#[test]
+fn a_lost_retransmission_is_resent_once_a_packet_sent_after_it_gets_through() {
+    let rtt = Duration::from_millis(10);
+    let (mut a, mut b, t1) = pair_after_a_round_trip(rtt);
+    // Four packets; the first is lost, the three above it reveal the hole at once.
+    a.write(&[2u8; 4000]).unwrap();
+    let sent = drain(&mut a, t1);
+    assert_eq!(sent.len(), 4);
+    for p in &sent[1..] {
+        b.handle_packet(p.clone(), t1 + rtt / 2);
+    }
+    let t2 = t1 + rtt;
+    for p in drain(&mut b, t1 + rtt / 2) {
+        a.handle_packet(p, t2);
+    }
+    let resent = drain(&mut a, t2);
+    assert_eq!(resent.len(), 1);
+    assert_eq!(resent[0].seq, sent[0].seq);
+    // The resent copy is lost too. A packet written a millisecond later gets through.
+    let t3 = t2 + Duration::from_millis(1);
+    a.write(&[3u8; 1000]).unwrap();
+    let later = drain(&mut a, t3);
+    assert_eq!(later.len(), 1);
+    b.handle_packet(later[0].clone(), t3 + rtt / 2);
+    let t4 = t3 + rtt;
+    for p in drain(&mut b, t3 + rtt / 2) {
+        a.handle_packet(p, t4);
+    }
+    // The copy is lost again a round trip and the reorder window after it was sent: before
+    // the tail-loss probe or the timeout would have resent it.
+    let due = a.poll_timeout().unwrap();
+    assert!(due > t4);
+    assert!(due < a.tail_probe_at.unwrap() && due < a.rto_deadline.unwrap());
+    a.handle_timeout(due);
+    let again = drain(&mut a, due);
+    assert_eq!(seqs(&again), vec![sent[0].seq]);
+    assert_eq!(a.stats().retransmits, 2);
+    assert_eq!(a.stats().tail_probes, 0);
+    for p in again {
+        b.handle_packet(p, due);
+    }
+    exchange(&mut a, &mut b, due);
+    let mut expected = vec![1u8; 2000];
+    expected.extend_from_slice(&[2u8; 4000]);
+    expected.extend_from_slice(&[3u8; 1000]);
+    assert_eq!(read_all(&mut b), expected);
 }
 
 #[test]
@@ -621,7 +664,7 @@ fn a_late_original_widens_the_reorder_window() {
     }
     // The hole is older than the reorder window (half of the 10 ms RTT): resent.
     let resent = drain(&mut a, t1);
-    assert_eq!(resent.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![0]);
+    assert_eq!(seqs(&resent), vec![0]);
     assert_eq!(a.reorder_quarters, INITIAL_REORDER_QUARTERS);
     // The original arrives just after: its ACK comes too soon to be for the copy.
     let t2 = t1 + Duration::from_millis(1);
