@@ -276,8 +276,8 @@ fn client_builder(config: &ClientConfig) -> Result<reqwest::ClientBuilder, Conne
         .pool_idle_timeout(config.http_pool_idle_timeout)
         // Keeps the relay's certificate with each response, for `tunnel-client --check`.
         .tls_info(true)
-        // Streamed pulls carry packets of up to 64 KiB: with the default 16 KiB frames nearly
-        // every packet is cut and copied back together.
+        // Streamed pulls carry the broker's packets of up to 64 KiB: with the default 16 KiB
+        // frames nearly every packet is cut and copied back together.
         .http2_max_frame_size(HTTP2_MAX_FRAME_SIZE)
         .user_agent(concat!("tunnel-client/", env!("CARGO_PKG_VERSION")));
     builder = match config.http_version {
