@@ -116,6 +116,9 @@ async fn run_case(case: &str, mode: Mode, faults: Option<FaultConfig>) {
         ..ChainOptions::forward_to_sink_source(server.addr())
     };
     let mut chain = Chain::start(options).await;
+    // The chain's readiness probe is counted before the faults start: its server side may
+    // finish a moment after its client side (a CI run counted it among the transfer's).
+    let server_before = server.settled_stats().await;
     // Faults start once the chain is up, so start-up stays quick and deterministic.
     if let Some(faults) = faults.clone() {
         proxy.set_config(FaultConfig {
@@ -124,7 +127,6 @@ async fn run_case(case: &str, mode: Mode, faults: Option<FaultConfig>) {
         });
     }
     let before = proxy.stats();
-    let server_before = server.stats();
     let (_, retransmits_before) = client_log_retransmits(&chain);
 
     let outcome: TransferOutcome = parallel_exchanges(

@@ -122,12 +122,15 @@ impl SinkSourceServer {
 
     /// The counters once a chain's readiness probe (one small exchange) is counted: the
     /// probe's client side can finish before the server records its completion, so a
-    /// baseline read at once may miss it. Waits up to 10 s for one completed exchange.
+    /// baseline read at once may miss it, and count it among the exchanges that follow.
+    /// Waits up to 10 s for one completed exchange and for every accepted connection to
+    /// have ended.
     pub async fn settled_stats(&self) -> SinkSourceStats {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             let stats = self.stats();
-            if stats.completed >= 1 || tokio::time::Instant::now() >= deadline {
+            let all_ended = stats.accepted == stats.empty + stats.completed + stats.failed;
+            if (stats.completed >= 1 && all_ended) || tokio::time::Instant::now() >= deadline {
                 return stats;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
