@@ -52,11 +52,7 @@ impl Shared {
     }
 
     pub(crate) fn queue_limits(&self) -> QueueLimits {
-        QueueLimits {
-            limit: self.config.queue_limit,
-            control_slack: self.config.queue_control_slack,
-            session_limit: self.config.max_session_queue,
-        }
+        QueueLimits::of(&self.config)
     }
 
     pub(crate) fn attach_limits(&self) -> AttachLimits {

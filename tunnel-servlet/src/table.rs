@@ -20,6 +20,7 @@ use tunnel_proto::payload::{
 };
 use tunnel_proto::{Packet, PacketType, Token};
 
+use crate::config::RelayConfig;
 use crate::metrics::Metrics;
 use crate::moves::{draw_id, MoveStep, PendingMoves};
 use crate::sender::LinkSender;
@@ -369,6 +370,15 @@ pub(crate) struct QueueLimits {
 }
 
 impl QueueLimits {
+    /// The bounds a relay run with `config` applies.
+    pub(crate) fn of(config: &RelayConfig) -> QueueLimits {
+        QueueLimits {
+            limit: config.queue_limit,
+            control_slack: config.queue_control_slack,
+            session_limit: config.max_session_queue,
+        }
+    }
+
     /// For packets enqueued with `force`: the limits are not looked at.
     const FORCED: QueueLimits = QueueLimits {
         limit: 0,
@@ -2112,6 +2122,31 @@ mod tests {
         assert_eq!(metrics.snapshot(0, 0, 0).packets_dropped, 1);
         let out = table.drain(id, 1 << 20);
         assert_eq!(out.len(), 24 + 50 + 24);
+    }
+
+    /// A broker may have a whole window of the client's in flight: 16 DATA packets (the
+    /// client's default `recv_window`, tunnel-client's `DEFAULT_CLIENT_RECV_WINDOW`) of the
+    /// broker's default 64 KiB payload, 24-byte headers included, and the ACK beside them.
+    /// The default queue must hold them all, or the last packet of every full window is
+    /// dropped and waits for a probe or a timeout (it did at exactly 1 MiB).
+    #[test]
+    fn the_default_queue_holds_a_full_default_client_window_and_its_ack() {
+        const CLIENT_RECV_WINDOW: u32 = 16;
+        let limits = QueueLimits::of(&RelayConfig::default());
+        let mut table = Table::new(Arc::new(Metrics::default()));
+        let now = Instant::now();
+        let (id, _) = table.open("s", InstanceId::LEGACY, None, 16, "c", now, MINUTE);
+        let payload = Bytes::from(vec![7; tunnel_proto::packet::DEFAULT_MAX_DATA_PAYLOAD]);
+        for seq in 1..=CLIENT_RECV_WINDOW {
+            let data = Packet::new(PacketType::Data, id, payload.clone()).with_seq(seq);
+            assert_eq!(
+                table.enqueue(id, data, limits, false),
+                Admit::Queued,
+                "DATA {seq} of the window"
+            );
+        }
+        let ack = Packet::new(PacketType::Ack, id, Bytes::new()).with_seq(9);
+        assert_eq!(table.enqueue(id, ack, limits, false), Admit::Queued);
     }
 
     fn place(table: &mut Table, name: &str, affinity: Option<&str>) -> (u32, InstanceId) {
