@@ -38,8 +38,9 @@ struct Args {
     )]
     relays: Vec<String>,
 
-    /// Worker threads (0: tokio's default, TOKIO_WORKER_THREADS or one per core). On a
-    /// small machine shared with the relay, 1 gives shorter round trips (BENCHMARKS.md).
+    /// Worker threads (0: tokio's default, TOKIO_WORKER_THREADS or one per core; 1: every
+    /// task on the main thread, tokio's current-thread scheduler). On a small machine shared
+    /// with the relay, 1 gives shorter round trips (BENCHMARKS.md).
     #[arg(long, env = "TUNNEL_WORKER_THREADS", default_value_t = 0)]
     worker_threads: usize,
 
@@ -137,21 +138,10 @@ enum Service {
     Echo,
 }
 
-/// The runtime with `worker_threads` workers (0: tokio's default, `TOKIO_WORKER_THREADS` or
-/// one per core). Fewer workers mean fewer hand-offs between threads, each a futex wake-up;
-/// BENCHMARKS.md has the measurements.
-fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if worker_threads > 0 {
-        builder.worker_threads(worker_threads);
-    }
-    builder.enable_all().build()
-}
-
 fn main() {
     let args = Args::parse();
     tunnel_proto::malloc::keep_freed_memory();
-    match runtime(args.worker_threads) {
+    match tunnel_proto::runtime::build(args.worker_threads) {
         Ok(runtime) => runtime.block_on(async_main(args)),
         Err(e) => {
             eprintln!("tokio runtime: {e}");

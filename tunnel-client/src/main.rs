@@ -257,8 +257,9 @@ struct Args {
     #[arg(long)]
     check: bool,
 
-    /// Worker threads of the process (0: one per core). One is best for a forwarding client
-    /// (measured: a shorter round trip at the same throughput, BENCHMARKS.md).
+    /// Worker threads of the process (0: one per core; 1: every task on the main thread,
+    /// tokio's current-thread scheduler). One is best for a forwarding client (measured: a
+    /// shorter round trip at the same throughput, BENCHMARKS.md).
     #[arg(long, env = "TUNNEL_CLIENT_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
 
@@ -349,21 +350,10 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
     Ok(config)
 }
 
-/// The runtime with `worker_threads` workers (0: tokio's default, `TOKIO_WORKER_THREADS` or
-/// one per core). Fewer workers mean fewer hand-offs between threads, each a futex wake-up;
-/// BENCHMARKS.md has the measurements.
-fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if worker_threads > 0 {
-        builder.worker_threads(worker_threads);
-    }
-    builder.enable_all().build()
-}
-
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     tunnel_proto::malloc::keep_freed_memory();
-    match runtime(args.worker_threads) {
+    match tunnel_proto::runtime::build(args.worker_threads) {
         Ok(runtime) => runtime.block_on(async_main(args)),
         Err(e) => {
             eprintln!("tokio runtime: {e}");

@@ -45,6 +45,8 @@ pub mod warn_limit;
 pub mod backoff;
 #[cfg(feature = "driver")]
 pub mod driver;
+#[cfg(feature = "runtime")]
+pub mod runtime;
 #[cfg(feature = "driver")]
 pub mod splice;
 

@@ -46,9 +46,10 @@ struct Args {
     /// Most bytes of packets in one response.
     #[arg(long, env = "TUNNEL_RESPONSE_LIMIT", default_value_t = 1024 * 1024)]
     response_limit: usize,
-    /// Worker threads (0: tokio's default, TOKIO_WORKER_THREADS or one per core). One per
-    /// core suits a relay of many clients; on a small machine shared with the broker, 1
-    /// gives shorter round trips (BENCHMARKS.md).
+    /// Worker threads (0: tokio's default, TOKIO_WORKER_THREADS or one per core; 1: every
+    /// task on the main thread, tokio's current-thread scheduler). One per core suits a
+    /// relay of many clients; on a small machine shared with the broker, 1 gives shorter
+    /// round trips (BENCHMARKS.md).
     #[arg(long, env = "TUNNEL_WORKER_THREADS", default_value_t = 0)]
     worker_threads: usize,
     /// Most bytes of packets in one streamed pull (it also ends after the pull wait).
@@ -263,21 +264,10 @@ async fn stop_signal() {
     }
 }
 
-/// The runtime with `worker_threads` workers (0: tokio's default, `TOKIO_WORKER_THREADS` or
-/// one per core). Fewer workers mean fewer hand-offs between threads, each a futex wake-up;
-/// BENCHMARKS.md has the measurements.
-fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if worker_threads > 0 {
-        builder.worker_threads(worker_threads);
-    }
-    builder.enable_all().build()
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     tunnel_proto::malloc::keep_freed_memory();
-    match runtime(args.worker_threads) {
+    match tunnel_proto::runtime::build(args.worker_threads) {
         Ok(runtime) => runtime.block_on(async_main(args)),
         Err(e) => {
             eprintln!("tokio runtime: {e}");

@@ -84,6 +84,19 @@ pub fn set_worker_threads(threads: usize) {
     }
 }
 
+/// The runtime of a bench process (the bench itself, a forwarder of the chain, the data
+/// server), built as the tunnel binaries build theirs from `--worker-threads`
+/// ([`tunnel_proto::runtime`]: one worker is the current-thread scheduler), so that the
+/// baselines run on the same scheduler as the tunnel. The count is `TOKIO_WORKER_THREADS`:
+/// set by [`set_worker_threads`], inherited by the processes the bench starts.
+pub fn runtime() -> tokio::runtime::Runtime {
+    let threads = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    tunnel_proto::runtime::build(threads).expect("tokio runtime")
+}
+
 /// `--worker-threads N` for a tunnel binary that has the flag.
 fn worker_args(program: &Path) -> Vec<String> {
     if !help_lists(program, "--worker-threads") {

@@ -156,7 +156,8 @@ struct Opts {
     /// Tokio worker threads of every process the bench starts (tunnel processes, chain
     /// forwarders, the data server) and of the bench itself, set through
     /// `TOKIO_WORKER_THREADS` and the tunnel binaries' `--worker-threads`; 0 leaves tokio's
-    /// default (one per core). Default 1: on a 2-core machine running three processes per
+    /// default (one per core), and 1 is tokio's current-thread scheduler in every process
+    /// (`tunnel_proto::runtime`). Default 1: on a 2-core machine running three processes per
     /// path, one worker each gave every path its shortest round trip (BENCHMARKS.md).
     #[arg(long, default_value_t = 1)]
     worker_threads: usize,
@@ -360,7 +361,7 @@ impl IdleResults {
 fn main() -> std::process::ExitCode {
     let mut opts = Opts::parse();
     if let (Some(listen), Some(to)) = (opts.forwarder_listen, opts.forwarder_to) {
-        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        let runtime = tunnel::runtime();
         return match runtime.block_on(forwarder::run(listen, to)) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
@@ -370,7 +371,7 @@ fn main() -> std::process::ExitCode {
         };
     }
     if let Some(addr) = opts.serve_data {
-        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        let runtime = tunnel::runtime();
         return match runtime.block_on(async {
             let _ = fdlimit::raise_nofile_limit(65_536);
             let _server = dataserver::DataServer::start(addr).await?;
@@ -400,7 +401,7 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .try_init();
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let runtime = tunnel::runtime();
     match runtime.block_on(run(opts)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
