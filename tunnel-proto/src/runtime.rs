@@ -5,9 +5,10 @@
 //!   else one per core).
 //! - `1`: tokio's current-thread scheduler. Every task runs on the thread that calls
 //!   `block_on`, with no queues and wake-ups between threads. On a 2-core machine running
-//!   client, relay and broker side by side, it carried 10–15 % more request/response
-//!   exchanges than a multi-thread scheduler with one worker, and shortened the 1-byte round
-//!   trip (BENCHMARKS.md, "One thread, one scheduler").
+//!   client, relay and broker side by side, it carried 15–17 % more request/response
+//!   exchanges over HTTP/1.1 (0–10 % over h2c) than a multi-thread scheduler with one
+//!   worker, and shortened the 1-byte round trip (BENCHMARKS.md, "One thread, one
+//!   scheduler").
 //! - `n` > 1: the multi-thread scheduler with `n` workers.
 
 use std::io;
