@@ -14,6 +14,8 @@
 //! - With the `driver` feature: [`driver`] ([`TunnelStream`], a tokio `AsyncRead` +
 //!   `AsyncWrite` over any packet transport), [`splice`] (joining a tunnel stream to a
 //!   socket with half-close, without copies) and [`backoff`] (retry delays).
+//! - With the `runtime` feature: [`runtime`] (the tokio runtime the binaries build from
+//!   their `--worker-threads`; one worker is the current-thread scheduler).
 //!
 //! # Example: a packet on the wire and back
 //!
