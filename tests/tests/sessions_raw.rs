@@ -8,6 +8,8 @@
 //!   connection in a session get 404;
 //! - a malformed SESSION_INIT or push body gets 400 and nothing of it is forwarded;
 //! - the session limit and the per-session connection limit get 503 and are counted;
+//! - the answer to a session opening names the relay's per-connection queue limit, the
+//!   default and one set with `--queue-limit`, and the client announces the window it holds;
 //! - the session token never appears in the relay's or the broker's log at trace level;
 //! - a streamed pull opens with a packet at once, carries echoes as they come, and ends
 //!   after the pull wait or when a newer pull supersedes it;
@@ -466,6 +468,59 @@ async fn the_session_limits_answer_503_and_are_counted() {
         open_session(&raw)
             .await
             .expect("a place again after the close");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The `tunnel-queue-limit` header of a session opening's answer (docs/protocol.md §2.1).
+async fn announced_queue_limit(raw: &Raw) -> Option<u64> {
+    let init = Packet::new(
+        PacketType::SessionInit,
+        0,
+        SessionRequest { idle_timeout_ms: 0 }.encode(),
+    );
+    let resp = raw
+        .http
+        .post(format!("{}?Type=session", raw.url))
+        .body(init.to_bytes())
+        .send()
+        .await
+        .expect("session request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let value = resp.headers().get("tunnel-queue-limit")?;
+    Some(value.to_str().ok()?.parse().expect("a number of bytes"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_opening_names_the_relay_queue_limit_and_the_client_keeps_within_it() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let setup = EchoSetup::start(&relay_args(&[]), &[], "info").await;
+        let raw = Raw::new(&setup.relay.tunnel_url());
+        assert_eq!(
+            announced_queue_limit(&raw).await,
+            Some(tunnel_servlet::config::DEFAULT_QUEUE_LIMIT as u64)
+        );
+
+        // 20 packets of 64 KiB and their headers, and room for the ACK.
+        let limit = 20 * (64 * 1024 + 24) + 4096;
+        let setup = EchoSetup::start(
+            &relay_args(&["--queue-limit", &limit.to_string()]),
+            &[],
+            "info",
+        )
+        .await;
+        let raw = Raw::new(&setup.relay.tunnel_url());
+        assert_eq!(announced_queue_limit(&raw).await, Some(limit as u64));
+        let mut config =
+            tunnel_client::ClientConfig::new(setup.relay.tunnel_url(), support_raw::SERVER);
+        config.env_proxy = false;
+        let stream = tunnel_client::connect(config).await.expect("connect");
+        assert_eq!(
+            stream.handle().recv_window(),
+            20,
+            "the window the relay's queue holds"
+        );
     })
     .await
     .expect("test timed out");

@@ -13,11 +13,24 @@ use crate::proxy_auth::ProxyAuthConfig;
 use crate::session::TransportMode;
 use tunnel_proto::driver::StreamConfig;
 
-/// The client's default receive window, in packets: 16 × 64 KiB = 1 MiB, the relay's default
-/// per-connection queue limit (and pull response limit). A larger window lets the broker send
-/// more than the relay will hold for the client; the relay then drops and the connection
-/// retransmits. Measured on loopback: 16 moves 50 MB each way in ~0.2 s, 64 takes 3–7 s.
+/// The client's default receive window where the relay does not say how much it holds for a
+/// connection (relays before the `tunnel-queue-limit` header, and connections outside a
+/// session), in packets: 16 × 64 KiB = 1 MiB, what every relay's default per-connection queue
+/// holds. A larger window lets the broker send more than the relay will hold for the client;
+/// the relay then drops and the connection retransmits. Measured on loopback against a 1 MiB
+/// queue: 16 moves 50 MB each way in ~0.2 s, 64 takes 3–7 s.
 pub const DEFAULT_CLIENT_RECV_WINDOW: u16 = 16;
+
+/// The client's default largest receive window, in packets: 64 × 64 KiB = 4 MiB, announced in
+/// a session whose relay says its per-connection queue holds that much (the relay's default
+/// does). One connection's download is bounded by the window over the round trip: on a
+/// 2-core VM whose loopback round trip under load is long, 64 against 16 took one
+/// connection's download from 0.68 to 0.74 of the plain chain over HTTP/1.1 (BENCHMARKS.md),
+/// and over a 50 ms path a window of 1 MiB allows at most 20 MiB/s.
+pub const DEFAULT_CLIENT_MAX_RECV_WINDOW: u16 = 64;
+
+/// Bytes of a relay's queue kept for the ACK and NO_OPs beside a full window of DATA.
+const QUEUE_ROOM_FOR_CONTROL: u64 = 1024;
 
 /// The client's default largest DATA payload: 256 KiB, four times what the broker sends.
 /// Fewer, larger packets cost less per byte in all three processes: on a 2-core VM, one
@@ -147,8 +160,15 @@ pub struct ClientConfig {
     /// The relay and the broker are told to wait as long (see
     /// [`ClientConfig::peer_silence_allowance`]). Default: 5 min ([`DEFAULT_OUTAGE_GRACE`]).
     pub outage_grace: Duration,
+    /// Largest receive window announced in a session, in packets: a connection announces
+    /// as many packets of the broker's default 64 KiB as the relay says its per-connection
+    /// queue holds (the `tunnel-queue-limit` header of the session's opening, docs/protocol.md
+    /// §2.1), up to this, and never fewer than `connection.recv_window`. Default:
+    /// [`DEFAULT_CLIENT_MAX_RECV_WINDOW`].
+    pub max_recv_window: u16,
     /// The reliable connection's tunables. Default: `ConnectionConfig::default()` except
-    /// `recv_window` = [`DEFAULT_CLIENT_RECV_WINDOW`] and `max_data_payload` =
+    /// `recv_window` = [`DEFAULT_CLIENT_RECV_WINDOW`] (the window where the relay does not say
+    /// what it holds; see `max_recv_window`) and `max_data_payload` =
     /// [`DEFAULT_CLIENT_MAX_DATA_PAYLOAD`] (at most `max_packet_size` less the 24-byte
     /// header, and no more than the relay's and the broker's largest packet allow).
     pub connection: ConnectionConfig,
@@ -224,6 +244,7 @@ impl Default for ClientConfig {
                 max_data_payload: DEFAULT_CLIENT_MAX_DATA_PAYLOAD,
                 ..ConnectionConfig::default()
             },
+            max_recv_window: DEFAULT_CLIENT_MAX_RECV_WINDOW,
             stream: StreamConfig::default(),
             session: true,
             max_connects_in_flight: 2,
@@ -255,5 +276,53 @@ impl ClientConfig {
     /// decides when to give up.
     pub fn peer_silence_allowance(&self) -> Duration {
         self.outage_grace.saturating_add(self.pull_timeout)
+    }
+
+    /// The receive window a connection announces, in packets, given the per-connection queue
+    /// limit the relay announced (`None`: it did not): as many of the broker's default packets
+    /// (64 KiB and a 24-byte header) as the queue holds beside its ACK, within
+    /// `max_recv_window`, and at least `connection.recv_window`.
+    pub fn recv_window_for(&self, relay_queue_limit: Option<u64>) -> u16 {
+        let floor = self.connection.recv_window;
+        let Some(limit) = relay_queue_limit else {
+            return floor;
+        };
+        let packet = (tunnel_proto::packet::DEFAULT_MAX_DATA_PAYLOAD
+            + tunnel_proto::packet::HEADER_LEN) as u64;
+        let held = limit.saturating_sub(QUEUE_ROOM_FOR_CONTROL) / packet;
+        let held = u16::try_from(held).unwrap_or(u16::MAX);
+        held.min(self.max_recv_window).max(floor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_is_what_the_relay_queue_holds_within_the_bounds() {
+        let config = ClientConfig::default();
+        // A relay that does not say: the window every relay's default queue holds.
+        assert_eq!(config.recv_window_for(None), DEFAULT_CLIENT_RECV_WINDOW);
+        // Today's relay default (64 packets and room) and the old one (16 and 4 KiB).
+        assert_eq!(config.recv_window_for(Some(64 * 65_560 + 4096)), 64);
+        assert_eq!(config.recv_window_for(Some(16 * 65_560 + 4096)), 16);
+        // 33 whole packets and 1,000 bytes: the ACK needs its room too.
+        assert_eq!(config.recv_window_for(Some(33 * 65_560 + 1000)), 32);
+        assert_eq!(config.recv_window_for(Some(33 * 65_560 + 1024)), 33);
+        // Never above the largest, never below the configured floor.
+        assert_eq!(
+            config.recv_window_for(Some(1 << 40)),
+            DEFAULT_CLIENT_MAX_RECV_WINDOW
+        );
+        assert_eq!(config.recv_window_for(Some(0)), DEFAULT_CLIENT_RECV_WINDOW);
+        let vouched = ClientConfig {
+            connection: ConnectionConfig {
+                recv_window: 40,
+                ..ConnectionConfig::default()
+            },
+            ..ClientConfig::default()
+        };
+        assert_eq!(vouched.recv_window_for(Some(16 * 65_560 + 4096)), 40);
     }
 }

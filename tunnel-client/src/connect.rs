@@ -178,7 +178,13 @@ async fn connect_with(relay: Relay, config: ClientConfig) -> Result<TunnelStream
 
     let handle_cell = Arc::new(OnceLock::new());
     let sink = Arc::new(HttpSink::new(per_conn.clone(), handle_cell.clone()));
-    let (stream, handle) = start_driver(conn_id, peer_window, &per_conn.config, sink);
+    let (stream, handle) = start_driver(
+        conn_id,
+        peer_window,
+        &per_conn.config,
+        per_conn.config.connection.recv_window,
+        sink,
+    );
     let _ = handle_cell.set(handle.clone());
     if !early.is_empty() {
         handle.deliver_all(early);
@@ -197,10 +203,13 @@ pub(crate) fn start_driver(
     conn_id: u32,
     peer_window: u16,
     config: &ClientConfig,
+    recv_window: u16,
     sink: Arc<dyn driver::PacketSink>,
 ) -> (TunnelStream, ConnHandle) {
     let allowance = config.peer_silence_allowance();
     let mut conn_config = config.connection.clone();
+    // The window announced in the CONN_INIT: the connection must keep to it.
+    conn_config.recv_window = recv_window;
     conn_config.idle_timeout = conn_config.idle_timeout.max(allowance);
     let mut conn = Connection::new(conn_id, peer_window, conn_config, driver::now());
     // Our first push tells the relay we have the CONN_INIT_ACK, so it stops resending it.

@@ -20,6 +20,9 @@ pub const TOKEN_HEADER: &str = "Tunnel-Token";
 
 /// Header carrying the session's secret (docs/protocol.md §2.1).
 pub const SESSION_TOKEN_HEADER: &str = "Tunnel-Session-Token";
+/// Header of the answer to a session opening: the relay's per-connection queue limit in bytes
+/// (docs/protocol.md §2.1); relays before it do not send it.
+pub const QUEUE_LIMIT_HEADER: &str = "Tunnel-Queue-Limit";
 
 /// Largest HTTP/2 frame the client accepts: a few whole packets (HTTP/2's default is 16 KiB).
 const HTTP2_MAX_FRAME_SIZE: u32 = 256 * 1024;
@@ -39,6 +42,10 @@ pub struct SessionKey {
     /// 1 for the first session this client opened, then 2, ...: a connection attached in an
     /// older session must be attached again in a newer one.
     pub generation: u64,
+    /// The relay's per-connection queue limit in bytes, as its answer to the opening
+    /// announced it (`None`: it did not); it bounds the receive window the session's
+    /// connections announce ([`ClientConfig::recv_window_for`](crate::ClientConfig::recv_window_for)).
+    pub queue_limit: Option<u64>,
     urls: SessionUrls,
 }
 
@@ -49,6 +56,7 @@ impl SessionKey {
             id,
             token,
             generation,
+            queue_limit: None,
             urls: SessionUrls {
                 connect: relay.session_url("connect", id),
                 pull: relay.session_url("pull", id),
@@ -81,6 +89,9 @@ pub struct OpenedSession {
     pub token: Token,
     /// The answer came over HTTP/2 (a streamed upstream needs no probe, §2.3).
     pub http2: bool,
+    /// The relay's per-connection queue limit in bytes (its `Tunnel-Queue-Limit` header), or
+    /// `None` from a relay that does not send it (or sent something that is not a number).
+    pub queue_limit: Option<u64>,
 }
 
 /// Why one request did not produce a 200 answer with a readable body.
@@ -581,6 +592,11 @@ impl Relay {
         url.query_pairs_mut().append_pair("Type", "session");
         let response = self.post_response(url, init.to_bytes()).await?;
         let http2 = response.version() == reqwest::Version::HTTP_2;
+        let queue_limit = response
+            .headers()
+            .get(QUEUE_LIMIT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
         let packets = self.packets_of(response).await?;
         let answer = packets
             .into_iter()
@@ -592,6 +608,7 @@ impl Relay {
             id: answer.conn_id,
             token,
             http2,
+            queue_limit,
         })
     }
 

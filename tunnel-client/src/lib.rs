@@ -60,7 +60,7 @@ pub use auth::RelayAuth;
 pub use check::{check, CheckReport};
 pub use config::{
     ClientConfig, HttpVersion, ProxyConfig, DEFAULT_CLIENT_MAX_DATA_PAYLOAD,
-    DEFAULT_CLIENT_RECV_WINDOW, DEFAULT_OUTAGE_GRACE,
+    DEFAULT_CLIENT_MAX_RECV_WINDOW, DEFAULT_CLIENT_RECV_WINDOW, DEFAULT_OUTAGE_GRACE,
 };
 pub use connect::{connect, TunnelClient};
 pub use error::ConnectError;

@@ -200,11 +200,19 @@ struct Args {
     #[arg(long, env = "TUNNEL_CLIENT_TCP_CONNECT_TIMEOUT", default_value = "10s", value_parser = duration)]
     tcp_connect_timeout: Duration,
 
-    /// Receive window announced to the server, in packets of up to 64 KiB. Keep the bytes it
-    /// stands for within the relay's per-connection queue limit, or the relay drops packets
-    /// (they are retransmitted, at a cost in speed).
+    /// Receive window announced to the server, in packets of up to 64 KiB, where the relay
+    /// does not say what its per-connection queue holds (older relays, `--no-session`), and
+    /// the least announced in a session. Keep the bytes it stands for within the relay's
+    /// per-connection queue limit, or the relay drops packets (they are retransmitted, at a
+    /// cost in speed).
     #[arg(long, env = "TUNNEL_CLIENT_RECV_WINDOW", default_value_t = tunnel_client::DEFAULT_CLIENT_RECV_WINDOW)]
     recv_window: u16,
+
+    /// Largest receive window announced in a session, in packets of up to 64 KiB: as many as
+    /// the relay says its per-connection queue holds (`tunnel-servlet --queue-limit`), up to
+    /// this. A larger window lets one connection's download use a longer round trip.
+    #[arg(long, env = "TUNNEL_CLIENT_MAX_RECV_WINDOW", default_value_t = tunnel_client::DEFAULT_CLIENT_MAX_RECV_WINDOW, value_parser = clap::value_parser!(u16).range(1..))]
+    max_recv_window: u16,
 
     /// Largest DATA payload the client sends, in bytes. Larger packets cost less per byte;
     /// lower it only for a relay (`--max-packet`) or a broker (`max_packet_size`) that takes
@@ -346,6 +354,7 @@ fn config_from(args: &Args) -> Result<ClientConfig, String> {
         ..ClientConfig::new(args.relay.clone(), args.server.clone())
     };
     config.connection.recv_window = args.recv_window;
+    config.max_recv_window = args.max_recv_window;
     config.connection.max_data_payload = args.max_data_payload;
     Ok(config)
 }

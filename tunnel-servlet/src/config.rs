@@ -10,12 +10,14 @@ use tunnel_proto::packet::DEFAULT_MAX_PACKET_SIZE;
 use crate::auth::{ClientAuth, LinkSecrets};
 use crate::cidr::Cidr;
 
-/// Default of [`RelayConfig::queue_limit`]: a whole window of the client's default 16 DATA
-/// packets of 64 KiB with their 24-byte headers (1,048,960 bytes), and room for the ACK and
-/// NO_OPs queued beside them. At exactly 1 MiB the sixteenth packet of a full window did
-/// not fit, and was dropped and retransmitted whenever a client read more slowly than its
-/// broker sent (BENCHMARKS.md).
-pub const DEFAULT_QUEUE_LIMIT: usize = 1024 * 1024 + 4 * 1024;
+/// Default of [`RelayConfig::queue_limit`]: a whole window of the client's largest default
+/// window, 64 DATA packets of 64 KiB with their 24-byte headers (4,195,840 bytes), and room
+/// for the ACK and NO_OPs queued beside them. The relay announces it when a session opens
+/// (`tunnel-queue-limit`), and a client announces no larger window than it holds: a packet
+/// beyond it is dropped and retransmitted whenever the client reads more slowly than its
+/// broker sends (at exactly 1 MiB with a window of 16, the sixteenth packet of every full
+/// window was; BENCHMARKS.md).
+pub const DEFAULT_QUEUE_LIMIT: usize = 64 * (64 * 1024 + 24) + 4 * 1024;
 
 /// PEM files of a TLS certificate chain and its private key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,7 +64,7 @@ pub struct RelayConfig {
     pub max_connections: usize,
     /// Bytes a connection's downstream queue may hold, headers included; DATA/ACK packets
     /// beyond are dropped (and counted) so one slow client never stalls its broker's link.
-    /// Default [`DEFAULT_QUEUE_LIMIT`], 1 MiB + 4 KiB.
+    /// Default [`DEFAULT_QUEUE_LIMIT`], 4 MiB + 5.5 KiB.
     pub queue_limit: usize,
     /// Extra room beyond `queue_limit` for the few control packets that must not be dropped
     /// (CONN_INIT_ACK, CONN_REJECTED, CONN_ABORT, CONN_CLOSE, CONN_OPTION). Default 64 KiB.

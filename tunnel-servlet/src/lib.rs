@@ -43,6 +43,6 @@ pub use auth::{ClientAuth, LinkSecrets};
 pub use cidr::Cidr;
 pub use config::{RelayConfig, TlsFiles};
 pub use metrics::MetricsSnapshot;
-pub use query::{SESSION_TOKEN_HEADER, TOKEN_HEADER};
+pub use query::{QUEUE_LIMIT_HEADER, SESSION_TOKEN_HEADER, TOKEN_HEADER};
 pub use relay::{Relay, RunningRelay, ShutdownHandle};
 pub use status::StatusSnapshot;

@@ -9,6 +9,10 @@ pub const TOKEN_HEADER: &str = "tunnel-token";
 
 /// Name of the header carrying the session token as 32 hex digits (docs/protocol.md §2.1).
 pub const SESSION_TOKEN_HEADER: &str = "tunnel-session-token";
+/// Header of the answer to a session opening: the relay's per-connection queue limit in bytes
+/// (`--queue-limit`), so a client announces no larger receive window than the relay holds
+/// for it (docs/protocol.md §2.1).
+pub const QUEUE_LIMIT_HEADER: &str = "tunnel-queue-limit";
 
 /// Longest `Affinity` key, in bytes of UTF-8; a longer one is ignored.
 pub const MAX_AFFINITY_LEN: usize = 255;

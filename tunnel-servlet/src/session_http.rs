@@ -97,7 +97,13 @@ pub(crate) async fn open(
     };
     // One line per session (never its token).
     tracing::info!(session = sid, %client, idle_timeout_ms = idle_timeout.as_millis() as u64, "session opened");
-    packets(Packet::new(PacketType::SessionInit, sid, encode_token(&token)).to_bytes())
+    let mut answer =
+        packets(Packet::new(PacketType::SessionInit, sid, encode_token(&token)).to_bytes());
+    answer.headers_mut().insert(
+        crate::query::QUEUE_LIMIT_HEADER,
+        HeaderValue::from(config.queue_limit),
+    );
+    answer
 }
 
 /// `POST ?Type=close&Session=N`: the client is done with the session. It is forgotten at

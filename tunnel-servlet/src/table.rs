@@ -2124,14 +2124,14 @@ mod tests {
         assert_eq!(out.len(), 24 + 50 + 24);
     }
 
-    /// A broker may have a whole window of the client's in flight: 16 DATA packets (the
-    /// client's default `recv_window`, tunnel-client's `DEFAULT_CLIENT_RECV_WINDOW`) of the
-    /// broker's default 64 KiB payload, 24-byte headers included, and the ACK beside them.
+    /// A broker may have a whole window of the client's in flight: 64 DATA packets (the
+    /// client's largest default window, tunnel-client's `DEFAULT_CLIENT_MAX_RECV_WINDOW`) of
+    /// the broker's default 64 KiB payload, 24-byte headers included, and the ACK beside them.
     /// The default queue must hold them all, or the last packet of every full window is
-    /// dropped and waits for a probe or a timeout (it did at exactly 1 MiB).
+    /// dropped and waits for a probe or a timeout (it did at exactly 1 MiB, with 16).
     #[test]
     fn the_default_queue_holds_a_full_default_client_window_and_its_ack() {
-        const CLIENT_RECV_WINDOW: u32 = 16;
+        const CLIENT_RECV_WINDOW: u32 = 64;
         let limits = QueueLimits::of(&RelayConfig::default());
         let mut table = Table::new(Arc::new(Metrics::default()));
         let now = Instant::now();

@@ -183,7 +183,9 @@ impl ClientSession {
         };
         let id = opened.id;
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
-        let key = Arc::new(SessionKey::new(&self.relay, id, opened.token, generation));
+        let mut key = SessionKey::new(&self.relay, id, opened.token, generation);
+        key.queue_limit = opened.queue_limit;
+        let key = Arc::new(key);
         self.upstream.set_http2(opened.http2);
         *self.key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key.clone());
         if generation > 1 {
@@ -195,7 +197,9 @@ impl ClientSession {
             );
             self.pusher_wake.notify_one();
         } else {
-            tracing::debug!(session = id, relay = %self.relay.display_url(), "session opened");
+            tracing::debug!(session = id, relay = %self.relay.display_url(),
+                queue_limit = ?opened.queue_limit,
+                recv_window = self.config.recv_window_for(opened.queue_limit), "session opened");
         }
         Ok(key)
     }

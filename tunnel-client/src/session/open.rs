@@ -44,7 +44,7 @@ pub(crate) async fn connect(
         open(session, &mut last_error).await
     })
     .await;
-    let (conn_id, answer) = match opened {
+    let (conn_id, recv_window, answer) = match opened {
         Ok(Ok(Some(opened))) => opened,
         Ok(Ok(None)) => return Ok(None),
         Ok(Err(e)) => return Err(e),
@@ -86,7 +86,7 @@ pub(crate) async fn connect(
     let sink = Arc::new(SessionSink {
         session: session.clone(),
     });
-    let (stream, handle) = start_driver(conn_id, window, config, sink);
+    let (stream, handle) = start_driver(conn_id, window, config, recv_window, sink);
     let early = session.lock_registry().go_live(conn_id, handle.clone());
     if !early.is_empty() {
         handle.deliver_all(early);
@@ -101,44 +101,48 @@ pub(crate) async fn connect(
     Ok(Some(stream))
 }
 
-/// The connect request in the session, with its retries: the connection's id, and the
-/// channel on which the broker's answer arrives. `None`: sessions are not served.
+/// The connect request in the session, with its retries: the connection's id, the receive
+/// window its CONN_INIT announced (what the session's relay holds for it), and the channel on
+/// which the broker's answer arrives. `None`: sessions are not served.
 async fn open(
     session: &Arc<ClientSession>,
     last_error: &mut String,
-) -> Result<Option<(u32, tokio::sync::oneshot::Receiver<Handshake>)>, ConnectError> {
+) -> Result<Option<(u32, u16, tokio::sync::oneshot::Receiver<Handshake>)>, ConnectError> {
     let config = &session.config;
-    let init = Packet::new(PacketType::ConnInit, 0, Default::default())
-        .with_window(config.connection.recv_window);
     let mut backoff = Backoff::new(config.retry_initial, config.retry_max);
     loop {
         let error = match session.key().await {
             Err(e) => e,
-            Ok(key) => match session.relay.session_connect(&key, &init).await {
-                Ok(packets) => {
-                    let (conn_id, token) = parse_connect_answer(packets)?;
-                    let answer = register(session, &key, conn_id, token);
-                    return Ok(Some((conn_id, answer)));
-                }
-                Err(e) if e.failure() == Failure::Gone => {
-                    // Unknown server, or unknown session: an empty push tells them apart.
-                    match session.relay.session_push(&key, Default::default()).await {
-                        Ok(_) => {
-                            tracing::warn!(server = %config.server_name, relay = %session.relay.display_url(),
-                                "connect: HTTP 404: the relay knows no such server");
-                            return Err(ConnectError::NoSuchServer {
-                                server: config.server_name.clone(),
-                            });
-                        }
-                        Err(probe) if probe.failure() == Failure::Gone => {
-                            session.forget(&key, "connect");
-                            continue;
-                        }
-                        Err(probe) => probe,
+            Ok(key) => {
+                let recv_window = config.recv_window_for(key.queue_limit);
+                let init = Packet::new(PacketType::ConnInit, 0, Default::default())
+                    .with_window(recv_window);
+                match session.relay.session_connect(&key, &init).await {
+                    Ok(packets) => {
+                        let (conn_id, token) = parse_connect_answer(packets)?;
+                        let answer = register(session, &key, conn_id, token);
+                        return Ok(Some((conn_id, recv_window, answer)));
                     }
+                    Err(e) if e.failure() == Failure::Gone => {
+                        // Unknown server, or unknown session: an empty push tells them apart.
+                        match session.relay.session_push(&key, Default::default()).await {
+                            Ok(_) => {
+                                tracing::warn!(server = %config.server_name, relay = %session.relay.display_url(),
+                                "connect: HTTP 404: the relay knows no such server");
+                                return Err(ConnectError::NoSuchServer {
+                                    server: config.server_name.clone(),
+                                });
+                            }
+                            Err(probe) if probe.failure() == Failure::Gone => {
+                                session.forget(&key, "connect");
+                                continue;
+                            }
+                            Err(probe) => probe,
+                        }
+                    }
+                    Err(e) => e,
                 }
-                Err(e) => e,
-            },
+            }
         };
         if session.unsupported() {
             return Ok(None);
