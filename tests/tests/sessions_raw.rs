@@ -54,15 +54,19 @@ struct RawSession {
     token: Token,
 }
 
-/// POSTs `body` as a session opening; status and body.
-async fn open_body(raw: &Raw, body: Bytes) -> (StatusCode, Bytes) {
-    let resp = raw
-        .http
+/// POSTs `body` as a session opening; the relay's answer.
+async fn open_response(raw: &Raw, body: Bytes) -> reqwest::Response {
+    raw.http
         .post(format!("{}?Type=session", raw.url))
         .body(body)
         .send()
         .await
-        .expect("session request");
+        .expect("session request")
+}
+
+/// POSTs `body` as a session opening; status and body.
+async fn open_body(raw: &Raw, body: Bytes) -> (StatusCode, Bytes) {
+    let resp = open_response(raw, body).await;
     let status = resp.status();
     (status, resp.bytes().await.unwrap_or_default())
 }
@@ -480,13 +484,7 @@ async fn announced_queue_limit(raw: &Raw) -> Option<u64> {
         0,
         SessionRequest { idle_timeout_ms: 0 }.encode(),
     );
-    let resp = raw
-        .http
-        .post(format!("{}?Type=session", raw.url))
-        .body(init.to_bytes())
-        .send()
-        .await
-        .expect("session request");
+    let resp = open_response(raw, init.to_bytes()).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let value = resp.headers().get("tunnel-queue-limit")?;
     Some(value.to_str().ok()?.parse().expect("a number of bytes"))
