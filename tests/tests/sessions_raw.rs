@@ -9,7 +9,8 @@
 //! - a malformed SESSION_INIT or push body gets 400 and nothing of it is forwarded;
 //! - the session limit and the per-session connection limit get 503 and are counted;
 //! - the answer to a session opening names the relay's per-connection queue limit, the
-//!   default and one set with `--queue-limit`, and the client announces the window it holds;
+//!   default and one set with `--queue-limit`, and the client announces the window it holds,
+//!   also after its connection moves to a relay that holds less;
 //! - the session token never appears in the relay's or the broker's log at trace level;
 //! - a streamed pull opens with a packet at once, carries echoes as they come, and ends
 //!   after the pull wait or when a newer pull supersedes it;
@@ -519,6 +520,60 @@ async fn a_session_opening_names_the_relay_queue_limit_and_the_client_keeps_with
             20,
             "the window the relay's queue holds"
         );
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Writes `message` to `stream` and reads it back from the echo, within 20 s.
+async fn echo_through(stream: &mut tunnel_client::TunnelStream, message: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let round_trip = async {
+        stream.write_all(message).await.expect("write");
+        let mut back = vec![0u8; message.len()];
+        stream.read_exact(&mut back).await.expect("read the echo");
+        assert_eq!(back, message);
+    };
+    tokio::time::timeout(Duration::from_secs(20), round_trip)
+        .await
+        .expect("no echo within 20 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_moved_to_a_relay_that_holds_less_announces_what_it_holds() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let mut setup = EchoSetup::start(&relay_args(&[]), &[], "info").await;
+        let addrs = (setup.relay.http, setup.relay.link);
+        let mut config =
+            tunnel_client::ClientConfig::new(setup.relay.tunnel_url(), support_raw::SERVER);
+        config.env_proxy = false;
+        let mut stream = tunnel_client::connect(config).await.expect("connect");
+        echo_through(&mut stream, b"before").await;
+        assert_eq!(
+            stream.handle().recv_window(),
+            64,
+            "the default relay's queue"
+        );
+
+        // The same relay comes back holding 20 packets a connection.
+        setup.relay.process.kill9().await.expect("kill the relay");
+        let limit = (20 * (64 * 1024 + 24) + 4096).to_string();
+        setup.relay = RelayProcess::start_on(
+            setup.dir.path(),
+            "relay2",
+            addrs,
+            &relay_args(&["--queue-limit", &limit]),
+            &[],
+            "info",
+        )
+        .await;
+        echo_through(&mut stream, b"after the restart").await;
+        // Room already announced is not taken back: the window shrinks as the data it
+        // allowed arrives, one packet per echo here, until it is what the queue holds.
+        for i in 0..70 {
+            echo_through(&mut stream, format!("echo {i}").as_bytes()).await;
+        }
+        assert_eq!(stream.handle().recv_window(), 20, "the new relay's queue");
     })
     .await
     .expect("test timed out");

@@ -406,14 +406,41 @@ impl Connection {
         self.ack_due = true;
     }
 
+    /// Changes the receive window (`recv_window`, in packets, at least 1) this end announces
+    /// from now on. A client does this when its connection moves to a relay whose queue
+    /// holds more or less than the last one's.
+    ///
+    /// A larger window is announced at once (an ACK goes out). A smaller one never takes back
+    /// room already announced: the right edge stays where it was (docs/protocol.md §4), so
+    /// the window announced shrinks as the acks advance, until it is the new size. Nothing
+    /// the peer was allowed to send is dropped.
+    pub fn set_recv_window(&mut self, window: u16) {
+        let window = window.max(1);
+        if window > self.config.recv_window {
+            self.ack_due = true;
+        }
+        self.config.recv_window = window;
+    }
+
     /// The receive window this end advertises now, in packets past its ack: the configured
     /// `recv_window` minus the in-order packets the application has not read yet.
+    /// After [`set_recv_window`](Self::set_recv_window) made it smaller, it is at least what
+    /// keeps the right edge already announced.
     pub fn recv_window(&self) -> u16 {
         let held = self
             .readable
             .len()
             .min(usize::from(self.config.recv_window));
-        self.config.recv_window - held as u16
+        let configured = self.config.recv_window - held as u16;
+        // Without a shrink, the configured window's edge is never behind the announced one
+        // (the edge moves only forward as the application reads), so this changes nothing.
+        let ack = self.recv_next.wrapping_sub(1);
+        let kept = if seq::lt(ack, self.advertised_right_edge) {
+            u16::try_from(seq::distance(ack, self.advertised_right_edge)).unwrap_or(u16::MAX)
+        } else {
+            0
+        };
+        configured.max(kept)
     }
 
     // ------------------------------------------------------------------------------------

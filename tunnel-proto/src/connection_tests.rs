@@ -182,6 +182,48 @@ fn sender_stops_at_the_window_and_resumes_on_update() {
 }
 
 #[test]
+fn a_smaller_window_keeps_the_edge_announced_and_a_larger_one_is_announced_at_once() {
+    let now = Instant::now();
+    let (mut a, mut b) = pair(now);
+    assert_eq!(a.write(&vec![5u8; 40_000]).unwrap(), 40_000);
+    // b moves to a relay that holds 4 packets: what a may already send (8) still comes.
+    b.set_recv_window(4);
+    assert!(drain(&mut b, now).is_empty(), "shrinking sends nothing");
+    let first = drain(&mut a, now);
+    assert_eq!(first.len(), 8, "the window announced before");
+    for p in first {
+        b.handle_packet(p, now);
+    }
+    let acks = drain(&mut b, now);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0].window, 0, "all 8 taken, none dropped");
+    assert_eq!(b.stats().bytes_received, 8_000);
+    for p in acks {
+        a.handle_packet(p, now);
+    }
+    // Once read, the window is the new size: a sends 4 more, not 8.
+    assert_eq!(read_all(&mut b).len(), 8_000);
+    for p in drain(&mut b, now) {
+        a.handle_packet(p, now);
+    }
+    let second = drain(&mut a, now);
+    assert_eq!(second.len(), 4);
+    for p in second {
+        b.handle_packet(p, now);
+    }
+    assert_eq!(read_all(&mut b).len(), 4_000);
+    // Back to a relay that holds 16: an ACK announces it without waiting for data.
+    b.set_recv_window(16);
+    let update = drain(&mut b, now);
+    assert_eq!(update.len(), 1);
+    assert_eq!((update[0].kind, update[0].window), (PacketType::Ack, 16));
+    for p in update {
+        a.handle_packet(p, now);
+    }
+    assert_eq!(drain(&mut a, now).len(), 16);
+}
+
+#[test]
 fn stale_ack_never_shrinks_the_window() {
     let now = Instant::now();
     let (mut a, _) = pair(now);

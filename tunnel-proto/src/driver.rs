@@ -406,6 +406,21 @@ impl ConnHandle {
         self.shared.lock().conn.recv_window()
     }
 
+    /// Changes the receive window the connection announces from now on
+    /// ([`Connection::set_recv_window`]): a client whose connection moved to a relay that
+    /// holds more or less.
+    pub fn set_recv_window(&self, window: u16) {
+        {
+            let mut inner = self.shared.lock();
+            if inner.ended || inner.transport_failed {
+                return;
+            }
+            inner.conn.set_recv_window(window);
+        }
+        // A larger window is announced at once.
+        self.shared.driver_wake.notify_one();
+    }
+
     /// Resolves when the driver has ended (finished or failed).
     pub async fn closed(&self) {
         let mut rx = self.shared.closed.subscribe();

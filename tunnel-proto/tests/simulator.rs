@@ -89,6 +89,9 @@ struct Params {
     /// Options each side sends while writing.
     options: [usize; 2],
     scenario: Scenario,
+    /// Chance per application action that its side changes its receive window to between
+    /// half and all of its configured one (a client whose connection moved to another relay).
+    window_change_chance: f64,
 }
 
 impl Params {
@@ -105,12 +108,15 @@ impl Params {
     /// pathological slowdown hits it.
     fn time_limit(&self) -> Duration {
         let packets = (self.packets(0) + self.packets(1)) as u32;
-        let window = u32::from(
+        let mut window = u32::from(
             self.configs[0]
                 .recv_window
                 .min(self.configs[1].recv_window)
                 .max(1),
         );
+        if self.window_change_chance > 0.0 {
+            window = window.div_ceil(2);
+        }
         // Either side's timer may back off to its ceiling: the larger one bounds a round.
         let rto_max = self.configs[0].rto_max.max(self.configs[1].rto_max);
         let per_round = self.max_one_way_delay() * 2 + rto_max / 2;
@@ -239,6 +245,12 @@ fn random_params(test: &'static str, seed: u64, tiny: bool, abort_share: f64) ->
         pause_max: Duration::from_millis(rng.random_range(100..=4000)),
         options: [rng.random_range(0..=3), rng.random_range(0..=3)],
         scenario,
+        // Drawn last, so the other parameters of a seed are what they were before it.
+        window_change_chance: if rng.random_bool(0.3) {
+            rng.random_range(0.0..0.01)
+        } else {
+            0.0
+        },
     }
 }
 
@@ -773,6 +785,12 @@ impl Sim {
             }
         }
 
+        if self.p.window_change_chance > 0.0 && self.rng.random_bool(self.p.window_change_chance) {
+            let configured = self.p.configs[side].recv_window;
+            let window = self.rng.random_range(configured.div_ceil(2)..=configured);
+            self.trace(format!("{who} changes its receive window to {window}"));
+            self.conns[side].set_recv_window(window);
+        }
         self.app_write(side)?;
         if self.now >= self.apps[side].paused_until {
             if self.rng.random_bool(self.p.pause_chance) {
@@ -1361,6 +1379,7 @@ fn transfer_resumes_promptly_after_a_zero_window_stall() {
             pause_max: Duration::ZERO,
             options: [0, 0],
             scenario: Scenario::Close,
+            window_change_chance: 0.0,
         };
         let mut sim = Sim::new(p);
         // B does not read for 30 s: A fills the window, then probes with backoff.

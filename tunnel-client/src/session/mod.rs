@@ -189,10 +189,23 @@ impl ClientSession {
         self.upstream.set_http2(opened.http2);
         *self.key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key.clone());
         if generation > 1 {
-            let count = self.lock_registry().note_new_session(generation);
+            let (count, handles) = {
+                let mut registry = self.lock_registry();
+                (
+                    registry.note_new_session(generation),
+                    registry.live_handles(),
+                )
+            };
+            // The relay may be another one (a pool) or the same one restarted with another
+            // `--queue-limit`: each connection's window follows what this relay holds.
+            let recv_window = self.config.recv_window_for(opened.queue_limit);
+            for handle in &handles {
+                handle.set_recv_window(recv_window);
+            }
             tracing::info!(
                 session = id,
                 connections = count,
+                recv_window,
                 "opened a new session at the relay; re-attaching the live connections"
             );
             self.pusher_wake.notify_one();
