@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use super::measure;
 use super::report::{num, Json};
-use super::stats::{median, percentile, ratio};
+use super::stats::{median, percentile, ratio, run_order};
 use super::tunnel::{self, Flavour, RunningPath, Transport, TunnelOptions};
 
 /// Label of the baseline the ratios are to.
@@ -83,7 +83,8 @@ pub async fn section(
         })
         .collect();
     for run in 1..=options.runs {
-        for (path, row) in paths.iter_mut().zip(rows.iter_mut()) {
+        for i in run_order(paths.len(), run) {
+            let (path, row) = (&mut paths[i], &mut rows[i]);
             let done = measure::request_response(
                 path.entry,
                 options.conns,

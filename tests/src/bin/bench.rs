@@ -11,8 +11,10 @@
 //! and 3 relays behind HAProxy (`--sections pool`), and request/response exchanges on 16
 //! connections (`--sections rr`), and GNU httptunnel beside the tunnel on one connection
 //! (`--sections peers`, needs the Debian package httptunnel). With `--old-bin-dir`, previous binaries are
-//! measured beside the new ones in the same run. Prints a table (or JSON with `--json`) with
-//! medians over `--runs` and ratios to the baselines. Progress goes to stderr.
+//! measured beside the new ones in the same run. Each run measures the paths one after the
+//! other, backwards in every other run (a path measured later in a run tends to come out
+//! faster). Prints a table (or JSON with `--json`) with medians over `--runs` and ratios to
+//! the baselines. Progress goes to stderr.
 //!
 //! ```text
 //! cargo build --release --workspace --bins
@@ -485,7 +487,9 @@ async fn run(opts: Opts) -> io::Result<()> {
     if needs_paths {
         let mut paths: Vec<RunningPath> = vec![tunnel::direct(server_addr)?];
         progress.say("starting the 3-hop TCP chain");
-        paths.push(tunnel::start_tcp_chain(server_addr).await?);
+        let chain = tunnel::start_tcp_chain(server_addr).await?;
+        let chain_entry = chain.entry;
+        paths.push(chain);
         let mut dirs = vec![("", &bin_dir)];
         if let Some(old) = &opts.old_bin_dir {
             dirs.push(("old ", old));
@@ -515,9 +519,15 @@ async fn run(opts: Opts) -> io::Result<()> {
                 ..Default::default()
             })
             .collect();
+        // The first transfer after the machine has idled comes out slower (on a VM, about a
+        // fifth for 128 MiB through the chain), which would fall on whichever path a run
+        // starts with: one transfer through the chain first, not counted.
+        measure::throughput(chain_entry, opts.bytes, opts.bytes, opts.timeout())
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("warm-up through the chain: {e}")))?;
         for run in 1..=opts.runs {
-            for (path, res) in paths.iter_mut().zip(results.iter_mut()) {
-                measure_path(&opts, &progress, run, path, res).await?;
+            for i in stats::run_order(paths.len(), run) {
+                measure_path(&opts, &progress, run, &mut paths[i], &mut results[i]).await?;
             }
         }
         drop(paths);
