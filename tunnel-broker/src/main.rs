@@ -321,6 +321,8 @@ static TARGET_FAILURES: WarningLimit = WarningLimit::new(Duration::from_secs(10)
 /// Serves one tunnel connection and logs its end with byte counts.
 async fn serve(stream: TunnelStream, client: ClientInfo, service: Service) {
     let started = Instant::now();
+    // For the counters at the end: the stream itself is handed to the copy.
+    let handle = stream.handle();
     tracing::info!(conn_id = client.conn_id, client = %client.client_addr, "connection opened");
     let (from_client, to_client, result) = match service {
         Service::Echo => echo(stream).await,
@@ -354,12 +356,14 @@ async fn serve(stream: TunnelStream, client: ClientInfo, service: Service) {
         }
     };
     let elapsed = started.elapsed();
+    let stats = handle.stats();
+    let (retransmits, tail_probes) = (stats.retransmits, stats.tail_probes);
     match result {
         Ok(()) => {
-            tracing::info!(conn_id = client.conn_id, client = %client.client_addr, from_client, to_client, ?elapsed, "connection closed")
+            tracing::info!(conn_id = client.conn_id, client = %client.client_addr, from_client, to_client, retransmits, tail_probes, ?elapsed, "connection closed")
         }
         Err(e) => {
-            tracing::info!(conn_id = client.conn_id, client = %client.client_addr, from_client, to_client, ?elapsed, error = %e, "connection ended with an error")
+            tracing::info!(conn_id = client.conn_id, client = %client.client_addr, from_client, to_client, retransmits, tail_probes, ?elapsed, error = %e, "connection ended with an error")
         }
     }
 }
